@@ -1,0 +1,1 @@
+"""Llama-family model: config, presets, Flax modules, sharding rules and checkpoint I/O."""

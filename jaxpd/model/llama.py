@@ -1,0 +1,161 @@
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2) as Flax modules.
+
+Weights keep Hugging Face's layout and names (`[out, in]` matrices under `layers_<i>/self_attn/
+q_proj/weight`), so a checkpoint tensor maps onto a parameter with no transpose and a TP shard of
+a parameter is one contiguous slice of a file. Attention and the KV cache are not part of the
+module: each layer hands its rotated q, k, v to an `attend` callable, so prefill, decode, paged
+caches and Pallas kernels plug in without touching the model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxpd.model.config import ModelConfig
+from jaxpd.model.rope import apply_rope, inverse_frequencies
+
+# attend(layer_index, q [b,t,h,d], k [b,t,kv,d], v [b,t,kv,d], cache) -> (out [b,t,h,d], cache)
+AttendFn = Callable[[int, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
+
+_INIT = nn.initializers.normal(stddev=0.02)
+
+
+def kv_head_repeat(config: ModelConfig, tp: int) -> int:
+    """How many copies of each KV head a TP layout needs (>1 when there are fewer KV heads than
+    TP ranks: each rank then holds one copy of the KV head its query heads use)."""
+    return tp // config.num_kv_heads if config.num_kv_heads < tp else 1
+
+
+class Linear(nn.Module):
+    """y = x @ W.T + b with W stored `[out, in]` as in Hugging Face checkpoints."""
+
+    features: int
+    use_bias: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        w = self.param("weight", _INIT, (self.features, x.shape[-1]), self.dtype)
+        y = jnp.einsum("...i,oi->...o", x, w)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
+        return y
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        w = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.dtype)
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return w * xf.astype(self.dtype)
+
+
+class _Sharded(nn.Module):
+    """Mixin: pins activations to the mesh layout so GSPMD never guesses a worse one."""
+
+    mesh: Mesh | None
+
+    def constrain(self, x: jax.Array, *spec) -> jax.Array:
+        if self.mesh is None:
+            return x
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P(*spec)))
+
+
+class Attention(_Sharded):
+    config: ModelConfig
+    layer_index: int
+
+    @nn.compact
+    def __call__(self, x, positions, attend: AttendFn, cache):
+        cfg, dt = self.config, self.config.jnp_dtype
+        b, t, _ = x.shape
+        q = Linear(cfg.num_heads * cfg.head_dim, cfg.qkv_bias, dt, name="q_proj")(x)
+        k = Linear(cfg.num_kv_heads * cfg.head_dim, cfg.qkv_bias, dt, name="k_proj")(x)
+        v = Linear(cfg.num_kv_heads * cfg.head_dim, cfg.qkv_bias, dt, name="v_proj")(x)
+        q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        inv_freq = inverse_frequencies(cfg)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        tp = 1 if self.mesh is None else self.mesh.shape["tp"]
+        repeat = kv_head_repeat(cfg, tp)
+        if repeat > 1:
+            k, v = jnp.repeat(k, repeat, axis=2), jnp.repeat(v, repeat, axis=2)
+        q = self.constrain(q, "dp", None, "tp", None)
+        k = self.constrain(k, "dp", None, "tp", None)
+        v = self.constrain(v, "dp", None, "tp", None)
+        out, cache = attend(self.layer_index, q, k, v, cache)
+        out = out.reshape(b, t, cfg.num_heads * cfg.head_dim)
+        return Linear(cfg.hidden_size, cfg.o_bias, dt, name="o_proj")(out), cache
+
+
+class MLP(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg, dt = self.config, self.config.jnp_dtype
+        gate = Linear(cfg.intermediate_size, cfg.mlp_bias, dt, name="gate_proj")(x)
+        up = Linear(cfg.intermediate_size, cfg.mlp_bias, dt, name="up_proj")(x)
+        return Linear(cfg.hidden_size, cfg.mlp_bias, dt, name="down_proj")(nn.silu(gate) * up)
+
+
+class DecoderLayer(_Sharded):
+    config: ModelConfig
+    layer_index: int
+
+    @nn.compact
+    def __call__(self, x, positions, attend: AttendFn, cache):
+        cfg, dt = self.config, self.config.jnp_dtype
+        h = RMSNorm(cfg.rms_norm_eps, dt, name="input_layernorm")(x)
+        h, cache = Attention(self.mesh, cfg, self.layer_index, name="self_attn")(
+            h, positions, attend, cache)
+        x = self.constrain(x + h, "dp", None, None)
+        h = RMSNorm(cfg.rms_norm_eps, dt, name="post_attention_layernorm")(x)
+        x = self.constrain(x + MLP(cfg, name="mlp")(h), "dp", None, None)
+        return x, cache
+
+
+class LlamaModel(_Sharded):
+    """Embedding, decoder layers, final norm and LM head.
+
+    `__call__` returns hidden states (not logits) so callers pick which positions to project:
+    a long prefill needs the vocabulary projection at one position, not all of them.
+    """
+
+    config: ModelConfig
+
+    def setup(self):
+        cfg = self.config
+        self.embed_tokens = self.param(
+            "embed_tokens", lambda key: {"weight": _INIT(
+                key, (cfg.vocab_size, cfg.hidden_size), cfg.jnp_dtype)})
+        self.layers = [DecoderLayer(self.mesh, cfg, i) for i in range(cfg.num_layers)]
+        self.norm = RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = Linear(cfg.vocab_size, False, cfg.jnp_dtype)
+
+    def __call__(self, tokens: jax.Array,  # i32[batch, seq]
+                 positions: jax.Array,  # i32[batch, seq]
+                 attend: AttendFn, cache: Any):
+        x = jnp.take(self.embed_tokens["weight"], tokens, axis=0)
+        x = self.constrain(x, "dp", None, None)
+        for layer in self.layers:
+            x, cache = layer(x, positions, attend, cache)
+        return self.norm(x), cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """f32[..., vocab] for hidden states [..., hidden]."""
+        if self.config.tie_word_embeddings:
+            w = self.embed_tokens["weight"]
+            return jnp.einsum("...d,vd->...v", hidden, w, preferred_element_type=jnp.float32)
+        return self.lm_head(hidden).astype(jnp.float32)

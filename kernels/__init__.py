@@ -1,0 +1,1 @@
+"""Pallas attention kernels, importable as `jaxpd.kernels` (never as a bare `kernels`)."""
