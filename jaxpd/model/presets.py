@@ -19,7 +19,7 @@ PRESETS: dict[str, ModelConfig] = {
     ),
     # Shape of the embedded default checkpoint (trained by tools/train_tiny.py).
     "default": ModelConfig(
-        vocab_size=4096, hidden_size=256, intermediate_size=768, num_layers=6, num_heads=8,
+        vocab_size=4096, hidden_size=256, intermediate_size=640, num_layers=4, num_heads=8,
         num_kv_heads=4, head_dim=32, rope_theta=10000.0, max_position_embeddings=1024,
         tie_word_embeddings=True,
     ),

@@ -1,0 +1,111 @@
+"""Straightforward batched generation: one prefill, then decode steps over a contiguous cache.
+
+This is the foundation's generation path (and the reference the paged engines are compared
+with): prompts are right-padded to a power-of-two bucket so compilations stay bounded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxpd.errors import ConfigError
+from jaxpd.model import forward
+from jaxpd.model.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 0.0
+    seed: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.max_tokens < 1:
+            raise ConfigError(f"max_tokens={self.max_tokens} must be >= 1")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature={self.temperature} must be >= 0")
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """Smallest power of two >= n (and >= minimum): bounds the number of compiled shapes."""
+    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+@functools.partial(jax.jit, static_argnames=("max_seq", "sharding"))
+def _grow_cache(kv: tuple[forward.LayerKV, ...], *, max_seq: int, sharding):
+    def pad(x):
+        x = jnp.pad(x, ((0, 0), (0, max_seq - x.shape[1]), (0, 0), (0, 0)))
+        return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+    return tuple(forward.LayerKV(pad(layer.k), pad(layer.v)) for layer in kv)
+
+
+@jax.jit
+def _sample(logits: jax.Array, temperature: jax.Array, key: jax.Array) -> jax.Array:
+    """i32[batch]: argmax where temperature == 0, else a draw from softmax(logits / T)."""
+    greedy = jnp.argmax(logits, axis=-1)
+    safe_t = jnp.where(temperature > 0, temperature, 1.0)
+    drawn = jax.random.categorical(key, logits / safe_t[:, None], axis=-1)
+    return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
+
+
+class Generator:
+    """Generates continuations for a batch of token-id prompts with one model on one mesh."""
+
+    def __init__(self, config: ModelConfig, params, mesh: Mesh | None = None):
+        self.config, self.params, self.mesh = config, params, mesh
+
+    def generate(self, prompts: Sequence[Sequence[int]],
+                 sampling: SamplingParams = SamplingParams()) -> list[list[int]]:
+        cfg = self.config
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ConfigError("every prompt needs at least one token")
+        for p in prompts:
+            bad = [t for t in p if not 0 <= t < cfg.vocab_size]
+            if bad:
+                raise ConfigError(f"token ids {bad[:5]} are outside the vocabulary [0, {cfg.vocab_size})")
+        longest = max(map(len, prompts))
+        if longest + sampling.max_tokens > cfg.max_position_embeddings:
+            raise ConfigError(
+                f"prompt ({longest} tokens) + max_tokens ({sampling.max_tokens}) exceeds the model's "
+                f"max_position_embeddings={cfg.max_position_embeddings}")
+        batch = bucket(len(prompts), 1)
+        seq = bucket(longest)
+        tokens = np.zeros((batch, seq), np.int32)
+        lengths = np.ones((batch,), np.int32)
+        for i, p in enumerate(prompts):
+            tokens[i, :len(p)] = p
+            lengths[i] = len(p)
+        out = forward.prefill(self.params, jnp.asarray(tokens), jnp.asarray(lengths),
+                              config=cfg, mesh=self.mesh)
+        kv_sharding = None if self.mesh is None else NamedSharding(self.mesh, P(None, None, "tp", None))
+        cache = _grow_cache(out.kv, max_seq=bucket(longest + sampling.max_tokens), sharding=kv_sharding)
+        temperature = jnp.full((batch,), sampling.temperature, jnp.float32)
+        key = jax.random.key(sampling.seed)
+        key, sub = jax.random.split(key)
+        next_tokens = _sample(out.logits, temperature, sub)
+        lengths_dev = jnp.asarray(lengths)
+        results: list[list[int]] = [[] for _ in prompts]
+        done = np.zeros(len(prompts), bool)
+        stop = set(sampling.stop_token_ids)
+        for step in range(sampling.max_tokens):
+            host_tokens = np.asarray(next_tokens)
+            for i in range(len(prompts)):
+                if not done[i]:
+                    results[i].append(int(host_tokens[i]))
+                    done[i] = host_tokens[i] in stop
+            if done.all() or step == sampling.max_tokens - 1:
+                break
+            logits, cache = forward.decode(self.params, next_tokens, cache, lengths_dev,
+                                           config=cfg, mesh=self.mesh)
+            lengths_dev = lengths_dev + 1
+            key, sub = jax.random.split(key)
+            next_tokens = _sample(logits, temperature, sub)
+        return results

@@ -1,0 +1,115 @@
+"""Load a Hugging Face checkpoint folder straight into sharded device arrays.
+
+Each parameter is built with `jax.make_array_from_callback`: every device asks for its own
+shard, which is read from the memory-mapped file and cast on the host. No device ever holds a
+whole TP-split tensor and the host never holds the model twice (at most one shard in flight).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from jaxpd.errors import CheckpointError
+from jaxpd.model.config import ModelConfig
+from jaxpd.model.safetensors_file import SafetensorsFile
+from jaxpd.model.sharding import abstract_params, make_mesh, param_shardings
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def hf_name(path: tuple[str, ...]) -> str:
+    """HF tensor name of a parameter path: ('layers_0', 'mlp', 'up_proj', 'weight') ->
+    'model.layers.0.mlp.up_proj.weight'."""
+    parts = [p.replace("layers_", "layers.", 1) if p.startswith("layers_") else p for p in path]
+    name = ".".join(parts)
+    return name if name.startswith("lm_head.") else "model." + name
+
+
+class TensorIndex:
+    """Which file holds which tensor, over a single file or an indexed set of shards."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        index = folder / INDEX_FILE
+        self._files: dict[str, SafetensorsFile] = {}
+        self._where: dict[str, str] = {}
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            self._where = dict(weight_map)
+        else:
+            files = sorted(folder.glob("*.safetensors"))
+            if not files:
+                raise CheckpointError(f"{folder}: no *.safetensors files (and no {INDEX_FILE})")
+            for f in files:
+                for name in self._open(f.name).keys():
+                    self._where[name] = f.name
+
+    def _open(self, filename: str) -> SafetensorsFile:
+        if filename not in self._files:
+            path = self.folder / filename
+            if not path.exists():
+                raise CheckpointError(f"{path}: listed in {INDEX_FILE} but missing")
+            self._files[filename] = SafetensorsFile(path)
+        return self._files[filename]
+
+    def find(self, name: str) -> tuple[SafetensorsFile, str] | None:
+        """(file, stored name) for `name`, accepting checkpoints saved without the 'model.' prefix."""
+        for candidate in (name, name.removeprefix("model.")):
+            if candidate in self._where:
+                f = self._open(self._where[candidate])
+                if candidate not in f:
+                    raise CheckpointError(f"{f.path}: {INDEX_FILE} says it holds {candidate!r} but it does not")
+                return f, candidate
+        return None
+
+
+def load_hf_params(folder: str | Path, config: ModelConfig, mesh: Mesh | None = None):
+    """Parameters of `config` from the safetensors in `folder`, laid out on `mesh` (TP rules)."""
+    folder = Path(folder)
+    mesh = mesh if mesh is not None else make_mesh(jax.devices()[:1], 1)
+    abstract = abstract_params(config)
+    shardings = param_shardings(abstract, config, mesh)
+    index = TensorIndex(folder)
+    target = np.dtype(config.jnp_dtype)
+
+    def load(path, leaf, sharding):
+        keys = tuple(k.key for k in path)
+        name = hf_name(keys)
+        found = index.find(name)
+        if found is None:
+            raise CheckpointError(f"{folder}: tensor {name!r} is missing from the checkpoint")
+        f, stored = found
+        if f.shape(stored) != tuple(leaf.shape):
+            raise CheckpointError(f"{f.path}: tensor {stored!r} has shape {list(f.shape(stored))}, "
+                                  f"config.json implies {list(leaf.shape)}")
+        return jax.make_array_from_callback(
+            tuple(leaf.shape), sharding, lambda idx: f.read(stored, idx).astype(target))
+
+    return jax.tree_util.tree_map_with_path(load, abstract, shardings)
+
+
+def is_hf_checkpoint(folder: str | Path) -> bool:
+    folder = Path(folder)
+    return (folder / "config.json").exists() and (
+        (folder / INDEX_FILE).exists() or any(folder.glob("*.safetensors")))
+
+
+def unused_tensors(folder: str | Path, config: ModelConfig) -> list[str]:
+    """Tensors in the checkpoint that the model does not use (e.g. rotary caches); for warnings."""
+    index = TensorIndex(Path(folder))
+    used = {hf_name(tuple(k.key for k in p)) for p, _ in
+            jax.tree_util.tree_leaves_with_path(abstract_params(config))}
+    used |= {n.removeprefix("model.") for n in used}
+    if config.tie_word_embeddings:
+        used.add("lm_head.weight")
+    return sorted(set(index._where) - used)
+
+
