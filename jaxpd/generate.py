@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +63,9 @@ class Generator:
         self.config, self.params, self.mesh = config, params, mesh
 
     def generate(self, prompts: Sequence[Sequence[int]],
-                 sampling: SamplingParams = SamplingParams()) -> list[list[int]]:
+                 sampling: SamplingParams = SamplingParams(),
+                 on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+        """Generated ids per prompt (stop tokens included); `on_token(i, id)` streams them."""
         cfg = self.config
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ConfigError("every prompt needs at least one token")
@@ -100,6 +102,8 @@ class Generator:
             for i in range(len(prompts)):
                 if not done[i]:
                     results[i].append(int(host_tokens[i]))
+                    if on_token is not None:
+                        on_token(i, int(host_tokens[i]))
                     done[i] = host_tokens[i] in stop
             if done.all() or step == sampling.max_tokens - 1:
                 break

@@ -1,0 +1,49 @@
+# jaxpd: `make test` and `make demo` each set everything up on a fresh machine by themselves.
+#   make test   create .venv with Python 3.12+, install jaxpd[test] with constraints.txt, run pytest
+#   make demo   same set-up, then generate a continuation with the embedded default model
+
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+DEMO_PROMPT ?= It is a truth universally acknowledged, that
+
+# The first Python >= 3.12 found: $PYTHON, python3.12 (what the GPU image runs), python3, any
+# newer python3.1x, then pyenv's versions (3.12 first).
+find_python = $(shell for c in $$PYTHON python3.12 python3 python3.13 python3.14 \
+    $$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.12*/bin/python3 2>/dev/null | sort -rV) \
+    $$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.1[3-9]*/bin/python3 2>/dev/null | sort -rV); do \
+  command -v $$c >/dev/null 2>&1 && $$c -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null \
+  && { command -v $$c; break; }; done)
+
+.PHONY: test demo venv clean protos fixtures train-default
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@py="$(find_python)"; \
+	if [ -z "$$py" ]; then echo "error: no Python >= 3.12 found (set PYTHON=/path/to/python3.12)" >&2; exit 1; fi; \
+	echo "using $$py ($$($$py --version))"; \
+	[ -x $(PY) ] && $(PY) -c 'import sys; sys.exit(sys.version_info < (3, 12))' || { rm -rf $(VENV); $$py -m venv $(VENV); }
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	@touch $(STAMP)
+
+test: venv
+	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
+
+demo: venv
+	$(VENV)/bin/jaxpd generate --prompt "$(DEMO_PROMPT)" --max-tokens 48 --temperature 0
+
+# Rebuild the HF parity fixtures (needs torch + transformers, e.g. a Python 3.11 tool venv).
+fixtures:
+	python3.11 -m venv .toolvenv && .toolvenv/bin/pip install --quiet torch==2.13.0 transformers safetensors numpy
+	.toolvenv/bin/python tools/make_hf_fixtures.py
+
+# Retrain the embedded default model (about 22 minutes on 2 CPU cores).
+train-default: venv
+	$(PY) tools/train_tiny.py --out jaxpd/assets/default_model --minutes 22
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

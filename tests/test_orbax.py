@@ -1,0 +1,58 @@
+"""Orbax save/restore across TP degrees, and the `jaxpd convert` path."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import HF_FIXTURES, expected
+from jaxpd.errors import CheckpointError
+from jaxpd.model import forward
+from jaxpd.model.checkpoint import load_model
+from jaxpd.model.orbax_checkpoint import is_orbax_checkpoint, save_orbax
+from jaxpd.model.sharding import make_mesh
+
+
+def _logits(model, mesh, prompt):
+    out = forward.prefill(model.params, jnp.asarray([prompt]), jnp.asarray([len(prompt)]),
+                          config=model.config, mesh=mesh)
+    return np.asarray(out.logits[0])
+
+
+def test_save_on_tp2_restore_on_tp4_same_logits(tmp_path, devices):
+    prompt = expected("llama")["prompts"][2]
+    mesh2, mesh4 = make_mesh(devices[:2], 2), make_mesh(devices[4:8], 4)
+    source = load_model(HF_FIXTURES / "llama", mesh2)
+    save_orbax(tmp_path / "ckpt", source.params, source.config, tokenizer_from=source.folder)
+    assert is_orbax_checkpoint(tmp_path / "ckpt")
+
+    restored = load_model(tmp_path / "ckpt", mesh4)
+    assert restored.config == source.config
+    q = restored.params["layers_0"]["self_attn"]["q_proj"]["weight"]
+    assert q.sharding.mesh.devices.tolist() == [devices[4:8]]
+    assert {s.data.shape[0] for s in q.addressable_shards} == {q.shape[0] // 4}
+    for a, b in zip(jax.tree_util.tree_leaves(restored.params), jax.tree_util.tree_leaves(source.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # weights restored bit for bit
+    # Logits agree up to the reduction order that a different TP degree implies.
+    np.testing.assert_allclose(_logits(restored, mesh4, prompt), _logits(source, mesh2, prompt), atol=1e-5)
+    np.testing.assert_allclose(_logits(restored, mesh4, prompt),
+                               expected("llama")["last_logits"][2], atol=1e-4)
+
+
+def test_save_refuses_to_overwrite(tmp_path, devices):
+    model = load_model(HF_FIXTURES / "qwen2")
+    save_orbax(tmp_path / "ckpt", model.params, model.config)
+    with pytest.raises(CheckpointError, match="already holds a checkpoint"):
+        save_orbax(tmp_path / "ckpt", model.params, model.config)
+
+
+def test_restore_with_a_mismatched_config_is_a_clear_error(tmp_path):
+    model = load_model(HF_FIXTURES / "qwen2")
+    save_orbax(tmp_path / "ckpt", model.params, model.config)
+    cfg_file = tmp_path / "ckpt" / "model_config.json"
+    cfg_file.write_text(cfg_file.read_text().replace('"intermediate_size": 128', '"intermediate_size": 96'))
+    with pytest.raises(CheckpointError, match="cannot restore"):
+        load_model(tmp_path / "ckpt")
+    cfg_file.write_text("{not json")
+    with pytest.raises(CheckpointError, match="model_config.json: invalid model config"):
+        load_model(tmp_path / "ckpt")
