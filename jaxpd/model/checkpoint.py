@@ -36,6 +36,12 @@ def load_config(folder: str | Path | None) -> ModelConfig:
         return load_hf_config(folder)
     if not folder.exists():
         raise CheckpointError(f"{folder}: no such checkpoint folder")
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: is a file; pass the checkpoint folder that holds it")
+    if (folder / "config.json").exists():
+        raise CheckpointError(f"{folder}: has config.json but no *.safetensors weights")
+    if any(folder.glob("*.safetensors")):
+        raise CheckpointError(f"{folder}: has *.safetensors but no config.json")
     raise CheckpointError(
         f"{folder}: not a checkpoint (expected config.json with *.safetensors, or a jaxpd orbax "
         f"checkpoint with model_config.json and params/)")

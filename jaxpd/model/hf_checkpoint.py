@@ -41,9 +41,19 @@ class TensorIndex:
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                if not isinstance(weight_map, dict) or not all(
+                        isinstance(v, str) for v in weight_map.values()):
+                    raise TypeError("'weight_map' must map tensor names to file names")
+            except KeyError:
+                raise CheckpointError(f"{index}: not a valid safetensors index (no 'weight_map')") from None
+            except (ValueError, TypeError) as e:  # ValueError: bad JSON or not UTF-8
                 raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
             self._where = dict(weight_map)
+            # Every shard up front: an interrupted download should name all its missing files.
+            missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
+            if missing:
+                also = f" (also missing: {', '.join(missing[1:])})" if len(missing) > 1 else ""
+                raise CheckpointError(f"{folder / missing[0]}: listed in {INDEX_FILE} but missing{also}")
         else:
             files = sorted(folder.glob("*.safetensors"))
             if not files:
@@ -85,7 +95,9 @@ def load_hf_params(folder: str | Path, config: ModelConfig, mesh: Mesh | None = 
         name = hf_name(keys)
         found = index.find(name)
         if found is None:
-            raise CheckpointError(f"{folder}: tensor {name!r} is missing from the checkpoint")
+            hint = ("; config.json has tie_word_embeddings=false, so the model needs its own output "
+                    "projection" if name == "lm_head.weight" else "")
+            raise CheckpointError(f"{folder}: tensor {name!r} is missing from the checkpoint{hint}")
         f, stored = found
         if f.shape(stored) != tuple(leaf.shape):
             raise CheckpointError(f"{f.path}: tensor {stored!r} has shape {list(f.shape(stored))}, "

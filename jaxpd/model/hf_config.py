@@ -35,41 +35,56 @@ def _model_type(raw: dict, where: str) -> str:
 def _rope(raw: dict, where: str) -> tuple[float, RopeScaling | None]:
     params = raw.get("rope_parameters")
     if isinstance(params, dict) and params:
-        theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
-        scaling = params
+        key, scaling = "rope_parameters", params
+        theta = params.get("rope_theta", raw.get("rope_theta"))
     else:
-        theta = raw.get("rope_theta", 10000.0)
-        scaling = raw.get("rope_scaling") or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind == "default":
-        return float(theta), None
-    key = "rope_parameters" if raw.get("rope_parameters") else "rope_scaling"
-    if kind == "linear":
-        return float(theta), RopeScaling(kind="linear", factor=float(scaling["factor"]))
-    if kind == "llama3":
-        try:
-            return float(theta), RopeScaling(
+        key, scaling = "rope_scaling", raw.get("rope_scaling") or {}
+        theta = raw.get("rope_theta")
+    if not isinstance(scaling, dict):
+        raise ConfigError(f"{where}: {key} must be a JSON object, got {scaling!r}")
+    type_key = "rope_type" if "rope_type" in scaling else "type"
+    kind = scaling.get(type_key, "default")
+    try:
+        theta = 10000.0 if theta is None else float(theta)
+        if kind == "default":
+            return theta, None
+        if kind == "linear":
+            return theta, RopeScaling(kind="linear", factor=float(scaling["factor"]))
+        if kind == "llama3":
+            return theta, RopeScaling(
                 kind="llama3", factor=float(scaling["factor"]),
                 low_freq_factor=float(scaling["low_freq_factor"]),
                 high_freq_factor=float(scaling["high_freq_factor"]),
                 original_max_position_embeddings=int(scaling["original_max_position_embeddings"]))
-        except KeyError as e:
-            raise ConfigError(f"{where}: {key}.{e.args[0]} is required for rope_type 'llama3'") from None
-    raise ConfigError(f"{where}: {key}.rope_type={kind!r} is not supported "
+    except KeyError as e:
+        raise ConfigError(f"{where}: {key}.{e.args[0]} is required for rope_type {kind!r}") from None
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: non-numeric rope setting in {key}={scaling!r} "
+                          f"(rope_theta={theta!r})") from None
+    raise ConfigError(f"{where}: {key}.{type_key}={kind!r} is not supported "
                       "(supported: default, linear, llama3)")
 
 
 def _get(raw: dict, key: str, where: str, default: Any = ...) -> Any:
-    value = raw.get(key, default)
-    if value is ...:
-        raise ConfigError(f"{where}: missing required key {key!r}")
+    value = raw.get(key)
+    if value is None:  # absent or null
+        if default is ...:
+            raise ConfigError(f"{where}: missing required key {key!r}")
+        return default
     return value
+
+
+def _int(raw: dict, key: str, where: str) -> int:
+    value = _get(raw, key, where)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise ConfigError(f"{where}: {key} must be an integer, got {value!r}")
+    return int(value)
 
 
 def _ids(value) -> tuple[int, ...]:
     if value is None:
         return ()
-    return tuple(value) if isinstance(value, (list, tuple)) else (int(value),)
+    return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),)
 
 
 def from_hf_dict(raw: dict, where: str = "config.json") -> ModelConfig:
@@ -80,9 +95,12 @@ def from_hf_dict(raw: dict, where: str = "config.json") -> ModelConfig:
     act = raw.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise ConfigError(f"{where}: hidden_act={act!r} is not supported (Llama-family models use 'silu')")
-    hidden = int(_get(raw, "hidden_size", where))
-    heads = int(_get(raw, "num_attention_heads", where))
-    head_dim = raw.get("head_dim") or hidden // heads
+    hidden = _int(raw, "hidden_size", where)
+    heads = _int(raw, "num_attention_heads", where)
+    head_dim = raw.get("head_dim") or (hidden // heads if heads > 0 else 0)
+    vocab = _int(raw, "vocab_size", where)
+    intermediate = _int(raw, "intermediate_size", where)
+    layers = _int(raw, "num_hidden_layers", where)
     theta, scaling = _rope(raw, where)
     if model_type == "qwen2":
         if raw.get("use_sliding_window"):
@@ -97,9 +115,8 @@ def from_hf_dict(raw: dict, where: str = "config.json") -> ModelConfig:
         raise ConfigError(f"{where}: dtype {dtype_name!r} is not supported (float32, bfloat16, float16)")
     try:
         return ModelConfig(
-            vocab_size=int(_get(raw, "vocab_size", where)), hidden_size=hidden,
-            intermediate_size=int(_get(raw, "intermediate_size", where)),
-            num_layers=int(_get(raw, "num_hidden_layers", where)), num_heads=heads,
+            vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+            num_layers=layers, num_heads=heads,
             num_kv_heads=int(raw.get("num_key_value_heads") or heads), head_dim=int(head_dim),
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)), rope_theta=theta,
             rope_scaling=scaling,
@@ -111,6 +128,8 @@ def from_hf_dict(raw: dict, where: str = "config.json") -> ModelConfig:
         )
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
+    except (TypeError, ValueError) as e:  # a null or non-numeric optional field
+        raise ConfigError(f"{where}: malformed value ({e})") from None
 
 
 def load_hf_config(folder: str | Path) -> ModelConfig:
@@ -121,6 +140,10 @@ def load_hf_config(folder: str | Path) -> ModelConfig:
         raise ConfigError(f"{path}: not found (an HF checkpoint folder needs config.json)") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON (not UTF-8 text: {e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object")
     return from_hf_dict(raw, str(path))

@@ -41,8 +41,13 @@ class SafetensorsFile:
                 if len(raw) < 8:
                     raise CheckpointError(f"{self.path}: corrupt safetensors file (shorter than its 8-byte header length)")
                 (header_len,) = struct.unpack("<Q", raw)
-                if header_len > min(size - 8, _MAX_HEADER):
-                    raise CheckpointError(f"{self.path}: corrupt safetensors file (header length {header_len} exceeds the file)")
+                if header_len > size - 8:
+                    raise CheckpointError(
+                        f"{self.path}: corrupt safetensors file (header length {header_len} exceeds "
+                        f"the file's {size} bytes; truncated, or not a safetensors file?)")
+                if header_len > _MAX_HEADER:
+                    raise CheckpointError(f"{self.path}: corrupt safetensors file (header length "
+                                          f"{header_len} is over the {_MAX_HEADER}-byte limit)")
                 header = json.loads(f.read(header_len))
         except OSError as e:
             raise CheckpointError(f"{self.path}: cannot read ({e.strerror})") from None
@@ -56,21 +61,25 @@ class SafetensorsFile:
         self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int]] = {}
         for name, entry in header.items():
             try:
-                dtype = DTYPES[entry["dtype"]]
+                dtype_name = entry["dtype"]
                 shape = tuple(int(d) for d in entry["shape"])
                 begin, end = (int(x) for x in entry["data_offsets"])
             except KeyError as e:
-                raise CheckpointError(f"{self.path}: tensor {name!r} has an unsupported dtype or missing field {e}") from None
+                raise CheckpointError(f"{self.path}: corrupt safetensors file (tensor {name!r} has no {e} field)") from None
             except (TypeError, ValueError):
-                raise CheckpointError(f"{self.path}: tensor {name!r} has a malformed header entry") from None
+                raise CheckpointError(f"{self.path}: corrupt safetensors file (tensor {name!r} has a malformed header entry)") from None
+            dtype = DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+            if dtype is None:
+                raise CheckpointError(f"{self.path}: tensor {name!r} has dtype {dtype_name!r}, which jaxpd "
+                                      f"cannot read (supported: {', '.join(DTYPES)})")
             if end - begin != math.prod(shape) * dtype.itemsize or begin < 0:
                 raise CheckpointError(
-                    f"{self.path}: tensor {name!r} spans {end - begin} bytes but its shape {list(shape)} "
-                    f"in {entry['dtype']} needs {math.prod(shape) * dtype.itemsize}")
+                    f"{self.path}: corrupt safetensors file (tensor {name!r} spans {end - begin} bytes "
+                    f"but its shape {list(shape)} in {dtype_name} needs {math.prod(shape) * dtype.itemsize})")
             if end > data_size:
                 raise CheckpointError(
-                    f"{self.path}: tensor {name!r} ends at byte {end} but the file holds only "
-                    f"{data_size} bytes of data (truncated?)")
+                    f"{self.path}: truncated safetensors file (tensor {name!r} ends at data byte {end} "
+                    f"but the file holds only {data_size} bytes of data)")
             self._entries[name] = (dtype, shape, begin)
 
     def keys(self) -> list[str]:
