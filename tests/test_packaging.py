@@ -3,6 +3,8 @@
 import importlib.metadata
 import importlib.util
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -16,11 +18,15 @@ def test_every_package_is_listed_in_pyproject():
     assert found == listed
 
 
-def test_kernels_import_only_under_the_jaxpd_namespace():
+def test_kernels_import_only_under_the_jaxpd_namespace(tmp_path):
     import jaxpd.kernels
 
     assert Path(jaxpd.kernels.__file__).parent == REPO / "kernels"
-    assert importlib.util.find_spec("kernels") is None
+    # From outside the repository (its root on sys.path would make `kernels` importable).
+    probe = "import importlib.util as u; print(u.find_spec('kernels') is None)"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "True"
 
 
 def test_installed_versions_match_constraints():

@@ -1,0 +1,1 @@
+"""Engines: paged model steps, prefill and decode engines, sampling, orchestration."""

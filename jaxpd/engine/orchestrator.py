@@ -1,0 +1,165 @@
+"""Drives a prefill engine and a decode engine: colocated or disaggregated.
+
+Colocated (the baseline): both engines share one mesh and one page pool; each iteration runs one
+batch of prefill chunks and then one decode step, so long prompts are chunked in between decode
+steps rather than stalling them. Disaggregated: the engines own different meshes and pools; a
+finished prefill reserves pages on the decode side, its KV moves through a `KVTransport`, and
+its prefill pages are released (their full blocks stay in the prefill side's prefix cache).
+
+Every path that ends a sequence (finish, abort, preemption) releases its pages.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+
+from jaxpd.engine.decode import DecodeEngine
+from jaxpd.engine.prefill import PrefillEngine
+from jaxpd.engine.request import Request, RequestOutput, Sequence
+from jaxpd.errors import ConfigError
+from jaxpd.transfer.base import KVTransport
+
+
+class Engine:
+    def __init__(self, prefill: PrefillEngine, decode: DecodeEngine,
+                 transport: KVTransport | None = None, *, seed: int = 0):
+        self.prefill, self.decode = prefill, decode
+        self.colocated = prefill.manager is decode.manager
+        if not self.colocated and transport is None:
+            raise ConfigError("a disaggregated engine (two page pools) needs a KV transport")
+        self.transport = transport
+        self._rng = random.Random(seed)
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.prefilling: list[Sequence] = []
+        self.handoff: list[Sequence] = []  # prefilled, waiting for decode-side pages
+        self.running: list[Sequence] = []
+        self._ids: set[str] = set()
+        self.num_preemptions = 0
+
+    # -- requests ----------------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        cfg = self.prefill.runner.config
+        if request.id in self._ids:
+            raise ConfigError(f"request id {request.id!r} is already in flight")
+        if not request.prompt_ids:
+            raise ConfigError(f"request {request.id!r}: the prompt is empty")
+        bad = [t for t in request.prompt_ids if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise ConfigError(f"request {request.id!r}: token ids {bad[:5]} are outside the "
+                              f"vocabulary [0, {cfg.vocab_size})")
+        total = len(request.prompt_ids) + request.sampling.max_tokens
+        if total > cfg.max_position_embeddings:
+            raise ConfigError(f"request {request.id!r}: prompt ({len(request.prompt_ids)} tokens) + "
+                              f"max_tokens ({request.sampling.max_tokens}) exceeds the model's "
+                              f"max_position_embeddings={cfg.max_position_embeddings}")
+        for manager in {id(m): m for m in (self.prefill.manager, self.decode.manager)}.values():
+            capacity = (manager.allocator.num_blocks - 1) * manager.page_size
+            if total > capacity:
+                raise ConfigError(f"request {request.id!r} needs {total} tokens of KV but a page "
+                                  f"pool holds {capacity}")
+        seed = request.sampling.seed if request.sampling.seed is not None else self._rng.getrandbits(31)
+        self._ids.add(request.id)
+        self.waiting.append(Sequence(request, seed))
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        for queue in (self.waiting, self.prefilling, self.handoff, self.running):
+            for seq in queue:
+                if seq.id == request_id:
+                    queue.remove(seq)
+                    seq.finish_reason = "abort"
+                    self._release(seq, self._manager_of(seq, queue))
+                    self._ids.discard(request_id)
+                    return _output(seq)
+        return None
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.handoff or self.running)
+
+    # -- one iteration -------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Admit, prefill one chunk batch, hand off, decode one step; outputs of changed sequences."""
+        changed: list[Sequence] = []
+        self._admit()
+        if self.prefilling:
+            for seq in self.prefill.step(self.prefilling):
+                self.prefilling.remove(seq)
+                changed.append(seq)
+                if seq.finish_reason is None:
+                    self.handoff.append(seq)
+                else:
+                    self._finish(seq, self.prefill.manager)
+        self._hand_off()
+        if self.running:
+            for victim in self.decode.reserve(self.running):
+                self.running.remove(victim)
+                self.waiting.appendleft(victim)
+                self.num_preemptions += 1
+            batch = self.running[:self.decode.max_batch]
+            self.decode.step(batch)
+            for seq in batch:
+                changed.append(seq)
+                if seq.finish_reason is not None:
+                    self.running.remove(seq)
+                    self._finish(seq, self.decode.manager)
+        return [_output(s) for s in changed]
+
+    def run_to_completion(self, requests: list[Request]) -> dict[str, RequestOutput]:
+        for r in requests:
+            self.add_request(r)
+        final: dict[str, RequestOutput] = {}
+        while self.has_unfinished():
+            for out in self.step():
+                if out.finished:
+                    final[out.id] = out
+        return final
+
+    # -- internals -----------------------------------------------------------------------------
+    def _admit(self) -> None:
+        while self.waiting:
+            seq = self.waiting[0]
+            if not self.prefill.admit(seq):
+                if not (self.prefilling or self.handoff or self.running):
+                    raise RuntimeError(f"request {seq.id} cannot fit in an empty page pool")
+                break
+            self.waiting.popleft()
+            self.prefilling.append(seq)
+
+    def _hand_off(self) -> None:
+        still = []
+        for seq in self.handoff:
+            if self.colocated:
+                self.running.append(seq)
+                continue
+            dst = self.decode.manager.allocate(len(seq.tokens))
+            if dst is None:
+                still.append(seq)
+                continue
+            n = self.prefill.manager.layout.pages_for(seq.num_computed)
+            self.transport.transfer(self.prefill.manager, seq.pages.pages[:n],
+                                    self.decode.manager, dst.pages[:n])
+            self.prefill.manager.release(seq.pages)
+            seq.pages = dst
+            self.running.append(seq)
+        self.handoff = still
+
+    def _manager_of(self, seq: Sequence, queue) -> object:
+        on_decode = queue is self.running
+        return self.decode.manager if on_decode else self.prefill.manager
+
+    def _release(self, seq: Sequence, manager) -> None:
+        if seq.pages is not None:
+            manager.release(seq.pages)
+            seq.pages = None
+
+    def _finish(self, seq: Sequence, manager) -> None:
+        self._release(seq, manager)
+        self._ids.discard(seq.id)
+
+
+def _output(seq: Sequence) -> RequestOutput:
+    return RequestOutput(id=seq.id, prompt_ids=seq.request.prompt_ids,
+                         token_ids=tuple(seq.output_ids),
+                         logprobs=tuple(seq.logprobs) if seq.request.sampling.logprobs else None,
+                         finish_reason=seq.finish_reason,
+                         prompt_tokens_cached=seq.prompt_tokens_cached)

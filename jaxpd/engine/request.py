@@ -1,0 +1,74 @@
+"""Requests and the engine's per-sequence state."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from jaxpd.engine.sampling import SamplingParams
+from jaxpd.kv.manager import SeqPages
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    id: str
+    prompt_ids: tuple[int, ...]
+    sampling: SamplingParams = SamplingParams()
+
+
+@dataclasses.dataclass
+class Sequence:
+    """A request in flight: its tokens so far, where its KV lives, and its sampling state."""
+
+    request: Request
+    seed: int
+    pages: SeqPages | None = None
+    num_computed: int = 0  # tokens whose KV is written
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    prefill_tokens_computed: int = 0  # prompt tokens actually run (not served from cache)
+    prompt_tokens_cached: int = 0  # prompt tokens found in the prefix cache at admission
+
+    @property
+    def id(self) -> str:
+        return self.request.id
+
+    @property
+    def tokens(self) -> list[int]:
+        return [*self.request.prompt_ids, *self.output_ids]
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.request.prompt_ids)
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_computed < self.prompt_len
+
+    def append(self, token: int, logprob: float, eos_ids: tuple[int, ...]) -> None:
+        """Record a generated token and decide whether the sequence is done."""
+        sp = self.request.sampling
+        self.output_ids.append(token)
+        self.logprobs.append(logprob)
+        stops = sp.stop_token_ids + (() if sp.ignore_eos else eos_ids)
+        if token in stops:
+            self.finish_reason = "stop"
+        elif len(self.output_ids) >= sp.max_tokens:
+            self.finish_reason = "length"
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestOutput:
+    id: str
+    prompt_ids: tuple[int, ...]
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...] | None
+    finish_reason: FinishReason | None
+    prompt_tokens_cached: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

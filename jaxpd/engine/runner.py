@@ -1,0 +1,74 @@
+"""Runs the jitted paged step for a batch of sequence slices on one mesh.
+
+Turns Python-side sequences into padded device arrays (batch, chunk and page-table widths all
+bucketed), calls `model_step.step`, and hands back host tokens and logprobs. The page pool is
+threaded through (donated), so it stays on device and is updated in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from jaxpd.engine import attention as attention_lib
+from jaxpd.engine import model_step
+from jaxpd.engine.buckets import pow2_bucket
+from jaxpd.engine.request import Sequence
+from jaxpd.engine.sampling import sampling_arrays
+from jaxpd.kv.manager import KVCacheManager
+from jaxpd.model.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Slice:
+    """Tokens `seq.tokens[start:start + length]` of one sequence, to run in this step."""
+
+    seq: Sequence
+    start: int
+    length: int
+
+
+class ModelRunner:
+    def __init__(self, config: ModelConfig, params, mesh: Mesh | None, manager: KVCacheManager,
+                 attention: str = "auto", *, min_chunk: int = 16):
+        self.config, self.params, self.mesh, self.manager = config, params, mesh, manager
+        self.attention_name, prefill_fn, decode_fn = attention_lib.resolve(
+            attention, head_dim=config.head_dim, dtype=config.dtype)
+        self._prefill_fn, self._decode_fn = prefill_fn, decode_fn
+        self.min_chunk = min_chunk
+        self.shapes_seen: set[tuple[int, int, int]] = set()  # (batch, chunk, pages) compiled
+        self.tokens_computed = 0
+
+    def run(self, slices: list[Slice], *, batch_bucket_max: int | None = None):
+        """(next tokens, logprobs) as host arrays, one per slice (sampled at each slice's end)."""
+        batch = pow2_bucket(len(slices), 1, batch_bucket_max)
+        decode = all(s.length == 1 for s in slices)
+        chunk = 1 if decode else pow2_bucket(max(s.length for s in slices), self.min_chunk)
+        page_size = self.manager.page_size
+        widest = max(len(s.seq.pages.pages) for s in slices)
+        pps = pow2_bucket(widest, 1)
+        tokens = np.zeros((batch, chunk), np.int32)
+        positions = np.full((batch, chunk), -1, np.int32)
+        table = np.zeros((batch, pps), np.int32)
+        for i, s in enumerate(slices):
+            all_tokens = s.seq.tokens
+            tokens[i, :s.length] = all_tokens[s.start:s.start + s.length]
+            positions[i, :s.length] = np.arange(s.start, s.start + s.length)
+            pages = s.seq.pages.pages
+            table[i, :len(pages)] = pages
+            assert len(pages) * page_size >= s.start + s.length, "pages not reserved"
+        sampling = sampling_arrays([s.seq.request.sampling for s in slices],
+                                   [s.seq.seed for s in slices],
+                                   [len(s.seq.output_ids) for s in slices], batch)
+        self.shapes_seen.add((batch, chunk, pps))
+        self.tokens_computed += sum(s.length for s in slices)
+        next_tokens, logprobs, self.manager.kv = model_step.step(
+            self.params, self.manager.kv, jnp.asarray(tokens), jnp.asarray(positions),
+            jnp.asarray(table), sampling, config=self.config, mesh=self.mesh,
+            attention=self._decode_fn if decode else self._prefill_fn)
+        next_tokens, logprobs = jax.device_get((next_tokens, logprobs))
+        return next_tokens[:len(slices)], logprobs[:len(slices)]

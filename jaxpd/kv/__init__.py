@@ -1,0 +1,1 @@
+"""KV cache: the layout contract between prefill and decode, page pools, block allocation."""

@@ -1,0 +1,158 @@
+"""The paged engine equals a naive full-recompute reference, token for token, in every mode."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import HF_FIXTURES, expected
+from jaxpd.engine.builder import EngineOptions, build_engine
+from jaxpd.engine.request import Request
+from jaxpd.engine.sampling import SamplingParams
+from jaxpd.errors import ConfigError
+from jaxpd.model import forward
+from jaxpd.model.checkpoint import load_model
+
+SMALL = dict(page_size=4, num_pages=64, chunk_size=16, max_prefill_tokens=32)
+DISAGG = dict(mode="disaggregated", prefill_devices=(0, 1, 2, 3), prefill_tp=4,
+              decode_devices=(4, 5), decode_tp=2)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return load_model(HF_FIXTURES / "llama")
+
+
+def naive_greedy(model, prompt, n):
+    """Recompute the whole sequence for every token: slow, obviously right."""
+    tokens = list(prompt)
+    for _ in range(n):
+        padded = np.zeros((1, 128), np.int32)  # one shape: one compilation
+        padded[0, :len(tokens)] = tokens
+        out = forward.prefill(model.params, jnp.asarray(padded), jnp.asarray([len(tokens)]),
+                              config=model.config)
+        tokens.append(int(jnp.argmax(out.logits[0])))
+    return tokens[len(prompt):]
+
+
+def prompts(n, seed=0, vocab=320):
+    rng = np.random.default_rng(seed)
+    return [tuple(int(t) for t in rng.integers(3, vocab, rng.integers(3, 40))) for _ in range(n)]
+
+
+def run_staggered(engine, requests, every=2):
+    """Requests arrive a few at a time between steps, so batches change while decoding."""
+    pending, final, steps = list(requests), {}, 0
+    while pending or engine.has_unfinished():
+        if steps % every == 0 and pending:
+            engine.add_request(pending.pop(0))
+        for out in engine.step():
+            if out.finished:
+                final[out.id] = out
+        steps += 1
+    return final
+
+
+@pytest.mark.parametrize("mode", ["colocated", "disaggregated"])
+def test_engine_matches_naive_recompute(llama, mode):
+    opts = EngineOptions(**SMALL, **(DISAGG if mode == "disaggregated" else {}))
+    engine = build_engine(llama.config, llama.params, opts)
+    ps = prompts(6)
+    reqs = [Request(f"r{i}", p, SamplingParams(max_tokens=6 + i, ignore_eos=True))
+            for i, p in enumerate(ps)]
+    final = run_staggered(engine, reqs)
+    for i, p in enumerate(ps):
+        assert list(final[f"r{i}"].token_ids) == naive_greedy(llama, p, 6 + i), f"request r{i}"
+        assert final[f"r{i}"].finish_reason == "length"
+    assert engine.prefill.manager.all_free and engine.decode.manager.all_free
+    assert len(engine.prefill.runner.shapes_seen) <= 8  # bucketed: compilations stay bounded
+
+
+def test_engine_matches_transformers_fixture_disaggregated():
+    model = load_model(HF_FIXTURES / "qwen2")
+    exp = expected("qwen2")
+    engine = build_engine(model.config, model.params, EngineOptions(**SMALL, **DISAGG))
+    final = engine.run_to_completion([Request(f"r{i}", tuple(p), SamplingParams(max_tokens=12, ignore_eos=True))
+                                      for i, p in enumerate(exp["prompts"])])
+    assert [list(final[f"r{i}"].token_ids) for i in range(3)] == exp["greedy"]
+
+
+def test_preemption_under_page_pressure_keeps_outputs(llama):
+    engine = build_engine(llama.config, llama.params,
+                          EngineOptions(page_size=4, num_pages=24, chunk_size=16, max_decode_batch=8))
+    ps = prompts(5, seed=1)
+    final = engine.run_to_completion([Request(f"r{i}", p, SamplingParams(max_tokens=20, ignore_eos=True))
+                                      for i, p in enumerate(ps)])
+    assert engine.num_preemptions > 0
+    for i, p in enumerate(ps):
+        assert list(final[f"r{i}"].token_ids) == naive_greedy(llama, p, 20)
+    assert engine.prefill.manager.all_free
+
+
+def test_prefix_cache_hit_is_identical_and_cheaper(llama):
+    system = prompts(1, seed=2)[0] * 2  # a shared "system prompt" of several pages
+    turn1 = system + (11, 12, 13)
+    turn2 = system + (21, 22, 23, 24, 25)
+    cached = build_engine(llama.config, llama.params, EngineOptions(**SMALL))
+    cached.run_to_completion([Request("a", turn1, SamplingParams(max_tokens=4, ignore_eos=True))])
+    before = cached.prefill.runner.tokens_computed
+    hit = cached.run_to_completion([Request("b", turn2, SamplingParams(max_tokens=4, ignore_eos=True))])["b"]
+    computed = cached.prefill.runner.tokens_computed - before
+
+    cold = build_engine(llama.config, llama.params, EngineOptions(**SMALL, prefix_caching=False))
+    miss = cold.run_to_completion([Request("b", turn2, SamplingParams(max_tokens=4, ignore_eos=True))])["b"]
+    assert hit.token_ids == miss.token_ids
+    assert hit.prompt_tokens_cached >= len(system) - 4 and miss.prompt_tokens_cached == 0
+    assert computed <= len(turn2) + 4 - hit.prompt_tokens_cached  # fewer prefill tokens computed
+    assert cached.prefill.manager.all_free
+
+
+def test_seeded_sampling_is_independent_of_the_batch(llama):
+    sp = SamplingParams(max_tokens=8, temperature=0.9, top_k=50, top_p=0.9, seed=1234, ignore_eos=True)
+    p = prompts(1, seed=3)[0]
+    alone = build_engine(llama.config, llama.params, EngineOptions(**SMALL)).run_to_completion(
+        [Request("x", p, sp)])["x"]
+    crowd = build_engine(llama.config, llama.params, EngineOptions(**SMALL)).run_to_completion(
+        [Request(f"o{i}", q, SamplingParams(max_tokens=5, temperature=1.0)) for i, q in enumerate(prompts(3, 4))]
+        + [Request("x", p, sp)])["x"]
+    assert alone.token_ids == crowd.token_ids
+
+
+def test_top_k_one_is_greedy_and_logprobs_are_reported(llama):
+    p = prompts(1, seed=5)[0]
+    engine = build_engine(llama.config, llama.params, EngineOptions(**SMALL))
+    out = engine.run_to_completion([Request("k", p, SamplingParams(
+        max_tokens=5, temperature=1.5, top_k=1, logprobs=True, ignore_eos=True))])["k"]
+    assert list(out.token_ids) == naive_greedy(llama, p, 5)
+    padded = np.zeros((1, 128), np.int32)
+    padded[0, :len(p)] = p
+    logits = forward.prefill(llama.params, jnp.asarray(padded), jnp.asarray([len(p)]), config=llama.config).logits[0]
+    np.testing.assert_allclose(out.logprobs[0], jax.nn.log_softmax(logits)[out.token_ids[0]], atol=1e-4)
+
+
+def test_stop_token_and_abort_free_pages(llama):
+    p = prompts(1, seed=6)[0]
+    first = naive_greedy(llama, p, 3)
+    engine = build_engine(llama.config, llama.params, EngineOptions(**SMALL))
+    out = engine.run_to_completion([Request("s", p, SamplingParams(max_tokens=10, stop_token_ids=(first[2],)))])["s"]
+    assert list(out.token_ids) == first and out.finish_reason == "stop"
+    engine.add_request(Request("a", p, SamplingParams(max_tokens=50)))
+    engine.step()
+    assert not engine.prefill.manager.all_free
+    assert engine.abort("a").finish_reason == "abort"
+    assert engine.prefill.manager.all_free and not engine.has_unfinished()
+
+
+def test_bad_requests_are_refused_clearly(llama):
+    engine = build_engine(llama.config, llama.params, EngineOptions(**SMALL))
+    with pytest.raises(ConfigError, match="outside the vocabulary"):
+        engine.add_request(Request("v", (1, 5000)))
+    with pytest.raises(ConfigError, match="the prompt is empty"):
+        engine.add_request(Request("e", ()))
+    with pytest.raises(ConfigError, match="needs 1006 tokens of KV but a page pool holds 252"):
+        engine.add_request(Request("big", (1,) * 1000, SamplingParams(max_tokens=6)))
+    engine.add_request(Request("dup", (1, 2)))
+    with pytest.raises(ConfigError, match="already in flight"):
+        engine.add_request(Request("dup", (1, 2)))
+    with pytest.raises(ConfigError, match="attention implementation 'pallas' is not available yet"):
+        build_engine(llama.config, llama.params, EngineOptions(**SMALL, attention="pallas"))
