@@ -2,6 +2,7 @@
 
     jaxpd generate --prompt "It is a truth" --max-tokens 32
     jaxpd generate --checkpoint ./Llama-3.1-8B --prompt-ids 1,2,3 --max-tokens 8 --temperature 0 --tp 2 --json
+    jaxpd generate --input prompts.jsonl --output out.jsonl --config configs/cpu-disaggregated.yaml
     jaxpd convert --checkpoint ./hf-folder --out ./orbax-folder --tp 2
 
 Errors a user can fix (bad checkpoint, bad flags) print one `error: ...` line and exit 2.
@@ -59,25 +60,42 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     gen = sub.add_parser(
-        "generate", help="continue prompts with a model",
-        description="Continue one or more prompts. Prints text as it is generated, or one JSON "
-                    "object per prompt with --json.")
+        "generate", help="continue prompts, or run an offline batch job (JSONL in, JSONL out)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Continue prompts with the paged engine. Prints text as it is generated, or "
+                    "one JSON object per prompt with --json.\n\nBatch mode: --input prompts.jsonl "
+                    "--output out.jsonl runs every record through continuous batching, resumably "
+                    "(ids already in the output are skipped).")
     _add_model_args(gen)
+    gen.add_argument("--config", metavar="YAML",
+                     help="deployment config (model, meshes, KV pages, attention, scheduler); "
+                          "flags given here override it")
+    gen.add_argument("--attention", choices=["auto", "reference", "cudnn", "pallas"],
+                     help="attention implementation (default: auto)")
     src = gen.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", metavar="TEXT",
                      help="prompt text (repeat for a batch)")
     src.add_argument("--prompt-ids", action="append", type=_prompt_ids, metavar="IDS",
                      help="prompt as comma-separated token ids, e.g. 1,2,3 (repeat for a batch)")
+    src.add_argument("--input", metavar="JSONL",
+                     help='batch input: one {"id", "prompt" | "prompt_token_ids", ...} per line')
+    gen.add_argument("--output", metavar="JSONL", help="batch output (with --input); appended to")
     gen.add_argument("--max-tokens", type=_positive, default=32, metavar="N",
                      help="tokens to generate per prompt (default 32)")
     gen.add_argument("--temperature", type=float, default=0.0, metavar="T",
                      help="0 = greedy (default); > 0 samples from softmax(logits / T)")
-    gen.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    gen.add_argument("--top-k", type=int, default=0, metavar="K", help="sample among the K likeliest (0 = off)")
+    gen.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (1 = off)")
+    gen.add_argument("--seed", type=int, default=None, help="sampling seed (default: random per request)")
+    gen.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                     help="stop when this text is generated (repeatable; not included in the output)")
     gen.add_argument("--ignore-eos", action="store_true",
                      help="keep generating past end-of-sequence tokens")
+    gen.add_argument("--logprobs", action="store_true", help="report each token's log-probability")
     gen.add_argument("--json", action="store_true",
                      help="print one JSON object per prompt: token_ids (generated only), text, "
                           "finish_reason, usage")
+    gen.add_argument("--no-progress", action="store_true", help="no progress bar in batch mode")
 
     conv = sub.add_parser(
         "convert", help="save a checkpoint as a jaxpd orbax checkpoint",
@@ -88,17 +106,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_devices(count: int) -> None:
+    import jax
+
+    devices = jax.devices()
+    if count > len(devices):
+        raise JaxpdError(f"the deployment needs {count} devices but only {len(devices)} are visible "
+                         f"({devices[0].platform}); on CPU set XLA_FLAGS="
+                         f"--xla_force_host_platform_device_count={count}")
+
+
 def _mesh(tp: int):
     import jax
 
     from jaxpd.model.sharding import make_mesh
 
-    devices = jax.devices()
-    if tp > len(devices):
-        raise JaxpdError(f"--tp {tp} needs {tp} devices but only {len(devices)} are visible "
-                         f"({devices[0].platform}); on CPU set XLA_FLAGS="
-                         f"--xla_force_host_platform_device_count={tp}")
-    return make_mesh(devices[:tp], tp)
+    _check_devices(tp)
+    return make_mesh(jax.devices()[:tp], tp)
 
 
 def _tokenizer(folder):
@@ -109,52 +133,112 @@ def _tokenizer(folder):
     return load_tokenizer(folder) if (folder / TOKENIZER_FILE).exists() else None
 
 
-def cmd_generate(args) -> int:
-    from jaxpd.generate import Generator, SamplingParams
-    from jaxpd.model.checkpoint import load_model
-    from jaxpd.tokenizer import IncrementalDetokenizer
+def _deployment(args):
+    """The deployment config from --config, with command-line flags taking precedence."""
+    from jaxpd.config import DeploymentConfig, MeshSection, load_config
 
-    model = load_model(args.checkpoint, _mesh(args.tp), args.dtype)
+    cfg = load_config(args.config) if args.config else DeploymentConfig()
+    model = cfg.model.model_copy(update={k: v for k, v in (
+        ("checkpoint", args.checkpoint), ("dtype", args.dtype)) if v is not None})
+    update = {"model": model}
+    if args.tp != 1 or not args.config:
+        if cfg.mode == "disaggregated" and args.config:
+            raise JaxpdError("--tp applies to colocated deployments; set prefill.tp and decode.tp "
+                             "in the config instead")
+        update["prefill"] = MeshSection(devices=list(range(args.tp)), tp=args.tp)
+    if args.attention:
+        update["attention"] = args.attention
+    return cfg.model_copy(update=update)
+
+
+def _sampling(args, stop_ids):
+    from jaxpd.engine.sampling import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                          top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                          stop_token_ids=stop_ids, stop=tuple(args.stop),
+                          ignore_eos=args.ignore_eos, logprobs=args.logprobs)
+
+
+def cmd_generate(args) -> int:
+    import jax
+
+    from jaxpd.batch import run_batch
+    from jaxpd.engine.builder import build_engine
+    from jaxpd.engine.output import TextStream
+    from jaxpd.engine.request import Request
+    from jaxpd.model.checkpoint import load_model
+    from jaxpd.model.sharding import make_mesh
+
+    if (args.input is None) != (args.output is None):
+        raise JaxpdError("--input and --output go together (batch mode)")
+    cfg = _deployment(args)
+    opts = cfg.engine_options()
+    _check_devices(max(opts.prefill_devices + opts.decode_devices) + 1)
+    devices = jax.devices()
+    load_mesh = make_mesh([devices[i] for i in opts.prefill_devices], opts.prefill_tp)
+    model = load_model(cfg.model.checkpoint, load_mesh, cfg.model.dtype)
     tokenizer = _tokenizer(model.folder)
+    # EOS from the tokenizer files (e.g. Llama-3's <|eot_id|>) as well as config.json.
+    stop_ids = () if args.ignore_eos else tuple(sorted(
+        set(getattr(tokenizer, "eos_token_ids", ()) or ()) - set(model.config.eos_token_ids)))
+    defaults = _sampling(args, stop_ids)
+    engine = build_engine(model.config, model.params, opts)
+
+    if args.input is not None:
+        summary = run_batch(args.input, args.output, engine, tokenizer, defaults,
+                            progress=not args.no_progress)
+        print(json.dumps(summary.as_dict()), file=sys.stderr)
+        return 0
+
     if args.prompt is not None:
         if tokenizer is None:
             raise JaxpdError(f"{model.folder} has no tokenizer.json; pass --prompt-ids instead of --prompt")
         prompts = [tokenizer.encode(text) for text in args.prompt]
     else:
         prompts = args.prompt_ids
-    stop = () if args.ignore_eos else tuple(
-        set(model.config.eos_token_ids) | set(getattr(tokenizer, "eos_token_ids", ()) or ()))
-    sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                              seed=args.seed, stop_token_ids=stop)
-    generator = Generator(model.config, model.params, _mesh(args.tp) if args.tp > 1 else None)
-
-    stream = None
-    if not args.json and tokenizer is not None and len(prompts) == 1:
-        detok = IncrementalDetokenizer(tokenizer, context=prompts[0])
-        if args.prompt is not None:
-            print(args.prompt[0], end="", flush=True)
-
-        def stream(index: int, token: int) -> None:
-            print(detok.push(token), end="", flush=True)
-
+    streams = {}
+    for i, prompt in enumerate(prompts):
+        engine.add_request(Request(str(i), tuple(prompt), defaults))
+        if tokenizer is not None:
+            streams[str(i)] = TextStream(tokenizer, prompt, defaults.stop)
+    live = not args.json and tokenizer is not None and len(prompts) == 1
+    if live and args.prompt is not None:
+        print(args.prompt[0], end="", flush=True)
     start = time.perf_counter()
-    outputs = generator.generate(prompts, sampling, on_token=stream)
+    final, seen = {}, {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            stream = streams.get(o.id)
+            new = o.token_ids[seen.get(o.id, 0):]
+            seen[o.id] = len(o.token_ids)
+            if stream is not None:
+                text = stream.push(new, final=o.finished)
+                if stream.stopped and not o.finished:
+                    o = engine.abort(o.id, reason="stop")
+                if live:
+                    print(text, end="", flush=True)
+            if o.finished:
+                final[o.id] = o
     elapsed = time.perf_counter() - start
-    if stream is not None:
-        print(detok.flush(), flush=True)
+    if live:
+        print(flush=True)
         return 0
-    for i, (prompt, out) in enumerate(zip(prompts, outputs)):
-        text = tokenizer.decode(out) if tokenizer is not None else ""
+    for i, prompt in enumerate(prompts):
+        o = final[str(i)]
+        text = streams[o.id].text if tokenizer is not None else ""
         if args.json:
-            finish = "stop" if out and out[-1] in stop else "length"
-            print(json.dumps({
-                "index": i, "prompt_token_ids": list(prompt), "token_ids": out, "text": text,
-                "finish_reason": finish,
-                "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(out),
-                          "total_tokens": len(prompt) + len(out)},
-                "elapsed_s": round(elapsed, 4)}))
+            record = {
+                "index": i, "prompt_token_ids": list(prompt), "token_ids": list(o.token_ids),
+                "text": text, "finish_reason": o.finish_reason,
+                "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(o.token_ids),
+                          "total_tokens": len(prompt) + len(o.token_ids)},
+                "elapsed_s": round(elapsed, 4)}
+            if o.logprobs is not None:
+                record["logprobs"] = [round(x, 6) for x in o.logprobs]
+            print(json.dumps(record, ensure_ascii=False))
         else:
-            print(text if tokenizer is not None else " ".join(map(str, out)))
+            print(text if tokenizer is not None else " ".join(map(str, o.token_ids)))
     return 0
 
 

@@ -57,7 +57,7 @@ def test_sampling_is_reproducible_with_a_seed(capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--tp", "3"], "tp=3 must divide num_heads=8"),
-    (["--tp", "16"], "--tp 16 needs 16 devices but only 8 are visible"),
+    (["--tp", "16"], "the deployment needs 16 devices but only 8 are visible"),
     (["--prompt", "hello"], "has no tokenizer.json; pass --prompt-ids"),
     (["--prompt-ids", "1,99999"], "token ids [99999] are outside the vocabulary [0, 320)"),
     (["--max-tokens", "5000"], "exceeds the model's max_position_embeddings=1024"),

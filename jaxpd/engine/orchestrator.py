@@ -16,7 +16,7 @@ import random
 
 from jaxpd.engine.decode import DecodeEngine
 from jaxpd.engine.prefill import PrefillEngine
-from jaxpd.engine.request import Request, RequestOutput, Sequence
+from jaxpd.engine.request import FinishReason, Request, RequestOutput, Sequence
 from jaxpd.errors import ConfigError
 from jaxpd.transfer.base import KVTransport
 
@@ -62,12 +62,16 @@ class Engine:
         self._ids.add(request.id)
         self.waiting.append(Sequence(request, seed))
 
-    def abort(self, request_id: str) -> RequestOutput | None:
+    def abort(self, request_id: str, reason: FinishReason = "abort") -> RequestOutput | None:
+        """End a request wherever it is (freeing its pages); None if it is not in flight.
+
+        `reason="stop"` is for callers that matched a stop string on the text.
+        """
         for queue in (self.waiting, self.prefilling, self.handoff, self.running):
             for seq in queue:
                 if seq.id == request_id:
                     queue.remove(seq)
-                    seq.finish_reason = "abort"
+                    seq.finish_reason = reason
                     self._release(seq, self._manager_of(seq, queue))
                     self._ids.discard(request_id)
                     return _output(seq)
