@@ -34,7 +34,7 @@ test: venv
 	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
 
 demo: venv
-	$(VENV)/bin/jaxpd generate --prompt "$(DEMO_PROMPT)" --max-tokens 48 --temperature 0
+	$(VENV)/bin/jaxpd generate --prompt "$(DEMO_PROMPT)" --max-tokens 48 --temperature 0.7 --top-p 0.9 --seed 0
 
 # Rebuild the HF parity fixtures (needs torch + transformers, e.g. a Python 3.11 tool venv).
 fixtures:

@@ -135,7 +135,7 @@ def hf_config(cfg) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("jaxpd/assets/default_model"))
-    ap.add_argument("--minutes", type=float, default=20.0, help="training time budget")
+    ap.add_argument("--minutes", type=float, default=22.0, help="training time budget")
     ap.add_argument("--max-steps", type=int, default=100_000)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=256)
