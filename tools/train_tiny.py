@@ -117,21 +117,6 @@ def train_tokenizer(texts: list[str], vocab_size: int, out: Path):
     return tok
 
 
-def hf_config(cfg) -> dict:
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim, "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta, "rope_scaling": None,
-        "tie_word_embeddings": cfg.tie_word_embeddings, "attention_bias": False,
-        "mlp_bias": False, "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": list(cfg.eos_token_ids), "torch_dtype": "float32",
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("jaxpd/assets/default_model"))
@@ -147,10 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     import jax.numpy as jnp
     import numpy as np
     import optax
-    from safetensors.numpy import save_file
     from tqdm import tqdm
 
     from jaxpd.model import forward
+    from jaxpd.model.hf_export import save_hf_checkpoint
     from jaxpd.model.presets import get_preset
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -220,14 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     val = np.mean([float(eval_loss(params, batch_from(val_ids))) for _ in range(8)])
     print(f"steps: {bar.n}, train loss {float(loss):.3f}, validation loss {val:.3f}", file=sys.stderr)
 
-    tensors = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        keys = [k.key for k in path]
-        name = ".".join(keys).replace("layers_", "layers.")
-        name = name if name.startswith("lm_head") else "model." + name
-        tensors[name] = np.asarray(leaf, np.float32)
-    save_file(tensors, str(args.out / "model.safetensors"), metadata={"format": "pt"})
-    (args.out / "config.json").write_text(json.dumps(hf_config(cfg), indent=2) + "\n")
+    save_hf_checkpoint(args.out, params, cfg)
     (args.out / "TRAINING.json").write_text(json.dumps(
         {"corpus": f"Debian {DEBIAN_PACKAGE} (Jane Austen, public domain)", "steps": bar.n,
          "batch": args.batch, "seq": args.seq, "lr": args.lr, "seed": args.seed,

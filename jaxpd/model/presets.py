@@ -23,6 +23,11 @@ PRESETS: dict[str, ModelConfig] = {
         num_kv_heads=4, head_dim=32, rope_theta=10000.0, max_position_embeddings=1024,
         tie_word_embeddings=True,
     ),
+    # ~34M parameters: the CPU benchmark against Hugging Face transformers (tools/bench_vs_hf.py).
+    "bench-30m": ModelConfig(
+        vocab_size=8192, hidden_size=512, intermediate_size=1376, num_layers=8, num_heads=8,
+        num_kv_heads=8, head_dim=64, rope_theta=10000.0, max_position_embeddings=2048,
+    ),
     "llama3-8b": ModelConfig(
         vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
         num_kv_heads=8, head_dim=128, rope_theta=500000.0, rope_scaling=_LLAMA31_ROPE,

@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""Engine micro-benchmark: prefill throughput/MFU and decode step time/MBU for a preset.
+
+Random weights; one paged model step per measurement (the same jitted step the engines run).
+
+    python tools/bench_engine.py --preset llama3-8b --dtype bfloat16 --batch 1,8,64 --context 512,2048
+    python tools/bench_engine.py --preset bench-30m --batch 1,32 --context 256,1024   # CPU
+
+Prints one JSON object: device, peaks used, and a row per (phase, batch, context).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="bench-30m")
+    ap.add_argument("--dtype", default=None, help="override the preset dtype")
+    ap.add_argument("--batch", type=_ints, default=[1, 8, 32])
+    ap.add_argument("--context", type=_ints, default=[256, 1024])
+    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--attention", default="auto")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--tp", type=int, default=1)
+    args = ap.parse_args(argv)
+
+    from jaxpd import hardware
+    from jaxpd.engine import attention as attention_lib
+    from jaxpd.engine import model_step
+    from jaxpd.engine.sampling import SamplingParams, sampling_arrays
+    from jaxpd.kv.layout import KVLayout
+    from jaxpd.kv.pool import create_pages
+    from jaxpd.model import forward
+    from jaxpd.model.presets import get_preset
+    from jaxpd.model.sharding import abstract_params, make_mesh, param_shardings
+
+    cfg = get_preset(args.preset)
+    if args.dtype:
+        cfg = cfg.replace(dtype=args.dtype)
+    mesh = make_mesh(jax.devices()[:args.tp], args.tp)
+    shardings = param_shardings(abstract_params(cfg), cfg, mesh)
+    params = jax.jit(lambda: forward.init_params(cfg, jax.random.key(0)), out_shardings=shardings)()
+    name, prefill_attn, decode_attn = attention_lib.resolve(args.attention, head_dim=cfg.head_dim, dtype=cfg.dtype)
+    device = jax.devices()[0]
+    peaks = hardware.lookup(device) if device.platform != "cpu" else hardware.measure_cpu_peaks()
+    weight_bytes = cfg.num_params() * jnp.dtype(cfg.jnp_dtype).itemsize
+    dense_flops_per_token = 2 * (cfg.num_params() - cfg.vocab_size * cfg.hidden_size * (not cfg.tie_word_embeddings))
+    layout = KVLayout.for_model(cfg, tp=args.tp, page_size=args.page_size)
+    rows = []
+
+    def timed(fn):
+        fn()  # compile
+        times = []
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    for context in args.context:
+        for batch in args.batch:
+            pages_per_seq = math.ceil((context + 1) / args.page_size)
+            num_pages = batch * pages_per_seq + 1
+            kv = create_pages(layout, num_pages, mesh)
+            table = jnp.asarray(1 + np.arange(batch * pages_per_seq, dtype=np.int32).reshape(batch, pages_per_seq))
+            sampling = sampling_arrays([SamplingParams()] * batch, [0] * batch, [0] * batch, batch)
+            tokens = jnp.ones((batch, context), jnp.int32)
+            positions = jnp.broadcast_to(jnp.arange(context, dtype=jnp.int32), (batch, context))
+            state = {"kv": kv}
+
+            def prefill():
+                out, _, state["kv"] = model_step.step(params, state["kv"], tokens, positions, table, sampling,
+                                                      config=cfg, mesh=mesh, attention=prefill_attn)
+                out.block_until_ready()
+
+            t = timed(prefill)
+            attn_flops = 2 * cfg.num_layers * batch * context * context * cfg.num_heads * cfg.head_dim  # causal QK+PV
+            flops = dense_flops_per_token * batch * context + attn_flops
+            rows.append({"phase": "prefill", "batch": batch, "context": context, "seconds": round(t, 5),
+                         "tokens_per_s": round(batch * context / t, 1), "tflops": round(flops / t / 1e12, 4),
+                         "mfu": round(flops / t / peaks.flops, 4) if peaks else None})
+
+            dtok = jnp.ones((batch, 1), jnp.int32)
+            dpos = jnp.full((batch, 1), context, jnp.int32)
+
+            def decode():
+                out, _, state["kv"] = model_step.step(params, state["kv"], dtok, dpos, table, sampling,
+                                                      config=cfg, mesh=mesh, attention=decode_attn)
+                out.block_until_ready()
+
+            t = timed(decode)
+            kv_bytes = batch * (context + 1) * cfg.kv_bytes_per_token() * layout.head_repeat
+            rows.append({"phase": "decode", "batch": batch, "context": context, "step_ms": round(t * 1e3, 3),
+                         "tokens_per_s": round(batch / t, 1), "bytes_per_step": weight_bytes + kv_bytes,
+                         "mbu": round((weight_bytes + kv_bytes) / t / peaks.bandwidth, 4) if peaks else None})
+            del kv, state
+            print(json.dumps(rows[-2]), json.dumps(rows[-1]), file=sys.stderr)
+
+    print(json.dumps({"preset": args.preset, "dtype": cfg.dtype, "params": cfg.num_params(),
+                      "device": device.device_kind, "platform": device.platform, "tp": args.tp,
+                      "attention": name, "peak_flops": peaks.flops if peaks else None,
+                      "peak_bandwidth": peaks.bandwidth if peaks else None, "rows": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

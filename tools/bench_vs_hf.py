@@ -1,0 +1,155 @@
+#!/usr/bin/env python3
+"""jaxpd against Hugging Face transformers on CPU: one checkpoint, two workloads, one run.
+
+(a) latency: one request, 256 prompt + 128 output tokens.
+(b) offline: 256 requests, prompt lengths 32-1024 and output lengths 16-512 (fixed seed). HF runs
+    it as its users do (left-padded batches of 32, each batch until its longest output); jaxpd
+    puts every request in flight through continuous batching.
+
+The checkpoint is the `bench-30m` shape (8 layers, width 512, vocab 8192, fp32, ~34M params)
+with random weights, written once as an HF folder that both sides load. HF runs in the tool venv
+(torch + transformers) as a subprocess; both sides get 2 CPU threads' worth of the machine.
+
+    python tools/bench_vs_hf.py --hf-python .toolvenv/bin/python [--scale 0.25] [--out bench.json]
+
+Prints one JSON object: tokens/s of each side, their ratios, jaxpd's achieved FLOP/s next to the
+machine's measured matmul peak, and whether both sides produced the same greedy tokens on (a).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def workload(scale: float, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    n = max(32, int(256 * scale))
+    prompt_lens = rng.integers(32, 1025, n)
+    outs = rng.integers(16, 513, n)
+    prompts = [rng.integers(3, 8192, int(L)).tolist() for L in prompt_lens]
+    return {
+        "latency": {"prompt": rng.integers(3, 8192, 256).tolist(), "max_tokens": 128},
+        "offline": {"prompts": prompts, "max_tokens": [int(x) for x in outs], "batch_size": 32},
+    }
+
+
+def run_jaxpd(checkpoint: Path, work: dict, options: dict) -> dict:
+    import jax
+
+    from jaxpd import hardware
+    from jaxpd.engine.builder import EngineOptions, build_engine
+    from jaxpd.engine.request import Request
+    from jaxpd.engine.sampling import SamplingParams
+    from jaxpd.model.checkpoint import load_model
+
+    model = load_model(checkpoint)
+    opts = EngineOptions(**options)
+    peaks = hardware.measure_cpu_peaks()
+    dense_flops = 2 * (model.config.num_params() - model.config.vocab_size * model.config.hidden_size)
+
+    def run(requests):
+        engine = build_engine(model.config, model.params, opts)
+        t = time.perf_counter()
+        final = engine.run_to_completion(requests)
+        return engine, final, time.perf_counter() - t
+
+    lat = work["latency"]
+    sp = SamplingParams(max_tokens=lat["max_tokens"], ignore_eos=True)
+    run([Request("warm", tuple(lat["prompt"]), sp)])  # compile the single-request shapes
+    engine, final, seconds = run([Request("a", tuple(lat["prompt"]), sp)])
+    result = {"latency": {"seconds": seconds, "output_tokens": lat["max_tokens"],
+                          "tokens_per_s": lat["max_tokens"] / seconds,
+                          "token_ids": list(final["a"].token_ids)}}
+
+    off = work["offline"]
+    requests = [Request(f"r{i}", tuple(p), SamplingParams(max_tokens=m, ignore_eos=True))
+                for i, (p, m) in enumerate(zip(off["prompts"], off["max_tokens"]))]
+    engine, final, seconds = run(requests)
+    useful = sum(off["max_tokens"])
+    prompt_tokens = sum(len(p) for p in off["prompts"])
+    flops = dense_flops * (prompt_tokens + useful)
+    result["offline"] = {
+        "seconds": seconds, "output_tokens": useful, "tokens_per_s": useful / seconds,
+        "compiled_shapes": len(engine.prefill.runner.shapes_seen),
+        "achieved_gflops": flops / seconds / 1e9, "first_tokens": [list(final[f"r{i}"].token_ids[:4]) for i in range(len(requests))],
+    }
+    result["machine"] = {"matmul_peak_gflops": peaks.flops / 1e9, "devices": str(jax.devices()[0])}
+    result["engine_options"] = options
+    return result
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hf-python", default=str(REPO / ".toolvenv" / "bin" / "python"),
+                    help="a Python with torch and transformers (see `make fixtures`)")
+    ap.add_argument("--scale", type=float, default=1.0, help="fraction of the 256 offline requests")
+    ap.add_argument("--skip-hf", action="store_true", help="jaxpd side only")
+    ap.add_argument("--max-decode-batch", type=int, default=128)
+    ap.add_argument("--num-pages", type=int, default=8192)
+    ap.add_argument("--out", type=Path, help="also write the JSON here")
+    args = ap.parse_args(argv)
+
+    from jaxpd.model import forward
+    from jaxpd.model.hf_export import save_hf_checkpoint
+    from jaxpd.model.presets import get_preset
+
+    import jax
+
+    work = workload(args.scale)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "bench-30m"
+        cfg = get_preset("bench-30m")
+        save_hf_checkpoint(ckpt, forward.init_params(cfg, jax.random.key(0)), cfg)
+        (Path(tmp) / "work.json").write_text(json.dumps(work))
+        options = dict(page_size=16, num_pages=args.num_pages, chunk_size=512, max_prefill_tokens=2048,
+                       max_decode_batch=args.max_decode_batch)
+        result = {"jaxpd": run_jaxpd(ckpt, work, options), "workload": {
+            "offline_requests": len(work["offline"]["prompts"]),
+            "offline_prompt_tokens": sum(map(len, work["offline"]["prompts"])),
+            "offline_output_tokens": sum(work["offline"]["max_tokens"])}}
+        print(json.dumps({"jaxpd_done": {k: result["jaxpd"][k]["tokens_per_s"] for k in ("latency", "offline")}}),
+              file=sys.stderr, flush=True)
+        if not args.skip_hf:
+            proc = subprocess.run([args.hf_python, str(REPO / "tools" / "hf_reference_generate.py"),
+                                   "--checkpoint", str(ckpt), "--workload", str(Path(tmp) / "work.json")],
+                                  stdout=subprocess.PIPE, text=True, check=True,
+                                  env=dict(os.environ, OMP_NUM_THREADS="2"))
+            hf = json.loads(proc.stdout)
+            result["hf"] = hf
+            j = result["jaxpd"]
+            result["summary"] = {
+                "latency_tokens_per_s": {"jaxpd": j["latency"]["tokens_per_s"], "hf": hf["latency"]["tokens_per_s"],
+                                         "ratio": j["latency"]["tokens_per_s"] / hf["latency"]["tokens_per_s"]},
+                "offline_tokens_per_s": {"jaxpd": j["offline"]["tokens_per_s"], "hf": hf["offline"]["tokens_per_s"],
+                                         "ratio": j["offline"]["tokens_per_s"] / hf["offline"]["tokens_per_s"]},
+                "latency_tokens_identical": j["latency"]["token_ids"] == hf["latency"]["token_ids"],
+                "offline_first_tokens_identical_share": float(np.mean(
+                    [a == b for a, b in zip(j["offline"]["first_tokens"], hf["offline"]["first_tokens"])])),
+                "jaxpd_achieved_gflops": j["offline"]["achieved_gflops"],
+                "matmul_peak_gflops": j["machine"]["matmul_peak_gflops"],
+            }
+    for side in ("jaxpd", "hf"):
+        if side in result:
+            for w in ("latency", "offline"):
+                result[side][w].pop("token_ids", None)
+                result[side][w].pop("first_tokens", None)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        args.out.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
