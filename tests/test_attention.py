@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpd.engine.attention import decode_attention_blocked, gather_pages, reference_attention, resolve
+from jaxpd.engine.attention import paged_attention_jnp, gather_pages, reference_attention, resolve
 from jaxpd.errors import ConfigError
 from jaxpd.model.attention import causal_attention
 
@@ -32,8 +32,18 @@ def test_gather_pages_follows_the_page_table():
 def test_blocked_decode_matches_reference(seed, window):
     q, k, v, table, qpos, lens = _case(seed)
     want = reference_attention(q, k, v, table, qpos, lens, sliding_window=window)
-    got = decode_attention_blocked(q, k, v, table, qpos, lens, sliding_window=window, block_tokens=8)
+    got = paged_attention_jnp(q, k, v, table, qpos, lens, sliding_window=window, block_tokens=8)
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_blocked_prefill_chunk_matches_reference(seed):
+    q, k, v, table, qpos, lens = _case(seed, q_len=5)
+    qpos = qpos.at[0, 3:].set(-1)  # padding queries in the chunk
+    want = reference_attention(q, k, v, table, qpos, lens)
+    got = paged_attention_jnp(q, k, v, table, qpos, lens, block_tokens=8)
+    np.testing.assert_allclose(got[1:], want[1:], atol=1e-5)
+    np.testing.assert_allclose(got[0, :3], want[0, :3], atol=1e-5)
 
 
 def test_reference_prefill_matches_contiguous_attention():
@@ -45,7 +55,7 @@ def test_reference_prefill_matches_contiguous_attention():
 
 
 def test_backend_choice_is_explicit():
-    assert resolve("auto", head_dim=64, dtype="float32")[0] == "reference"
+    assert resolve("auto", head_dim=64, dtype="float32").name == "reference"
     with pytest.raises(ConfigError, match="'cudnn' needs a GPU"):
         resolve("cudnn", head_dim=64, dtype="bfloat16")
     with pytest.raises(ConfigError, match="is not one of"):

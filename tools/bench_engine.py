@@ -55,7 +55,8 @@ def main(argv=None) -> int:
     mesh = make_mesh(jax.devices()[:args.tp], args.tp)
     shardings = param_shardings(abstract_params(cfg), cfg, mesh)
     params = jax.jit(lambda: forward.init_params(cfg, jax.random.key(0)), out_shardings=shardings)()
-    name, prefill_attn, decode_attn = attention_lib.resolve(args.attention, head_dim=cfg.head_dim, dtype=cfg.dtype)
+    backend = attention_lib.resolve(args.attention, head_dim=cfg.head_dim, dtype=cfg.dtype)
+    name, prefill_attn, decode_attn = backend.name, backend.prefill, backend.decode
     device = jax.devices()[0]
     peaks = hardware.lookup(device) if device.platform != "cpu" else hardware.measure_cpu_peaks()
     weight_bytes = cfg.num_params() * jnp.dtype(cfg.jnp_dtype).itemsize

@@ -1,8 +1,9 @@
 """Attention entry points over paged KV, one per phase, with the backend chosen once.
 
 `implementation`:
-  reference  pure jnp (runs everywhere): prefill gathers the sequence's pages for a masked f32
-             softmax; decode runs an online softmax over blocks of pages
+  reference  pure jnp (runs everywhere): an online softmax over blocks of pages, looping only
+             over the blocks the batch uses; `reference_attention` (gather everything, one
+             masked softmax) is the obviously-correct oracle it is tested against
   cudnn      `jax.nn.dot_product_attention(implementation="cudnn")` on the gathered pages (GPU)
   pallas     our Pallas kernels (flash prefill, paged decode) - not available yet
   auto       cudnn on GPU when it fits, else reference
@@ -10,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Literal
 
 import jax
@@ -49,55 +51,64 @@ def reference_attention(q: jax.Array,  # [batch, q_len, heads, head_dim]
     return causal_attention(q, k, v, q_positions, kv_pos, sliding_window=sliding_window)
 
 
-def decode_attention_blocked(q: jax.Array,  # [batch, 1, heads, head_dim]
-                             k_pages: jax.Array,  # [kv_heads, num_pages, page_size, head_dim]
-                             v_pages: jax.Array,  # [kv_heads, num_pages, page_size, head_dim]
-                             page_table: jax.Array,  # i32[batch, pages_per_seq]
-                             q_positions: jax.Array,  # i32[batch, 1]; -1 = padding
-                             kv_lens: jax.Array,  # i32[batch]
-                             *, sliding_window: int | None = None,
-                             block_tokens: int = 32) -> jax.Array:
-    """One query per sequence, an online softmax over blocks of pages (flash-decoding in jnp).
+def paged_attention_jnp(q: jax.Array,  # [batch, q_len, heads, head_dim]
+                        k_pages: jax.Array,  # [kv_heads, num_pages, page_size, head_dim]
+                        v_pages: jax.Array,  # [kv_heads, num_pages, page_size, head_dim]
+                        page_table: jax.Array,  # i32[batch, pages_per_seq]
+                        q_positions: jax.Array,  # i32[batch, q_len]; -1 = padding
+                        kv_lens: jax.Array,  # i32[batch]
+                        *, sliding_window: int | None = None,
+                        block_tokens: int = 32) -> jax.Array:
+    """Online softmax over blocks of pages (flash attention written in jnp).
 
-    Same result as `reference_attention`, but it never materialises every sequence's whole KV
-    or its scores at once: on CPU that is several times faster, since each block stays in cache.
+    Same result as `reference_attention`, but it never materialises a sequence's whole KV or
+    score row: each block of `block_tokens` keys is gathered, scored and folded into running
+    max/sum/accumulator. The loop runs only over blocks some sequence in the batch uses (a
+    dynamic trip count), so one compiled program serves every context length up to the
+    page table's width, and short batches pay only for their own pages.
     """
-    batch, _, heads, hd = q.shape
+    batch, q_len, heads, hd = q.shape
     kv_heads, _, page_size, _ = k_pages.shape
     group = heads // kv_heads
-    per_block = max(1, block_tokens // page_size)
+    per_block = max(1, min(block_tokens // page_size, page_table.shape[1]))
     pps = page_table.shape[1]
     blocks = -(-pps // per_block)
     table = jnp.pad(page_table, ((0, 0), (0, blocks * per_block - pps)))
-    table = table.reshape(batch, blocks, per_block).transpose(1, 0, 2)  # [blocks, batch, per_block]
-    qg = q[:, 0].reshape(batch, kv_heads, group, hd).astype(jnp.float32) * hd ** -0.5
     width = per_block * page_size
-    qpos = q_positions[:, 0]
+    qg = q.reshape(batch, q_len, kv_heads, group, hd).astype(jnp.float32) * hd ** -0.5
+    qpos = q_positions[:, None, None, :, None]  # [b, 1, 1, t, 1]
 
-    def body(carry, xs):
+    def body(index, carry):
         m, l, acc = carry
-        index, cols = xs
-        k = k_pages[:, cols].reshape(kv_heads, batch, width, hd)
-        v = v_pages[:, cols].reshape(kv_heads, batch, width, hd)
-        scores = jnp.einsum("bkgd,kbsd->bkgs", qg, k, preferred_element_type=jnp.float32)
-        pos = index * width + jnp.arange(width)
-        valid = (pos[None, :] < kv_lens[:, None]) & (pos[None, :] <= qpos[:, None])
+        cols = jax.lax.dynamic_slice_in_dim(table, index * per_block, per_block, axis=1)
+        k = k_pages[:, cols].reshape(kv_heads, batch, width, hd).astype(jnp.float32)
+        v = v_pages[:, cols].reshape(kv_heads, batch, width, hd).astype(jnp.float32)
+        scores = jnp.einsum("btkgd,kbsd->bkgts", qg, k)
+        pos = (index * width + jnp.arange(width))[None, None, None, None, :]
+        valid = (pos < kv_lens[:, None, None, None, None]) & (pos <= qpos)
         if sliding_window is not None:
-            valid &= pos[None, :] > qpos[:, None] - sliding_window
-        scores = jnp.where(valid[:, None, None, :], scores, -jnp.inf)
+            valid &= pos > qpos - sliding_window
+        scores = jnp.where(valid, scores, -jnp.inf)
         m_new = jnp.maximum(m, scores.max(-1))
         safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
         p = jnp.exp(scores - safe[..., None])
         correction = jnp.exp(jnp.where(jnp.isfinite(m), m - safe, -jnp.inf))
         l = l * correction + p.sum(-1)
-        acc = acc * correction[..., None] + jnp.einsum("bkgs,kbsd->bkgd", p, v.astype(jnp.float32))
-        return (m_new, l, acc), None
+        acc = acc * correction[..., None] + jnp.einsum("bkgts,kbsd->bkgtd", p, v)
+        return m_new, l, acc
 
-    init = (jnp.full((batch, kv_heads, group), -jnp.inf), jnp.zeros((batch, kv_heads, group)),
-            jnp.zeros((batch, kv_heads, group, hd)))
-    (_, l, acc), _ = jax.lax.scan(body, init, (jnp.arange(blocks), table))
-    out = acc / jnp.where(l > 0, l, 1.0)[..., None]
-    return out.reshape(batch, 1, heads, hd).astype(q.dtype)
+    shape = (batch, kv_heads, group, q_len)
+    init = (jnp.full(shape, -jnp.inf), jnp.zeros(shape), jnp.zeros(shape + (hd,)))
+    used = (jnp.max(kv_lens) + width - 1) // width
+    _, l, acc = jax.lax.fori_loop(0, jnp.minimum(used, blocks), body, init)
+    out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # [b, k, g, t, d]
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, heads, hd).astype(q.dtype)
+
+
+def prefill_attention_jnp(q, k_pages, v_pages, page_table, q_positions, kv_lens, *,
+                          sliding_window: int | None = None) -> jax.Array:
+    return paged_attention_jnp(q, k_pages, v_pages, page_table, q_positions, kv_lens,
+                               sliding_window=sliding_window, block_tokens=128)
 
 
 def cudnn_attention(q, k_pages, v_pages, page_table, q_positions, kv_lens, *,
@@ -115,8 +126,18 @@ def cudnn_attention(q, k_pages, v_pages, page_table, q_positions, kv_lens, *,
 AttentionFn = Callable[..., jax.Array]
 
 
-def resolve(implementation: str, *, head_dim: int, dtype: str) -> tuple[str, AttentionFn, AttentionFn]:
-    """(chosen name, prefill attention, decode attention), decided once at start-up."""
+@dataclasses.dataclass(frozen=True)
+class AttentionBackend:
+    name: str
+    prefill: AttentionFn
+    decode: AttentionFn
+    # True: cost follows the pages actually used, so one wide page table (one compiled shape)
+    # serves every context length. False: cost follows the table width, so bucket it.
+    fixed_table_width: bool
+
+
+def resolve(implementation: str, *, head_dim: int, dtype: str) -> AttentionBackend:
+    """The backend for `implementation`, decided once at start-up."""
     if implementation not in IMPLEMENTATIONS:
         raise ConfigError(f"attention implementation {implementation!r} is not one of {IMPLEMENTATIONS}")
     backend = jax.default_backend()
@@ -131,5 +152,5 @@ def resolve(implementation: str, *, head_dim: int, dtype: str) -> tuple[str, Att
             raise ConfigError(f"attention implementation 'cudnn' needs a GPU (backend is {backend!r})")
         if dtype not in ("bfloat16", "float16"):
             raise ConfigError(f"attention implementation 'cudnn' needs bfloat16 or float16, not {dtype}")
-        return "cudnn", cudnn_attention, cudnn_attention
-    return "reference", reference_attention, decode_attention_blocked
+        return AttentionBackend("cudnn", cudnn_attention, cudnn_attention, False)
+    return AttentionBackend("reference", prefill_attention_jnp, paged_attention_jnp, True)

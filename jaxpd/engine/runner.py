@@ -8,6 +8,7 @@ threaded through (donated), so it stays on device and is updated in place.
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import jax
 import jax.numpy as jnp
@@ -36,12 +37,14 @@ class ModelRunner:
     def __init__(self, config: ModelConfig, params, mesh: Mesh | None, manager: KVCacheManager,
                  attention: str = "auto", *, min_chunk: int = 16):
         self.config, self.params, self.mesh, self.manager = config, params, mesh, manager
-        self.attention_name, prefill_fn, decode_fn = attention_lib.resolve(
-            attention, head_dim=config.head_dim, dtype=config.dtype)
-        self._prefill_fn, self._decode_fn = prefill_fn, decode_fn
+        self.backend = attention_lib.resolve(attention, head_dim=config.head_dim, dtype=config.dtype)
         self.min_chunk = min_chunk
+        capacity = (manager.allocator.num_blocks - 1) * manager.page_size
+        max_len = min(config.max_position_embeddings, capacity)
+        self.max_pages_per_seq = pow2_bucket(manager.layout.pages_for(max_len))
         self.shapes_seen: set[tuple[int, int, int]] = set()  # (batch, chunk, pages) compiled
         self.tokens_computed = 0
+        self.seconds = {"prefill": 0.0, "decode": 0.0, "first_calls": 0.0}  # wall time in steps
 
     def run(self, slices: list[Slice], *, batch_bucket_max: int | None = None):
         """(next tokens, logprobs) as host arrays, one per slice (sampled at each slice's end)."""
@@ -50,7 +53,7 @@ class ModelRunner:
         chunk = 1 if decode else pow2_bucket(max(s.length for s in slices), self.min_chunk)
         page_size = self.manager.page_size
         widest = max(len(s.seq.pages.pages) for s in slices)
-        pps = pow2_bucket(widest, 1)
+        pps = self.max_pages_per_seq if self.backend.fixed_table_width else pow2_bucket(widest, 1)
         tokens = np.zeros((batch, chunk), np.int32)
         positions = np.full((batch, chunk), -1, np.int32)
         table = np.zeros((batch, pps), np.int32)
@@ -64,11 +67,16 @@ class ModelRunner:
         sampling = sampling_arrays([s.seq.request.sampling for s in slices],
                                    [s.seq.seed for s in slices],
                                    [len(s.seq.output_ids) for s in slices], batch)
-        self.shapes_seen.add((batch, chunk, pps))
+        shape = (batch, chunk, pps)
+        first_call = shape not in self.shapes_seen
+        self.shapes_seen.add(shape)
         self.tokens_computed += sum(s.length for s in slices)
+        start = time.perf_counter()
         next_tokens, logprobs, self.manager.kv = model_step.step(
             self.params, self.manager.kv, jnp.asarray(tokens), jnp.asarray(positions),
             jnp.asarray(table), sampling, config=self.config, mesh=self.mesh,
-            attention=self._decode_fn if decode else self._prefill_fn)
+            attention=self.backend.decode if decode else self.backend.prefill)
         next_tokens, logprobs = jax.device_get((next_tokens, logprobs))
+        elapsed = time.perf_counter() - start
+        self.seconds["first_calls" if first_call else ("decode" if decode else "prefill")] += elapsed
         return next_tokens[:len(slices)], logprobs[:len(slices)]
