@@ -40,23 +40,19 @@ def lookup(device: jax.Device) -> DevicePeaks | None:
     return None
 
 
+def _best_seconds(fn, arg, repeats: int) -> float:
+    fn(arg).block_until_ready()  # compile
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(arg).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def measure_cpu_peaks(dtype=jnp.float32, size: int = 1024, repeats: int = 5) -> DevicePeaks:
-    """Measured matmul FLOP/s and copy bandwidth of the default device (for CPUs)."""
-    a = jnp.ones((size, size), dtype)
-    mm = jax.jit(lambda x: x @ x)
-    mm(a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        mm(a).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    flops = 2 * size ** 3 / best
+    """Measured matmul FLOP/s and elementwise-pass bandwidth of the default device (for CPUs)."""
+    flops = 2 * size ** 3 / _best_seconds(jax.jit(lambda x: x @ x), jnp.ones((size, size), dtype), repeats)
     big = jnp.ones((64 * 1024 * 1024 // 4,), jnp.float32)  # 64 MiB
-    copy = jax.jit(lambda x: x * 1.0001)
-    copy(big).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        copy(big).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return DevicePeaks("cpu (measured)", flops, 2 * big.nbytes / best, 0.0)
+    seconds = _best_seconds(jax.jit(lambda x: x * 1.0001), big, repeats)
+    return DevicePeaks("cpu (measured)", flops, 2 * big.nbytes / seconds, 0.0)

@@ -68,6 +68,17 @@ def test_engine_matches_naive_recompute(llama, mode):
     assert len(engine.prefill.runner.shapes_seen) <= 8  # bucketed: compilations stay bounded
 
 
+def test_embedded_model_disaggregated_matches_naive():
+    model = load_model()
+    engine = build_engine(model.config, model.params, EngineOptions(**SMALL, **DISAGG))
+    ps = prompts(3, seed=9, vocab=4096)
+    final = run_staggered(engine, [Request(f"d{i}", p, SamplingParams(max_tokens=8, ignore_eos=True))
+                                   for i, p in enumerate(ps)], every=1)
+    for i, p in enumerate(ps):
+        assert list(final[f"d{i}"].token_ids) == naive_greedy(model, p, 8)
+    assert engine.prefill.manager.all_free and engine.decode.manager.all_free
+
+
 def test_engine_matches_transformers_fixture_disaggregated():
     model = load_model(HF_FIXTURES / "qwen2")
     exp = expected("qwen2")
@@ -77,9 +88,10 @@ def test_engine_matches_transformers_fixture_disaggregated():
     assert [list(final[f"r{i}"].token_ids) for i in range(3)] == exp["greedy"]
 
 
-def test_preemption_under_page_pressure_keeps_outputs(llama):
+@pytest.mark.parametrize("max_batch", [8, 2])  # 2: more sequences running than one step takes
+def test_preemption_under_page_pressure_keeps_outputs(llama, max_batch):
     engine = build_engine(llama.config, llama.params,
-                          EngineOptions(page_size=4, num_pages=24, chunk_size=16, max_decode_batch=8))
+                          EngineOptions(page_size=4, num_pages=24, chunk_size=16, max_decode_batch=max_batch))
     ps = prompts(5, seed=1)
     final = engine.run_to_completion([Request(f"r{i}", p, SamplingParams(max_tokens=20, ignore_eos=True))
                                       for i, p in enumerate(ps)])

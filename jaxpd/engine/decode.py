@@ -19,29 +19,32 @@ class DecodeEngine:
         self.max_batch = max_batch
         self.eos_ids = tuple(runner.config.eos_token_ids)
 
-    def reserve(self, running: list[Sequence]) -> list[Sequence]:
-        """Give each sequence room for its next token; return the ones preempted to make room."""
-        preempted = []
-        active = list(running[:self.max_batch])
+    def reserve(self, running: list[Sequence]) -> tuple[list[Sequence], list[Sequence]]:
+        """(this step's batch, preempted): the oldest sequences, each with room for its next
+        token, at most `max_batch` of them. When pages run out, the newest sequences give theirs
+        back (and will be recomputed later)."""
+        order, ready, preempted = list(running), [], []
         i = 0
-        while i < len(active):
-            seq = active[i]
+        while i < len(order) and len(ready) < self.max_batch:
+            seq = order[i]
             if self.manager.ensure_capacity(seq.pages, seq.num_computed + 1):
+                ready.append(seq)
                 i += 1
                 continue
-            victim = active.pop()  # newest first
+            victim = order.pop()  # the newest; may be `seq` itself, never one already ready
             self.manager.release(victim.pages)
             victim.pages, victim.num_computed = None, 0
             preempted.append(victim)
-        return preempted
+        return ready, preempted
 
-    def step(self, running: list[Sequence]) -> None:
-        """Generate one token for each of the first `max_batch` sequences (pages reserved)."""
-        batch = running[:self.max_batch]
+    def step(self, batch: list[Sequence]) -> None:
+        """Generate one token for each sequence of `batch` (from `reserve`)."""
         if not batch:
             return
+        if len(batch) > self.max_batch:
+            raise ValueError(f"{len(batch)} sequences exceed max_batch={self.max_batch}")
         slices = [Slice(seq, seq.num_computed, 1) for seq in batch]
-        tokens, logprobs = self.runner.run(slices, batch_bucket_max=None)
+        tokens, logprobs = self.runner.run(slices)
         for seq, tok, lp in zip(batch, tokens, logprobs):
             seq.num_computed += 1
             seq.append(int(tok), float(lp), self.eos_ids)

@@ -95,11 +95,11 @@ class Engine:
                     self._finish(seq, self.prefill.manager)
         self._hand_off()
         if self.running:
-            for victim in self.decode.reserve(self.running):
+            batch, preempted = self.decode.reserve(self.running)
+            for victim in preempted:  # newest first: re-queue so the oldest is admitted first
                 self.running.remove(victim)
                 self.waiting.appendleft(victim)
                 self.num_preemptions += 1
-            batch = self.running[:self.decode.max_batch]
             self.decode.step(batch)
             for seq in batch:
                 changed.append(seq)
@@ -120,9 +120,13 @@ class Engine:
 
     # -- internals -----------------------------------------------------------------------------
     def _admit(self) -> None:
+        # Colocated, admitting a prompt must not take the pages running sequences grow into:
+        # keep a watermark of one page per sequence in flight, so preemption stays rare.
         while self.waiting:
             seq = self.waiting[0]
-            if not self.prefill.admit(seq):
+            in_flight = len(self.running) + len(self.prefilling) + len(self.handoff)
+            keep_free = in_flight if self.colocated else 0
+            if not self.prefill.admit(seq, keep_free=keep_free):
                 if not (self.prefilling or self.handoff or self.running):
                     raise RuntimeError(f"request {seq.id} cannot fit in an empty page pool")
                 break

@@ -22,9 +22,10 @@ class PrefillEngine:
         self.chunk_size, self.max_batch_tokens, self.max_seqs = chunk_size, max_batch_tokens, max_seqs
         self.eos_ids = tuple(runner.config.eos_token_ids)
 
-    def admit(self, seq: Sequence, reserve_tokens: int = 0) -> bool:
-        """Reserve pages for everything `seq` has so far (+ reserve); False if they don't fit."""
-        pages = self.manager.allocate_prompt(seq.tokens, reserve_tokens)
+    def admit(self, seq: Sequence, *, keep_free: int = 0) -> bool:
+        """Reserve pages for everything `seq` has so far; False if they don't fit while leaving
+        `keep_free` pages (headroom for sequences already decoding on the same pool)."""
+        pages = self.manager.allocate_prompt(seq.tokens, keep_free=keep_free)
         if pages is None:
             return False
         seq.pages = pages

@@ -38,14 +38,19 @@ class KVCacheManager:
     def page_size(self) -> int:
         return self.layout.page_size
 
-    def allocate_prompt(self, prompt: Sequence[int], reserve_tokens: int = 0) -> SeqPages | None:
-        """Pages for a prompt (+ `reserve_tokens` more), cached blocks first; None if it won't fit.
+    def allocate_prompt(self, prompt: Sequence[int], reserve_tokens: int = 0, *,
+                        keep_free: int = 0) -> SeqPages | None:
+        """Pages for a prompt (+ `reserve_tokens` more), cached blocks first; None if it won't fit
+        while leaving `keep_free` pages for sequences already running.
 
         At least the last prompt token is always recomputed: its logits give the first token.
         """
         hashes = block_hashes(prompt[:-1], self.page_size, salt=self.salt)
         cached = self.allocator.lookup(hashes)
         need = self.layout.pages_for(len(prompt) + reserve_tokens) - len(cached)
+        if self.allocator.num_free - max(need, 0) < keep_free:
+            self.allocator.free(cached)
+            return None
         fresh = self.allocator.allocate(max(need, 0))
         if fresh is None:
             self.allocator.free(cached)
