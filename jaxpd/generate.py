@@ -1,12 +1,12 @@
 """Straightforward batched generation: one prefill, then decode steps over a contiguous cache.
 
-This is the foundation's generation path (and the reference the paged engines are compared
-with): prompts are right-padded to a power-of-two bucket so compilations stay bounded.
+No pages, no scheduler: a second, independent path through the model that the paged engine is
+checked against (and that the HF parity tests use). Prompts are right-padded to a power-of-two
+bucket so compilations stay bounded; sampling is the engine's on-device `sample`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Callable, Sequence
 
@@ -15,28 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxpd.engine.buckets import pow2_bucket
+from jaxpd.engine.sampling import SamplingParams, sample, sampling_arrays
 from jaxpd.errors import ConfigError
 from jaxpd.model import forward
 from jaxpd.model.config import ModelConfig
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int = 16
-    temperature: float = 0.0
-    seed: int = 0
-    stop_token_ids: tuple[int, ...] = ()
-
-    def __post_init__(self):
-        if self.max_tokens < 1:
-            raise ConfigError(f"max_tokens={self.max_tokens} must be >= 1")
-        if self.temperature < 0:
-            raise ConfigError(f"temperature={self.temperature} must be >= 0")
-
-
-def bucket(n: int, minimum: int = 16) -> int:
-    """Smallest power of two >= n (and >= minimum): bounds the number of compiled shapes."""
-    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
 @functools.partial(jax.jit, static_argnames=("max_seq", "sharding"))
@@ -47,13 +30,7 @@ def _grow_cache(kv: tuple[forward.LayerKV, ...], *, max_seq: int, sharding):
     return tuple(forward.LayerKV(pad(layer.k), pad(layer.v)) for layer in kv)
 
 
-@jax.jit
-def _sample(logits: jax.Array, temperature: jax.Array, key: jax.Array) -> jax.Array:
-    """i32[batch]: argmax where temperature == 0, else a draw from softmax(logits / T)."""
-    greedy = jnp.argmax(logits, axis=-1)
-    safe_t = jnp.where(temperature > 0, temperature, 1.0)
-    drawn = jax.random.categorical(key, logits / safe_t[:, None], axis=-1)
-    return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
+_sample = jax.jit(sample)
 
 
 class Generator:
@@ -78,8 +55,8 @@ class Generator:
             raise ConfigError(
                 f"prompt ({longest} tokens) + max_tokens ({sampling.max_tokens}) exceeds the model's "
                 f"max_position_embeddings={cfg.max_position_embeddings}")
-        batch = bucket(len(prompts), 1)
-        seq = bucket(longest)
+        batch = pow2_bucket(len(prompts), 1)
+        seq = pow2_bucket(longest, 16)
         tokens = np.zeros((batch, seq), np.int32)
         lengths = np.ones((batch,), np.int32)
         for i, p in enumerate(prompts):
@@ -88,15 +65,20 @@ class Generator:
         out = forward.prefill(self.params, jnp.asarray(tokens), jnp.asarray(lengths),
                               config=cfg, mesh=self.mesh)
         kv_sharding = None if self.mesh is None else NamedSharding(self.mesh, P(None, None, "tp", None))
-        cache = _grow_cache(out.kv, max_seq=bucket(longest + sampling.max_tokens), sharding=kv_sharding)
-        temperature = jnp.full((batch,), sampling.temperature, jnp.float32)
-        key = jax.random.key(sampling.seed)
-        key, sub = jax.random.split(key)
-        next_tokens = _sample(out.logits, temperature, sub)
+        cache = _grow_cache(out.kv, max_seq=pow2_bucket(longest + sampling.max_tokens, 16),
+                            sharding=kv_sharding)
+        seed = sampling.seed or 0
+
+        def draw(logits, step):
+            arrays = sampling_arrays([sampling] * len(prompts), [seed] * len(prompts),
+                                     [step] * len(prompts), batch)
+            return _sample(logits, arrays)[0]
+
+        next_tokens = draw(out.logits, 0)
         lengths_dev = jnp.asarray(lengths)
         results: list[list[int]] = [[] for _ in prompts]
         done = np.zeros(len(prompts), bool)
-        stop = set(sampling.stop_token_ids)
+        stop = set(sampling.stop_token_ids)  # stop strings and EOS are the caller's business here
         for step in range(sampling.max_tokens):
             host_tokens = np.asarray(next_tokens)
             for i in range(len(prompts)):
@@ -110,6 +92,5 @@ class Generator:
             logits, cache = forward.decode(self.params, next_tokens, cache, lengths_dev,
                                            config=cfg, mesh=self.mesh)
             lengths_dev = lengths_dev + 1
-            key, sub = jax.random.split(key)
-            next_tokens = _sample(logits, temperature, sub)
+            next_tokens = draw(logits, step + 1)
         return results
