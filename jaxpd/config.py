@@ -21,6 +21,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from jaxpd.errors import ConfigError
 
 
+def _power_of_two(v: int) -> int:
+    """Page and chunk sizes are shape buckets: powers of two keep compilations few."""
+    if v & (v - 1):
+        raise ValueError(f"must be a power of two, got {v}")
+    return v
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -58,12 +65,7 @@ class KVSection(_Strict):
     page_size: int = Field(16, ge=1, description="tokens per KV page (power of two)")
     num_pages: int = Field(2048, ge=2, description="pages per pool (one pool per mesh)")
 
-    @field_validator("page_size")
-    @classmethod
-    def _pow2(cls, v: int) -> int:
-        if v & (v - 1):
-            raise ValueError(f"must be a power of two, got {v}")
-        return v
+    _pow2 = field_validator("page_size")(classmethod(lambda cls, v: _power_of_two(v)))
 
 
 class SchedulerSection(_Strict):
@@ -72,12 +74,7 @@ class SchedulerSection(_Strict):
     max_decode_batch: int = Field(64, ge=1, description="max sequences per decode step")
     prefix_caching: bool = Field(True, description="reuse cached KV blocks of shared prompt prefixes")
 
-    @field_validator("chunk_size")
-    @classmethod
-    def _pow2(cls, v: int) -> int:
-        if v & (v - 1):
-            raise ValueError(f"must be a power of two, got {v}")
-        return v
+    _pow2 = field_validator("chunk_size")(classmethod(lambda cls, v: _power_of_two(v)))
 
 
 class DeploymentConfig(_Strict):

@@ -36,7 +36,7 @@ def test_defaults_are_colocated_on_one_device():
 def test_errors_name_the_key(data, message):
     with pytest.raises(ConfigError) as e:
         parse_config(data, "deploy.yaml")
-    assert f"deploy.yaml: " in str(e.value) and message in str(e.value)
+    assert "deploy.yaml: " in str(e.value) and message in str(e.value)
 
 
 def test_yaml_file_errors(tmp_path):

@@ -2,7 +2,6 @@
 
 import re
 
-import jax.numpy as jnp
 
 from jaxpd.generate import Generator, SamplingParams
 from jaxpd.model.checkpoint import default_checkpoint, load_model

@@ -1,6 +1,5 @@
 """Parity with Hugging Face transformers: fixtures from tools/make_hf_fixtures.py (torch, fp32)."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

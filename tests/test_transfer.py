@@ -1,6 +1,5 @@
 """In-process KV hand-off: bytes arrive unchanged across meshes with different TP degrees."""
 
-import jax
 import numpy as np
 import pytest
 

@@ -109,7 +109,6 @@ def main(argv=None) -> int:
             rows.append({"phase": "decode", "batch": batch, "context": context, "step_ms": round(t * 1e3, 3),
                          "tokens_per_s": round(batch / t, 1), "bytes_per_step": weight_bytes + kv_bytes,
                          "mbu": round((weight_bytes + kv_bytes) / t / peaks.bandwidth, 4) if peaks else None})
-            del kv, state
             print(json.dumps(rows[-2]), json.dumps(rows[-1]), file=sys.stderr)
 
     print(json.dumps({"preset": args.preset, "dtype": cfg.dtype, "params": cfg.num_params(),

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import shutil
 import struct
 import subprocess
 import sys

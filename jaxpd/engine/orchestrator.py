@@ -18,6 +18,7 @@ from jaxpd.engine.decode import DecodeEngine
 from jaxpd.engine.prefill import PrefillEngine
 from jaxpd.engine.request import FinishReason, Request, RequestOutput, Sequence
 from jaxpd.errors import ConfigError
+from jaxpd.kv.manager import KVCacheManager
 from jaxpd.transfer.base import KVTransport
 
 
@@ -151,9 +152,9 @@ class Engine:
             self.running.append(seq)
         self.handoff = still
 
-    def _manager_of(self, seq: Sequence, queue) -> object:
-        on_decode = queue is self.running
-        return self.decode.manager if on_decode else self.prefill.manager
+    def _manager_of(self, seq: Sequence, queue) -> KVCacheManager:
+        """Sequences hold decode-side pages once running, prefill-side pages before."""
+        return self.decode.manager if queue is self.running else self.prefill.manager
 
     def _release(self, seq: Sequence, manager) -> None:
         if seq.pages is not None:

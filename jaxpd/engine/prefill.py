@@ -50,7 +50,6 @@ class PrefillEngine:
         for s, tok, lp in zip(slices, tokens, logprobs):
             seq = s.seq
             seq.num_computed += s.length
-            seq.prefill_tokens_computed += s.length
             self.manager.commit_full_blocks(seq.pages, seq.tokens, seq.num_computed)
             if seq.num_computed == len(seq.tokens):
                 seq.append(int(tok), float(lp), self.eos_ids)

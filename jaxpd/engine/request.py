@@ -29,7 +29,6 @@ class Sequence:
     output_ids: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
     finish_reason: FinishReason | None = None
-    prefill_tokens_computed: int = 0  # prompt tokens actually run (not served from cache)
     prompt_tokens_cached: int = 0  # prompt tokens found in the prefix cache at admission
 
     @property
@@ -43,10 +42,6 @@ class Sequence:
     @property
     def prompt_len(self) -> int:
         return len(self.request.prompt_ids)
-
-    @property
-    def in_prefill(self) -> bool:
-        return self.num_computed < self.prompt_len
 
     def append(self, token: int, logprob: float, eos_ids: tuple[int, ...]) -> None:
         """Record a generated token and decide whether the sequence is done."""

@@ -52,7 +52,6 @@ class SamplingArrays(NamedTuple):
 def sampling_arrays(params: Sequence[SamplingParams], seeds: Sequence[int],
                     counters: Sequence[int], batch: int) -> SamplingArrays:
     """Host-built arrays for a padded batch (rows past len(params) are greedy padding)."""
-    n = len(params)
     t = np.zeros(batch, np.float32)
     k = np.zeros(batch, np.int32)
     p = np.ones(batch, np.float32)
@@ -62,7 +61,6 @@ def sampling_arrays(params: Sequence[SamplingParams], seeds: Sequence[int],
         t[i], k[i], p[i] = sp.temperature, sp.top_k, sp.top_p
         keys[i] = (0, seeds[i] & 0xFFFFFFFF)
         c[i] = counters[i]
-    del n
     return SamplingArrays(jnp.asarray(t), jnp.asarray(k), jnp.asarray(p), jnp.asarray(keys),
                           jnp.asarray(c))
 

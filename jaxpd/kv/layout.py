@@ -54,15 +54,6 @@ class KVLayout:
     def jnp_dtype(self):
         return DTYPES[self.dtype]
 
-    def heads_of_rank(self, rank: int) -> range:
-        """Stored-head indices TP rank `rank` holds."""
-        per = self.kv_heads // self.tp
-        return range(rank * per, (rank + 1) * per)
-
-    def model_heads_of_rank(self, rank: int) -> list[int]:
-        """The model's KV heads whose values TP rank `rank` holds."""
-        return sorted({h // self.head_repeat for h in self.heads_of_rank(rank)})
-
     def page_bytes(self) -> int:
         """Bytes of one page across all layers, K and V, all stored heads."""
         item = np.dtype(self.jnp_dtype).itemsize

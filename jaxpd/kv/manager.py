@@ -38,16 +38,15 @@ class KVCacheManager:
     def page_size(self) -> int:
         return self.layout.page_size
 
-    def allocate_prompt(self, prompt: Sequence[int], reserve_tokens: int = 0, *,
-                        keep_free: int = 0) -> SeqPages | None:
-        """Pages for a prompt (+ `reserve_tokens` more), cached blocks first; None if it won't fit
-        while leaving `keep_free` pages for sequences already running.
+    def allocate_prompt(self, prompt: Sequence[int], *, keep_free: int = 0) -> SeqPages | None:
+        """Pages for a prompt, cached blocks first; None if it won't fit while leaving
+        `keep_free` pages for sequences already running.
 
         At least the last prompt token is always recomputed: its logits give the first token.
         """
         hashes = block_hashes(prompt[:-1], self.page_size, salt=self.salt)
         cached = self.allocator.lookup(hashes)
-        need = self.layout.pages_for(len(prompt) + reserve_tokens) - len(cached)
+        need = self.layout.pages_for(len(prompt)) - len(cached)
         if self.allocator.num_free - max(need, 0) < keep_free:
             self.allocator.free(cached)
             return None
@@ -88,10 +87,6 @@ class KVCacheManager:
     def release(self, seq: SeqPages) -> None:
         self.allocator.free(seq.pages)
         seq.pages = []
-
-    @property
-    def num_free_pages(self) -> int:
-        return self.allocator.num_free
 
     @property
     def all_free(self) -> bool:

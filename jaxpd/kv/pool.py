@@ -36,8 +36,3 @@ def create_pages(layout: KVLayout, num_pages: int, mesh: Mesh | None) -> KVPages
         return jnp.zeros(shape, layout.jnp_dtype)
 
     return tuple(LayerPages(zeros(), zeros()) for _ in range(layout.num_layers))
-
-
-def pages_that_fit(layout: KVLayout, budget_bytes: int) -> int:
-    """How many pages a byte budget (summed over all TP ranks) holds."""
-    return max(2, budget_bytes // layout.page_bytes())

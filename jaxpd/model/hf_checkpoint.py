@@ -112,16 +112,3 @@ def is_hf_checkpoint(folder: str | Path) -> bool:
     folder = Path(folder)
     return (folder / "config.json").exists() and (
         (folder / INDEX_FILE).exists() or any(folder.glob("*.safetensors")))
-
-
-def unused_tensors(folder: str | Path, config: ModelConfig) -> list[str]:
-    """Tensors in the checkpoint that the model does not use (e.g. rotary caches); for warnings."""
-    index = TensorIndex(Path(folder))
-    used = {hf_name(tuple(k.key for k in p)) for p, _ in
-            jax.tree_util.tree_leaves_with_path(abstract_params(config))}
-    used |= {n.removeprefix("model.") for n in used}
-    if config.tie_word_embeddings:
-        used.add("lm_head.weight")
-    return sorted(set(index._where) - used)
-
-

@@ -49,10 +49,6 @@ def _wire_sharding(layout: KVLayout, mesh: Mesh | None):
 class DeviceTransport:
     """KVTransport for two meshes in one process."""
 
-    def __init__(self):
-        self.pages_moved = 0
-        self.bytes_moved = 0
-
     def transfer(self, src: KVCacheManager, src_pages: list[int],
                  dst: KVCacheManager, dst_pages: list[int]) -> None:
         if not dst.layout.compatible(src.layout):
@@ -67,5 +63,3 @@ class DeviceTransport:
         canon = gather_canonical(src.kv, jnp.asarray(src_idx), layout=src.layout)
         moved = jax.device_put(canon, _wire_sharding(dst.layout, dst.mesh))
         dst.kv = scatter_pages(dst.kv, moved, jnp.asarray(dst_idx), layout=dst.layout)
-        self.pages_moved += len(src_pages)
-        self.bytes_moved += len(src_pages) * src.layout.page_bytes() // src.layout.head_repeat
