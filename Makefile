@@ -31,10 +31,15 @@ $(STAMP): pyproject.toml constraints.txt
 	@touch $(STAMP)
 
 test: venv
-	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 demo: venv
 	$(VENV)/bin/jaxpd generate --prompt "$(DEMO_PROMPT)" --max-tokens 48 --temperature 0.7 --top-p 0.9 --seed 0
+
+# Regenerate the committed gRPC/protobuf code in jaxpd/v1 from protos/ (tests/test_protos.py
+# fails when it is stale).
+protos: venv
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. protos/jaxpd/v1/*.proto
 
 # Rebuild the HF parity fixtures (needs torch + transformers, e.g. a Python 3.11 tool venv).
 fixtures:

@@ -5,12 +5,15 @@ optional max_tokens, temperature, top_p, top_k, seed, stop, stop_token_ids, igno
 Output records: id, token_ids (generated only), text, finish_reason, usage.
 
 Resumable: ids already in the output are skipped and a half-written last line (an interrupted
-run) is cut off before appending. A bad record is reported with its line number and skipped.
+run) is cut off before appending; any other unreadable output line is reported and left alone.
+A bad input record (or one that fits no page pool) is reported as `file:LINE: ...` and skipped.
+EOS ids are the model's (the tokenizer's merged in at load time): `stop_token_ids` adds to them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import sys
 import time
@@ -21,23 +24,23 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tqdm import tqdm
 
 from jaxpd.engine.orchestrator import Engine
-from jaxpd.engine.output import TextStream
+from jaxpd.engine.output import TextStream, drive_engine
 from jaxpd.engine.request import Request, RequestOutput
 from jaxpd.engine.sampling import SamplingParams
-from jaxpd.errors import ConfigError, JaxpdError
+from jaxpd.errors import CapacityError, ConfigError, JaxpdError
 from jaxpd.tokenizer import Tokenizer
 
 
 class BatchRecord(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    id: str
+    id: str = Field(min_length=1)
     prompt: str | None = None
     prompt_token_ids: list[int] | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=0, le=2**31 - 1)
     seed: int | None = None
     stop: list[str] = []
     stop_token_ids: list[int] = []
@@ -70,7 +73,7 @@ class BatchRecord(BaseModel):
             top_k=d.top_k if self.top_k is None else self.top_k,
             top_p=d.top_p if self.top_p is None else self.top_p,
             seed=d.seed if self.seed is None else self.seed,
-            stop_token_ids=tuple(self.stop_token_ids) or d.stop_token_ids,
+            stop_token_ids=tuple(dict.fromkeys((*d.stop_token_ids, *self.stop_token_ids))),
             stop=tuple(self.stop) or d.stop, ignore_eos=self.ignore_eos or d.ignore_eos,
             logprobs=self.logprobs or d.logprobs)
 
@@ -90,34 +93,83 @@ class BatchSummary:
         return d
 
 
-def completed_ids(output: Path) -> set[str]:
-    """Ids already written; cuts off a half-written last line so appending stays valid JSONL."""
+Report = Callable[[str], None]
+
+
+def _to_stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def _output_line(line: bytes) -> tuple[str | None, str | None]:
+    """(id, None) for a good output line, else (None, what is wrong with it)."""
+    try:
+        record = json.loads(line)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        return None, f"not valid JSON ({e})"
+    if not isinstance(record, dict):
+        return None, f"expected a JSON object, got {type(record).__name__}"
+    if "id" not in record:
+        return None, "the record has no 'id'"
+    return str(record["id"]), None
+
+
+def _torn(line: bytes) -> bool:
+    """What an interrupted writer leaves: a line with no newline yet, or not JSON at all."""
+    if not line.endswith(b"\n"):
+        return True
+    try:
+        json.loads(line)
+    except ValueError:
+        return True
+    return False
+
+
+def completed_ids(output: Path, report: Report = _to_stderr) -> set[str]:
+    """Ids already written.
+
+    Only the last line may be torn; it is cut off so appending stays valid JSONL. Any other bad
+    line is reported and left in place, and the records after it still count as done.
+    """
     if not output.exists():
         return set()
     data = output.read_bytes()
-    ids, good_end = set(), 0
-    for line in data.splitlines(keepends=True):
-        try:
-            record = json.loads(line)
-            if not line.endswith(b"\n"):
-                raise ValueError("no newline: the writer was interrupted")
-        except ValueError:
+    lines = io.BytesIO(data).readlines()  # split on "\n" only, as the writer does
+    ids, end = set(), 0
+    for number, line in enumerate(lines, 1):
+        if number == len(lines) and _torn(line):
             break
-        ids.add(str(record["id"]))
-        good_end += len(line)
-    if good_end < len(data):
+        end += len(line)
+        if not line.strip():
+            continue
+        record_id, problem = _output_line(line)
+        if record_id is not None:
+            ids.add(record_id)
+        else:
+            report(f"{output}:{number}: {problem}; line ignored (its record, if any, is generated again)")
+    if end < len(data):
         with open(output, "r+b") as f:
-            f.truncate(good_end)
+            f.truncate(end)
     return ids
 
 
-def read_records(path: Path, done: set[str], report: Callable[[str], None]):
+def _record_problem(e: ValidationError) -> str:
+    """The first validation error, phrased for a person editing the JSONL file."""
+    err = e.errors()[0]
+    where = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "model_type":
+        return 'expected a JSON object like {"id": "a1", "prompt": "..."}'
+    if err["type"] == "missing" and where == "id":
+        return "missing 'id' (every record needs a unique id)"
+    return f"{where + ': ' if where else ''}{err['msg'].removeprefix('Value error, ')}"
+
+
+def read_records(path: Path, done: set[str], report: Report):
     """Valid, not-yet-done records with their line numbers; bad ones are reported and skipped."""
     seen: set[str] = set()
     records, bad = [], 0
     try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
+        lines = path.read_bytes().split(b"\n")  # "\n" only: JSON text may hold U+2028 etc.
+    except OSError as e:
         raise ConfigError(f"{path}: cannot read ({e})") from None
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -125,9 +177,7 @@ def read_records(path: Path, done: set[str], report: Callable[[str], None]):
         try:
             record = BatchRecord.model_validate_json(line)
         except ValidationError as e:
-            err = e.errors()[0]
-            where = ".".join(str(p) for p in err["loc"])
-            report(f"{path}:{number}: {where + ': ' if where else ''}{err['msg'].removeprefix('Value error, ')}")
+            report(f"{path}:{number}: {_record_problem(e)}")
             bad += 1
             continue
         if record.id in seen:
@@ -140,6 +190,14 @@ def read_records(path: Path, done: set[str], report: Callable[[str], None]):
     return records, bad
 
 
+def _prompt_ids(rec: BatchRecord, tokenizer: Tokenizer | None) -> tuple[int, ...]:
+    if rec.prompt is None:
+        return tuple(rec.prompt_token_ids)
+    if tokenizer is None:
+        raise ConfigError("this checkpoint has no tokenizer.json; use 'prompt_token_ids'")
+    return tuple(tokenizer.encode(rec.prompt))
+
+
 def run_batch(input_path: str | Path, output_path: str | Path, engine: Engine,
               tokenizer: Tokenizer | None, defaults: SamplingParams = SamplingParams(), *,
               progress: bool = True, err: TextIO = sys.stderr) -> BatchSummary:
@@ -149,19 +207,15 @@ def run_batch(input_path: str | Path, output_path: str | Path, engine: Engine,
     def report(msg: str) -> None:
         print(msg, file=err)
 
-    done = completed_ids(output_path)
+    done = completed_ids(output_path, report)
     records, summary.bad_records = read_records(input_path, done, report)
     summary.skipped_done = len(done)
     streams: dict[str, TextStream] = {}
     wanted_logprobs: dict[str, bool] = {}
+    line_of: dict[str, int] = {}
     for number, rec in records:
         try:
-            if rec.prompt is not None:
-                if tokenizer is None:
-                    raise ConfigError("this checkpoint has no tokenizer.json; use 'prompt_token_ids'")
-                ids = tuple(tokenizer.encode(rec.prompt))
-            else:
-                ids = tuple(rec.prompt_token_ids)
+            ids = _prompt_ids(rec, tokenizer)
             sampling = rec.sampling(defaults)
             engine.add_request(Request(rec.id, ids, sampling))
         except JaxpdError as e:
@@ -171,30 +225,33 @@ def run_batch(input_path: str | Path, output_path: str | Path, engine: Engine,
         if tokenizer is not None:
             streams[rec.id] = TextStream(tokenizer, ids, sampling.stop)
         wanted_logprobs[rec.id] = sampling.logprobs
+        line_of[rec.id] = number
 
     start = time.perf_counter()
     bar = tqdm(total=len(wanted_logprobs), unit="req", desc="generate", disable=not progress,
                file=err, dynamic_ncols=True)
-    seen_tokens: dict[str, int] = {}
+    produced: dict[str, int] = {}  # tokens so far per request, for the live tok/s figure
     output_path.parent.mkdir(parents=True, exist_ok=True)
     with open(output_path, "a", encoding="utf-8") as out:
-        while engine.has_unfinished():
-            for o in engine.step():
-                stream = streams.get(o.id)
-                new = o.token_ids[seen_tokens.get(o.id, 0):]
-                seen_tokens[o.id] = len(o.token_ids)
-                summary.completion_tokens += len(new)
-                if stream is not None:
-                    stream.push(new, final=o.finished)
-                    if stream.stopped and not o.finished:
-                        o = engine.abort(o.id, reason="stop")
-                if o.finished:
-                    _write(out, o, stream, wanted_logprobs[o.id])
-                    summary.completed += 1
-                    summary.prompt_tokens += len(o.prompt_ids)
-                    bar.update()
+
+        def on_output(o: RequestOutput, stream: TextStream | None, text: str) -> None:
+            summary.completion_tokens += len(o.token_ids) - produced.get(o.id, 0)
+            produced[o.id] = len(o.token_ids)
+            if o.finished:
+                produced.pop(o.id)
+                _write(out, o, stream, wanted_logprobs[o.id])
+                summary.completed += 1
+                summary.prompt_tokens += len(o.prompt_ids)
+                bar.update()
             elapsed = time.perf_counter() - start
             bar.set_postfix_str(f"{summary.completion_tokens / max(elapsed, 1e-9):.1f} tok/s", refresh=False)
+
+        def on_capacity_error(request_id: str, e: CapacityError) -> None:
+            report(f"{input_path}:{line_of[request_id]}: {e}")
+            summary.bad_records += 1
+            bar.update()
+
+        drive_engine(engine, streams, on_output, on_capacity_error=on_capacity_error)
     bar.close()
     summary.seconds = time.perf_counter() - start
     return summary

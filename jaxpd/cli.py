@@ -102,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "result restores onto any TP degree.")
     _add_model_args(conv)
     conv.add_argument("--out", required=True, metavar="DIR", help="new folder to write")
+
+    from jaxpd.serving import client_cli, serve_cli
+
+    serve_cli.add_parser(sub)
+    client_cli.add_parser(sub)
     return parser
 
 
@@ -124,14 +129,6 @@ def _mesh(tp: int):
     return make_mesh(jax.devices()[:tp], tp)
 
 
-def _tokenizer(folder):
-    """The checkpoint's tokenizer, or None: guessing one would turn ids into confident nonsense."""
-    from jaxpd.tokenizer import load_tokenizer
-    from jaxpd.tokenizer.hf import TOKENIZER_FILE
-
-    return load_tokenizer(folder) if (folder / TOKENIZER_FILE).exists() else None
-
-
 def _deployment(args):
     """The deployment config from --config, with command-line flags taking precedence."""
     from jaxpd.config import DeploymentConfig, MeshSection, load_config
@@ -150,49 +147,59 @@ def _deployment(args):
     return cfg.model_copy(update=update)
 
 
-def _sampling(args, stop_ids):
+def _sampling(args):
+    """Request defaults from the flags. EOS ids need no listing here: the tokenizer's are merged
+    into the model config at load time (`merge_tokenizer_eos`)."""
     from jaxpd.engine.sampling import SamplingParams
 
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                           top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                          stop_token_ids=stop_ids, stop=tuple(args.stop),
-                          ignore_eos=args.ignore_eos, logprobs=args.logprobs)
+                          stop=tuple(args.stop), ignore_eos=args.ignore_eos, logprobs=args.logprobs)
+
+
+def _load_engine(cfg):
+    """(engine, tokenizer or None, model folder) for an in-process deployment."""
+    import jax
+
+    from jaxpd.engine.builder import build_engine
+    from jaxpd.model.checkpoint import load_model
+    from jaxpd.model.sharding import make_mesh
+    from jaxpd.tokenizer import merge_tokenizer_eos, tokenizer_for_checkpoint
+
+    prefill = cfg.prefill.replica_devices(0)
+    decode = cfg.decode.replica_devices(0) if cfg.mode == "disaggregated" and cfg.decode else []
+    _check_devices(max(prefill + decode) + 1)
+    devices = jax.devices()
+    load_mesh = make_mesh([devices[i] for i in prefill], cfg.prefill.tp)
+    model = load_model(cfg.model.checkpoint, load_mesh, cfg.model.dtype)
+    tokenizer = tokenizer_for_checkpoint(model.folder)
+    config = merge_tokenizer_eos(model.config, tokenizer)
+    return build_engine(config, model.params, cfg), tokenizer, model.folder
 
 
 def cmd_generate(args) -> int:
-    import jax
-
     from jaxpd.batch import run_batch
-    from jaxpd.engine.builder import build_engine
-    from jaxpd.engine.output import TextStream
-    from jaxpd.engine.request import Request
-    from jaxpd.model.checkpoint import load_model
-    from jaxpd.model.sharding import make_mesh
 
     if (args.input is None) != (args.output is None):
         raise JaxpdError("--input and --output go together (batch mode)")
-    cfg = _deployment(args)
-    opts = cfg.engine_options()
-    _check_devices(max(opts.prefill_devices + opts.decode_devices) + 1)
-    devices = jax.devices()
-    load_mesh = make_mesh([devices[i] for i in opts.prefill_devices], opts.prefill_tp)
-    model = load_model(cfg.model.checkpoint, load_mesh, cfg.model.dtype)
-    tokenizer = _tokenizer(model.folder)
-    # EOS from the tokenizer files (e.g. Llama-3's <|eot_id|>) as well as config.json.
-    stop_ids = () if args.ignore_eos else tuple(sorted(
-        set(getattr(tokenizer, "eos_token_ids", ()) or ()) - set(model.config.eos_token_ids)))
-    defaults = _sampling(args, stop_ids)
-    engine = build_engine(model.config, model.params, opts)
-
+    engine, tokenizer, folder = _load_engine(_deployment(args))
+    defaults = _sampling(args)
     if args.input is not None:
         summary = run_batch(args.input, args.output, engine, tokenizer, defaults,
                             progress=not args.no_progress)
         print(json.dumps(summary.as_dict()), file=sys.stderr)
         return 0
+    return _generate_prompts(args, engine, tokenizer, folder, defaults)
+
+
+def _generate_prompts(args, engine, tokenizer, folder, defaults) -> int:
+    """--prompt / --prompt-ids: live text for one prompt, else one line (or JSON) per prompt."""
+    from jaxpd.engine.output import TextStream, drive_engine
+    from jaxpd.engine.request import Request
 
     if args.prompt is not None:
         if tokenizer is None:
-            raise JaxpdError(f"{model.folder} has no tokenizer.json; pass --prompt-ids instead of --prompt")
+            raise JaxpdError(f"{folder} has no tokenizer.json; pass --prompt-ids instead of --prompt")
         prompts = [tokenizer.encode(text) for text in args.prompt]
     else:
         prompts = args.prompt_ids
@@ -204,21 +211,16 @@ def cmd_generate(args) -> int:
     live = not args.json and tokenizer is not None and len(prompts) == 1
     if live and args.prompt is not None:
         print(args.prompt[0], end="", flush=True)
+    final = {}
+
+    def on_output(o, stream, text: str) -> None:
+        if live and text:
+            print(text, end="", flush=True)
+        if o.finished:
+            final[o.id] = o
+
     start = time.perf_counter()
-    final, seen = {}, {}
-    while engine.has_unfinished():
-        for o in engine.step():
-            stream = streams.get(o.id)
-            new = o.token_ids[seen.get(o.id, 0):]
-            seen[o.id] = len(o.token_ids)
-            if stream is not None:
-                text = stream.push(new, final=o.finished)
-                if stream.stopped and not o.finished:
-                    o = engine.abort(o.id, reason="stop")
-                if live:
-                    print(text, end="", flush=True)
-            if o.finished:
-                final[o.id] = o
+    drive_engine(engine, streams, on_output)
     elapsed = time.perf_counter() - start
     if live:
         print(flush=True)
@@ -253,7 +255,10 @@ def cmd_convert(args) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"generate": cmd_generate, "convert": cmd_convert}
+    from jaxpd.serving import client_cli, serve_cli
+
+    handlers = {"generate": cmd_generate, "convert": cmd_convert, "serve": serve_cli.run,
+                "client": client_cli.run}
     try:
         return handlers[args.command](args)
     except JaxpdError as e:

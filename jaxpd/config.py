@@ -2,12 +2,17 @@
 
     model:      {checkpoint: DIR or null for the embedded default, dtype: null}
     mode:       colocated | disaggregated
-    prefill:    {devices: [0, 1, 2, 3], tp: 4}
+    prefill:    {devices: [0, 1, 2, 3], tp: 4, replicas: 1, host: 127.0.0.1, port: 0}
     decode:     {devices: [4, 5], tp: 2}        # disaggregated only
     kv:         {page_size: 16, num_pages: 2048}
     attention:  auto | reference | cudnn | pallas
     scheduler:  {chunk_size: 256, max_prefill_tokens: 2048, max_decode_batch: 64, prefix_caching: true}
+    serving:    {router: {host: 127.0.0.1, port: 50051}, transport: grpc, ...}   # `jaxpd serve`
     seed: 0
+
+One file describes both an in-process engine (`jaxpd generate`) and a served deployment
+(`jaxpd serve`): the `prefill`/`decode` sections are the worker groups, each replica using
+`tp` of the listed devices, so devices and TP are written once for both uses.
 """
 
 from __future__ import annotations
@@ -39,8 +44,15 @@ class ModelSection(_Strict):
 
 
 class MeshSection(_Strict):
-    devices: list[int] = Field(description="indices into jax.devices() this mesh uses")
-    tp: int = Field(1, ge=1, description="tensor-parallel degree; must divide len(devices)")
+    """A worker group: `replicas` workers, each a TP mesh over its own `tp` of `devices`."""
+
+    devices: list[int] = Field(description="device indices (GPU ordinals, TPU chips, or host CPU "
+                                           "devices); replica i uses devices[i*tp:(i+1)*tp]")
+    tp: int = Field(1, ge=1, description="tensor-parallel degree of each replica")
+    replicas: int = Field(1, ge=1, description="worker processes in this group (`jaxpd serve`)")
+    host: str = Field("127.0.0.1", description="address the group's workers listen on")
+    port: int = Field(0, ge=0, le=65535, description="replica i listens on port + i; 0 = any free "
+                                                     "port (only when one `jaxpd serve` starts all)")
 
     @field_validator("devices")
     @classmethod
@@ -55,10 +67,18 @@ class MeshSection(_Strict):
     def _tp_divides(self) -> MeshSection:
         if len(self.devices) % self.tp:
             raise ValueError(f"tp={self.tp} must divide the number of devices ({len(self.devices)})")
-        if len(self.devices) != self.tp:
-            raise ValueError(f"data-parallel replicas within one mesh are not supported yet: "
-                             f"use exactly tp={self.tp} devices (got {len(self.devices)})")
+        if len(self.devices) != self.tp * self.replicas:
+            raise ValueError(f"{self.replicas} replica(s) of tp={self.tp} need "
+                             f"{self.tp * self.replicas} devices, got {len(self.devices)} "
+                             f"(replica i uses devices[i*tp:(i+1)*tp])")
         return self
+
+    def replica_devices(self, replica: int) -> list[int]:
+        return self.devices[replica * self.tp:(replica + 1) * self.tp]
+
+    def address(self, replica: int) -> str | None:
+        """host:port of a replica, or None when the port is chosen at start (port 0)."""
+        return f"{self.host}:{self.port + replica}" if self.port else None
 
 
 class KVSection(_Strict):
@@ -77,6 +97,31 @@ class SchedulerSection(_Strict):
     _pow2 = field_validator("chunk_size")(classmethod(lambda cls, v: _power_of_two(v)))
 
 
+class RouterSection(_Strict):
+    host: str = Field("127.0.0.1", description="address the public Generation service listens on")
+    port: int = Field(50051, ge=0, le=65535, description="its port; 0 = any free port")
+
+
+class ServingSection(_Strict):
+    """How `jaxpd serve` runs the deployment: the router, the KV transport, queues and timeouts."""
+
+    router: RouterSection = RouterSection()
+    transport: Literal["grpc"] = Field(
+        "grpc", description="KV hand-off between worker processes: gRPC client streams")
+    max_waiting: int = Field(256, ge=1, description="requests queued per worker before new ones "
+                                                    "get RESOURCE_EXHAUSTED")
+    kv_message_bytes: int = Field(16 << 20, ge=64 << 10, le=1 << 30,
+                                  description="largest KV payload in one gRPC message")
+    kv_timeout_s: float = Field(
+        120.0, gt=0, description="longest a request may take from the decode worker reserving "
+                                 "pages to holding all of its KV (its prefill included); past it "
+                                 "both workers give up and free the request's pages")
+    startup_timeout_s: float = Field(600.0, gt=0, description="how long `jaxpd serve` waits for "
+                                                              "every process to report SERVING")
+    record_kv_digests: bool = Field(False, description="workers keep a crc32c of each request's "
+                                                       "KV, for verification (GetKVDigests)")
+
+
 class DeploymentConfig(_Strict):
     model: ModelSection = ModelSection()
     mode: Literal["colocated", "disaggregated"] = "colocated"
@@ -85,6 +130,7 @@ class DeploymentConfig(_Strict):
     kv: KVSection = KVSection()
     attention: Literal["auto", "reference", "cudnn", "pallas"] = "auto"
     scheduler: SchedulerSection = SchedulerSection()
+    serving: ServingSection = ServingSection()
     seed: int = 0
 
     @model_validator(mode="after")
@@ -98,18 +144,6 @@ class DeploymentConfig(_Strict):
         elif self.decode is not None:
             raise ValueError("'decode' is only used with mode: disaggregated (remove it or change mode)")
         return self
-
-    def engine_options(self):
-        from jaxpd.engine.builder import EngineOptions
-
-        decode = self.decode or self.prefill
-        return EngineOptions(
-            mode=self.mode, prefill_devices=tuple(self.prefill.devices), prefill_tp=self.prefill.tp,
-            decode_devices=tuple(decode.devices), decode_tp=decode.tp, page_size=self.kv.page_size,
-            num_pages=self.kv.num_pages, attention=self.attention,
-            chunk_size=self.scheduler.chunk_size, max_prefill_tokens=self.scheduler.max_prefill_tokens,
-            max_decode_batch=self.scheduler.max_decode_batch,
-            prefix_caching=self.scheduler.prefix_caching, seed=self.seed)
 
 
 def _format(e: ValidationError, where: str) -> str:

@@ -15,3 +15,14 @@ class CheckpointError(JaxpdError):
 
 class ShardingError(JaxpdError, ValueError):
     """A model cannot be laid out on the requested mesh (e.g. heads not divisible by TP)."""
+
+
+class CapacityError(JaxpdError):
+    """A request cannot be placed even with nothing else running (its KV exceeds a page pool).
+
+    `request_id` names it, so a batch driver can end that one request and carry on.
+    """
+
+    def __init__(self, message: str, request_id: str | None = None):
+        super().__init__(message)
+        self.request_id = request_id

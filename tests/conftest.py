@@ -27,3 +27,40 @@ def devices():
 
 def expected(name: str) -> dict:
     return json.loads((HF_FIXTURES / name / "expected.json").read_text())
+
+
+_KNOB_SECTIONS = {"page_size": "kv", "num_pages": "kv", "chunk_size": "scheduler",
+                  "max_prefill_tokens": "scheduler", "max_decode_batch": "scheduler",
+                  "prefix_caching": "scheduler"}
+
+
+def deployment(*, devices=(0,), tp=1, decode_devices=None, decode_tp=1, **knobs):
+    """A DeploymentConfig from flat knobs (page_size=4, chunk_size=16, attention="reference"),
+    so a test names only what it varies. `decode_devices` makes it disaggregated."""
+    from jaxpd.config import parse_config
+
+    data: dict = {"prefill": {"devices": list(devices), "tp": tp}}
+    if decode_devices is not None:
+        data.update(mode="disaggregated", decode={"devices": list(decode_devices), "tp": decode_tp})
+    for key, value in knobs.items():
+        section = _KNOB_SECTIONS.get(key)
+        if section is None:
+            data[key] = value  # top level: mode, attention, seed
+        else:
+            data.setdefault(section, {})[key] = value
+    return parse_config(data, "test deployment")
+
+
+def checkpoint_with_tokenizer_eos(folder: Path, eos_id: int) -> Path:
+    """A copy of the embedded default model whose tokenizer files declare one more EOS id than
+    its config.json (as Llama-3 instruct's <|eot_id|>, listed only in generation_config.json)."""
+    from jaxpd.model.checkpoint import default_checkpoint
+
+    src = default_checkpoint()
+    folder.mkdir(parents=True)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((src / name).read_bytes())
+    (folder / "model.safetensors").symlink_to(src / "model.safetensors")
+    eos = json.loads((src / "config.json").read_text())["eos_token_id"]
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [*eos, eos_id]}))
+    return folder

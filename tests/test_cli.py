@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HF_FIXTURES, expected
+from conftest import HF_FIXTURES, checkpoint_with_tokenizer_eos, expected
 from jaxpd.cli import main
+from jaxpd.model.checkpoint import default_checkpoint, load_config
+from jaxpd.tokenizer import ByteTokenizer, merge_tokenizer_eos, tokenizer_for_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,3 +98,38 @@ def test_console_script_on_the_embedded_default():
     record = json.loads(proc.stdout)
     assert 0 < len(record["token_ids"]) <= 24
     assert record["text"].strip()
+
+
+def test_a_request_no_pool_can_hold_is_a_one_line_error(capsys, monkeypatch):
+    from jaxpd.engine.prefill import PrefillEngine
+
+    monkeypatch.setattr(PrefillEngine, "admit", lambda self, seq, keep_free=0: False)
+    assert main(["generate", "--checkpoint", str(HF_FIXTURES / "llama"), "--prompt-ids", "1,2",
+                 "--max-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: request '0' (2 tokens) does not fit") and err.count("\n") == 1
+    assert "raise kv.num_pages" in err
+
+
+def test_tokenizer_for_checkpoint_and_eos_merging():
+    assert tokenizer_for_checkpoint(HF_FIXTURES / "llama") is None  # no tokenizer.json: no guess
+    assert tokenizer_for_checkpoint(None) is None
+    tok = tokenizer_for_checkpoint(default_checkpoint())
+    assert tok is not None and tok.encode("Mr. Darcy")
+    config = load_config(HF_FIXTURES / "llama")
+    assert merge_tokenizer_eos(config, None) is config
+    merged = merge_tokenizer_eos(config.replace(eos_token_ids=(5, 257)), ByteTokenizer())
+    assert merged.eos_token_ids == (5, 257)  # config's first, no duplicates
+    assert merge_tokenizer_eos(config.replace(eos_token_ids=(5,)), ByteTokenizer()).eos_token_ids == (5, 257)
+
+
+def test_the_tokenizers_eos_ends_generation_unless_ignored(capsys, tmp_path):
+    prompt = "It is a truth universally acknowledged, that"
+    args = ["generate", "--prompt", prompt, "--max-tokens", "12", "--json"]
+    greedy = _run_json(capsys, *args, "--ignore-eos")[0]["token_ids"]
+    k = next(i for i in range(2, 12) if greedy[i] not in greedy[:i])
+    folder = checkpoint_with_tokenizer_eos(tmp_path / "ckpt", greedy[k])  # e.g. Llama-3's <|eot_id|>
+    stopped = _run_json(capsys, *args, "--checkpoint", str(folder))[0]
+    assert stopped["token_ids"] == greedy[:k + 1] and stopped["finish_reason"] == "stop"
+    ignored = _run_json(capsys, *args, "--checkpoint", str(folder), "--ignore-eos")[0]
+    assert ignored["token_ids"] == greedy and ignored["finish_reason"] == "length"

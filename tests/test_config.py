@@ -13,8 +13,20 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_parse(path):
     cfg = load_config(path)
-    opts = cfg.engine_options()
-    assert opts.prefill_tp == cfg.prefill.tp
+    assert len(cfg.prefill.replica_devices(0)) == cfg.prefill.tp
+    if cfg.mode == "disaggregated":
+        assert len(cfg.decode.replica_devices(0)) == cfg.decode.tp
+
+
+def test_replicas_split_the_devices_in_order():
+    mesh = parse_config({"prefill": {"devices": [4, 5, 6, 7, 0, 1], "tp": 2, "replicas": 3}}).prefill
+    assert [mesh.replica_devices(i) for i in range(3)] == [[4, 5], [6, 7], [0, 1]]
+    assert mesh.address(1) is None
+    assert parse_config({"prefill": {"devices": [0], "port": 7000}}).prefill.address(2) == "127.0.0.1:7002"
+
+
+def test_kv_pages_default_to_2048():
+    assert parse_config({}).kv.num_pages == 2048
 
 
 def test_defaults_are_colocated_on_one_device():
@@ -27,6 +39,14 @@ def test_defaults_are_colocated_on_one_device():
     ({"kv": {"page_size": 12}}, "kv.page_size: must be a power of two, got 12"),
     ({"prefill": {"devices": [0, 1, 2], "tp": 2}}, "prefill: tp=2 must divide the number of devices (3)"),
     ({"prefill": {"devices": [0, 0]}}, "prefill.devices: device indices must be distinct"),
+    ({"prefill": {"devices": [0, 1], "tp": 1}}, "prefill: 1 replica(s) of tp=1 need 1 devices, got 2"),
+    ({"prefill": {"devices": [0, 1, 2, 3], "tp": 2, "replicas": 3}},
+     "prefill: 3 replica(s) of tp=2 need 6 devices, got 4"),
+    ({"mode": "disaggregated", "decode": {"devices": [1, 2], "tp": 1, "replicas": 1}},
+     "decode: 1 replica(s) of tp=1 need 1 devices, got 2"),
+    ({"serving": {"router": {"port": 70000}}}, "serving.router.port: Input should be less than or equal to 65535"),
+    ({"serving": {"router": {"port": -1}}}, "serving.router.port: Input should be greater than or equal to 0"),
+    ({"serving": {"routr": {"port": 1}}}, "serving.routr: unknown key"),
     ({"mode": "disaggregated"}, "mode 'disaggregated' needs a 'decode' mesh"),
     ({"mode": "disaggregated", "decode": {"devices": [0]}}, "share devices [0]"),
     ({"decode": {"devices": [1]}}, "'decode' is only used with mode: disaggregated"),

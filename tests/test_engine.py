@@ -5,17 +5,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import HF_FIXTURES, expected
-from jaxpd.engine.builder import EngineOptions, build_engine
+from conftest import HF_FIXTURES, deployment, expected
+from jaxpd.engine.builder import build_engine
 from jaxpd.engine.request import Request
 from jaxpd.engine.sampling import SamplingParams
-from jaxpd.errors import ConfigError
+from jaxpd.config import parse_config
+from jaxpd.errors import CapacityError, ConfigError
 from jaxpd.model import forward
 from jaxpd.model.checkpoint import load_model
 
 SMALL = dict(page_size=4, num_pages=64, chunk_size=16, max_prefill_tokens=32)
-DISAGG = dict(mode="disaggregated", prefill_devices=(0, 1, 2, 3), prefill_tp=4,
-              decode_devices=(4, 5), decode_tp=2)
+DISAGG = dict(devices=(0, 1, 2, 3), tp=4, decode_devices=(4, 5), decode_tp=2)
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +55,8 @@ def run_staggered(engine, requests, every=2):
 
 @pytest.mark.parametrize("mode", ["colocated", "disaggregated"])
 def test_engine_matches_naive_recompute(llama, mode):
-    opts = EngineOptions(**SMALL, **(DISAGG if mode == "disaggregated" else {}))
-    engine = build_engine(llama.config, llama.params, opts)
+    engine = build_engine(llama.config, llama.params,
+                          deployment(**SMALL, **(DISAGG if mode == "disaggregated" else {})))
     ps = prompts(6)
     reqs = [Request(f"r{i}", p, SamplingParams(max_tokens=6 + i, ignore_eos=True))
             for i, p in enumerate(ps)]
@@ -70,7 +70,7 @@ def test_engine_matches_naive_recompute(llama, mode):
 
 def test_embedded_model_disaggregated_matches_naive():
     model = load_model()
-    engine = build_engine(model.config, model.params, EngineOptions(**SMALL, **DISAGG))
+    engine = build_engine(model.config, model.params, deployment(**SMALL, **DISAGG))
     ps = prompts(3, seed=9, vocab=4096)
     final = run_staggered(engine, [Request(f"d{i}", p, SamplingParams(max_tokens=8, ignore_eos=True))
                                    for i, p in enumerate(ps)], every=1)
@@ -82,7 +82,7 @@ def test_embedded_model_disaggregated_matches_naive():
 def test_engine_matches_transformers_fixture_disaggregated():
     model = load_model(HF_FIXTURES / "qwen2")
     exp = expected("qwen2")
-    engine = build_engine(model.config, model.params, EngineOptions(**SMALL, **DISAGG))
+    engine = build_engine(model.config, model.params, deployment(**SMALL, **DISAGG))
     final = engine.run_to_completion([Request(f"r{i}", tuple(p), SamplingParams(max_tokens=12, ignore_eos=True))
                                       for i, p in enumerate(exp["prompts"])])
     assert [list(final[f"r{i}"].token_ids) for i in range(3)] == exp["greedy"]
@@ -91,7 +91,7 @@ def test_engine_matches_transformers_fixture_disaggregated():
 @pytest.mark.parametrize("max_batch", [8, 2])  # 2: more sequences running than one step takes
 def test_preemption_under_page_pressure_keeps_outputs(llama, max_batch):
     engine = build_engine(llama.config, llama.params,
-                          EngineOptions(page_size=4, num_pages=24, chunk_size=16, max_decode_batch=max_batch))
+                          deployment(page_size=4, num_pages=24, chunk_size=16, max_decode_batch=max_batch))
     ps = prompts(5, seed=1)
     final = engine.run_to_completion([Request(f"r{i}", p, SamplingParams(max_tokens=20, ignore_eos=True))
                                       for i, p in enumerate(ps)])
@@ -105,13 +105,13 @@ def test_prefix_cache_hit_is_identical_and_cheaper(llama):
     system = prompts(1, seed=2)[0] * 2  # a shared "system prompt" of several pages
     turn1 = system + (11, 12, 13)
     turn2 = system + (21, 22, 23, 24, 25)
-    cached = build_engine(llama.config, llama.params, EngineOptions(**SMALL))
+    cached = build_engine(llama.config, llama.params, deployment(**SMALL))
     cached.run_to_completion([Request("a", turn1, SamplingParams(max_tokens=4, ignore_eos=True))])
     before = cached.prefill.runner.tokens_computed
     hit = cached.run_to_completion([Request("b", turn2, SamplingParams(max_tokens=4, ignore_eos=True))])["b"]
     computed = cached.prefill.runner.tokens_computed - before
 
-    cold = build_engine(llama.config, llama.params, EngineOptions(**SMALL, prefix_caching=False))
+    cold = build_engine(llama.config, llama.params, deployment(**SMALL, prefix_caching=False))
     miss = cold.run_to_completion([Request("b", turn2, SamplingParams(max_tokens=4, ignore_eos=True))])["b"]
     assert hit.token_ids == miss.token_ids
     assert hit.prompt_tokens_cached >= len(system) - 4 and miss.prompt_tokens_cached == 0
@@ -122,9 +122,9 @@ def test_prefix_cache_hit_is_identical_and_cheaper(llama):
 def test_seeded_sampling_is_independent_of_the_batch(llama):
     sp = SamplingParams(max_tokens=8, temperature=0.9, top_k=50, top_p=0.9, seed=1234, ignore_eos=True)
     p = prompts(1, seed=3)[0]
-    alone = build_engine(llama.config, llama.params, EngineOptions(**SMALL)).run_to_completion(
+    alone = build_engine(llama.config, llama.params, deployment(**SMALL)).run_to_completion(
         [Request("x", p, sp)])["x"]
-    crowd = build_engine(llama.config, llama.params, EngineOptions(**SMALL)).run_to_completion(
+    crowd = build_engine(llama.config, llama.params, deployment(**SMALL)).run_to_completion(
         [Request(f"o{i}", q, SamplingParams(max_tokens=5, temperature=1.0)) for i, q in enumerate(prompts(3, 4))]
         + [Request("x", p, sp)])["x"]
     assert alone.token_ids == crowd.token_ids
@@ -132,7 +132,7 @@ def test_seeded_sampling_is_independent_of_the_batch(llama):
 
 def test_top_k_one_is_greedy_and_logprobs_are_reported(llama):
     p = prompts(1, seed=5)[0]
-    engine = build_engine(llama.config, llama.params, EngineOptions(**SMALL))
+    engine = build_engine(llama.config, llama.params, deployment(**SMALL))
     out = engine.run_to_completion([Request("k", p, SamplingParams(
         max_tokens=5, temperature=1.5, top_k=1, logprobs=True, ignore_eos=True))])["k"]
     assert list(out.token_ids) == naive_greedy(llama, p, 5)
@@ -145,18 +145,20 @@ def test_top_k_one_is_greedy_and_logprobs_are_reported(llama):
 def test_stop_token_and_abort_free_pages(llama):
     p = prompts(1, seed=6)[0]
     first = naive_greedy(llama, p, 3)
-    engine = build_engine(llama.config, llama.params, EngineOptions(**SMALL))
+    engine = build_engine(llama.config, llama.params, deployment(**SMALL))
     out = engine.run_to_completion([Request("s", p, SamplingParams(max_tokens=10, stop_token_ids=(first[2],)))])["s"]
     assert list(out.token_ids) == first and out.finish_reason == "stop"
+    assert out.matched_token_id == first[2]
     engine.add_request(Request("a", p, SamplingParams(max_tokens=50)))
     engine.step()
     assert not engine.prefill.manager.all_free
-    assert engine.abort("a").finish_reason == "abort"
+    aborted = engine.abort("a")
+    assert aborted.finish_reason == "abort" and aborted.matched_token_id is None
     assert engine.prefill.manager.all_free and not engine.has_unfinished()
 
 
 def test_bad_requests_are_refused_clearly(llama):
-    engine = build_engine(llama.config, llama.params, EngineOptions(**SMALL))
+    engine = build_engine(llama.config, llama.params, deployment(**SMALL))
     with pytest.raises(ConfigError, match="outside the vocabulary"):
         engine.add_request(Request("v", (1, 5000)))
     with pytest.raises(ConfigError, match="the prompt is empty"):
@@ -167,4 +169,38 @@ def test_bad_requests_are_refused_clearly(llama):
     with pytest.raises(ConfigError, match="already in flight"):
         engine.add_request(Request("dup", (1, 2)))
     with pytest.raises(ConfigError, match="attention implementation 'pallas' is not available yet"):
-        build_engine(llama.config, llama.params, EngineOptions(**SMALL, attention="pallas"))
+        build_engine(llama.config, llama.params, deployment(**SMALL, attention="pallas"))
+
+
+def test_length_finish_has_no_matched_token(llama):
+    engine = build_engine(llama.config, llama.params, deployment(**SMALL))
+    out = engine.run_to_completion([Request("n", prompts(1, seed=6)[0],
+                                            SamplingParams(max_tokens=3, ignore_eos=True))])["n"]
+    assert out.finish_reason == "length" and out.matched_token_id is None
+
+
+def test_a_request_no_pool_can_hold_raises_capacity_error(llama):
+    engine = build_engine(llama.config, llama.params, deployment(**SMALL))
+    held = engine.prefill.manager.allocate(50 * 4)  # pages held elsewhere: 13 of 63 stay free
+    engine.add_request(Request("big", (7,) * 60, SamplingParams(max_tokens=4)))
+    with pytest.raises(CapacityError, match="'big' .* raise kv.num_pages") as e:
+        engine.step()
+    assert e.value.request_id == "big"
+    assert engine.abort("big").finish_reason == "abort" and not engine.has_unfinished()
+    engine.prefill.manager.release(held)
+    assert engine.prefill.manager.all_free
+
+
+def test_engine_uses_the_first_replica_of_each_group(llama):
+    cfg = parse_config({"mode": "disaggregated", "kv": {"page_size": 4, "num_pages": 16},
+                        "prefill": {"devices": [2, 3, 4, 5], "tp": 2, "replicas": 2},
+                        "decode": {"devices": [6, 7], "tp": 1, "replicas": 2}})
+    engine = build_engine(llama.config, llama.params, cfg)
+    assert [d.id for d in engine.prefill.runner.mesh.devices.flat] == [2, 3]
+    assert [d.id for d in engine.decode.runner.mesh.devices.flat] == [6]
+
+
+def test_build_engine_rechecks_configs_copied_without_validation(llama):
+    bad = parse_config({}).model_copy(update={"mode": "disaggregated"})
+    with pytest.raises(ConfigError, match="needs a 'decode' mesh"):
+        build_engine(llama.config, llama.params, bad)

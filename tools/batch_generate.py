@@ -6,8 +6,10 @@
 
 Same as `jaxpd generate --input ... --output ...`; see `--help` for every option. Input records:
 {"id": "a1", "prompt": "text"} or {"id": "a2", "prompt_token_ids": [1, 2]}, optionally with
-max_tokens, temperature, top_p, top_k, seed, stop. Resumable: rerun the same command after an
-interruption and only the missing ids are generated.
+max_tokens, temperature, top_p, top_k, seed, stop, stop_token_ids (added to the model's EOS ids,
+which include the tokenizer's), ignore_eos, logprobs. Resumable: rerun the same command after an
+interruption and only the missing ids are generated. Bad records (and any that fit no KV page
+pool) are reported as `file:LINE: ...` and skipped.
 """
 
 import sys

@@ -26,8 +26,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from jaxpd.config import DeploymentConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,22 +48,21 @@ def workload(scale: float, seed: int = 0) -> dict:
     }
 
 
-def run_jaxpd(checkpoint: Path, work: dict, options: dict) -> dict:
+def run_jaxpd(checkpoint: Path, work: dict, deployment: DeploymentConfig) -> dict:
     import jax
 
     from jaxpd import hardware
-    from jaxpd.engine.builder import EngineOptions, build_engine
+    from jaxpd.engine.builder import build_engine
     from jaxpd.engine.request import Request
     from jaxpd.engine.sampling import SamplingParams
     from jaxpd.model.checkpoint import load_model
 
     model = load_model(checkpoint)
-    opts = EngineOptions(**options)
     peaks = hardware.measure_cpu_peaks()
     dense_flops = 2 * (model.config.num_params() - model.config.vocab_size * model.config.hidden_size)
 
     def run(requests):
-        engine = build_engine(model.config, model.params, opts)
+        engine = build_engine(model.config, model.params, deployment)
         t = time.perf_counter()
         final = engine.run_to_completion(requests)
         return engine, final, time.perf_counter() - t
@@ -88,7 +91,7 @@ def run_jaxpd(checkpoint: Path, work: dict, options: dict) -> dict:
         "achieved_gflops": flops / seconds / 1e9, "first_tokens": [list(final[f"r{i}"].token_ids[:4]) for i in range(len(requests))],
     }
     result["machine"] = {"matmul_peak_gflops": peaks.flops / 1e9, "devices": str(jax.devices()[0])}
-    result["engine_options"] = options
+    result["deployment"] = deployment.model_dump(mode="json")
     return result
 
 
@@ -103,6 +106,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, help="also write the JSON here")
     args = ap.parse_args(argv)
 
+    from jaxpd.config import parse_config
     from jaxpd.model import forward
     from jaxpd.model.hf_export import save_hf_checkpoint
     from jaxpd.model.presets import get_preset
@@ -115,9 +119,11 @@ def main(argv=None) -> int:
         cfg = get_preset("bench-30m")
         save_hf_checkpoint(ckpt, forward.init_params(cfg, jax.random.key(0)), cfg)
         (Path(tmp) / "work.json").write_text(json.dumps(work))
-        options = dict(page_size=16, num_pages=args.num_pages, chunk_size=512, max_prefill_tokens=2048,
-                       max_decode_batch=args.max_decode_batch)
-        result = {"jaxpd": run_jaxpd(ckpt, work, options), "workload": {
+        deployment = parse_config({
+            "kv": {"page_size": 16, "num_pages": args.num_pages},
+            "scheduler": {"chunk_size": 512, "max_prefill_tokens": 2048,
+                          "max_decode_batch": args.max_decode_batch}}, "bench_vs_hf")
+        result = {"jaxpd": run_jaxpd(ckpt, work, deployment), "workload": {
             "offline_requests": len(work["offline"]["prompts"]),
             "offline_prompt_tokens": sum(map(len, work["offline"]["prompts"])),
             "offline_output_tokens": sum(work["offline"]["max_tokens"])}}

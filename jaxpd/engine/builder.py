@@ -1,12 +1,15 @@
-"""Assemble an Engine from a model and a mesh plan (colocated or disaggregated)."""
+"""Assemble an Engine from a model and a deployment config (colocated or disaggregated).
+
+An in-process engine uses replica 0 of each worker group: `prefill.replica_devices(0)` with
+`prefill.tp`, and in disaggregated mode `decode.replica_devices(0)` with `decode.tp`. Further
+replicas are for `jaxpd serve`, which starts one engine per replica.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Literal, Sequence as Seq
-
 import jax
 
+from jaxpd.config import DeploymentConfig, MeshSection
 from jaxpd.engine.decode import DecodeEngine
 from jaxpd.engine.orchestrator import Engine
 from jaxpd.engine.prefill import PrefillEngine
@@ -19,50 +22,50 @@ from jaxpd.model.sharding import make_mesh, shard_params
 from jaxpd.transfer.device import DeviceTransport
 
 
-@dataclasses.dataclass(frozen=True)
-class EngineOptions:
-    mode: Literal["colocated", "disaggregated"] = "colocated"
-    prefill_devices: tuple[int, ...] = (0,)  # indices into jax.devices()
-    prefill_tp: int = 1
-    decode_devices: tuple[int, ...] = (0,)  # disaggregated only
-    decode_tp: int = 1
-    page_size: int = 16
-    num_pages: int = 512  # per pool
-    attention: str = "auto"
-    chunk_size: int = 256
-    max_prefill_tokens: int = 2048
-    max_decode_batch: int = 64
-    prefix_caching: bool = True
-    seed: int = 0
-
-
-def _mesh(indices: Seq[int], tp: int, what: str):
-    devices = jax.devices()
+def _mesh(group: MeshSection, what: str):
+    indices, devices = group.replica_devices(0), jax.devices()
     if not indices or max(indices) >= len(devices):
-        raise ConfigError(f"{what} devices {list(indices)} are not all among the {len(devices)} visible")
-    return make_mesh([devices[i] for i in indices], tp)
+        raise ConfigError(f"{what} devices {indices} are not all among the {len(devices)} visible "
+                          f"({devices[0].platform}); on CPU set XLA_FLAGS="
+                          f"--xla_force_host_platform_device_count=N")
+    return make_mesh([devices[i] for i in indices], group.tp)
 
 
-def _side(config: ModelConfig, params, mesh, tp, opts: EngineOptions):
-    layout = KVLayout.for_model(config, tp=tp, page_size=opts.page_size)
-    manager = KVCacheManager(layout, opts.num_pages, mesh, prefix_caching=opts.prefix_caching)
-    return ModelRunner(config, shard_params(params, config, mesh), mesh, manager, opts.attention)
+def _runner(config: ModelConfig, params, group: MeshSection, what: str,
+            deployment: DeploymentConfig) -> ModelRunner:
+    """One mesh with its own page pool and its own copy of the weights."""
+    mesh = _mesh(group, what)
+    layout = KVLayout.for_model(config, tp=group.tp, page_size=deployment.kv.page_size)
+    manager = KVCacheManager(layout, deployment.kv.num_pages, mesh,
+                             prefix_caching=deployment.scheduler.prefix_caching)
+    return ModelRunner(config, shard_params(params, config, mesh), mesh, manager,
+                       deployment.attention)
 
 
-def build_engine(config: ModelConfig, params, opts: EngineOptions = EngineOptions()) -> Engine:
+def _decode_group(deployment: DeploymentConfig) -> MeshSection:
+    """The decode group, re-checked: `model_copy(update=...)` skips the config's validators."""
+    decode = deployment.decode
+    if decode is None:
+        raise ConfigError("mode 'disaggregated' needs a 'decode' mesh")
+    shared = set(deployment.prefill.replica_devices(0)) & set(decode.replica_devices(0))
+    if shared:
+        raise ConfigError(f"prefill and decode meshes share devices {sorted(shared)}")
+    return decode
+
+
+def build_engine(config: ModelConfig, params,
+                 deployment: DeploymentConfig = DeploymentConfig()) -> Engine:
     """`params` may live anywhere; they are placed on each mesh with the TP layout."""
-    prefill_mesh = _mesh(opts.prefill_devices, opts.prefill_tp, "prefill")
-    prefill_runner = _side(config, params, prefill_mesh, opts.prefill_tp, opts)
-    prefill = PrefillEngine(prefill_runner, chunk_size=opts.chunk_size,
-                            max_batch_tokens=opts.max_prefill_tokens)
-    if opts.mode == "colocated":
-        decode = DecodeEngine(prefill_runner, max_batch=opts.max_decode_batch)
-        return Engine(prefill, decode, seed=opts.seed)
-    if opts.mode != "disaggregated":
-        raise ConfigError(f"mode {opts.mode!r} is not 'colocated' or 'disaggregated'")
-    if set(opts.prefill_devices) & set(opts.decode_devices):
-        raise ConfigError("disaggregated prefill and decode devices must not overlap")
-    decode_mesh = _mesh(opts.decode_devices, opts.decode_tp, "decode")
-    decode_runner = _side(config, params, decode_mesh, opts.decode_tp, opts)
-    decode = DecodeEngine(decode_runner, max_batch=opts.max_decode_batch)
-    return Engine(prefill, decode, DeviceTransport(), seed=opts.seed)
+    sched = deployment.scheduler
+    prefill_runner = _runner(config, params, deployment.prefill, "prefill", deployment)
+    prefill = PrefillEngine(prefill_runner, chunk_size=sched.chunk_size,
+                            max_batch_tokens=sched.max_prefill_tokens)
+    if deployment.mode == "colocated":
+        decode = DecodeEngine(prefill_runner, max_batch=sched.max_decode_batch)
+        return Engine(prefill, decode, seed=deployment.seed)
+    if deployment.mode != "disaggregated":
+        raise ConfigError(f"mode {deployment.mode!r} is not 'colocated' or 'disaggregated'")
+    decode_group = _decode_group(deployment)
+    decode_runner = _runner(config, params, decode_group, "decode", deployment)
+    decode = DecodeEngine(decode_runner, max_batch=sched.max_decode_batch)
+    return Engine(prefill, decode, DeviceTransport(), seed=deployment.seed)

@@ -17,7 +17,7 @@ import random
 from jaxpd.engine.decode import DecodeEngine
 from jaxpd.engine.prefill import PrefillEngine
 from jaxpd.engine.request import FinishReason, Request, RequestOutput, Sequence
-from jaxpd.errors import ConfigError
+from jaxpd.errors import CapacityError, ConfigError
 from jaxpd.kv.manager import KVCacheManager
 from jaxpd.transfer.base import KVTransport
 
@@ -35,11 +35,18 @@ class Engine:
         self.prefilling: list[Sequence] = []
         self.handoff: list[Sequence] = []  # prefilled, waiting for decode-side pages
         self.running: list[Sequence] = []
+        self.receiving: dict[str, Sequence] = {}  # decode pages reserved, KV coming from elsewhere
         self._ids: set[str] = set()
         self.num_preemptions = 0
 
     # -- requests ----------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
+        self._validate(request)
+        seed = request.sampling.seed if request.sampling.seed is not None else self._rng.getrandbits(31)
+        self._ids.add(request.id)
+        self.waiting.append(Sequence(request, seed))
+
+    def _validate(self, request: Request) -> None:
         cfg = self.prefill.runner.config
         if request.id in self._ids:
             raise ConfigError(f"request id {request.id!r} is already in flight")
@@ -59,15 +66,41 @@ class Engine:
             if total > capacity:
                 raise ConfigError(f"request {request.id!r} needs {total} tokens of KV but a page "
                                   f"pool holds {capacity}")
-        seed = request.sampling.seed if request.sampling.seed is not None else self._rng.getrandbits(31)
+
+    # -- requests prefilled elsewhere (a decode worker fed over a KV transport) ----------------
+    def reserve_remote(self, request: Request, seed: int) -> Sequence | None:
+        """Decode-side pages for a request whose prompt KV another engine computes; None when
+        they do not fit now. The caller writes the KV into `seq.pages`, then `start_remote`."""
+        self._validate(request)
+        pages = self.decode.manager.allocate(len(request.prompt_ids) + 1)
+        if pages is None:
+            return None
+        seq = Sequence(request, seed, pages=pages)
         self._ids.add(request.id)
-        self.waiting.append(Sequence(request, seed))
+        self.receiving[request.id] = seq
+        return seq
+
+    def start_remote(self, request_id: str, first_token: int, logprob: float) -> RequestOutput:
+        """The prompt's KV is in the pages: record the first token; the sequence joins decoding."""
+        seq = self.receiving.pop(request_id)
+        seq.num_computed = seq.prompt_len
+        seq.append(first_token, logprob, self.decode.eos_ids)
+        if seq.finish_reason is None:
+            self.running.append(seq)
+        else:
+            self._finish(seq, self.decode.manager)
+        return _output(seq)
 
     def abort(self, request_id: str, reason: FinishReason = "abort") -> RequestOutput | None:
         """End a request wherever it is (freeing its pages); None if it is not in flight.
 
         `reason="stop"` is for callers that matched a stop string on the text.
         """
+        if request_id in self.receiving:
+            seq = self.receiving.pop(request_id)
+            seq.finish_reason = reason
+            self._finish(seq, self.decode.manager)
+            return _output(seq)
         for queue in (self.waiting, self.prefilling, self.handoff, self.running):
             for seq in queue:
                 if seq.id == request_id:
@@ -79,6 +112,10 @@ class Engine:
         return None
 
     def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.handoff or self.running or self.receiving)
+
+    def has_work(self) -> bool:
+        """Whether `step` would compute anything (sequences awaiting remote KV need no step)."""
         return bool(self.waiting or self.prefilling or self.handoff or self.running)
 
     # -- one iteration -------------------------------------------------------------------------
@@ -113,7 +150,7 @@ class Engine:
         for r in requests:
             self.add_request(r)
         final: dict[str, RequestOutput] = {}
-        while self.has_unfinished():
+        while self.has_work():
             for out in self.step():
                 if out.finished:
                     final[out.id] = out
@@ -128,8 +165,10 @@ class Engine:
             in_flight = len(self.running) + len(self.prefilling) + len(self.handoff)
             keep_free = in_flight if self.colocated else 0
             if not self.prefill.admit(seq, keep_free=keep_free):
-                if not (self.prefilling or self.handoff or self.running):
-                    raise RuntimeError(f"request {seq.id} cannot fit in an empty page pool")
+                if not (self.prefilling or self.handoff or self.running or self.receiving):
+                    raise CapacityError(f"request {seq.id!r} ({len(seq.tokens)} tokens) does not fit in the "
+                                        f"prefill page pool even with nothing else running; raise "
+                                        f"kv.num_pages or shorten the prompt", request_id=seq.id)
                 break
             self.waiting.popleft()
             self.prefilling.append(seq)
@@ -171,4 +210,5 @@ def _output(seq: Sequence) -> RequestOutput:
                          token_ids=tuple(seq.output_ids),
                          logprobs=tuple(seq.logprobs) if seq.request.sampling.logprobs else None,
                          finish_reason=seq.finish_reason,
-                         prompt_tokens_cached=seq.prompt_tokens_cached)
+                         prompt_tokens_cached=seq.prompt_tokens_cached,
+                         matched_token_id=seq.matched_token_id)

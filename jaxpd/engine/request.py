@@ -30,6 +30,7 @@ class Sequence:
     logprobs: list[float] = dataclasses.field(default_factory=list)
     finish_reason: FinishReason | None = None
     prompt_tokens_cached: int = 0  # prompt tokens found in the prefix cache at admission
+    matched_token_id: int | None = None  # the stop token / EOS that ended it, if one did
 
     @property
     def id(self) -> str:
@@ -51,6 +52,7 @@ class Sequence:
         stops = sp.stop_token_ids + (() if sp.ignore_eos else eos_ids)
         if token in stops:
             self.finish_reason = "stop"
+            self.matched_token_id = token
         elif len(self.output_ids) >= sp.max_tokens:
             self.finish_reason = "length"
 
@@ -63,6 +65,7 @@ class RequestOutput:
     logprobs: tuple[float, ...] | None
     finish_reason: FinishReason | None
     prompt_tokens_cached: int = 0
+    matched_token_id: int | None = None  # the stop token / EOS that ended it (None for stop strings)
 
     @property
     def finished(self) -> bool:

@@ -1,0 +1,1 @@
+"""The gRPC service: router, prefill and decode workers, launcher, client."""

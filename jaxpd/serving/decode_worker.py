@@ -1,0 +1,271 @@
+"""The decode worker: reserves pages when the router asks, receives the prompt's KV over
+KVTransfer into its pool (in its own TP layout), joins the request to continuous batching and
+streams its tokens. With `local_prefill` it prefills the prompt itself: a colocated worker is
+this same code with no prefill workers in front of it.
+
+`DecodeScheduler` runs on the engine thread around an `Engine` on this worker's one pool.
+`DecodeServicer` is the gRPC side (DecodeWorker and KVTransfer); every way out of a Decode call
+that did not finish (cancel, deadline, a failed transfer, the KV never arriving) aborts the
+request on the engine thread, which frees its pages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from typing import Callable
+
+import grpc
+import numpy as np
+
+from jaxpd.engine.orchestrator import Engine
+from jaxpd.engine.request import Request, RequestOutput
+from jaxpd.errors import JaxpdError
+from jaxpd.serving.convert import engine_request_from_pb
+from jaxpd.serving.engine_thread import EngineThread
+from jaxpd.serving.worker_common import WorkerState
+from jaxpd.transfer import wire
+from jaxpd.v1 import worker_pb2, worker_pb2_grpc
+
+_STATUS = {"precondition": grpc.StatusCode.FAILED_PRECONDITION,
+           "data_loss": grpc.StatusCode.DATA_LOSS, "invalid": grpc.StatusCode.INVALID_ARGUMENT}
+
+
+class TransferError(JaxpdError):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclasses.dataclass(frozen=True)
+class Failed:
+    code: grpc.StatusCode
+    message: str
+
+
+@dataclasses.dataclass
+class _Sub:
+    emit: Callable[[object], None]
+    arrived: float
+    sent: int = 0  # tokens already streamed
+    local: bool = True
+    started: float | None = None  # local prefill: first step that worked on it
+    coverage: np.ndarray | None = None  # remote: bool[layers, prompt tokens] written
+
+
+class DecodeScheduler:
+    """The engine thread's side of a decode worker."""
+
+    def __init__(self, engine: Engine, ctx: wire.WireContext, *, record_digests: bool = False):
+        self.engine, self.ctx = engine, ctx
+        self.manager = engine.decode.manager
+        self.subs: dict[str, _Sub] = {}
+        self.record_digests = record_digests
+        self.digests: dict[str, tuple[int, int, int]] = {}
+
+    def has_work(self) -> bool:
+        return self.engine.has_work()
+
+    # -- commands (engine thread) --------------------------------------------------------------
+    def add_local(self, request: Request, seed: int, emit) -> None:
+        self.engine.add_request(dataclasses.replace(
+            request, sampling=dataclasses.replace(request.sampling, seed=seed)))
+        self.subs[request.id] = _Sub(emit, time.monotonic())
+
+    def reserve(self, request: Request, seed: int, emit) -> int | None:
+        """Pages reserved for the prompt's KV, or None when the pool cannot hold it now."""
+        seq = self.engine.reserve_remote(request, seed)
+        if seq is None:
+            return None
+        coverage = np.zeros((self.ctx.layout.num_layers, len(request.prompt_ids)), bool)
+        self.subs[request.id] = _Sub(emit, time.monotonic(), local=False, coverage=coverage)
+        return len(seq.pages.pages)
+
+    def write(self, piece: wire.KVPiece) -> None:
+        h = piece.header
+        seq = self.engine.receiving.get(h.request_id)
+        if seq is None:
+            raise TransferError(grpc.StatusCode.NOT_FOUND, f"request {h.request_id!r} has no pages "
+                                f"reserved on this decode worker (aborted, or never reserved)")
+        if h.token_end > seq.prompt_len:
+            raise TransferError(grpc.StatusCode.INVALID_ARGUMENT, f"request {h.request_id!r}: KV for "
+                                f"tokens up to {h.token_end} but the prompt has {seq.prompt_len}")
+        self.manager.kv = wire.write_piece(self.manager.kv, self.manager.layout, seq.pages.pages, piece)
+        self.subs[h.request_id].coverage[h.layer_start:h.layer_end, h.token_start:h.token_end] = True
+
+    def finish_transfer(self, request_id: str, finish: worker_pb2.KVFinish, received: int) -> None:
+        sub, seq = self.subs.get(request_id), self.engine.receiving.get(request_id)
+        if sub is None or seq is None:
+            raise TransferError(grpc.StatusCode.NOT_FOUND, f"request {request_id!r} is no longer "
+                                f"reserved on this decode worker")
+        if finish.num_tokens != seq.prompt_len or not sub.coverage.all():
+            missing = int((~sub.coverage).sum())
+            raise TransferError(grpc.StatusCode.DATA_LOSS, f"request {request_id!r}: KV incomplete "
+                                f"({missing} layer-tokens of {sub.coverage.size} never arrived)")
+        if self.record_digests:
+            crc, size = wire.prompt_kv_digest(self.manager.kv, self.manager.layout,
+                                              seq.pages.pages, seq.prompt_len)
+            self.digests[request_id] = (crc, size, seq.prompt_len)
+        sub.emit(worker_pb2.DecodeEvent(kv_received=worker_pb2.KVReceived(bytes=received)))
+        out = self.engine.start_remote(request_id, finish.first_token, finish.first_logprob)
+        sub.sent = 1  # the router has the first token from the prefill worker
+        if out.finished:
+            self._publish(out)
+
+    def fail(self, request_id: str, code: grpc.StatusCode, message: str) -> None:
+        sub = self.subs.pop(request_id, None)
+        self.engine.abort(request_id)
+        if sub is not None:
+            sub.emit(Failed(code, message))
+
+    def abort(self, request_id: str) -> None:
+        self.subs.pop(request_id, None)
+        self.engine.abort(request_id)
+
+    def fail_all(self, error: Exception) -> None:
+        for rid in list(self.subs):
+            self.fail(rid, grpc.StatusCode.INTERNAL, f"decode step failed: {error}")
+
+    # -- the step ------------------------------------------------------------------------------
+    def step(self) -> None:
+        now = time.monotonic()
+        outputs = self.engine.step()
+        for seq in self.engine.prefilling:
+            sub = self.subs.get(seq.id)
+            if sub is not None and sub.started is None:
+                sub.started = now
+        for out in outputs:
+            self._publish(out, now)
+
+    def _publish(self, out: RequestOutput, step_start: float | None = None) -> None:
+        sub = self.subs.get(out.id)
+        if sub is None:
+            return
+        if sub.local and sub.sent == 0 and out.token_ids:
+            started = sub.started or step_start or time.monotonic()
+            sub.emit(worker_pb2.DecodeEvent(prefilled=worker_pb2.Prefilled(
+                cached_tokens=out.prompt_tokens_cached, queue_s=started - sub.arrived,
+                prefill_s=time.monotonic() - started)))
+        new = out.token_ids[sub.sent:]
+        sub.sent = len(out.token_ids)
+        tokens = worker_pb2.Tokens(token_ids=new, finish_reason=out.finish_reason or "")
+        if out.logprobs is not None:
+            tokens.logprobs.extend(out.logprobs[len(out.token_ids) - len(new):])
+        matched = getattr(out, "matched_token_id", None)
+        if out.finished and matched is not None:
+            tokens.matched_token_id = matched
+        if new or out.finished:
+            sub.emit(worker_pb2.DecodeEvent(tokens=tokens))
+        if out.finished:
+            self.subs.pop(out.id, None)
+
+    def load(self) -> dict:
+        e = self.engine
+        return {"running": len(e.running) + len(e.prefilling) + len(e.handoff),
+                "waiting": len(e.waiting), "transferring": len(e.receiving)}
+
+
+class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
+    def __init__(self, state: WorkerState, scheduler: DecodeScheduler, thread: EngineThread):
+        self.state, self.scheduler, self.thread = state, scheduler, thread
+
+    async def Decode(self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext):
+        serving = self.state.deployment.serving
+        if len(self.scheduler.engine.waiting) >= serving.max_waiting:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode worker "
+                                f"{self.state.name}: {serving.max_waiting} requests already waiting")
+        try:
+            req, seed = engine_request_from_pb(request.request)
+        except JaxpdError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        events: asyncio.Queue = asyncio.Queue()
+        emit = lambda ev: self.thread.deliver(events.put_nowait, ev)  # noqa: E731
+        try:
+            if request.local_prefill:
+                await self.thread.call(lambda: self.scheduler.add_local(req, seed, emit))
+            else:
+                pages = await self.thread.call(lambda: self.scheduler.reserve(req, seed, emit))
+                if pages is None:
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode worker "
+                                        f"{self.state.name} has no free KV pages for "
+                                        f"{len(req.prompt_ids) + 1} tokens right now")
+        except JaxpdError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        finished = False
+        try:
+            if not request.local_prefill:
+                yield worker_pb2.DecodeEvent(reserved=worker_pb2.Reserved(pages=pages))
+            waiting_kv = not request.local_prefill
+            while True:
+                try:
+                    ev = await asyncio.wait_for(events.get(), serving.kv_timeout_s if waiting_kv else None)
+                except TimeoutError:
+                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                        f"request {req.id!r}: its KV did not arrive within "
+                                        f"{serving.kv_timeout_s} s (serving.kv_timeout_s); pages freed")
+                if isinstance(ev, Failed):
+                    finished = True  # the scheduler already dropped it
+                    await context.abort(ev.code, ev.message)
+                if ev.HasField("kv_received"):
+                    waiting_kv = False
+                yield ev
+                if ev.HasField("tokens") and ev.tokens.finish_reason:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.thread.post(lambda: self.scheduler.abort(req.id))
+
+    async def PushKV(self, frames, context: grpc.aio.ServicerContext):
+        """KVTransfer.PushKV; `frames` are raw KVChunk encodings (see transfer/wire.py)."""
+        request_id, received, count, pending = None, 0, 0, []
+        try:
+            async for raw in frames:
+                header, payload = wire.parse_frame(raw)
+                if request_id is None:
+                    request_id = header.request_id
+                elif header.request_id != request_id:
+                    raise wire.WireError("invalid", f"one PushKV call carries one request: got "
+                                         f"{header.request_id!r} after {request_id!r}")
+                piece = wire.check_piece(self.state.wire, header, payload)
+                received += len(raw)
+                count += 1
+                if piece.array is not None:
+                    pending.append(self.thread.call(lambda p=piece: self.scheduler.write(p)))
+                if header.HasField("finish"):
+                    await asyncio.gather(*pending)
+                    await self.thread.call(
+                        lambda: self.scheduler.finish_transfer(request_id, header.finish, received))
+                    return worker_pb2.KVAck(request_id=request_id, bytes=received, messages=count)
+            raise wire.WireError("invalid", f"the KV stream for {request_id!r} ended without its "
+                                 f"finish message")
+        except (wire.WireError, TransferError) as e:
+            code = _STATUS[e.kind] if isinstance(e, wire.WireError) else e.code
+            message = str(e)
+            if request_id is not None:
+                self.thread.post(lambda: self.scheduler.fail(request_id, code,
+                                                             f"KV transfer failed: {message}"))
+            await context.abort(code, message)
+        except asyncio.CancelledError:
+            if request_id is not None:
+                self.thread.post(lambda: self.scheduler.fail(
+                    request_id, grpc.StatusCode.ABORTED, "the prefill worker cancelled the KV transfer"))
+            raise
+
+    async def GetWorkerInfo(self, request, context):
+        return self.state.worker_info()
+
+    async def GetLoad(self, request, context):
+        return self.state.worker_load(self.scheduler.load())
+
+    async def GetKVDigests(self, request, context):
+        return self.state.digests(self.scheduler.digests, request.request_ids)
+
+
+def kv_transfer_handler(servicer: DecodeServicer) -> grpc.GenericRpcHandler:
+    """KVTransfer with raw frames in (no protobuf parse of the payload) and KVAck out."""
+    return grpc.method_handlers_generic_handler("jaxpd.v1.KVTransfer", {
+        "PushKV": grpc.stream_unary_rpc_method_handler(
+            servicer.PushKV, request_deserializer=None,
+            response_serializer=worker_pb2.KVAck.SerializeToString)})

@@ -1,0 +1,532 @@
+"""The process supervisor behind `jaxpd serve --config FILE`: starts the role processes, waits
+until each one really serves, watches them, and tears everything down as one unit.
+
+A deployment starts in stages, because the router needs the workers' addresses:
+
+    launcher = Launcher(echo=sys.stderr if verbose else None)
+    with launcher, handle_stop_signals(launcher):          # entry point, main thread
+        for spec in worker_specs:
+            launcher.start(spec)
+        ready = launcher.wait_ready([s.name for s in worker_specs], timeout_s)
+        launcher.start(router_spec_using(ready))            # addresses go into its argv
+        launcher.wait_ready(["router-0"], remaining_s)
+        signum = launcher.serve_forever()                   # until SIGINT/SIGTERM or a death
+
+Every role process prints one `JAXPD_READY {"address": "host:port", ...}` line once it serves;
+the launcher then confirms with a `grpc.health.v1` Check (service "") that it reports SERVING.
+
+Failures are raised, never printed or exited on here: `ChildExitedError` (a child died while
+starting or serving; the message is the full report, its status and last output lines),
+`StartupTimeoutError` (names who never became ready), `LaunchInterrupted` (a stop was requested
+during startup), `LaunchError` (anything else). Whenever the launcher raises, or
+`serve_forever` returns, every child has already been stopped and reaped: no orphan keeps a
+device or a port. The CLI prints `error: {e}`, which gives
+`error: prefill-0 (role prefill, replica 0) exited with status 1` and the lines after it.
+
+Children share the launcher's process group (Ctrl-C reaches them too) and get
+`PR_SET_PDEATHSIG=SIGTERM` on Linux, so they also stop if the launcher is killed -9. The kernel
+ties that signal to the *thread* that started the child: call `start` from the main thread (or
+one that lives as long as the launcher).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import ctypes
+import dataclasses
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Callable, Iterable, Iterator, Mapping, TextIO
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from jaxpd.errors import ConfigError, JaxpdError
+
+READY_PREFIX = "JAXPD_READY "  # must match jaxpd.serving.process.READY_PREFIX
+LOG_LINES = 40
+DEFAULT_GRACE_S = 10.0
+_PR_SET_PDEATHSIG = 1
+_MAX_LINE_BYTES = 64 << 10
+_REPORT_LINES_ON_TIMEOUT = 10
+
+
+# -- errors ----------------------------------------------------------------------------------------
+class LaunchError(JaxpdError):
+    """Starting or supervising the deployment failed; every child has been stopped already."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ChildExit:
+    """How one child ended, and what it printed last."""
+
+    name: str
+    role: str
+    replica: int
+    returncode: int
+    last_lines: tuple[str, ...]
+
+    def describe(self) -> str:
+        status = describe_status(self.returncode)
+        return f"{self.name} (role {self.role}, replica {self.replica}) {status}"
+
+    def report(self) -> str:
+        lines = [self.describe()]
+        if self.returncode == -signal.SIGKILL:
+            lines.append("  (SIGKILL that jaxpd did not send often means the kernel ran out of "
+                         "memory: see `dmesg`)")
+        if self.last_lines:
+            lines.append(f"  last {len(self.last_lines)} line(s) of its output:")
+            lines += [f"    {line}" for line in self.last_lines]
+        else:
+            lines.append("  (it printed nothing)")
+        return "\n".join(lines)
+
+
+class ChildExitedError(LaunchError):
+    """A child exited while the deployment was starting or serving."""
+
+    def __init__(self, exits: list[ChildExit], phase: str):
+        self.exits, self.phase = exits, phase
+        first = exits[0]
+        self.name, self.role, self.replica, self.returncode = (
+            first.name, first.role, first.replica, first.returncode)
+        others = "\n".join(e.report() for e in exits[1:])
+        tail = f"\n{others}" if others else ""
+        super().__init__(f"{first.report()}{tail}\n(while {phase}; stopped every other process)")
+
+
+class StartupTimeoutError(LaunchError):
+    """Some children did not report SERVING before the startup deadline."""
+
+    def __init__(self, message: str, not_ready: list[str]):
+        super().__init__(message)
+        self.not_ready = not_ready
+
+
+class LaunchInterrupted(LaunchError):
+    """A stop (SIGINT/SIGTERM) was requested before the deployment was ready."""
+
+    def __init__(self, signum: int | None, not_ready: list[str]):
+        self.signum, self.not_ready = signum, not_ready
+        what = signal_name(signum) if signum else "a stop request"
+        waiting = ", ".join(not_ready) or "no one"
+        super().__init__(f"interrupted by {what} while starting ({waiting} not ready yet); "
+                         f"stopped every process")
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def describe_status(returncode: int) -> str:
+    """`exited with status 1` or `was killed by signal SIGKILL`, as Popen.returncode reads."""
+    if returncode < 0:
+        return f"was killed by signal {signal_name(-returncode)}"
+    return f"exited with status {returncode}"
+
+
+# -- what to start ---------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ProcessSpec:
+    """One child: `name` is unique (e.g. "prefill-0"); `env` is its full environment."""
+
+    name: str
+    role: str
+    replica: int
+    argv: list[str]
+    env: dict[str, str]
+
+    def describe(self) -> str:
+        return f"{self.name} (role {self.role}, replica {self.replica})"
+
+
+def role_argv(role: str, config_path: str, replica: int = 0,
+              extra: Iterable[str] = ()) -> list[str]:
+    """`python -m jaxpd.cli serve ROLE --config FILE --replica I [extra...]` with this Python."""
+    return [sys.executable, "-m", "jaxpd.cli", "serve", role, "--config", str(config_path),
+            "--replica", str(replica), *extra]
+
+
+def role_spec(role: str, replica: int, config_path: str, env: Mapping[str, str],
+              extra: Iterable[str] = ()) -> ProcessSpec:
+    """A role process's spec; PYTHONUNBUFFERED so its output reaches the log as it happens."""
+    return ProcessSpec(f"{role}-{replica}", role, replica,
+                       role_argv(role, config_path, replica, extra),
+                       {**env, "PYTHONUNBUFFERED": "1"})
+
+
+# -- ports -----------------------------------------------------------------------------------------
+def check_port_free(host: str, port: int, key: str, where: str) -> None:
+    """Raise ConfigError naming `key` in `where` when `host:port` cannot be listened on, so the
+    user learns which setting to change before any process starts. Port 0 always passes.
+
+    The probe binds like the gRPC servers do: SO_REUSEADDR (on POSIX), which on Linux still
+    fails against any socket *listening* there and only tolerates TIME_WAIT leftovers of a
+    previous run (a restart right after a stop must not be refused); never SO_REUSEPORT, which
+    would let a second listener share the port and hide the conflict."""
+    if port == 0:
+        return
+    bare = host.strip("[]")
+    try:
+        infos = socket.getaddrinfo(bare or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ConfigError(f"{where}: {key}: cannot resolve host {host!r} ({e.strerror})") from None
+    for family, kind, proto, _, addr in _distinct(infos):
+        _probe_bind(family, kind, proto, addr, f"{where}: {key}: {host}:{port}")
+
+
+def _distinct(infos: list) -> list:
+    seen, out = set(), []
+    for info in infos:
+        if info[4] not in seen:
+            seen.add(info[4])
+            out.append(info)
+    return out
+
+
+def _probe_bind(family: int, kind: int, proto: int, addr, label: str) -> None:
+    with socket.socket(family, kind, proto) as s:
+        if os.name == "posix":
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise ConfigError(f"{label} is already in use (another `jaxpd serve` or another "
+                                  f"program listens there); stop it or choose another port"
+                                  ) from None
+            raise ConfigError(f"{label} cannot be listened on ({e.strerror}; is the host an "
+                              f"address of this machine?)") from None
+
+
+# -- signals (entry point only) --------------------------------------------------------------------
+@contextlib.contextmanager
+def handle_stop_signals(launcher: Launcher,
+                        signals: Iterable[int] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
+    """Route SIGINT/SIGTERM to `launcher.request_stop` for the block, then restore the previous
+    handlers. Only for entry points: `signal.signal` works in the main thread only."""
+    previous = {}
+    try:
+        for sig in signals:
+            previous[sig] = signal.signal(sig, lambda signum, frame: launcher.request_stop(signum))
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# -- the supervisor --------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Child:
+    spec: ProcessSpec
+    proc: subprocess.Popen
+    lines: collections.deque
+    reader: threading.Thread | None = None
+    ready: dict | None = None  # the parsed JAXPD_READY line
+    bad_ready: str | None = None  # a JAXPD_READY line that did not parse, with why
+    serving: bool = False  # the health check confirmed SERVING
+    health_note: str = ""  # why it is not confirmed yet
+    channel: grpc.Channel | None = None
+
+
+class Launcher:
+    """Starts role processes, waits for them to serve, supervises them, and stops them all.
+
+    Call its methods from one thread (the entry point's main thread); only `request_stop` may
+    be called from a signal handler or another thread. Use it as a context manager so that any
+    exception in the caller still stops every child."""
+
+    def __init__(self, *, echo: TextIO | None = None, grace_s: float = DEFAULT_GRACE_S,
+                 log_lines: int = LOG_LINES, poll_s: float = 0.05):
+        self.echo, self.grace_s, self.log_lines, self.poll_s = echo, grace_s, log_lines, poll_s
+        self._children: dict[str, _Child] = {}
+        self._lock = threading.Lock()  # guards each child's lines / ready fields
+        self._echo_lock = threading.Lock()
+        self._wake = threading.Event()  # set by readers: a ready line or an EOF arrived
+        self._stop_signal: int | None = None  # written by request_stop (signal-safe: no locks)
+        self._stop_requested = False
+        self._preexec = pdeathsig_preexec()
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def __enter__(self) -> Launcher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop_all()
+
+    def start(self, spec: ProcessSpec) -> int:
+        """Start one child (output piped to the log reader); returns its pid."""
+        if spec.name in self._children:
+            raise self._stopped(LaunchError(f"two processes are named {spec.name!r}"))
+        if not spec.argv:
+            raise self._stopped(LaunchError(f"{spec.describe()}: empty command line"))
+        try:
+            proc = subprocess.Popen(
+                spec.argv, env=dict(spec.env), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, close_fds=True, start_new_session=False,
+                preexec_fn=self._preexec)
+        except (OSError, subprocess.SubprocessError) as e:
+            raise self._stopped(LaunchError(f"could not start {spec.describe()}: {e}")) from None
+        child = _Child(spec, proc, collections.deque(maxlen=self.log_lines))
+        child.reader = threading.Thread(target=self._read, args=(child,), daemon=True,
+                                        name=f"launcher-log-{spec.name}")
+        self._children[spec.name] = child
+        child.reader.start()
+        return proc.pid
+
+    def wait_ready(self, names: Iterable[str] | None = None,
+                   timeout_s: float = 600.0) -> dict[str, dict]:
+        """Block until every named child (default: all started) printed its JAXPD_READY line and
+        its health check says SERVING; returns {name: ready dict}. Any child dying, a timeout, or
+        a stop request stops everything and raises."""
+        pending = self._names(names)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                self._check_stop(pending)
+                self._check_exits("starting")
+                self._check_ready_lines(pending)
+                for name in pending:
+                    self._confirm_serving(self._children[name], deadline)
+                if all(self._children[n].serving for n in pending):
+                    return {n: dict(self._children[n].ready) for n in pending}
+                if time.monotonic() >= deadline:
+                    raise self._stopped(self._timeout_error(pending, timeout_s))
+                self._sleep()
+        finally:
+            for name in pending:
+                self._close_channel(self._children[name])
+
+    def serve_forever(self) -> int | None:
+        """Supervise until a stop is requested (returns the signal number, or None for a plain
+        `request_stop()`) or a child dies (raises ChildExitedError). Stops every child first."""
+        while True:
+            if self._stop_requested:
+                self.stop_all()
+                return self._stop_signal
+            self._check_exits("serving")
+            self._sleep()
+
+    def request_stop(self, signum: int | None = None) -> None:
+        """Ask `wait_ready`/`serve_forever` to stop everything. Safe in a signal handler: it only
+        sets attributes (taking a lock here could deadlock against the interrupted thread)."""
+        self._stop_signal = signum
+        self._stop_requested = True
+
+    def stop_all(self) -> dict[str, int]:
+        """SIGTERM every live child, wait up to `grace_s`, SIGKILL the rest, reap all; returns
+        {name: returncode}. Idempotent."""
+        live = [c for c in reversed(self._children.values()) if c.proc.poll() is None]
+        for child in live:
+            _signal(child.proc, signal.SIGTERM)
+        deadline = time.monotonic() + self.grace_s
+        for child in live:
+            try:
+                child.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal(child.proc, signal.SIGKILL)
+        for child in self._children.values():
+            child.proc.wait()
+            self._close_channel(child)
+            self._finish_reader(child)
+        return {name: c.proc.returncode for name, c in self._children.items()}
+
+    # -- introspection ----------------------------------------------------------------------------
+    def pids(self) -> dict[str, int]:
+        return {name: c.proc.pid for name, c in self._children.items()}
+
+    def last_lines(self, name: str) -> list[str]:
+        with self._lock:
+            return list(self._children[name].lines)
+
+    def returncodes(self) -> dict[str, int | None]:
+        return {name: c.proc.poll() for name, c in self._children.items()}
+
+    # -- output -----------------------------------------------------------------------------------
+    def _read(self, child: _Child) -> None:
+        """Drain one child's merged stdout/stderr until EOF (never stop early: a full pipe
+        would block the child)."""
+        stream = child.proc.stdout
+        try:
+            for raw in iter(lambda: stream.readline(_MAX_LINE_BYTES), b""):
+                line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                self._take_line(child, line)
+                self._echo_line(child.spec.name, line)
+        except (OSError, ValueError):
+            pass  # the pipe was closed under us during teardown
+        finally:
+            self._wake.set()
+
+    def _take_line(self, child: _Child, line: str) -> None:
+        ready = bad = None
+        if line.startswith(READY_PREFIX) and child.ready is None and child.bad_ready is None:
+            ready, bad = parse_ready_line(line)
+        with self._lock:
+            child.lines.append(line)
+            if ready is not None:
+                child.ready = ready
+            if bad is not None:
+                child.bad_ready = bad
+        if ready is not None or bad is not None:
+            self._wake.set()
+
+    def _echo_line(self, name: str, line: str) -> None:
+        if self.echo is None:
+            return
+        with self._echo_lock:
+            try:
+                self.echo.write(f"[{name}] {line}\n")
+                self.echo.flush()
+            except (OSError, ValueError):
+                pass  # a closed or broken echo stream must not stop the draining
+
+    def _finish_reader(self, child: _Child, timeout_s: float = 2.0) -> None:
+        """Let the reader take the last lines of an exited child (bounded: a grandchild could
+        hold the pipe open)."""
+        if child.reader is not None:
+            child.reader.join(timeout_s)
+            if not child.reader.is_alive() and child.proc.stdout is not None:
+                child.proc.stdout.close()
+
+    # -- readiness --------------------------------------------------------------------------------
+    def _check_ready_lines(self, pending: list[str]) -> None:
+        for name in pending:
+            child = self._children[name]
+            if child.bad_ready is not None:
+                raise self._stopped(LaunchError(
+                    f"{child.spec.describe()} printed a bad ready line: {child.bad_ready}"))
+
+    def _confirm_serving(self, child: _Child, deadline: float) -> None:
+        if child.serving or child.ready is None:
+            return
+        address = dialable(child.ready["address"])
+        if child.channel is None:
+            child.channel = grpc.insecure_channel(address)
+        stub = health_pb2_grpc.HealthStub(child.channel)
+        timeout = max(0.05, min(1.0, deadline - time.monotonic()))
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+        except grpc.RpcError as e:
+            child.health_note = f"health check on {address}: {e.code().name}"
+            return
+        status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        child.serving = reply.status == health_pb2.HealthCheckResponse.SERVING
+        child.health_note = f"health check on {address} says {status}"
+        if child.serving:
+            self._close_channel(child)
+
+    def _timeout_error(self, pending: list[str], timeout_s: float) -> StartupTimeoutError:
+        not_ready = [n for n in pending if not self._children[n].serving]
+        parts = [f"not ready after {timeout_s:g} s (serving.startup_timeout_s): "
+                 f"{', '.join(not_ready)}"]
+        for name in not_ready:
+            child = self._children[name]
+            why = (child.health_note or "no health answer yet") if child.ready is not None \
+                else "never printed its JAXPD_READY line"
+            parts.append(f"  {child.spec.describe()}: {why}")
+            tail = self.last_lines(name)[-_REPORT_LINES_ON_TIMEOUT:]
+            parts += [f"    {line}" for line in tail] or ["    (it printed nothing)"]
+        return StartupTimeoutError("\n".join(parts), not_ready)
+
+    # -- failures ---------------------------------------------------------------------------------
+    def _check_stop(self, pending: list[str]) -> None:
+        if self._stop_requested:
+            not_ready = [n for n in pending if not self._children[n].serving]
+            raise self._stopped(LaunchInterrupted(self._stop_signal, not_ready))
+
+    def _check_exits(self, phase: str) -> None:
+        dead = [c for c in self._children.values() if c.proc.poll() is not None]
+        if not dead:
+            return
+        if self._stop_requested:  # a Ctrl-C reaches the children too; that is no failure
+            return
+        self.stop_all()
+        exits = [ChildExit(c.spec.name, c.spec.role, c.spec.replica, c.proc.returncode,
+                           tuple(self.last_lines(c.spec.name))) for c in dead]
+        raise ChildExitedError(exits, phase)
+
+    def _stopped(self, error: LaunchError) -> LaunchError:
+        """Stop and reap every child, then hand back `error` to raise: no failure leaves
+        processes behind."""
+        self.stop_all()
+        return error
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _names(self, names: Iterable[str] | None) -> list[str]:
+        chosen = list(self._children) if names is None else list(names)
+        unknown = [n for n in chosen if n not in self._children]
+        if unknown:
+            raise ValueError(f"not started: {', '.join(unknown)}")
+        return chosen
+
+    def _sleep(self) -> None:
+        self._wake.wait(self.poll_s)
+        self._wake.clear()
+
+    @staticmethod
+    def _close_channel(child: _Child) -> None:
+        if child.channel is not None:
+            child.channel.close()
+            child.channel = None
+
+
+def parse_ready_line(line: str) -> tuple[dict | None, str | None]:
+    """(ready dict, None) for a good `JAXPD_READY {json}` line, else (None, what is wrong)."""
+    body = line[len(READY_PREFIX):]
+    try:
+        ready = json.loads(body)
+    except json.JSONDecodeError as e:
+        return None, f"{body!r} is not JSON ({e.msg})"
+    if not isinstance(ready, dict) or not isinstance(ready.get("address"), str) \
+            or ":" not in ready["address"]:
+        return None, f"{body!r} needs an \"address\": \"host:port\""
+    return ready, None
+
+
+def dialable(address: str) -> str:
+    """A wildcard listen address (0.0.0.0, [::]) as one the launcher can connect to."""
+    host, _, port = address.rpartition(":")
+    if host in ("0.0.0.0", ""):
+        return f"127.0.0.1:{port}"
+    if host in ("[::]", "::"):
+        return f"[::1]:{port}"
+    return address
+
+
+def _signal(proc: subprocess.Popen, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(sig)
+
+
+def pdeathsig_preexec() -> Callable[[], None] | None:
+    """A `preexec_fn` making the child receive SIGTERM when its parent dies (Linux prctl), or
+    None where that is unavailable (then a launcher killed -9 leaves its children running)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the launcher died before prctl took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec

@@ -1,0 +1,258 @@
+"""The prefill worker: chunked prefill with continuous batching and prefix caching; each
+finished chunk's KV is pushed to the request's decode worker while later chunks compute.
+
+`PrefillScheduler` runs on the engine thread and owns the pages. `PrefillServicer` is the gRPC
+side: it admits a request, relays the scheduler's events (KV ready, first token) to the
+KVTransfer stream and to the router, and on every way out (done, cancelled, failed) makes sure
+the scheduler releases the request's pages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import time
+from typing import Callable
+
+import grpc
+import jax
+import numpy as np
+
+from jaxpd.engine.prefill import PrefillEngine
+from jaxpd.engine.request import Request, Sequence
+from jaxpd.errors import CapacityError, JaxpdError
+from jaxpd.serving.convert import engine_request_from_pb
+from jaxpd.serving.engine_thread import EngineThread
+from jaxpd.serving.grpc_server import new_channel
+from jaxpd.serving.worker_common import WorkerState
+from jaxpd.transfer import wire
+from jaxpd.v1 import worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+PUSH_KV = "/jaxpd.v1.KVTransfer/PushKV"
+
+
+# -- events from the engine thread to a request's handler --------------------------------------
+@dataclasses.dataclass(frozen=True)
+class KVReady:
+    array: jax.Array  # gather_tokens result, still on device
+    offset: int
+    start: int
+    end: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Prefilled:
+    token: int
+    logprob: float
+    finish_reason: str | None
+    matched_token_id: int | None
+    cached_tokens: int
+    queue_s: float
+    prefill_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class KVComplete:
+    """Every KVReady of the request was emitted before this."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Failed:
+    code: grpc.StatusCode
+    message: str
+
+
+@dataclasses.dataclass
+class _Job:
+    seq: Sequence
+    emit: Callable[[object], None]  # called on the engine thread; hops to the handler's loop
+    arrived: float
+    started: float | None = None
+    sent_upto: int = 0  # prompt tokens whose KV was handed to the sender
+
+
+class PrefillScheduler:
+    """Admission, chunk batches and KV hand-out for one prefill mesh (engine thread only)."""
+
+    def __init__(self, prefill: PrefillEngine, *, record_digests: bool = False):
+        self.prefill = prefill
+        self.manager = prefill.manager
+        self.waiting: collections.deque[_Job] = collections.deque()
+        self.prefilling: list[_Job] = []
+        self.sending: dict[str, _Job] = {}  # prefilled; pages held until decode acknowledges
+        self.record_digests = record_digests
+        self.digests: dict[str, tuple[int, int, int]] = {}
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.prefilling)
+
+    def add(self, request: Request, seed: int, emit: Callable[[object], None]) -> None:
+        if self._find(request.id) is not None:
+            raise JaxpdError(f"request id {request.id!r} is already in flight on this worker")
+        self._check_fits(request)
+        self.waiting.append(_Job(Sequence(request, seed), emit, time.monotonic()))
+
+    def _check_fits(self, request: Request) -> None:
+        cfg, capacity = self.prefill.runner.config, (self.manager.allocator.num_blocks - 1) * self.manager.page_size
+        bad = [t for t in request.prompt_ids if not 0 <= t < cfg.vocab_size]
+        if bad or not request.prompt_ids:
+            raise JaxpdError(f"request {request.id!r}: prompt is empty or has ids outside [0, {cfg.vocab_size})")
+        if len(request.prompt_ids) > capacity:
+            raise CapacityError(f"request {request.id!r}: a {len(request.prompt_ids)}-token prompt "
+                                f"does not fit this prefill worker's pool ({capacity} tokens)")
+
+    def step(self) -> None:
+        now = time.monotonic()
+        while self.waiting and self.prefill.admit(self.waiting[0].seq):
+            self.prefilling.append(self.waiting.popleft())
+        if not self.prefilling:  # the head does not fit even an empty pool (checked at add)
+            return
+        for job in self.prefilling[:self.prefill.max_seqs]:
+            job.started = job.started or now
+        done = {s.id for s in self.prefill.step([j.seq for j in self.prefilling])}
+        for job in list(self.prefilling):
+            seq = job.seq
+            if seq.id in done:  # the first token goes out before the last chunk's KV
+                self.prefilling.remove(job)
+                self._prefilled(job)
+                if seq.finish_reason is not None:
+                    continue
+            if seq.num_computed > job.sent_upto:
+                array, offset = wire.gather_tokens(self.manager.kv, self.manager.layout,
+                                                   seq.pages.pages, job.sent_upto, seq.num_computed)
+                job.emit(KVReady(array, offset, job.sent_upto, seq.num_computed))
+                job.sent_upto = seq.num_computed
+            if seq.id in done:
+                job.emit(KVComplete())
+
+    def _prefilled(self, job: _Job) -> None:
+        seq, now = job.seq, time.monotonic()
+        job.emit(Prefilled(seq.output_ids[0], seq.logprobs[0], seq.finish_reason,
+                           getattr(seq, "matched_token_id", None), seq.prompt_tokens_cached,
+                           job.started - job.arrived, now - job.started))
+        if seq.finish_reason is not None:  # nothing for a decode worker to continue
+            self._release(seq)
+            return
+        if self.record_digests:
+            crc, size = wire.prompt_kv_digest(self.manager.kv, self.manager.layout,
+                                              seq.pages.pages, seq.prompt_len)
+            self.digests[seq.id] = (crc, size, seq.prompt_len)
+        self.sending[seq.id] = job
+
+    def release(self, request_id: str) -> None:
+        """Decode acknowledged, or the request ended: free its pages (cached blocks stay cached)."""
+        job = self._find(request_id)
+        if job is None:
+            return
+        for queue in (self.waiting, self.prefilling):
+            if job in queue:
+                queue.remove(job)
+        self.sending.pop(request_id, None)
+        self._release(job.seq)
+
+    def fail_all(self, error: Exception) -> None:
+        for job in [*self.waiting, *self.prefilling, *self.sending.values()]:
+            job.emit(Failed(grpc.StatusCode.INTERNAL, f"prefill step failed: {error}"))
+            self.release(job.seq.id)
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.pages is not None:
+            self.manager.release(seq.pages)
+            seq.pages = None
+
+    def _find(self, request_id: str) -> _Job | None:
+        for job in [*self.waiting, *self.prefilling, *self.sending.values()]:
+            if job.seq.id == request_id:
+                return job
+        return None
+
+    def load(self) -> dict:
+        return {"running": len(self.prefilling), "waiting": len(self.waiting),
+                "transferring": len(self.sending)}
+
+
+class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
+    def __init__(self, state: WorkerState, scheduler: PrefillScheduler, thread: EngineThread):
+        self.state, self.scheduler, self.thread = state, scheduler, thread
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def _push_kv(self, target: str):
+        if target not in self._channels:
+            self._channels[target] = new_channel(target)
+        return self._channels[target].stream_unary(
+            PUSH_KV, request_serializer=None, response_deserializer=worker_pb2.KVAck.FromString)
+
+    async def Prefill(self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
+        if len(self.scheduler.waiting) >= self.state.deployment.serving.max_waiting:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"prefill worker {self.state.name}: "
+                                f"{len(self.scheduler.waiting)} requests already waiting")
+        if not request.kv_target:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "kv_target: a decode worker address is required")
+        try:
+            req, seed = engine_request_from_pb(request.request)
+        except JaxpdError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        events: asyncio.Queue = asyncio.Queue()
+        emit = lambda ev: self.thread.deliver(events.put_nowait, ev)  # noqa: E731
+        try:
+            await self.thread.call(lambda: self.scheduler.add(req, seed, emit))
+        except JaxpdError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        push = self._push_kv(request.kv_target)(timeout=self.state.deployment.serving.kv_timeout_s)
+        released, first, sent_bytes, messages = False, None, 0, 0
+        try:
+            while True:
+                ev = await events.get()
+                if isinstance(ev, Failed):
+                    await context.abort(ev.code, ev.message)
+                elif isinstance(ev, KVReady):
+                    frames = await asyncio.get_running_loop().run_in_executor(
+                        None, self._encode, req.id, ev)
+                    for f in frames:
+                        await push.write(f)
+                    sent_bytes += sum(map(len, frames))
+                    messages += len(frames)
+                elif isinstance(ev, Prefilled):
+                    first = ev
+                    yield worker_pb2.PrefillEvent(first_token=worker_pb2.FirstToken(
+                        token_id=ev.token, logprob=ev.logprob, finish_reason=ev.finish_reason or "",
+                        cached_tokens=ev.cached_tokens, queue_s=ev.queue_s, prefill_s=ev.prefill_s))
+                    if ev.finish_reason is not None:  # the scheduler already freed the pages
+                        released = True
+                        return
+                elif isinstance(ev, KVComplete):
+                    break
+            await push.write(wire.finish_frame(self.state.wire, req.id, len(req.prompt_ids),
+                                               first.token, first.logprob))
+            await push.done_writing()
+            await push
+            self.thread.post(lambda: self.scheduler.release(req.id))
+            released = True
+            yield worker_pb2.PrefillEvent(kv_sent=worker_pb2.KVSent(bytes=sent_bytes,
+                                                                    messages=messages + 1))
+        except grpc.aio.AioRpcError as e:
+            await context.abort(e.code(), f"KV push to decode worker {request.kv_target} failed: "
+                                          f"{e.details()}")
+        finally:
+            if not released:
+                push.cancel()
+                self.thread.post(lambda: self.scheduler.release(req.id))
+
+    def _encode(self, request_id: str, ev: KVReady) -> list[bytes]:
+        """Off the event loop: wait for the gather, copy to the host, frame."""
+        host = np.asarray(jax.device_get(ev.array))
+        return list(wire.encode_tokens(self.state.wire, request_id, host, ev.offset, ev.start, ev.end))
+
+    async def GetWorkerInfo(self, request, context):
+        return self.state.worker_info()
+
+    async def GetLoad(self, request, context):
+        return self.state.worker_load(self.scheduler.load())
+
+    async def GetKVDigests(self, request, context):
+        return self.state.digests(self.scheduler.digests, request.request_ids)

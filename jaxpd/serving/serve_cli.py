@@ -1,0 +1,129 @@
+"""`jaxpd serve`: start the deployment a config describes, or one of its roles.
+
+    jaxpd serve --config configs/local.yaml            # router + every worker, one command
+    jaxpd serve prefill --config deploy.yaml --replica 1   # one role, e.g. on another host
+
+Without a role it starts every worker process, waits until each reports SERVING, starts the
+router with the workers' addresses, prints `jaxpd serving on HOST:PORT`, and stops everything
+on Ctrl-C or SIGTERM. If a process dies, it names it, shows its exit status and last log lines,
+and stops the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from jaxpd.config import DeploymentConfig, load_config
+from jaxpd.serving.process import ROLES, run_role, worker_group
+
+EPILOG = """\
+examples:
+  jaxpd serve --config configs/local.yaml
+  jaxpd serve --config deploy.yaml -v                    # also show every process's log lines
+  jaxpd serve prefill --config deploy.yaml --replica 0   # one role (multi-host deployments)
+  jaxpd serve router --config deploy.yaml                # finds workers at prefill.port/decode.port
+
+Each worker sees only its own devices (replica i of a group uses devices[i*tp:(i+1)*tp]): on
+GPU through CUDA_VISIBLE_DEVICES, on TPU through TPU_VISIBLE_CHIPS, on CPU as that many host
+devices. Then, from another shell:
+  jaxpd client --address 127.0.0.1:50051 --prompt "It is a truth" --max-tokens 32"""
+
+
+def _address_list(text: str) -> list[str]:
+    return [a for a in text.split(",") if a]
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve", help="run the gRPC service (router, prefill and decode workers)",
+        description="Serve a deployment config over gRPC: the jaxpd.v1.Generation service on "
+                    "serving.router, with health and reflection.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("role", nargs="?", choices=ROLES,
+                   help="run only this role; default: start every process the config describes")
+    p.add_argument("--config", required=True, metavar="YAML", help="deployment config")
+    p.add_argument("--replica", type=int, default=0, metavar="I",
+                   help="which replica of the role's worker group (default 0)")
+    p.add_argument("--prefill-addresses", type=_address_list, metavar="A,B",
+                   help="router only: the prefill workers (default: prefill.host and prefill.port)")
+    p.add_argument("--decode-addresses", type=_address_list, metavar="A,B",
+                   help="router only: the decode (or colocated) workers (default: from the config)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="echo every process's log lines, prefixed with its name")
+
+
+def run(args) -> int:
+    deployment = load_config(args.config)
+    if args.role is None:
+        return launch(deployment, args.config, verbose=args.verbose)
+    from jaxpd.serving.devices import router_env, visible_devices_env
+
+    # Before anything imports jax: this process sees exactly its replica's devices.
+    if args.role == "router":
+        os.environ.update(router_env(os.environ))
+    else:
+        group, _ = worker_group(deployment, args.role)
+        os.environ.update(visible_devices_env(group.replica_devices(args.replica), os.environ))
+    run_role(args.role, deployment, args.config, replica=args.replica,
+             prefill_addresses=args.prefill_addresses, decode_addresses=args.decode_addresses)
+    return 0
+
+
+def _worker_roles(deployment: DeploymentConfig) -> list[tuple[str, int]]:
+    if deployment.mode == "colocated":
+        return [("colocated", i) for i in range(deployment.prefill.replicas)]
+    return ([("prefill", i) for i in range(deployment.prefill.replicas)]
+            + [("decode", i) for i in range(deployment.decode.replicas)])
+
+
+def _check_ports(deployment: DeploymentConfig, where: str, roles) -> None:
+    from jaxpd.serving.launcher import check_port_free
+
+    r = deployment.serving.router
+    check_port_free(r.host, r.port, "serving.router.port", where)
+    for role, replica in roles:
+        group, key = worker_group(deployment, role)
+        if group.port:
+            check_port_free(group.host, group.port + replica, f"{key}.port", where)
+
+
+def launch(deployment: DeploymentConfig, where: str, *, verbose: bool = False) -> int:
+    """Start every process, serve until a signal, stop everything. Returns the exit status."""
+    from jaxpd.serving.launcher import (LaunchInterrupted, Launcher, handle_stop_signals,
+                                        role_spec)
+
+    roles = _worker_roles(deployment)
+    _check_ports(deployment, where, roles)
+    env = dict(os.environ)  # each role narrows its own devices (serve_cli.run)
+    started = time.monotonic()
+    timeout = deployment.serving.startup_timeout_s
+    try:
+        with Launcher(echo=sys.stderr if verbose else None) as launcher, handle_stop_signals(launcher):
+            specs = [role_spec(role, i, where, env) for role, i in roles]
+            for spec in specs:
+                launcher.start(spec)
+            print(f"jaxpd: starting {', '.join(s.name for s in specs)} ...", file=sys.stderr, flush=True)
+            ready = launcher.wait_ready([s.name for s in specs], timeout)
+            by_role: dict[str, list[str]] = {}
+            for (role, _), spec in zip(roles, specs):
+                by_role.setdefault(role, []).append(ready[spec.name]["address"])
+            workers = by_role.get("decode", by_role.get("colocated", []))
+            extra = ["--decode-addresses", ",".join(workers)]
+            if "prefill" in by_role:
+                extra += ["--prefill-addresses", ",".join(by_role["prefill"])]
+            launcher.start(role_spec("router", 0, where, env, extra=extra))
+            remaining = max(1.0, timeout - (time.monotonic() - started))
+            address = launcher.wait_ready(["router-0"], remaining)["router-0"]["address"]
+            summary = ", ".join(f"{role} x{len(a)}" for role, a in by_role.items())
+            print(f"jaxpd serving on {address} ({deployment.mode}: {summary}; ready in "
+                  f"{time.monotonic() - started:.1f} s). Ctrl-C stops every process.", flush=True)
+            launcher.serve_forever()
+            print("jaxpd: stopping every process", file=sys.stderr, flush=True)
+    except LaunchInterrupted:
+        print("jaxpd: interrupted while starting; stopped every process", file=sys.stderr)
+        return 130
+    return 0
+

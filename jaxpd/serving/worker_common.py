@@ -1,0 +1,69 @@
+"""What both worker roles share: loading the model onto the process's own mesh, the engine
+built on it, and the WorkerInfo / WorkerLoad / KV digest answers."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Iterable
+
+from jaxpd.config import DeploymentConfig, MeshSection
+from jaxpd.engine.orchestrator import Engine
+from jaxpd.model.config import ModelConfig
+from jaxpd.transfer.wire import WireContext
+from jaxpd.v1 import generation_pb2, worker_pb2
+
+
+@dataclasses.dataclass
+class WorkerState:
+    role: str  # prefill | decode | colocated
+    replica: int
+    deployment: DeploymentConfig
+    engine: Engine  # colocated on this process's mesh; a prefill worker uses its prefill half
+    model_config: ModelConfig
+    wire: WireContext
+    address: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.role}-{self.replica}"
+
+    def worker_info(self) -> generation_pb2.WorkerInfo:
+        runner = self.engine.prefill.runner
+        mesh = runner.mesh
+        devices = list(mesh.devices.flat) if mesh is not None else []
+        manager = runner.manager
+        return generation_pb2.WorkerInfo(
+            role=self.role, replica=self.replica, address=self.address,
+            platform=devices[0].platform if devices else "cpu",
+            device_kind=devices[0].device_kind if devices else "",
+            num_devices=len(devices), tp=manager.layout.tp,
+            mesh={k: int(v) for k, v in (mesh.shape.items() if mesh is not None else [])},
+            kv_pages=manager.allocator.num_blocks - 1, page_size=manager.page_size,
+            attention=runner.backend.name, pid=os.getpid(),
+            model_fingerprint=self.wire.fingerprint.hex(), dtype=self.model_config.dtype)
+
+    def worker_load(self, counts: dict) -> generation_pb2.WorkerLoad:
+        allocator = self.engine.prefill.manager.allocator
+        total = allocator.num_blocks - 1
+        return generation_pb2.WorkerLoad(
+            role=self.role, replica=self.replica, address=self.address,
+            kv_pages_used=allocator.num_used, kv_pages_free=allocator.num_free,
+            kv_pages_total=total, **counts)
+
+    @staticmethod
+    def digests(recorded: dict[str, tuple[int, int, int]],
+                ids: Iterable[str]) -> worker_pb2.KVDigests:
+        out = worker_pb2.KVDigests()
+        for rid in ids or recorded:
+            if rid in recorded:
+                crc, size, tokens = recorded[rid]
+                out.digests[rid].CopyFrom(worker_pb2.KVDigest(crc32c=crc, bytes=size, num_tokens=tokens))
+        return out
+
+
+def local_deployment(deployment: DeploymentConfig, tp: int) -> DeploymentConfig:
+    """The deployment as one worker process sees it: one colocated mesh on its local devices
+    0..tp-1 (the launcher made exactly its own devices visible)."""
+    return deployment.model_copy(update={
+        "mode": "colocated", "prefill": MeshSection(devices=list(range(tp)), tp=tp), "decode": None})

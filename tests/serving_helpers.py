@@ -1,0 +1,114 @@
+"""Start a real `jaxpd serve` deployment (separate processes on loopback) for the serving tests."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import yaml
+
+from jaxpd.v1 import generation_pb2, generation_pb2_grpc
+
+REPO = Path(__file__).resolve().parents[1]
+LOCAL = REPO / "configs" / "local.yaml"
+
+
+def child_env() -> dict[str, str]:
+    """The test session's environment minus its 8-device XLA flag (each role sets its own)."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                              env.get("XLA_FLAGS", "")).strip()
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def write_config(path: Path, **overrides) -> Path:
+    """configs/local.yaml with the router on a free port and `overrides` (section -> dict)."""
+    cfg = yaml.safe_load(LOCAL.read_text())
+    cfg["serving"]["router"]["port"] = 0
+    for section, values in overrides.items():
+        if isinstance(values, dict):
+            cfg.setdefault(section, {}).update(values)
+        else:
+            cfg[section] = values
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@dataclasses.dataclass
+class Deployment:
+    process: subprocess.Popen
+    address: str
+    lines: list[str]
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(self.address)
+
+    def stub(self) -> generation_pb2_grpc.GenerationStub:
+        return generation_pb2_grpc.GenerationStub(self.channel())
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+
+def start(config: Path, timeout: float = 240) -> Deployment:
+    proc = subprocess.Popen([sys.executable, "-m", "jaxpd.cli", "serve", "--config", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=child_env(), cwd=REPO)
+    lines: list[str] = []
+    found: queue.Queue = queue.Queue()
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            m = re.search(r"serving on (\S+)", line)
+            if m:
+                found.put(m.group(1))
+        found.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        address = found.get(timeout=timeout)
+    except queue.Empty:
+        address = None
+    if address is None:
+        proc.kill()
+        proc.wait()
+        raise RuntimeError("jaxpd serve did not start:\n" + "\n".join(lines[-60:]))
+    return Deployment(proc, address, lines)
+
+
+def pages_in_use(stub) -> dict[str, int]:
+    loads = stub.GetLoads(generation_pb2.GetLoadsRequest(), timeout=5)
+    return {f"{w.role}-{w.replica}": w.kv_pages_used for w in loads.workers}
+
+
+def wait_pages_free(stub, within: float) -> tuple[bool, dict[str, int]]:
+    deadline = time.monotonic() + within
+    while True:
+        used = pages_in_use(stub)
+        if not any(used.values()):
+            return True, used
+        if time.monotonic() > deadline:
+            return False, used
+        time.sleep(0.05)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -1,0 +1,191 @@
+"""KVTransfer against a real decode worker on loopback: KV from another model or with a bad
+checksum is refused and never written; every failure frees the reserved pages."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import grpc
+import numpy as np
+import pytest
+
+from conftest import HF_FIXTURES
+from jaxpd.config import parse_config
+from jaxpd.engine.builder import build_engine
+from jaxpd.engine.request import Request
+from jaxpd.engine.sampling import SamplingParams
+from jaxpd.model.checkpoint import load_model
+from jaxpd.serving.convert import engine_request_to_pb
+from jaxpd.serving.decode_worker import DecodeScheduler, DecodeServicer, kv_transfer_handler
+from jaxpd.serving.engine_thread import EngineThread
+from jaxpd.serving.grpc_server import start_server
+from jaxpd.serving.prefill_worker import PUSH_KV
+from jaxpd.serving.worker_common import WorkerState
+from jaxpd.transfer import wire
+from jaxpd.v1 import worker_pb2, worker_pb2_grpc
+
+PROMPT = tuple(range(3, 13))
+
+
+class DecodeWorker:
+    """A decode worker's servicer, engine thread and server, on an event loop in a thread."""
+
+    def __init__(self, model, deployment):
+        engine = build_engine(model.config, model.params, deployment)
+        self.layout = engine.decode.manager.layout
+        self.ctx = wire.WireContext(wire.model_fingerprint(model.config, model.params), self.layout)
+        self.engine = engine
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        self.address = self._run(self._start(model, deployment))
+
+    def _run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)
+
+    async def _start(self, model, deployment):
+        state = WorkerState("decode", 0, deployment, self.engine, model.config, self.ctx)
+        scheduler = DecodeScheduler(self.engine, self.ctx, record_digests=True)
+        self.thread = EngineThread("decode", scheduler.has_work, scheduler.step,
+                                   scheduler.fail_all, asyncio.get_running_loop())
+        servicer = DecodeServicer(state, scheduler, self.thread)
+
+        def register(server):
+            worker_pb2_grpc.add_DecodeWorkerServicer_to_server(servicer, server)
+            server.add_generic_rpc_handlers((kv_transfer_handler(servicer),))
+
+        self.server = await start_server("127.0.0.1", 0, key="decode.port", where="test",
+                                         services=[], register=register)
+        state.address = self.server.address
+        self.thread.start()
+        await self.server.set_serving()
+        return self.server.address
+
+    def stop(self):
+        self._run(self.server.stop(0))
+        self.thread.stop()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(HF_FIXTURES / "llama")
+
+
+def _deployment(**serving):
+    return parse_config({"kv": {"page_size": 4, "num_pages": 32}, "serving": serving})
+
+
+@pytest.fixture(scope="module")
+def worker(model):
+    w = DecodeWorker(model, _deployment())
+    yield w
+    w.stop()
+
+
+def _stubs(address):
+    channel = grpc.insecure_channel(address)
+    push = channel.stream_unary(PUSH_KV, request_serializer=None,
+                                response_deserializer=worker_pb2.KVAck.FromString)
+    return worker_pb2_grpc.DecodeWorkerStub(channel), push
+
+
+def _reserve(stub, rid):
+    req = engine_request_to_pb(Request(rid, PROMPT, SamplingParams(max_tokens=4, ignore_eos=True)), 0)
+    call = stub.Decode(worker_pb2.DecodeRequest(request=req), timeout=30)
+    assert next(call).HasField("reserved")
+    return call
+
+
+def _frames(ctx, rid, kv):
+    frames = list(wire.encode_tokens(ctx, rid, kv, 0, 0, len(PROMPT)))
+    return frames + [wire.finish_frame(ctx, rid, len(PROMPT), 7, -0.5)]
+
+
+def _kv(layout, seed=0):
+    shape = (layout.num_layers, 2, layout.model_kv_heads, len(PROMPT), layout.head_dim)
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def _pages_used(stub):
+    return stub.GetLoad(worker_pb2.GetLoadRequest()).kv_pages_used
+
+
+def _pool_is_zero(worker):
+    return all(not np.asarray(layer.k).any() and not np.asarray(layer.v).any()
+               for layer in worker.engine.decode.manager.kv)
+
+
+@pytest.mark.parametrize("corrupt, code", [
+    ("fingerprint", grpc.StatusCode.FAILED_PRECONDITION),
+    ("crc", grpc.StatusCode.DATA_LOSS),
+    ("dtype", grpc.StatusCode.FAILED_PRECONDITION),
+])
+def test_refused_kv_is_never_written_and_frees_the_reservation(worker, corrupt, code):
+    stub, push = _stubs(worker.address)
+    call = _reserve(stub, f"bad-{corrupt}")
+    assert _pages_used(stub) > 0
+    frames = _frames(worker.ctx, f"bad-{corrupt}", _kv(worker.layout))
+    header, payload = wire.parse_frame(frames[0])
+    if corrupt == "fingerprint":
+        header.model_fingerprint = b"\x00" * 16
+    elif corrupt == "dtype":
+        header.dtype = "float16"
+    else:
+        payload = bytearray(payload)
+        payload[3] ^= 1
+    frames[0] = wire.frame(header, bytes(payload))
+    with pytest.raises(grpc.RpcError) as e:
+        push(iter(frames), timeout=30)
+    assert e.value.code() == code
+    with pytest.raises(grpc.RpcError) as e:  # the Decode stream ends with the same status
+        list(call)
+    assert e.value.code() == code
+    assert _pages_used(stub) == 0 and _pool_is_zero(worker)
+
+
+def test_good_kv_is_written_byte_exact_then_decoding_streams(worker):
+    stub, push = _stubs(worker.address)
+    call = _reserve(stub, "good")
+    kv = _kv(worker.layout, seed=1)
+    ack = push(iter(_frames(worker.ctx, "good", kv)), timeout=30)
+    assert ack.request_id == "good" and ack.messages >= 2
+    assert next(call).HasField("kv_received")
+    tokens = [t for ev in call for t in ev.tokens.token_ids]
+    assert len(tokens) == 3  # the first of max_tokens=4 came with the KV
+    digest = worker_pb2_grpc.DecodeWorkerStub(grpc.insecure_channel(worker.address)).GetKVDigests(
+        worker_pb2.KVDigestsRequest(request_ids=["good"])).digests["good"]
+    assert digest.crc32c == wire.crc32c(np.ascontiguousarray(kv).tobytes())
+    assert _pages_used(stub) == 0
+
+
+def test_kv_for_an_unknown_request_is_not_found(worker):
+    _, push = _stubs(worker.address)
+    with pytest.raises(grpc.RpcError) as e:
+        push(iter(_frames(worker.ctx, "nobody", _kv(worker.layout))), timeout=30)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_stream_without_its_finish_message_is_refused(worker):
+    stub, push = _stubs(worker.address)
+    call = _reserve(stub, "unfinished")
+    with pytest.raises(grpc.RpcError) as e:
+        push(iter(_frames(worker.ctx, "unfinished", _kv(worker.layout))[:-1]), timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError):
+        list(call)
+    assert _pages_used(stub) == 0
+
+
+def test_kv_that_never_arrives_times_out_and_frees_pages(model):
+    w = DecodeWorker(model, _deployment(kv_timeout_s=0.3))
+    try:
+        stub, _ = _stubs(w.address)
+        call = _reserve(stub, "late")
+        with pytest.raises(grpc.RpcError) as e:
+            list(call)
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "serving.kv_timeout_s" in e.value.details()
+        assert _pages_used(stub) == 0
+    finally:
+        w.stop()
