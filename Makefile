@@ -1,13 +1,13 @@
 # jaxpd: `make test` and `make demo` each set everything up on a fresh machine by themselves.
 #   make test   create .venv with Python 3.12+, install jaxpd[test] with constraints.txt, run pytest
-#   make demo   same set-up, then generate a continuation with the embedded default model
+#   make demo   same set-up, then serve configs/local.yaml (router, prefill and decode worker
+#               processes), stream a few prompts with their TTFT/TPOT, and shut it all down
 
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
-DEMO_PROMPT ?= It is a truth universally acknowledged, that
 
 # The first Python >= 3.12 found: $PYTHON, python3.12 (what the GPU image runs), python3, any
 # newer python3.1x, then pyenv's versions (3.12 first).
@@ -34,7 +34,7 @@ test: venv
 	$(PY) -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 demo: venv
-	$(VENV)/bin/jaxpd generate --prompt "$(DEMO_PROMPT)" --max-tokens 48 --temperature 0.7 --top-p 0.9 --seed 0
+	$(PY) tools/demo.py --config configs/local.yaml
 
 # Regenerate the committed gRPC/protobuf code in jaxpd/v1 from protos/ (tests/test_protos.py
 # fails when it is stale).

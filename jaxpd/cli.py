@@ -16,37 +16,17 @@ import sys
 import time
 from typing import Sequence
 
+from jaxpd.cli_types import positive_int, prompt_ids
 from jaxpd.errors import JaxpdError
 
 EXIT_USAGE = 2
-
-
-def _prompt_ids(text: str) -> list[int]:
-    try:
-        ids = [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--prompt-ids takes comma-separated integers like 1,2,3; got {text!r}") from None
-    if not ids:
-        raise argparse.ArgumentTypeError("--prompt-ids needs at least one token id")
-    return ids
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", metavar="DIR",
                    help="a Hugging Face folder (config.json + *.safetensors) or a jaxpd orbax "
                         "checkpoint; default: the embedded model trained on Jane Austen")
-    p.add_argument("--tp", type=_positive, default=1, metavar="N",
+    p.add_argument("--tp", type=positive_int, default=1, metavar="N",
                    help="tensor-parallel degree: shard the model over the first N devices (default 1)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (default: the checkpoint's; float32 on CPU)")
@@ -74,12 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     src = gen.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", metavar="TEXT",
                      help="prompt text (repeat for a batch)")
-    src.add_argument("--prompt-ids", action="append", type=_prompt_ids, metavar="IDS",
+    src.add_argument("--prompt-ids", action="append", type=prompt_ids, metavar="IDS",
                      help="prompt as comma-separated token ids, e.g. 1,2,3 (repeat for a batch)")
     src.add_argument("--input", metavar="JSONL",
                      help='batch input: one {"id", "prompt" | "prompt_token_ids", ...} per line')
     gen.add_argument("--output", metavar="JSONL", help="batch output (with --input); appended to")
-    gen.add_argument("--max-tokens", type=_positive, default=32, metavar="N",
+    gen.add_argument("--max-tokens", type=positive_int, default=32, metavar="N",
                      help="tokens to generate per prompt (default 32)")
     gen.add_argument("--temperature", type=float, default=0.0, metavar="T",
                      help="0 = greedy (default); > 0 samples from softmax(logits / T)")

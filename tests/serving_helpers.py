@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import queue
 import re
-import signal
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
 import grpc
 import yaml
 
+from jaxpd.serving.background import ServeProcess
 from jaxpd.v1 import generation_pb2, generation_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,11 +40,10 @@ def write_config(path: Path, **overrides) -> Path:
     return path
 
 
-@dataclasses.dataclass
-class Deployment:
-    process: subprocess.Popen
-    address: str
-    lines: list[str]
+class Deployment(ServeProcess):
+    """A running `jaxpd serve` plus the stubs the tests use."""
+
+    address: str = ""
 
     def channel(self) -> grpc.Channel:
         return grpc.insecure_channel(self.address)
@@ -57,37 +51,11 @@ class Deployment:
     def stub(self) -> generation_pb2_grpc.GenerationStub:
         return generation_pb2_grpc.GenerationStub(self.channel())
 
-    def stop(self, timeout: float = 30) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout)
-
 
 def start(config: Path, timeout: float = 240) -> Deployment:
-    proc = subprocess.Popen([sys.executable, "-m", "jaxpd.cli", "serve", "--config", str(config)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=child_env(), cwd=REPO)
-    lines: list[str] = []
-    found: queue.Queue = queue.Queue()
-
-    def read() -> None:
-        for line in proc.stdout:
-            lines.append(line.rstrip("\n"))
-            m = re.search(r"serving on (\S+)", line)
-            if m:
-                found.put(m.group(1))
-        found.put(None)
-
-    threading.Thread(target=read, daemon=True).start()
-    try:
-        address = found.get(timeout=timeout)
-    except queue.Empty:
-        address = None
-    if address is None:
-        proc.kill()
-        proc.wait()
-        raise RuntimeError("jaxpd serve did not start:\n" + "\n".join(lines[-60:]))
-    return Deployment(proc, address, lines)
+    d = Deployment(config, env=child_env(), cwd=REPO)
+    d.address = d.wait_serving(timeout)
+    return d
 
 
 def pages_in_use(stub) -> dict[str, int]:

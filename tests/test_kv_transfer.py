@@ -20,7 +20,7 @@ from jaxpd.serving.convert import engine_request_to_pb
 from jaxpd.serving.decode_worker import DecodeScheduler, DecodeServicer, kv_transfer_handler
 from jaxpd.serving.engine_thread import EngineThread
 from jaxpd.serving.grpc_server import start_server
-from jaxpd.serving.prefill_worker import PUSH_KV
+from jaxpd.transfer.grpc_stream import PUSH_KV
 from jaxpd.serving.worker_common import WorkerState
 from jaxpd.transfer import wire
 from jaxpd.v1 import worker_pb2, worker_pb2_grpc

@@ -9,26 +9,17 @@ import pytest
 from conftest import HF_FIXTURES
 from jaxpd.engine.prefill import PrefillEngine
 from jaxpd.engine.request import Request, Sequence
-from jaxpd.engine.runner import ModelRunner
-from jaxpd.kv.layout import KVLayout, canonical_heads
-from jaxpd.kv.manager import KVCacheManager
+from jaxpd.kv.layout import canonical_heads
 from jaxpd.model.checkpoint import load_model
 from jaxpd.model.sharding import make_mesh, shard_params
 from jaxpd.transfer import wire
 from jaxpd.v1 import worker_pb2
+from test_transfer import _side
 
 
 @pytest.fixture(scope="module")
 def llama():
     return load_model(HF_FIXTURES / "llama")  # 2 KV heads: TP 4 replicates them
-
-
-def _side(model, devices, tp, pages=32, page_size=4):
-    mesh = make_mesh(devices, tp)
-    layout = KVLayout.for_model(model.config, tp=tp, page_size=page_size)
-    manager = KVCacheManager(layout, pages, mesh)
-    return ModelRunner(model.config, shard_params(model.params, model.config, mesh), mesh, manager,
-                       "reference")
 
 
 def _prefilled(runner, prompt):

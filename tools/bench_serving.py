@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 
@@ -86,8 +85,8 @@ def run_in_process(deployment, requests) -> dict:
 
 def run_served(config_path: Path, requests) -> dict:
     import yaml
-    from demo import start, stop
 
+    from jaxpd.serving.background import ServeProcess
     from jaxpd.serving.client import Client
 
     cfg = yaml.safe_load(config_path.read_text())
@@ -95,12 +94,9 @@ def run_served(config_path: Path, requests) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.yaml"
         path.write_text(yaml.safe_dump(cfg))
-        env_flags = os.environ.pop("XLA_FLAGS", None)  # each role sets its own device count
-        try:
-            proc, address, _ = start(str(path), 300)
-        finally:
-            if env_flags is not None:
-                os.environ["XLA_FLAGS"] = env_flags
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # roles set their own
+        server = ServeProcess(path, env=env, cwd=REPO)
+        address = server.wait_serving(300)
         try:
             with Client(address, timeout=600) as client:
                 def once() -> dict:
@@ -115,7 +111,7 @@ def run_served(config_path: Path, requests) -> dict:
                 once()
                 return once()
         finally:
-            stop(proc)
+            server.stop()
 
 
 def main() -> int:

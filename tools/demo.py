@@ -11,12 +11,7 @@ when all of that worked; otherwise prints what the server said and exits non-zer
 from __future__ import annotations
 
 import argparse
-import queue
-import re
-import signal
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -28,42 +23,6 @@ PROMPTS = [
 ]
 
 
-def start(config: str, timeout: float) -> tuple[subprocess.Popen, str, list[str]]:
-    """Launch `jaxpd serve` and wait for its address; its output is kept for error reports."""
-    proc = subprocess.Popen([sys.executable, "-m", "jaxpd.cli", "serve", "--config", config],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
-    lines: list[str] = []
-    found: queue.Queue = queue.Queue()
-
-    def read() -> None:
-        for line in proc.stdout:
-            lines.append(line.rstrip())
-            match = re.search(r"serving on (\S+)", line)
-            if match:
-                found.put(match.group(1))
-        found.put(None)
-
-    threading.Thread(target=read, daemon=True).start()
-    try:
-        address = found.get(timeout=timeout)
-    except queue.Empty:
-        address = None
-    if address is None:
-        stop(proc)
-        raise SystemExit("jaxpd serve did not start:\n" + "\n".join(lines[-30:]))
-    return proc, address, lines
-
-
-def stop(proc: subprocess.Popen) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(REPO / "configs" / "local.yaml"))
@@ -71,11 +30,18 @@ def main() -> int:
     parser.add_argument("--startup-timeout", type=float, default=240)
     args = parser.parse_args()
 
+    from jaxpd.errors import JaxpdError
+    from jaxpd.serving.background import ServeProcess
     from jaxpd.serving.client import Chunk, Client, collect
 
     began = time.monotonic()
     print(f"starting {args.config} ...", flush=True)
-    proc, address, lines = start(args.config, args.startup_timeout)
+    server = ServeProcess(args.config, cwd=REPO)
+    try:
+        address = server.wait_serving(args.startup_timeout)
+    except JaxpdError as e:
+        print(e, file=sys.stderr)
+        return 1
     print(f"serving on {address} after {time.monotonic() - began:.1f} s\n", flush=True)
     try:
         with Client(address, timeout=120) as client:
@@ -92,9 +58,9 @@ def main() -> int:
                 print(f"\n  [{done.usage.completion_tokens} tokens, {done.finish_reason}; "
                       f"TTFT {done.ttft_s * 1000:.0f} ms, TPOT {tpot}]\n", flush=True)
     finally:
-        code = stop(proc)
+        code = server.stop()
     if code != 0:
-        print("\n".join(lines[-30:]), file=sys.stderr)
+        print("\n".join(server.lines[-30:]), file=sys.stderr)
         return code
     print(f"stopped every process; {time.monotonic() - began:.1f} s in all")
     return 0

@@ -13,6 +13,7 @@ import json
 import sys
 from typing import Any, Iterable, Iterator, TextIO
 
+from jaxpd.cli_types import prompt_ids
 from jaxpd.serving.client import (DEFAULT_ADDRESS, Chunk, Client, ClientError, Completion,
                                   StreamEvent, collect)
 
@@ -46,17 +47,6 @@ summary line (stderr, without --json):
 exit status: 0 on success, 2 on a gRPC error or an unreachable server."""
 
 
-def _prompt_ids(text: str) -> list[int]:
-    try:
-        ids = [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--prompt-ids takes comma-separated integers like 1,2,3; got {text!r}") from None
-    if not ids:
-        raise argparse.ArgumentTypeError("--prompt-ids needs at least one token id")
-    return ids
-
-
 def _seed(text: str) -> int:
     try:
         value = int(text)
@@ -88,7 +78,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", metavar="TEXT",
                      help="prompt text, tokenized by the server (repeat to send several)")
-    src.add_argument("--prompt-ids", action="append", type=_prompt_ids, metavar="IDS",
+    src.add_argument("--prompt-ids", action="append", type=prompt_ids, metavar="IDS",
                      help="prompt as comma-separated token ids, e.g. 1,2,3 (repeatable)")
     p.add_argument("--max-tokens", type=int, metavar="N",
                    help="tokens to generate per prompt (server default 16)")

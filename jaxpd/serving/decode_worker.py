@@ -24,7 +24,7 @@ from jaxpd.engine.request import Request, RequestOutput
 from jaxpd.errors import JaxpdError
 from jaxpd.serving.convert import engine_request_from_pb
 from jaxpd.serving.engine_thread import EngineThread
-from jaxpd.serving.worker_common import WorkerState
+from jaxpd.serving.worker_common import WorkerInfoCalls, WorkerState
 from jaxpd.transfer import wire
 from jaxpd.v1 import worker_pb2, worker_pb2_grpc
 
@@ -166,7 +166,7 @@ class DecodeScheduler:
                 "waiting": len(e.waiting), "transferring": len(e.receiving)}
 
 
-class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
+class DecodeServicer(WorkerInfoCalls, worker_pb2_grpc.DecodeWorkerServicer):
     def __init__(self, state: WorkerState, scheduler: DecodeScheduler, thread: EngineThread):
         self.state, self.scheduler, self.thread = state, scheduler, thread
 
@@ -252,15 +252,6 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
                 self.thread.post(lambda: self.scheduler.fail(
                     request_id, grpc.StatusCode.ABORTED, "the prefill worker cancelled the KV transfer"))
             raise
-
-    async def GetWorkerInfo(self, request, context):
-        return self.state.worker_info()
-
-    async def GetLoad(self, request, context):
-        return self.state.worker_load(self.scheduler.load())
-
-    async def GetKVDigests(self, request, context):
-        return self.state.digests(self.scheduler.digests, request.request_ids)
 
 
 def kv_transfer_handler(servicer: DecodeServicer) -> grpc.GenericRpcHandler:

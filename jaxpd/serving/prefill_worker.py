@@ -18,21 +18,18 @@ from typing import Callable
 
 import grpc
 import jax
-import numpy as np
 
 from jaxpd.engine.prefill import PrefillEngine
 from jaxpd.engine.request import Request, Sequence
 from jaxpd.errors import CapacityError, JaxpdError
 from jaxpd.serving.convert import engine_request_from_pb
 from jaxpd.serving.engine_thread import EngineThread
-from jaxpd.serving.grpc_server import new_channel
-from jaxpd.serving.worker_common import WorkerState
+from jaxpd.serving.worker_common import WorkerInfoCalls, WorkerState
 from jaxpd.transfer import wire
+from jaxpd.transfer.grpc_stream import GrpcKVSender
 from jaxpd.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
-
-PUSH_KV = "/jaxpd.v1.KVTransfer/PushKV"
 
 
 # -- events from the engine thread to a request's handler --------------------------------------
@@ -175,16 +172,10 @@ class PrefillScheduler:
                 "transferring": len(self.sending)}
 
 
-class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
+class PrefillServicer(WorkerInfoCalls, worker_pb2_grpc.PrefillWorkerServicer):
     def __init__(self, state: WorkerState, scheduler: PrefillScheduler, thread: EngineThread):
         self.state, self.scheduler, self.thread = state, scheduler, thread
-        self._channels: dict[str, grpc.aio.Channel] = {}
-
-    def _push_kv(self, target: str):
-        if target not in self._channels:
-            self._channels[target] = new_channel(target)
-        return self._channels[target].stream_unary(
-            PUSH_KV, request_serializer=None, response_deserializer=worker_pb2.KVAck.FromString)
+        self.sender = GrpcKVSender(state.wire, state.deployment.serving.kv_timeout_s)
 
     async def Prefill(self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
         if len(self.scheduler.waiting) >= self.state.deployment.serving.max_waiting:
@@ -192,7 +183,8 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
                                 f"prefill worker {self.state.name}: "
                                 f"{len(self.scheduler.waiting)} requests already waiting")
         if not request.kv_target:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "kv_target: a decode worker address is required")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "kv_target: a decode worker address is required")
         try:
             req, seed = engine_request_from_pb(request.request)
         except JaxpdError as e:
@@ -203,20 +195,15 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
             await self.thread.call(lambda: self.scheduler.add(req, seed, emit))
         except JaxpdError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        push = self._push_kv(request.kv_target)(timeout=self.state.deployment.serving.kv_timeout_s)
-        released, first, sent_bytes, messages = False, None, 0, 0
+        kv = self.sender.open(request.kv_target, req.id)
+        released, first = False, None
         try:
             while True:
                 ev = await events.get()
                 if isinstance(ev, Failed):
                     await context.abort(ev.code, ev.message)
                 elif isinstance(ev, KVReady):
-                    frames = await asyncio.get_running_loop().run_in_executor(
-                        None, self._encode, req.id, ev)
-                    for f in frames:
-                        await push.write(f)
-                    sent_bytes += sum(map(len, frames))
-                    messages += len(frames)
+                    await kv.send_tokens(ev.array, ev.offset, ev.start, ev.end)
                 elif isinstance(ev, Prefilled):
                     first = ev
                     yield worker_pb2.PrefillEvent(first_token=worker_pb2.FirstToken(
@@ -227,32 +214,15 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
                         return
                 elif isinstance(ev, KVComplete):
                     break
-            await push.write(wire.finish_frame(self.state.wire, req.id, len(req.prompt_ids),
-                                               first.token, first.logprob))
-            await push.done_writing()
-            await push
+            await kv.finish(len(req.prompt_ids), first.token, first.logprob)
             self.thread.post(lambda: self.scheduler.release(req.id))
             released = True
-            yield worker_pb2.PrefillEvent(kv_sent=worker_pb2.KVSent(bytes=sent_bytes,
-                                                                    messages=messages + 1))
+            yield worker_pb2.PrefillEvent(kv_sent=worker_pb2.KVSent(bytes=kv.bytes,
+                                                                    messages=kv.messages))
         except grpc.aio.AioRpcError as e:
             await context.abort(e.code(), f"KV push to decode worker {request.kv_target} failed: "
                                           f"{e.details()}")
         finally:
             if not released:
-                push.cancel()
+                kv.cancel()
                 self.thread.post(lambda: self.scheduler.release(req.id))
-
-    def _encode(self, request_id: str, ev: KVReady) -> list[bytes]:
-        """Off the event loop: wait for the gather, copy to the host, frame."""
-        host = np.asarray(jax.device_get(ev.array))
-        return list(wire.encode_tokens(self.state.wire, request_id, host, ev.offset, ev.start, ev.end))
-
-    async def GetWorkerInfo(self, request, context):
-        return self.state.worker_info()
-
-    async def GetLoad(self, request, context):
-        return self.state.worker_load(self.scheduler.load())
-
-    async def GetKVDigests(self, request, context):
-        return self.state.digests(self.scheduler.digests, request.request_ids)

@@ -67,3 +67,16 @@ def local_deployment(deployment: DeploymentConfig, tp: int) -> DeploymentConfig:
     0..tp-1 (the launcher made exactly its own devices visible)."""
     return deployment.model_copy(update={
         "mode": "colocated", "prefill": MeshSection(devices=list(range(tp)), tp=tp), "decode": None})
+
+
+class WorkerInfoCalls:
+    """The read-only calls both worker services answer the same way (needs `state`, `scheduler`)."""
+
+    async def GetWorkerInfo(self, request, context):
+        return self.state.worker_info()
+
+    async def GetLoad(self, request, context):
+        return self.state.worker_load(self.scheduler.load())
+
+    async def GetKVDigests(self, request, context):
+        return self.state.digests(self.scheduler.digests, request.request_ids)

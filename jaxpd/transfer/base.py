@@ -1,8 +1,22 @@
-"""The one interface every KV transport implements, so the scheduler never cares how KV moves."""
+"""The two KV hand-off seams, so schedulers never care how KV moves.
+
+- `KVTransport` (in one process): copy pages from one mesh's pool into another's, resharding on
+  the way. `DeviceTransport` (device_put) implements it; the in-process disaggregated engine
+  (`jaxpd generate --config ...disaggregated...`) uses it.
+- Across processes a request's KV is a stream of messages in the canonical wire format
+  (`wire.py`: the model's KV heads, no TP replication, little-endian, CRC-32C and model
+  fingerprint per message), pushed while prefill runs and written into the receiver's pool in
+  its own TP layout. A sender has `open(target, request_id)` returning a stream with
+  `send_tokens`, `finish` and `cancel` (asynchronous); `grpc_stream.GrpcKVSender` implements it
+  over `KVTransfer.PushKV`, and the decode worker's PushKV handler is the receiving half.
+  Another transport (JAX's transfer server, RDMA) would implement the same three calls.
+"""
 
 from __future__ import annotations
 
 from typing import Protocol
+
+import jax
 
 from jaxpd.kv.manager import KVCacheManager
 
@@ -17,3 +31,21 @@ class KVTransport(Protocol):
         enqueued on the destination; later reads of `dst.kv` see it.
         """
         ...
+
+
+class KVStream(Protocol):
+    """One request's KV on its way to another process."""
+
+    async def send_tokens(self, array: jax.Array, offset: int, start: int, end: int) -> None:
+        """Send tokens [start, end) of a `wire.gather_tokens` result (at `offset` in it)."""
+
+    async def finish(self, num_tokens: int, first_token: int, first_logprob: float):
+        """Send the end of the request's KV; returns once the receiver holds all of it."""
+
+    def cancel(self) -> None:
+        """Abandon the stream; the receiver frees what it reserved."""
+
+
+class KVSender(Protocol):
+    def open(self, target: str, request_id: str) -> KVStream:
+        """A stream for `request_id`'s KV to the worker at `target` (host:port)."""

@@ -1,0 +1,71 @@
+"""KV over gRPC: one client stream (`KVTransfer.PushKV`) per request, prefill -> decode.
+
+The sending half of the cross-process transport (the receiving half is the decode worker's
+PushKV handler, which parses and checks frames with `wire.parse_frame` / `wire.check_piece`).
+Frames are built off the event loop (the device-to-host copy, the CRC and the one payload copy
+are the expensive parts) and written in order; the call carries a deadline so a decode worker
+that stops reading cannot strand the request's pages on the prefill side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import jax
+import numpy as np
+
+from jaxpd.serving.grpc_server import new_channel
+from jaxpd.transfer import wire
+from jaxpd.v1 import worker_pb2
+
+PUSH_KV = "/jaxpd.v1.KVTransfer/PushKV"
+
+
+class GrpcKVSender:  # implements transfer.base.KVSender
+    """Opens KV streams to decode workers, one channel per worker, reused across requests."""
+
+    def __init__(self, ctx: wire.WireContext, timeout_s: float):
+        self.ctx, self.timeout_s = ctx, timeout_s
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def open(self, target: str, request_id: str) -> GrpcKVStream:
+        if target not in self._channels:
+            self._channels[target] = new_channel(target)
+        call = self._channels[target].stream_unary(
+            PUSH_KV, request_serializer=None,
+            response_deserializer=worker_pb2.KVAck.FromString)(timeout=self.timeout_s)
+        return GrpcKVStream(self.ctx, call, request_id)
+
+
+class GrpcKVStream:
+    """One request's KV stream. Errors surface as `grpc.aio.AioRpcError` with the receiver's
+    status (FAILED_PRECONDITION for another model, DATA_LOSS for a bad checksum...)."""
+
+    def __init__(self, ctx: wire.WireContext, call, request_id: str):
+        self.ctx, self._call, self.request_id = ctx, call, request_id
+        self.bytes = self.messages = 0
+
+    async def send_tokens(self, array: jax.Array, offset: int, start: int, end: int) -> None:
+        """Tokens [start, end) of a `wire.gather_tokens` result (still on device)."""
+        frames = await asyncio.get_running_loop().run_in_executor(
+            None, self._encode, array, offset, start, end)
+        for f in frames:
+            await self._call.write(f)
+        self.bytes += sum(map(len, frames))
+        self.messages += len(frames)
+
+    def _encode(self, array: jax.Array, offset: int, start: int, end: int) -> list[bytes]:
+        host = np.asarray(jax.device_get(array))
+        return list(wire.encode_tokens(self.ctx, self.request_id, host, offset, start, end))
+
+    async def finish(self, num_tokens: int, first_token: int, first_logprob: float) -> worker_pb2.KVAck:
+        """Send the finish message; returns once the receiver holds all of the KV."""
+        await self._call.write(wire.finish_frame(self.ctx, self.request_id, num_tokens,
+                                                 first_token, first_logprob))
+        self.messages += 1
+        await self._call.done_writing()
+        return await self._call
+
+    def cancel(self) -> None:
+        self._call.cancel()

@@ -1,0 +1,93 @@
+"""`jaxpd serve` beyond the default deployment: the colocated mode, and start-up errors that
+name the config key to fix."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import socket
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+import serving_helpers as sh
+from jaxpd.v1 import generation_pb2 as pb
+
+pytestmark = pytest.mark.xdist_group("serving-colocated")
+
+
+@pytest.mark.slow
+def test_colocated_deployment_serves_the_same_tokens(tmp_path):
+    from jaxpd.config import parse_config
+    from jaxpd.engine.builder import build_engine
+    from jaxpd.engine.request import Request
+    from jaxpd.engine.sampling import SamplingParams
+    from jaxpd.model.checkpoint import load_model
+    from jaxpd.tokenizer import merge_tokenizer_eos, tokenizer_for_checkpoint
+
+    config = tmp_path / "colocated.yaml"
+    cfg = yaml.safe_load((sh.REPO / "configs" / "local-colocated.yaml").read_text())
+    cfg["serving"]["router"]["port"] = 0
+    cfg["scheduler"]["chunk_size"] = 32
+    config.write_text(yaml.safe_dump(cfg))
+    prompts = [[5 + i] * n for i, n in enumerate((3, 40, 90))]
+    d = sh.start(config)
+    try:
+        stub = d.stub()
+        info = stub.GetServerInfo(pb.GetServerInfoRequest())
+        assert info.mode == "colocated" and info.kv_transport == "none"
+        assert [(w.role, w.tp) for w in info.workers] == [("colocated", 2)]
+
+        def generate(prompt):
+            req = pb.GenerateRequest(sampling=pb.SamplingParams(max_tokens=12))
+            req.prompt_token_ids.ids.extend(prompt)
+            return [t for r in stub.Generate(req, timeout=120) for t in r.chunk.token_ids]
+
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            served = list(pool.map(generate, prompts))
+        ok, used = sh.wait_pages_free(stub, within=1.0)
+        assert ok, used
+    finally:
+        assert d.stop() == 0, "\n".join(d.lines[-30:])
+    model = load_model()
+    engine = build_engine(merge_tokenizer_eos(model.config, tokenizer_for_checkpoint(model.folder)),
+                          model.params, parse_config({"kv": {"num_pages": 256}}))
+    expected = engine.run_to_completion(
+        [Request(str(i), tuple(p), SamplingParams(max_tokens=12)) for i, p in enumerate(prompts)])
+    assert served == [list(expected[str(i)].token_ids) for i in range(len(prompts))]
+
+
+def _serve(config, timeout=60):
+    return subprocess.run([sys.executable, "-m", "jaxpd.cli", "serve", "--config", str(config)],
+                          capture_output=True, text=True, timeout=timeout, env=sh.child_env(),
+                          cwd=sh.REPO)
+
+
+@pytest.mark.parametrize("section, key", [("serving", "serving.router.port"), ("decode", "decode.port")])
+def test_port_in_use_names_the_key(tmp_path, section, key):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        override = ({"router": {"host": "127.0.0.1", "port": port}} if section == "serving"
+                    else {"devices": [2], "tp": 1, "port": port})
+        result = _serve(sh.write_config(tmp_path / "busy.yaml", **{section: override}))
+    assert result.returncode == 2
+    assert f"busy.yaml: {key}: 127.0.0.1:{port} is already in use" in result.stderr
+
+
+def test_config_errors_and_role_mismatch(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("serving: {router: {prot: 5}}\n")
+    result = _serve(bad)
+    assert result.returncode == 2 and "bad.yaml: serving.router.prot: unknown key" in result.stderr
+    config = sh.write_config(tmp_path / "ok.yaml")
+    result = subprocess.run([sys.executable, "-m", "jaxpd.cli", "serve", "colocated", "--config",
+                             str(config)], capture_output=True, text=True, timeout=60,
+                            env=sh.child_env(), cwd=sh.REPO)
+    assert result.returncode == 2 and "role 'colocated' needs mode: colocated" in result.stderr
+    result = subprocess.run([sys.executable, "-m", "jaxpd.cli", "serve", "router", "--config",
+                             str(config)], capture_output=True, text=True, timeout=60,
+                            env=sh.child_env(), cwd=sh.REPO)
+    assert result.returncode == 2 and "prefill.port: set the workers' port" in result.stderr
