@@ -4,15 +4,20 @@ name the config key to fix."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import socket
 import subprocess
 import sys
+import threading
+import time
 
+import grpc
 import pytest
 import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import serving_helpers as sh
-from jaxpd.v1 import generation_pb2 as pb
+from jaxpd.v1 import generation_pb2 as pb, generation_pb2_grpc
 
 pytestmark = pytest.mark.xdist_group("serving-colocated")
 
@@ -91,3 +96,86 @@ def test_config_errors_and_role_mismatch(tmp_path):
                              str(config)], capture_output=True, text=True, timeout=60,
                             env=sh.child_env(), cwd=sh.REPO)
     assert result.returncode == 2 and "prefill.port: set the workers' port" in result.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _role(role: str, config, replica: int = 0) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "jaxpd.cli", "serve", role, "--config",
+                             str(config), "--replica", str(replica)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=sh.child_env(), cwd=sh.REPO)
+
+
+def _ready(proc: subprocess.Popen, timeout: float = 180) -> str:
+    """The address from a role's JAXPD_READY line (its other output is drained)."""
+    found = []
+    done = threading.Event()
+
+    def read():
+        for line in proc.stdout:
+            if line.startswith("JAXPD_READY ") and not found:
+                found.append(json.loads(line.split(" ", 1)[1])["address"])
+                done.set()
+        done.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    assert done.wait(timeout) and found, f"role exited with {proc.poll()}"
+    return found[0]
+
+
+@pytest.mark.slow
+def test_roles_started_one_by_one_and_a_restarted_worker_rejoins(tmp_path):
+    """Multi-host style: each role its own `jaxpd serve ROLE`, found through the config's ports.
+    The router reports NOT_SERVING while the decode worker is down and recovers without a
+    restart when it comes back."""
+    config = sh.write_config(tmp_path / "roles.yaml",
+                             prefill={"devices": [0, 1], "tp": 2, "port": _free_port()},
+                             decode={"devices": [2], "tp": 1, "port": _free_port()},
+                             serving={"router": {"host": "127.0.0.1", "port": _free_port()}})
+    procs = {"prefill": _role("prefill", config), "decode": _role("decode", config)}
+    try:
+        for name in ("prefill", "decode"):
+            _ready(procs[name])
+        procs["router"] = _role("router", config)
+        address = _ready(procs["router"])
+        stub = generation_pb2_grpc.GenerationStub(grpc.insecure_channel(address))
+        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(address))
+
+        def status():
+            return health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+
+        def generate():
+            req = pb.GenerateRequest(sampling=pb.SamplingParams(max_tokens=4))
+            req.prompt_token_ids.ids.extend([5, 6, 7])
+            return [t for r in stub.Generate(req, timeout=60) for t in r.chunk.token_ids]
+
+        first = generate()
+        assert len(first) == 4 and status() == health_pb2.HealthCheckResponse.SERVING
+        procs["decode"].terminate()
+        procs["decode"].wait(30)
+        assert _eventually(lambda: status() == health_pb2.HealthCheckResponse.NOT_SERVING)
+        with pytest.raises(grpc.RpcError) as e:
+            generate()
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        procs["decode"] = _role("decode", config)
+        _ready(procs["decode"])
+        assert _eventually(lambda: status() == health_pb2.HealthCheckResponse.SERVING)
+        assert generate() == first
+    finally:
+        for proc in procs.values():
+            proc.terminate()
+        for proc in procs.values():
+            assert proc.wait(30) is not None
+
+
+def _eventually(check, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.1)
+    return False

@@ -3,8 +3,8 @@
     python tools/bench_serving.py --config configs/local.yaml --requests 16
 
 Both sides get one fixed workload (seeded random prompts of `--prompt-len` tokens, exactly
-`--output-len` tokens out, greedy, EOS ignored), all requests at once. Each side runs it twice
-and reports the second run (the first compiles the shape buckets):
+`--output-len` tokens out, greedy, EOS ignored), all requests at once. Each side runs it
+`--warmup` times with other tokens first (compiling the shape buckets) and reports the last run:
 - `in_process`: the engine of `jaxpd generate` in this process, on the config's meshes
   (disaggregated: KV moved with device_put), timed from the engine's step outputs;
 - `served`: `jaxpd serve --config` (router, workers and KV over gRPC, each its own process),
@@ -38,10 +38,15 @@ def _range(text: str) -> tuple[int, int]:
     return int(lo), int(hi or lo)
 
 
-def workload(n: int, prompt: tuple[int, int], output: tuple[int, int], vocab: int, seed: int):
+def workload(n: int, prompt: tuple[int, int], output: tuple[int, int], vocab: int, seed: int,
+             runs: int):
+    """`runs` request lists with the same lengths and different tokens: warm-up runs compile the
+    measured run's shapes, and their prompts leave nothing in the prefix cache that the
+    measured (last) run could hit."""
     rng = random.Random(seed)
-    return [([rng.randrange(2, vocab) for _ in range(rng.randint(*prompt))], rng.randint(*output))
-            for _ in range(n)]
+    lengths = [(rng.randint(*prompt), rng.randint(*output)) for _ in range(n)]
+    return [[([rng.randrange(2, vocab) for _ in range(p)], o) for p, o in lengths]
+            for _ in range(runs)]
 
 
 def summary(ttft: list[float], tpot: list[float], wall: float, tokens: int) -> dict:
@@ -53,7 +58,7 @@ def summary(ttft: list[float], tpot: list[float], wall: float, tokens: int) -> d
             "output_tokens_per_s": round(tokens / wall, 1)}
 
 
-def run_in_process(deployment, requests) -> dict:
+def run_in_process(deployment, runs) -> dict:
     from jaxpd.engine.builder import build_engine
     from jaxpd.engine.request import Request
     from jaxpd.engine.sampling import SamplingParams
@@ -62,7 +67,7 @@ def run_in_process(deployment, requests) -> dict:
     model = load_model(deployment.model.checkpoint, None, deployment.model.dtype)
     engine = build_engine(model.config, model.params, deployment)
 
-    def once(tag: str) -> dict:
+    def once(tag: str, requests) -> dict:
         start = time.perf_counter()
         for i, (prompt, out) in enumerate(requests):
             engine.add_request(Request(f"{tag}{i}", tuple(prompt),
@@ -79,11 +84,12 @@ def run_in_process(deployment, requests) -> dict:
         tpot = [(last[k] - first[k]) / (count[k] - 1) for k in first if count[k] > 1]
         return summary(ttft, tpot, wall, sum(count.values()))
 
-    once("warm")
-    return once("run")
+    for i, warm in enumerate(runs[:-1]):
+        once(f"warm{i}-", warm)
+    return once("run", runs[-1])
 
 
-def run_served(config_path: Path, requests) -> dict:
+def run_served(config_path: Path, runs) -> dict:
     import yaml
 
     from jaxpd.serving.background import ServeProcess
@@ -99,7 +105,7 @@ def run_served(config_path: Path, requests) -> dict:
         address = server.wait_serving(300)
         try:
             with Client(address, timeout=600) as client:
-                def once() -> dict:
+                def once(requests) -> dict:
                     start_t = time.perf_counter()
                     with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
                         done = list(pool.map(lambda r: client.complete(
@@ -108,8 +114,9 @@ def run_served(config_path: Path, requests) -> dict:
                     wall = time.perf_counter() - start_t
                     return summary([d.ttft_s for d in done], [d.tpot_s for d in done if d.tpot_s],
                                    wall, sum(d.usage.completion_tokens for d in done))
-                once()
-                return once()
+                for warm in runs[:-1]:
+                    once(warm)
+                return once(runs[-1])
         finally:
             server.stop()
 
@@ -121,6 +128,9 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=_range, default=(64, 256), metavar="LO,HI")
     ap.add_argument("--output-len", type=_range, default=(32, 64), metavar="LO,HI")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--warmup", type=int, default=3,
+                    help="warm-up runs before the measured one (served batches vary run to run, "
+                         "so several are needed to compile their shapes)")
     ap.add_argument("--skip-in-process", action="store_true")
     args = ap.parse_args()
 
@@ -129,15 +139,17 @@ def main() -> int:
 
     deployment = load_config(args.config)
     vocab = load_model_config(deployment.model.checkpoint).vocab_size
-    requests = workload(args.requests, args.prompt_len, args.output_len, vocab, args.seed)
+    runs = workload(args.requests, args.prompt_len, args.output_len, vocab, args.seed,
+                    args.warmup + 1)
+    requests = runs[-1]
     result = {"command": " ".join(sys.argv), "date": datetime.date.today().isoformat(),
               "host": {"nproc": os.cpu_count(), "platform": platform.platform()},
               "config": args.config, "mode": deployment.mode, "requests": len(requests),
               "prompt_tokens": sum(len(p) for p, _ in requests),
               "output_tokens": sum(o for _, o in requests)}
-    result["served"] = run_served(Path(args.config), requests)
+    result["served"] = run_served(Path(args.config), runs)
     if not args.skip_in_process:
-        result["in_process"] = run_in_process(deployment, requests)
+        result["in_process"] = run_in_process(deployment, runs)
         s, i = result["served"], result["in_process"]
         result["served_over_in_process"] = {
             "ttft_p50": round(s["ttft_s"]["p50"] / i["ttft_s"]["p50"], 3),

@@ -152,9 +152,8 @@ class DecodeScheduler:
         tokens = worker_pb2.Tokens(token_ids=new, finish_reason=out.finish_reason or "")
         if out.logprobs is not None:
             tokens.logprobs.extend(out.logprobs[len(out.token_ids) - len(new):])
-        matched = getattr(out, "matched_token_id", None)
-        if out.finished and matched is not None:
-            tokens.matched_token_id = matched
+        if out.finished and out.matched_token_id is not None:
+            tokens.matched_token_id = out.matched_token_id
         if new or out.finished:
             sub.emit(worker_pb2.DecodeEvent(tokens=tokens))
         if out.finished:

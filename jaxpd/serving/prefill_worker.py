@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import logging
 import time
 from typing import Callable
 
@@ -29,8 +28,6 @@ from jaxpd.transfer import wire
 from jaxpd.transfer.grpc_stream import GrpcKVSender
 from jaxpd.v1 import worker_pb2, worker_pb2_grpc
 
-log = logging.getLogger(__name__)
-
 
 # -- events from the engine thread to a request's handler --------------------------------------
 @dataclasses.dataclass(frozen=True)
@@ -45,8 +42,7 @@ class KVReady:
 class Prefilled:
     token: int
     logprob: float
-    finish_reason: str | None
-    matched_token_id: int | None
+    finish_reason: str | None  # set when the first token ends the request (it is then the match)
     cached_tokens: int
     queue_s: float
     prefill_s: float
@@ -129,7 +125,7 @@ class PrefillScheduler:
     def _prefilled(self, job: _Job) -> None:
         seq, now = job.seq, time.monotonic()
         job.emit(Prefilled(seq.output_ids[0], seq.logprobs[0], seq.finish_reason,
-                           getattr(seq, "matched_token_id", None), seq.prompt_tokens_cached,
+                           seq.prompt_tokens_cached,
                            job.started - job.arrived, now - job.started))
         if seq.finish_reason is not None:  # nothing for a decode worker to continue
             self._release(seq)

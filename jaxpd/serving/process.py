@@ -179,6 +179,7 @@ async def _serve_router(deployment: DeploymentConfig, where: str, prefill: list[
         r.host, r.port, key="serving.router.port", where=where, services=["jaxpd.v1.Generation"],
         register=lambda s: generation_pb2_grpc.add_GenerationServicer_to_server(router, s))
     router.address = server.address
+    router.on_health = server.set_serving
     await server.set_serving()
     log.info("router serving on %s (%d prefill, %d decode workers)", server.address,
              len(prefill_addrs), len(decode_addrs))

@@ -18,6 +18,7 @@ import logging
 import random
 import time
 import uuid
+from typing import Awaitable, Callable
 
 import grpc
 
@@ -101,6 +102,8 @@ class Router(generation_pb2_grpc.GenerationServicer):
         self.inflight: dict[str, asyncio.Event] = {}
         self._rng = random.Random()
         self._poller: asyncio.Task | None = None
+        self.on_health: Callable[[bool], Awaitable[None]] | None = None  # set by the server
+        self.healthy = True
 
     # -- start-up --------------------------------------------------------------------------------
     async def connect(self, timeout: float) -> None:
@@ -142,9 +145,18 @@ class Router(generation_pb2_grpc.GenerationServicer):
         return list(await asyncio.gather(*(one(w) for w in self._workers())))
 
     async def _poll_forever(self) -> None:
+        """Keep loads fresh; health is NOT_SERVING while every worker of a role is unreachable."""
         while True:
             await asyncio.sleep(LOAD_POLL_S)
             await self._poll_loads()
+            groups = [g for g in (self.prefill_workers, self.decode_workers) if g]
+            healthy = all(any(w.load is not None for w in g) for g in groups)
+            if healthy != self.healthy:
+                self.healthy = healthy
+                log.warning("router is %s", "serving again" if healthy else
+                            "NOT_SERVING: no worker of a role answers")
+                if self.on_health is not None:
+                    await self.on_health(healthy)
 
     # -- choosing workers ------------------------------------------------------------------------
     def _decode_order(self, tokens_needed: int) -> list[WorkerHandle]:
@@ -157,7 +169,8 @@ class Router(generation_pb2_grpc.GenerationServicer):
 
     def _choose_prefill(self, prompt: tuple[int, ...]) -> WorkerHandle:
         """The least busy prefill worker, or one nearly as idle that likely holds the prefix."""
-        hashes = block_hashes(prompt[:-1], self.deployment.kv.page_size)[:64]
+        page_size = self.deployment.kv.page_size
+        hashes = block_hashes(prompt[:min(len(prompt) - 1, 64 * page_size)], page_size)
 
         def cached_blocks(w: WorkerHandle) -> int:
             n = 0
