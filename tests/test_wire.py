@@ -12,6 +12,7 @@ from jaxpd.engine.request import Request, Sequence
 from jaxpd.kv.layout import canonical_heads
 from jaxpd.model.checkpoint import load_model
 from jaxpd.model.sharding import make_mesh, shard_params
+from jaxpd.kv.layout import KVLayout
 from jaxpd.transfer import wire
 from jaxpd.v1 import worker_pb2
 from test_transfer import _side
@@ -116,3 +117,19 @@ def test_fingerprint_tracks_weights_not_mesh(devices, llama):
     nudged = jax.tree_util.tree_map(lambda x: x, llama.params)
     nudged["embed_tokens"] = {"weight": nudged["embed_tokens"]["weight"].at[0, 0].add(1.0)}
     assert wire.model_fingerprint(llama.config, nudged) != fp
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_every_kv_dtype_frames_and_parses_bit_exact(dtype):
+    layout = KVLayout(num_layers=3, model_kv_heads=2, head_repeat=1, head_dim=8, page_size=4,
+                      dtype=dtype, tp=1)
+    ctx = wire.WireContext(b"f" * 16, layout, max_message_bytes=200)
+    kv = np.random.default_rng(0).standard_normal((3, 2, 2, 9, 8)).astype(wire.WIRE_DTYPES[dtype])
+    frames = list(wire.encode_tokens(ctx, "r", kv, 0, 0, 9))
+    assert len(frames) > 3
+    out = np.zeros_like(kv)
+    for raw in frames:
+        piece = wire.check_piece(ctx, *wire.parse_frame(raw))
+        h = piece.header
+        out[h.layer_start:h.layer_end, :, :, h.token_start:h.token_end] = piece.array
+    assert out.tobytes() == kv.tobytes()

@@ -47,17 +47,21 @@ class GrpcKVStream:
         self.bytes = self.messages = 0
 
     async def send_tokens(self, array: jax.Array, offset: int, start: int, end: int) -> None:
-        """Tokens [start, end) of a `wire.gather_tokens` result (still on device)."""
-        frames = await asyncio.get_running_loop().run_in_executor(
-            None, self._encode, array, offset, start, end)
-        for f in frames:
-            await self._call.write(f)
-        self.bytes += sum(map(len, frames))
-        self.messages += len(frames)
+        """Tokens [start, end) of a `wire.gather_tokens` result (still on device).
 
-    def _encode(self, array: jax.Array, offset: int, start: int, end: int) -> list[bytes]:
-        host = np.asarray(jax.device_get(array))
-        return list(wire.encode_tokens(self.ctx, self.request_id, host, offset, start, end))
+        Frames are built one ahead of the write, off the event loop: building frame k+1
+        overlaps sending frame k, and only two frames are alive at a time (freed memory is
+        reused instead of faulting in fresh pages for every frame)."""
+        loop = asyncio.get_running_loop()
+        host = await loop.run_in_executor(None, lambda: np.asarray(jax.device_get(array)))
+        frames = wire.encode_tokens(self.ctx, self.request_id, host, offset, start, end)
+        pending = loop.run_in_executor(None, next, frames, None)
+        while (f := await pending) is not None:
+            pending = loop.run_in_executor(None, next, frames, None)
+            await self._call.write(f)
+            self.bytes += len(f)
+            self.messages += 1
+            del f
 
     async def finish(self, num_tokens: int, first_token: int, first_logprob: float) -> worker_pb2.KVAck:
         """Send the finish message; returns once the receiver holds all of the KV."""

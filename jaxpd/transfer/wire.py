@@ -141,7 +141,8 @@ def encode_tokens(ctx: WireContext, request_id: str, host: np.ndarray, offset: i
                           ctx.max_message_bytes)
     for l0, l1, t0, t1 in pieces:
         block = host[l0:l1, :, :, offset + t0:offset + t1]
-        payload = np.ascontiguousarray(block, dtype=ctx.wire_dtype).data.cast("B")
+        # uint8 view: bfloat16 (ml_dtypes) arrays do not export the buffer protocol
+        payload = np.ascontiguousarray(block, dtype=ctx.wire_dtype).view(np.uint8).reshape(-1).data
         header = worker_pb2.KVHeader(
             request_id=request_id, layer_start=l0, layer_end=l1, token_start=start + t0,
             token_end=start + t1, head_start=0, head_end=layout.model_kv_heads,
