@@ -4,6 +4,7 @@ checksum is refused and never written; every failure frees the reserved pages.""
 from __future__ import annotations
 
 import asyncio
+import time
 import threading
 
 import grpc
@@ -189,3 +190,27 @@ def test_kv_that_never_arrives_times_out_and_frees_pages(model):
         assert _pages_used(stub) == 0
     finally:
         w.stop()
+
+
+def test_a_full_pool_is_resource_exhausted_and_the_worker_keeps_serving(worker):
+    stub, push = _stubs(worker.address)
+    long = tuple(range(3, 103))  # 100 tokens: 26 of the pool's 31 pages
+
+    def decode(rid):
+        req = engine_request_to_pb(Request(rid, long, SamplingParams(max_tokens=4)), 0)
+        return stub.Decode(worker_pb2.DecodeRequest(request=req), timeout=30)
+
+    holder = decode("holder")
+    assert next(holder).HasField("reserved")
+    with pytest.raises(grpc.RpcError) as e:
+        next(decode("second"))
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "no free KV pages" in e.value.details()
+    holder.cancel()
+    deadline = time.monotonic() + 2
+    while _pages_used(stub) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _pages_used(stub) == 0
+    third = decode("third")
+    assert next(third).HasField("reserved")  # room again
+    third.cancel()
