@@ -110,7 +110,9 @@ def test_concurrent_streams_equal_the_offline_engine_and_kv_bytes_match(served, 
         assert complete.finish_reason == expected[rid].finish_reason
         assert complete.usage.prompt_tokens == len(prompt)
         assert complete.usage.completion_tokens == len(tokens)
-        assert complete.timings.ttft_s > 0 and complete.timings.total_s >= complete.timings.ttft_s
+        t = complete.timings
+        assert 0 <= t.queue_s < t.ttft_s and 0 < t.prefill_s < t.ttft_s <= t.total_s, t
+        assert t.transfer_s >= 0
     # The KV bytes the decode worker holds equal the bytes the prefill worker computed.
     workers = _workers(stub)
     digests = {}

@@ -197,6 +197,8 @@ def run_role(role: str, deployment: DeploymentConfig, where: str, *, replica: in
     """Run one role until SIGTERM/SIGINT. Raises JaxpdError for what the user must fix."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s {role}-{replica} %(levelname)s %(message)s")
+    # jax logs every accelerator platform it probes and does not find (e.g. libtpu) at INFO
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     if role == "router":
         asyncio.run(_serve_router(deployment, where, prefill_addresses, decode_addresses))
         return

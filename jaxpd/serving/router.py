@@ -233,6 +233,7 @@ class Router(generation_pb2_grpc.GenerationServicer):
         abort_task.add_done_callback(lambda _: events.put_nowait(("abort", None)))
         prefill_worker = None
         try:
+            progress.worker_queue_from = time.monotonic()
             decode_worker, decode_call = await self._open_decode(engine_request, valid)
             pump("decode", decode_call)
             if not self.local_prefill:
@@ -255,38 +256,20 @@ class Router(generation_pb2_grpc.GenerationServicer):
                         raise RequestFailed(grpc.StatusCode.INTERNAL, f"decode worker "
                                             f"{decode_worker.address} ended the stream early")
                     continue
-                kind = ev.WhichOneof("event")
+                kind, ready = ev.WhichOneof("event"), []
                 if kind == "first_token":
-                    ft = ev.first_token
                     prefill_worker.in_flight -= 1
-                    progress.cached_tokens, progress.prefill_s = ft.cached_tokens, ft.prefill_s
-                    progress.queue_s = progress.worker_queue_from - received + ft.queue_s
-                    tokens = worker_pb2.Tokens(token_ids=[ft.token_id], finish_reason=ft.finish_reason)
-                    if valid.sampling.logprobs:
-                        tokens.logprobs.append(ft.logprob)
-                    if ft.finish_reason and ft.finish_reason == "stop":
-                        tokens.matched_token_id = ft.token_id
-                    for out in self._emit(rid, tokens, progress, stream, valid):
-                        yield out
-                        if out.HasField("complete"):
-                            return
-                    for t in held:
-                        for out in self._emit(rid, t, progress, stream, valid):
-                            yield out
-                            if out.HasField("complete"):
-                                return
+                    ready = [self._first_token(ev.first_token, progress, valid), *held]
                     held.clear()
                 elif kind == "prefilled":
-                    p = ev.prefilled
-                    progress.cached_tokens, progress.prefill_s = p.cached_tokens, p.prefill_s
-                    progress.queue_s = progress.worker_queue_from - received + p.queue_s
+                    self._prefilled(ev.prefilled, progress)
                 elif kind == "kv_received":
                     progress.kv_in_at = time.monotonic()
                 elif kind == "tokens":
-                    if not self.local_prefill and progress.first_token_at is None:
-                        held.append(ev.tokens)
-                        continue
-                    for out in self._emit(rid, ev.tokens, progress, stream, valid):
+                    waiting = not self.local_prefill and progress.first_token_at is None
+                    (held if waiting else ready).append(ev.tokens)
+                for tokens in ready:
+                    for out in self._emit(rid, tokens, progress, stream, valid):
                         yield out
                         if out.HasField("complete"):
                             return
@@ -298,6 +281,23 @@ class Router(generation_pb2_grpc.GenerationServicer):
                 call.cancel()
             for task in tasks:
                 task.cancel()
+
+    @staticmethod
+    def _first_token(ft: worker_pb2.FirstToken, progress: _Progress,
+                     valid: ValidRequest) -> worker_pb2.Tokens:
+        """The prefill worker's first token as the decode stream's Tokens, timings recorded."""
+        Router._prefilled(ft, progress)
+        tokens = worker_pb2.Tokens(token_ids=[ft.token_id], finish_reason=ft.finish_reason)
+        if valid.sampling.logprobs:
+            tokens.logprobs.append(ft.logprob)
+        if ft.finish_reason == "stop":  # EOS or a stop token: the first token is the match
+            tokens.matched_token_id = ft.token_id
+        return tokens
+
+    @staticmethod
+    def _prefilled(p, progress: _Progress) -> None:
+        progress.cached_tokens, progress.prefill_s = p.cached_tokens, p.prefill_s
+        progress.queue_s = progress.worker_queue_from - progress.received + p.queue_s
 
     async def _open_decode(self, engine_request: worker_pb2.EngineRequest, valid: ValidRequest):
         """A decode worker that reserved pages for the request (or will prefill it itself)."""
