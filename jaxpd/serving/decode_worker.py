@@ -22,9 +22,8 @@ import numpy as np
 from jaxpd.engine.orchestrator import Engine
 from jaxpd.engine.request import Request, RequestOutput
 from jaxpd.errors import JaxpdError
-from jaxpd.serving.convert import engine_request_from_pb
 from jaxpd.serving.engine_thread import EngineThread
-from jaxpd.serving.worker_common import WorkerInfoCalls, WorkerState
+from jaxpd.serving.worker_common import WorkerServicer, WorkerState
 from jaxpd.transfer import wire
 from jaxpd.v1 import worker_pb2, worker_pb2_grpc
 
@@ -165,21 +164,14 @@ class DecodeScheduler:
                 "waiting": len(e.waiting), "transferring": len(e.receiving)}
 
 
-class DecodeServicer(WorkerInfoCalls, worker_pb2_grpc.DecodeWorkerServicer):
+class DecodeServicer(WorkerServicer, worker_pb2_grpc.DecodeWorkerServicer):
     def __init__(self, state: WorkerState, scheduler: DecodeScheduler, thread: EngineThread):
         self.state, self.scheduler, self.thread = state, scheduler, thread
 
     async def Decode(self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext):
         serving = self.state.deployment.serving
-        if len(self.scheduler.engine.waiting) >= serving.max_waiting:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode worker "
-                                f"{self.state.name}: {serving.max_waiting} requests already waiting")
-        try:
-            req, seed = engine_request_from_pb(request.request)
-        except JaxpdError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        events: asyncio.Queue = asyncio.Queue()
-        emit = lambda ev: self.thread.deliver(events.put_nowait, ev)  # noqa: E731
+        req, seed, events, emit = await self._accept(request.request,
+                                                     len(self.scheduler.engine.waiting), context)
         try:
             if request.local_prefill:
                 await self.thread.call(lambda: self.scheduler.add_local(req, seed, emit))

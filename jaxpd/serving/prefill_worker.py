@@ -9,7 +9,6 @@ the scheduler releases the request's pages.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import dataclasses
 import time
@@ -21,9 +20,8 @@ import jax
 from jaxpd.engine.prefill import PrefillEngine
 from jaxpd.engine.request import Request, Sequence
 from jaxpd.errors import CapacityError, JaxpdError
-from jaxpd.serving.convert import engine_request_from_pb
 from jaxpd.serving.engine_thread import EngineThread
-from jaxpd.serving.worker_common import WorkerInfoCalls, WorkerState
+from jaxpd.serving.worker_common import WorkerServicer, WorkerState
 from jaxpd.transfer import wire
 from jaxpd.transfer.grpc_stream import GrpcKVSender
 from jaxpd.v1 import worker_pb2, worker_pb2_grpc
@@ -168,25 +166,17 @@ class PrefillScheduler:
                 "transferring": len(self.sending)}
 
 
-class PrefillServicer(WorkerInfoCalls, worker_pb2_grpc.PrefillWorkerServicer):
+class PrefillServicer(WorkerServicer, worker_pb2_grpc.PrefillWorkerServicer):
     def __init__(self, state: WorkerState, scheduler: PrefillScheduler, thread: EngineThread):
         self.state, self.scheduler, self.thread = state, scheduler, thread
         self.sender = GrpcKVSender(state.wire, state.deployment.serving.kv_timeout_s)
 
     async def Prefill(self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
-        if len(self.scheduler.waiting) >= self.state.deployment.serving.max_waiting:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"prefill worker {self.state.name}: "
-                                f"{len(self.scheduler.waiting)} requests already waiting")
         if not request.kv_target:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 "kv_target: a decode worker address is required")
-        try:
-            req, seed = engine_request_from_pb(request.request)
-        except JaxpdError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        events: asyncio.Queue = asyncio.Queue()
-        emit = lambda ev: self.thread.deliver(events.put_nowait, ev)  # noqa: E731
+        req, seed, events, emit = await self._accept(request.request, len(self.scheduler.waiting),
+                                                     context)
         try:
             await self.thread.call(lambda: self.scheduler.add(req, seed, emit))
         except JaxpdError as e:

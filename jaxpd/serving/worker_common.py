@@ -3,13 +3,18 @@ built on it, and the WorkerInfo / WorkerLoad / KV digest answers."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 from typing import Iterable
 
+import grpc
+
 from jaxpd.config import DeploymentConfig, MeshSection
 from jaxpd.engine.orchestrator import Engine
+from jaxpd.errors import JaxpdError
 from jaxpd.model.config import ModelConfig
+from jaxpd.serving.convert import engine_request_from_pb
 from jaxpd.transfer.wire import WireContext
 from jaxpd.v1 import generation_pb2, worker_pb2
 
@@ -69,8 +74,25 @@ def local_deployment(deployment: DeploymentConfig, tp: int) -> DeploymentConfig:
         "mode": "colocated", "prefill": MeshSection(devices=list(range(tp)), tp=tp), "decode": None})
 
 
-class WorkerInfoCalls:
-    """The read-only calls both worker services answer the same way (needs `state`, `scheduler`)."""
+class WorkerServicer:
+    """What both worker services share (subclasses set `state`, `scheduler`, `thread`): the
+    admission checks before a request reaches the engine thread, and the read-only calls."""
+
+    async def _accept(self, request: worker_pb2.EngineRequest, waiting: int, context):
+        """(request, seed, events queue, emit) for a new request, or abort the call:
+        RESOURCE_EXHAUSTED when the worker's queue is full, INVALID_ARGUMENT for bad values.
+        `emit` is called on the engine thread and delivers onto this call's event loop."""
+        limit = self.state.deployment.serving.max_waiting
+        if waiting >= limit:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.state.role} worker "
+                                f"{self.state.name}: {waiting} requests already waiting "
+                                f"(serving.max_waiting={limit})")
+        try:
+            req, seed = engine_request_from_pb(request)
+        except JaxpdError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        events: asyncio.Queue = asyncio.Queue()
+        return req, seed, events, lambda ev: self.thread.deliver(events.put_nowait, ev)
 
     async def GetWorkerInfo(self, request, context):
         return self.state.worker_info()
