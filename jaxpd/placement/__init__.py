@@ -1,0 +1,1 @@
+"""The cost-aware placer: hardware catalog, calibrated cost model, simulator, placer."""

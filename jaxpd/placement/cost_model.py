@@ -1,0 +1,207 @@
+"""Per-phase latency of a model on a device kind at a TP degree: rooflines with calibrated
+efficiencies, so the placer predicts what this stack measures rather than a data sheet.
+
+- Prefill of a batch of prompts: dense FLOPs (2 x parameters per token, plus the LM head once
+  per prompt) and attention's quadratic FLOPs, over the compute roof, or the weights and KV
+  writes over the memory roof, whichever binds; plus two all-reduces per layer over the
+  intra-node link when TP > 1, and a fixed per-step overhead.
+- A decode step: the weights and the batch's KV read once, over the memory roof (or the FLOPs,
+  at large batch), plus the all-reduces and the overhead.
+- KV hand-off: the prompt's KV bytes over the slower end's link, minus what layer-by-layer
+  streaming hides behind the prefill that produces it.
+- Memory: weights / TP plus KV for the tokens in flight must fit in HBM (with headroom).
+
+`Efficiency` holds the calibrated factors: `calibrate` fits them to a `tools/bench_engine.py`
+profile (`configs/profiles/*.json`) by least squares on relative error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from jaxpd.model.config import ModelConfig
+
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+HBM_HEADROOM = 0.9  # activations, fragmentation, the runtime's own buffers
+
+
+@dataclasses.dataclass(frozen=True)
+class Roofline:
+    """The figures of one device the model needs (from the catalog, or measured on a CPU)."""
+
+    flops: float  # dense FLOP/s at the serving dtype
+    bandwidth: float  # HBM bytes/s
+    memory: float  # HBM bytes
+    link_bandwidth: float = 0.0  # intra-node bytes/s per device (NVLink, ICI); 0 = none
+
+
+@dataclasses.dataclass(frozen=True)
+class Efficiency:
+    """Achieved fractions of the roofs, and the fixed cost of one step."""
+
+    compute: float = 0.6  # dense matmul FLOP/s / peak
+    attention: float = 0.3  # attention FLOP/s / peak (worse than matmuls without fused kernels)
+    memory: float = 0.7  # bytes/s streamed in decode / peak bandwidth
+    link: float = 0.7  # all-reduce and KV transfer bytes/s / link peak
+    step_overhead_s: float = 2e-4  # dispatch and host work per step
+    per_sequence_s: float = 1e-5  # per sequence per step: sampling, page-table gathers
+    overlap: float = 1.0  # 1: compute and memory traffic overlap (max); 0: they add up
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseModel:
+    """Latency of one phase of `model` on a TP group of `tp` devices described by `roof`."""
+
+    model: ModelConfig
+    roof: Roofline
+    tp: int = 1
+    efficiency: Efficiency = Efficiency()
+
+    @property
+    def dtype_bytes(self) -> int:
+        return BYTES[self.model.dtype]
+
+    # -- sizes ---------------------------------------------------------------------------------
+    def weight_bytes_per_device(self) -> float:
+        return self.model.num_params() * self.dtype_bytes / self.tp
+
+    def kv_bytes_per_token_per_device(self) -> float:
+        """KV heads split over TP; replicated when TP exceeds them (as kv/layout.py stores)."""
+        cfg = self.model
+        heads = max(cfg.num_kv_heads / self.tp, 1)
+        return 2 * cfg.num_layers * heads * cfg.head_dim * self.dtype_bytes
+
+    def kv_capacity_tokens(self) -> int:
+        """KV tokens one TP group holds after its weights (0 when the weights do not fit)."""
+        free = self.roof.memory * HBM_HEADROOM - self.weight_bytes_per_device()
+        return max(0, int(free / self.kv_bytes_per_token_per_device()))
+
+    def fits(self, kv_tokens: int = 0) -> bool:
+        return self.kv_capacity_tokens() >= max(kv_tokens, 1)
+
+    # -- FLOPs ---------------------------------------------------------------------------------
+    def _dense_flops(self, tokens: int, sequences: int) -> float:
+        cfg = self.model
+        embed = cfg.vocab_size * cfg.hidden_size
+        body = cfg.num_params() - embed * (1 if cfg.tie_word_embeddings else 2)
+        return 2.0 * body * tokens + 2.0 * embed * sequences  # the LM head runs once per sequence
+
+    def _attention_flops(self, query_tokens: int, key_tokens: float) -> float:
+        cfg = self.model
+        return 4.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * query_tokens * key_tokens
+
+    def _allreduce_seconds(self, tokens: int) -> float:
+        """Two ring all-reduces of the hidden states per layer (attention out, MLP out)."""
+        if self.tp == 1:
+            return 0.0
+        link = self.roof.link_bandwidth * self.efficiency.link
+        if link <= 0:
+            return float("inf")  # TP > 1 needs an intra-node link
+        size = tokens * self.model.hidden_size * self.dtype_bytes
+        return 2 * self.model.num_layers * 2 * (self.tp - 1) / self.tp * size / link
+
+    # -- latencies -----------------------------------------------------------------------------
+    def prefill_seconds(self, prompt_lengths: Sequence[int]) -> float:
+        """One prefill step over whole prompts (causal attention: each token sees its prefix)."""
+        eff, roof = self.efficiency, self.roof
+        lengths = np.asarray(prompt_lengths, dtype=np.float64)
+        tokens = int(lengths.sum())
+        dense = self._dense_flops(tokens, len(lengths)) / self.tp
+        attention = float((self._attention_flops(1, 1) * lengths * (lengths + 1) / 2).sum()) / self.tp
+        compute = dense / (roof.flops * eff.compute) + attention / (roof.flops * eff.attention)
+        memory = (self.weight_bytes_per_device()
+                  + tokens * self.kv_bytes_per_token_per_device()) / (roof.bandwidth * eff.memory)
+        return (self._roofs(compute, memory) + self._allreduce_seconds(tokens)
+                + eff.step_overhead_s + eff.per_sequence_s * len(lengths))
+
+    def _roofs(self, compute: float, memory: float) -> float:
+        """max() when the device overlaps compute with memory traffic, up to the sum when not."""
+        return max(compute, memory) + (1 - self.efficiency.overlap) * min(compute, memory)
+
+    def decode_step_seconds(self, batch: int, context_tokens: int) -> float:
+        """One decode step: `batch` sequences, `context_tokens` KV tokens among them."""
+        eff, roof = self.efficiency, self.roof
+        memory = (self.weight_bytes_per_device()
+                  + context_tokens * self.kv_bytes_per_token_per_device()) / (roof.bandwidth * eff.memory)
+        compute = (self._dense_flops(batch, batch) / (roof.flops * eff.compute)
+                   + self._attention_flops(1, context_tokens) / (roof.flops * eff.attention)) / self.tp
+        return (self._roofs(compute, memory) + self._allreduce_seconds(batch)
+                + eff.step_overhead_s + eff.per_sequence_s * batch)
+
+
+def kv_transfer_seconds(model: ModelConfig, prompt_tokens: int, link_bandwidth: float,
+                        prefill_seconds: float = 0.0, efficiency: float = 0.7) -> float:
+    """Hand-off of one prompt's KV over `link_bandwidth` (the slower end's), streamed layer by
+    layer as prefill computes: only the part that outlasts the prefill shows, and never less
+    than the last layer's share."""
+    if link_bandwidth <= 0:
+        return float("inf")
+    raw = model.kv_bytes_per_token() * prompt_tokens / (link_bandwidth * efficiency)
+    hidden = prefill_seconds * (1 - 1 / model.num_layers)
+    return max(raw / model.num_layers, raw - hidden)
+
+
+# -- calibration ---------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """A `tools/bench_engine.py` result: measured step times of a preset on one device."""
+
+    model: ModelConfig
+    roof: Roofline
+    tp: int
+    prefill: list[tuple[int, int, float]]  # (batch, context, seconds)
+    decode: list[tuple[int, int, float]]  # (batch, context, seconds per step)
+    source: str = ""
+
+    @classmethod
+    def load(cls, path: str | Path) -> Profile:
+        from jaxpd.model.presets import get_preset
+
+        data = json.loads(Path(path).read_text())
+        model = get_preset(data["preset"]).replace(dtype=data["dtype"])
+        roof = Roofline(flops=data["peak_flops"], bandwidth=data["peak_bandwidth"], memory=0.0)
+        rows = data["rows"]
+        return cls(model, roof, data.get("tp", 1),
+                   [(r["batch"], r["context"], r["seconds"]) for r in rows if r["phase"] == "prefill"],
+                   [(r["batch"], r["context"], r["step_ms"] / 1e3) for r in rows if r["phase"] == "decode"],
+                   str(path))
+
+
+def _predict(profile: Profile, eff: Efficiency) -> tuple[np.ndarray, np.ndarray]:
+    m = PhaseModel(profile.model, profile.roof, profile.tp, eff)
+    prefill = [m.prefill_seconds([c] * b) for b, c, _ in profile.prefill]
+    decode = [m.decode_step_seconds(b, b * (c + 1)) for b, c, _ in profile.decode]
+    return np.array(prefill), np.array(decode)
+
+
+def prediction_errors(profile: Profile, eff: Efficiency) -> dict[str, list[float]]:
+    """Relative error (predicted / measured - 1) of every profile row."""
+    prefill, decode = _predict(profile, eff)
+    return {"prefill": list(prefill / np.array([s for *_, s in profile.prefill]) - 1),
+            "decode": list(decode / np.array([s for *_, s in profile.decode]) - 1)}
+
+
+def calibrate(profile: Profile, base: Efficiency = Efficiency()) -> Efficiency:
+    """Efficiencies that best predict `profile` (least squares on log ratios)."""
+    from scipy.optimize import least_squares
+
+    measured = np.log([s for *_, s in profile.prefill] + [s for *_, s in profile.decode])
+
+    names = ("compute", "attention", "memory", "step_overhead_s", "per_sequence_s", "overlap")
+    low = np.log([1e-3, 1e-4, 1e-3, 1e-7, 1e-8, 1e-3])
+    high = np.log([4.0, 4.0, 8.0, 1.0, 1.0, 1.0])
+
+    def make(x) -> Efficiency:
+        return dataclasses.replace(base, **{n: float(v) for n, v in zip(names, np.exp(x))})
+
+    def residuals(x):
+        prefill, decode = _predict(profile, make(x))
+        return np.log(np.concatenate([prefill, decode])) - measured
+
+    x0 = np.clip(np.log([getattr(base, n) for n in names]), low + 1e-9, high - 1e-9)
+    return make(least_squares(residuals, x0, bounds=(low, high)).x)

@@ -1,0 +1,85 @@
+"""The placer's cost model: rooflines behave physically, and calibration recovers known factors."""
+
+import dataclasses
+import json
+
+import pytest
+
+from jaxpd.model.presets import get_preset
+from jaxpd.placement.cost_model import (Efficiency, PhaseModel, Profile, Roofline, calibrate,
+                                        kv_transfer_seconds, prediction_errors)
+
+H100 = Roofline(flops=989e12, bandwidth=3.35e12, memory=80e9, link_bandwidth=450e9)
+LLAMA8B = get_preset("llama3-8b").replace(dtype="bfloat16")
+
+
+def test_prefill_is_compute_bound_and_decode_memory_bound_on_a_gpu():
+    m = PhaseModel(LLAMA8B, H100, tp=1)
+    long = m.prefill_seconds([2048])
+    dense_only = 2 * (LLAMA8B.num_params() - 2 * 128256 * 4096) * 2048 / (H100.flops * m.efficiency.compute)
+    assert dense_only < long < 1.5 * dense_only  # attention and overhead on top; FLOPs bind
+    assert m.prefill_seconds([2048, 2048]) > 1.9 * long  # batching prompts does not make FLOPs free
+    step = m.decode_step_seconds(1, 1024)
+    weights = LLAMA8B.num_params() * 2 / (H100.bandwidth * m.efficiency.memory)
+    assert weights < step < 1.2 * weights  # one token per step costs the weights
+    assert m.decode_step_seconds(64, 64 * 1024) > m.decode_step_seconds(8, 8 * 1024)
+
+
+def test_tensor_parallelism_splits_weights_and_adds_all_reduces():
+    one, four = PhaseModel(LLAMA8B, H100, 1), PhaseModel(LLAMA8B, H100, 4)
+    assert four.weight_bytes_per_device() == pytest.approx(one.weight_bytes_per_device() / 4)
+    assert four.decode_step_seconds(8, 8192) < one.decode_step_seconds(8, 8192)
+    no_link = dataclasses.replace(H100, link_bandwidth=0.0)
+    assert PhaseModel(LLAMA8B, no_link, 2).prefill_seconds([128]) == float("inf")
+    # 8 KV heads: TP=16 would replicate them, so per-device KV stops shrinking past TP=8
+    assert PhaseModel(LLAMA8B, H100, 16).kv_bytes_per_token_per_device() == \
+        PhaseModel(LLAMA8B, H100, 8).kv_bytes_per_token_per_device()
+
+
+def test_memory_feasibility():
+    m = PhaseModel(LLAMA8B, H100, 1)
+    per_token = LLAMA8B.kv_bytes_per_token()
+    assert per_token == 128 * 1024  # Llama-3-8B bf16: 128 KiB per token
+    expected = (80e9 * 0.9 - LLAMA8B.num_params() * 2) / per_token
+    assert m.kv_capacity_tokens() == pytest.approx(expected, rel=1e-6)
+    l4 = Roofline(flops=121e12, bandwidth=0.3e12, memory=24e9)
+    seventy = get_preset("llama3-70b").replace(dtype="bfloat16")
+    assert not PhaseModel(seventy, l4, 1).fits()
+    assert PhaseModel(LLAMA8B, l4, 1).fits(1000)
+
+
+def test_kv_transfer_hides_behind_a_long_prefill():
+    link = 25e9
+    raw = kv_transfer_seconds(LLAMA8B, 4096, link)
+    assert raw == pytest.approx(LLAMA8B.kv_bytes_per_token() * 4096 / (link * 0.7))
+    assert kv_transfer_seconds(LLAMA8B, 4096, link, prefill_seconds=10.0) == pytest.approx(raw / 32)
+    assert raw / 32 < kv_transfer_seconds(LLAMA8B, 4096, link, prefill_seconds=0.01) < raw
+
+
+def _synthetic_profile(tmp_path, eff: Efficiency):
+    model = get_preset("bench-30m")
+    roof = Roofline(flops=2e11, bandwidth=8e9, memory=0.0)
+    m = PhaseModel(model, roof, 1, eff)
+    rows = []
+    for batch in (1, 4, 16):
+        for context in (128, 256, 512):
+            rows.append({"phase": "prefill", "batch": batch, "context": context,
+                         "seconds": m.prefill_seconds([context] * batch)})
+            rows.append({"phase": "decode", "batch": batch, "context": context,
+                         "step_ms": 1e3 * m.decode_step_seconds(batch, batch * (context + 1))})
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"preset": "bench-30m", "dtype": "float32", "tp": 1,
+                                "peak_flops": roof.flops, "peak_bandwidth": roof.bandwidth,
+                                "rows": rows}))
+    return Profile.load(path)
+
+
+def test_calibration_recovers_the_factors_that_made_a_profile(tmp_path):
+    truth = Efficiency(compute=0.7, attention=0.2, memory=0.9, step_overhead_s=3e-4,
+                       per_sequence_s=2e-4, overlap=0.5)
+    profile = _synthetic_profile(tmp_path, truth)
+    fitted = calibrate(profile)
+    errors = prediction_errors(profile, fitted)
+    assert max(abs(e) for e in errors["prefill"] + errors["decode"]) < 0.01
+    before = prediction_errors(profile, Efficiency())
+    assert max(abs(e) for e in before["decode"]) > 0.1  # the defaults were not already right
