@@ -1,0 +1,70 @@
+"""The placer: the MILP finds the exhaustive optimum; options follow the cost model."""
+
+import random
+
+import pytest
+
+from jaxpd.model.presets import get_preset
+from jaxpd.placement.cost_model import Roofline
+from jaxpd.placement.placer import (Demand, Option, PoolSpec, options, solve, solve_exhaustive)
+
+H100 = Roofline(flops=989e12, bandwidth=3.35e12, memory=80e9, link_bandwidth=450e9)
+L4 = Roofline(flops=121e12, bandwidth=0.3e12, memory=24e9, link_bandwidth=0.0)
+LLAMA8B = get_preset("llama3-8b").replace(dtype="bfloat16")
+
+
+def _random_case(rng: random.Random):
+    pools = [PoolSpec(f"p{i}", "x", "nvidia", rng.randint(1, 12), rng.choice([0.7, 1.3, 2.0, 4.1]),
+                      H100, 8) for i in range(rng.randint(1, 3))]
+    opts = []
+    for pool in pools:
+        for tp in (1, 2, 4):
+            for role in ("prefill", "decode", "colocated"):
+                if rng.random() < 0.6:
+                    opts.append(Option(role, pool.name, tp, rng.uniform(0.3, 6.0) * tp ** 0.8,
+                                       tp * pool.price_per_device_hour, ""))
+    return pools, opts, rng.uniform(0.5, 20.0)
+
+
+def test_milp_matches_the_exhaustive_optimum_on_random_cases():
+    rng = random.Random(0)
+    checked = infeasible = 0
+    for _ in range(150):
+        pools, opts, rate = _random_case(rng)
+        best, milp = solve_exhaustive(opts, pools, rate), solve(opts, pools, rate)
+        if best is None:
+            assert milp is None
+            infeasible += 1
+            continue
+        assert milp is not None
+        assert milp.cost_per_hour == pytest.approx(best.cost_per_hour, rel=1e-9)
+        for o, n in milp.choices:
+            assert n * o.capacity >= rate - 1e-9
+        checked += 1
+    assert checked > 80 and infeasible > 3  # both kinds of case occurred
+
+
+def test_options_follow_the_rooflines_and_the_plan_beats_every_single_pool():
+    pools = [PoolSpec("h100", "h100-sxm", "nvidia", 8, 4.0, H100, 8),
+             PoolSpec("l4", "l4", "nvidia", 16, 0.8, L4, 1)]
+    demand = Demand(rate=30.0, isl_mean=1024, isl_p90=2048, osl_mean=256, ttft_slo=0.5, tpot_slo=0.1)
+    opts = {(o.role, o.pool, o.tp): o for o in options(LLAMA8B, pools, demand)}
+    # compute-bound prefill: an H100 replica carries far more prompts than an L4 one
+    l4_prefill = opts.get(("prefill", "l4", 1))
+    assert l4_prefill is None or opts[("prefill", "h100", 1)].capacity > 5 * l4_prefill.capacity
+    # L4 has no NVLink: no TP > 1 there; TP on H100 shortens prefill
+    assert all(o.tp == 1 for o in opts.values() if o.pool == "l4")
+    assert opts[("prefill", "h100", 2)].capacity > opts[("prefill", "h100", 1)].capacity
+    plan = solve(list(opts.values()), pools, demand.rate)
+    for o, n in plan.choices:
+        assert n * o.capacity >= demand.rate
+    singles = [solve([o for o in opts.values() if o.pool == p.name], pools, demand.rate) for p in pools]
+    assert all(plan.cost_per_hour <= s.cost_per_hour for s in singles if s is not None)
+
+
+def test_nothing_fits_gives_no_plan():
+    pools = [PoolSpec("l4", "l4", "nvidia", 1, 0.8, L4, 1)]
+    demand = Demand(rate=1.0, isl_mean=512, isl_p90=1024, osl_mean=128, ttft_slo=1.0, tpot_slo=0.05)
+    seventy = get_preset("llama3-70b").replace(dtype="bfloat16")
+    assert options(seventy, pools, demand) == []
+    assert solve([], pools, 1.0) is None
