@@ -139,7 +139,7 @@ class DeploymentConfig(_Strict):
             if self.decode is None:
                 raise ValueError("mode 'disaggregated' needs a 'decode' mesh")
             shared = set(self.prefill.devices) & set(self.decode.devices)
-            if shared:
+            if shared and self.prefill.host == self.decode.host:  # other hosts: other devices
                 raise ValueError(f"prefill and decode meshes share devices {sorted(shared)}")
         elif self.decode is not None:
             raise ValueError("'decode' is only used with mode: disaggregated (remove it or change mode)")

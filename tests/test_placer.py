@@ -68,3 +68,29 @@ def test_nothing_fits_gives_no_plan():
     seventy = get_preset("llama3-70b").replace(dtype="bfloat16")
     assert options(seventy, pools, demand) == []
     assert solve([], pools, 1.0) is None
+
+
+def test_plans_become_configs_that_jaxpd_serve_accepts():
+    import yaml
+
+    from jaxpd.config import parse_config
+    from jaxpd.placement.deploy_yaml import DECODE_HOST, plan_yaml
+    from jaxpd.placement.placer import Plan
+
+    pre = Option("prefill", "h100", 2, 10.0, 8.0, "")
+    same = Option("decode", "h100", 1, 10.0, 4.0, "")
+    other = Option("decode", "l4", 1, 3.0, 0.8, "")
+    col = Option("colocated", "a100", 4, 5.0, 10.0, "")
+    for plan in (Plan(((pre, 2), (same, 3))), Plan(((pre, 1), (other, 4))), Plan(((col, 2),))):
+        text = plan_yaml(plan, checkpoint="/models/llama")
+        cfg = parse_config(yaml.safe_load(text))
+        assert text.startswith("# Written by `jaxpd place`")
+        if plan.colocated:
+            assert cfg.mode == "colocated" and cfg.prefill.devices == list(range(8))
+            continue
+        assert cfg.prefill.replicas == plan.choices[0][1] and cfg.prefill.tp == 2
+        assert cfg.decode.replicas == plan.choices[1][1]
+        if plan.choices[1][0].pool == "h100":  # one pool: decode after prefill's devices
+            assert cfg.decode.devices == [4, 5, 6]
+        else:
+            assert cfg.decode.devices == [0, 1, 2, 3] and cfg.decode.host == DECODE_HOST
