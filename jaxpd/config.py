@@ -110,7 +110,7 @@ class ServingSection(_Strict):
         "grpc", description="KV hand-off between worker processes: gRPC client streams")
     max_waiting: int = Field(256, ge=1, description="requests queued per worker before new ones "
                                                     "get RESOURCE_EXHAUSTED")
-    kv_message_bytes: int = Field(16 << 20, ge=64 << 10, le=1 << 30,
+    kv_message_bytes: int = Field(4 << 20, ge=64 << 10, le=256 << 20,
                                   description="largest KV payload in one gRPC message")
     kv_timeout_s: float = Field(
         120.0, gt=0, description="longest a request may take from the decode worker reserving "

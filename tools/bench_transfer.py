@@ -1,24 +1,53 @@
 """KV transfer throughput between two processes on loopback: jaxpd's gRPC KV stream beside a
 plain protobuf stream and a raw TCP socket copy of the same bytes, in one run.
 
-    python tools/bench_transfer.py                      # llama3-8b layout, bf16, 2048 tokens
-    python tools/bench_transfer.py --tokens 512 --message-mib 4,16 --repeats 1
-    python tools/bench_transfer.py --quick              # a few seconds, for a smoke run
+What it measures. One request's KV cache in a model's canonical wire layout, the array
+`[layers, 2 (K, V), kv_heads, tokens, head_dim]` (`--preset`, `--tokens`, `--dtype`; seeded
+random data), sent from this process to a receiver in a separate process (multiprocessing
+"spawn") over 127.0.0.1, the same bytes in every case:
 
-Cases (the receiver is always a separate process; GB/s counts KV payload bytes, 1e9/s):
-- `raw_socket`: `sendall` of the payload pieces, `recv_into` one preallocated buffer, 1-byte
-  ack. The ceiling on this host.
-- `grpc_bytes`: the same pieces as ready-made byte messages on a gRPC client stream, the
-  receiver only counting them: what grpcio itself moves, with no framing or checks of ours.
-- `grpc_plain`: a gRPC client stream of protobuf `KVChunk(header, data)` messages built and
-  parsed by protobuf (`SerializeToString` / `FromString`); the receiver checks each CRC and
-  copies the payload into a preallocated host pool.
-- `grpc_kv`: jaxpd's path: the prefill side's `GrpcKVSender` (frames built off the event loop
-  by `wire.encode_tokens`: one payload copy and the CRC), the receiver registered as the decode
-  worker registers PushKV (raw frames in, `wire.parse_frame` + `wire.check_piece`, zero-copy
-  payload view), each piece copied into the host pool; the finish message is acknowledged.
-Each gRPC case runs at every `--message-mib`. Prints one JSON object (medians of `--repeats`
-timed runs after one warm-up) with `ratio_to_raw` per gRPC case.
+- `raw_socket`: `sendall` of the KV's contiguous memory (consecutive slices of the largest
+  message size, no copies), `recv_into` one preallocated buffer until every byte arrived, then
+  a 1-byte ack. The ceiling on this host.
+- `grpc_bytes`: the payload pieces as ready-made `bytes` messages (built before the clock
+  starts) on a gRPC client stream whose receiver only counts them: what grpcio itself moves,
+  with no framing, checks or copies of ours: the most any gRPC case can reach.
+- `grpc_plain`: the plain way: protobuf `KVChunk(header, data=payload.tobytes())` messages built
+  and serialized by protobuf (`SerializeToString`) and parsed by `KVChunk.FromString` on the
+  receiver, which then does what `grpc_kv`'s receiver does (`check_piece`: fingerprint, dtype,
+  shape, CRC-32C; copy into the pool). The receivers' work is the same as `grpc_kv`'s; the
+  sender builds each message inline, on the event loop, as the plain way would.
+- `grpc_kv`: jaxpd's path: the prefill worker's `GrpcKVStream` (frames from
+  `wire.encode_tokens`: the one payload copy and the CRC, built one frame ahead off the event
+  loop) to a receiver registered like the decode worker's PushKV (`request_deserializer=None`,
+  raw frames in, `wire.parse_frame` + `wire.check_piece`, zero-copy payload view); each piece is
+  copied (`np.copyto` into its slice) into a preallocated host "pool" array on one writer thread
+  (the decode worker writes on its scheduler thread), and the finish frame is answered with
+  `KVAck` once every write is done.
+
+The gRPC cases run at each `--message-mib` (the wire's `max_message_bytes`: whole layers per
+message while they fit, else token slices of one layer). Every case runs once as a warm-up,
+then `--repeats` timed runs; one channel is kept for all runs of a case, as a prefill worker
+keeps one per decode worker. After each case the receiver's copy is checked against the
+sender's (CRC-32C of the whole buffer or pool, outside the clock), so a fast wrong transfer
+cannot pass. Each gRPC case gets a fresh receiver process; every receiver is stopped on every
+exit path (and ends itself if this process is killed).
+
+How to run it (progress on stderr, one JSON object on stdout):
+
+    .venv/bin/python tools/bench_transfer.py                    # llama3-8b, bf16, 2048 tokens
+    .venv/bin/python tools/bench_transfer.py --tokens 512 --message-mib 4,16 --repeats 1
+    .venv/bin/python tools/bench_transfer.py --quick            # smoke run, a few seconds
+
+How to read it. `cases.<name>` (gRPC ones as `<name>_<N>mib`) holds `seconds` (median of the
+timed runs, sender's first byte to the receiver's ack), `gb_per_s` (KV payload bytes / seconds /
+1e9; frame headers not counted), `bytes`, `messages` (including the finish message where there
+is one), the individual `runs_s` and, for gRPC cases, `ratio_to_raw` (gb_per_s over
+`raw_socket`'s). `summary` repeats the GB/s figures as one table. `grpc_kv` against `grpc_plain`
+is what jaxpd's framing (and its sender building frames ahead) buys; `grpc_kv` against `grpc_bytes` is what is left of ours on top of
+grpcio; `grpc_bytes` against `raw_socket` is grpcio's own cost. Loopback figures are CPU- and
+memory-bound (both ends share the host's cores), so compare cases within one run on a quiet
+machine, not across runs or hosts.
 """
 
 from __future__ import annotations
@@ -30,18 +59,40 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import shlex
+import signal
 import socket
 import statistics
 import sys
+import threading
 import time
+from typing import Self
 
 import numpy as np
 
-FINGERPRINT = b"bench-transfer-0"
+FINGERPRINT = b"bench-transfer-0"  # 16 bytes, as wire.model_fingerprint makes
+DIGEST_ID = "__digest__"  # a finish-only request asking the receiver for its pool's CRC-32C
+QUICK = {"tokens": 256, "repeats": 1, "message_mib": [4]}
+DEFAULTS = {"tokens": 2048, "repeats": 3, "message_mib": [1, 4, 16, 64]}
+START_TIMEOUT_S = 180.0
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
+def _mib_list(text: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated MiB counts, got {text!r}") \
+            from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"message sizes must be >= 1 MiB, got {text!r}")
+    return sizes
+
+
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
 
 
 def layout_for(preset: str, dtype: str):
@@ -53,247 +104,456 @@ def layout_for(preset: str, dtype: str):
                     head_dim=cfg.head_dim, page_size=16, dtype=dtype, tp=1)
 
 
+def kv_shape(layout, tokens: int) -> tuple[int, ...]:
+    return (layout.num_layers, 2, layout.model_kv_heads, tokens, layout.head_dim)
+
+
 def kv_array(layout, tokens: int, seed: int = 0) -> np.ndarray:
+    """Seeded random KV in the wire dtype, made a layer at a time (no full float32 temporary)."""
     from jaxpd.transfer.wire import WIRE_DTYPES
 
-    shape = (layout.num_layers, 2, layout.model_kv_heads, tokens, layout.head_dim)
-    return np.random.default_rng(seed).standard_normal(shape, np.float32).astype(WIRE_DTYPES[layout.dtype])
+    rng = np.random.default_rng(seed)
+    out = np.empty(kv_shape(layout, tokens), WIRE_DTYPES[layout.dtype])
+    for layer in out:
+        layer[...] = rng.standard_normal(layer.shape, np.float32)
+    return out
 
 
-def pieces(kv: np.ndarray, ctx) -> list[tuple[tuple[int, int, int, int], np.ndarray]]:
-    """The (ranges, contiguous payload) pieces `encode_tokens` would send, for the baselines."""
+def raw_view(a: np.ndarray) -> np.ndarray:
+    """The same memory as unsigned integers of the item size: a plain byte copy for any dtype
+    (ml_dtypes' bfloat16 does not export the buffer protocol)."""
+    return a.view(np.dtype(f"<u{a.dtype.itemsize}"))
+
+
+def crc_of(a: np.ndarray) -> int:
+    from jaxpd.transfer.wire import crc32c
+
+    return crc32c(raw_view(np.ascontiguousarray(a)).view(np.uint8).reshape(-1))
+
+
+def split(ctx, tokens: int) -> list[tuple[int, int, int, int]]:
+    """(layer_start, layer_end, token_start, token_end) of each message, as `encode_tokens` cuts."""
     from jaxpd.transfer.wire import split_ranges
 
-    tokens = kv.shape[3]
-    return [((l0, l1, t0, t1), np.ascontiguousarray(kv[l0:l1, :, :, t0:t1]))
-            for l0, l1, t0, t1 in split_ranges(kv.shape[0], tokens, ctx.bytes_per_layer_token(),
-                                               ctx.max_message_bytes)]
+    return split_ranges(ctx.layout.num_layers, tokens, ctx.bytes_per_layer_token(),
+                        ctx.max_message_bytes)
 
 
-# -- receivers (run in a spawned process) -----------------------------------------------------
-def _socket_receiver(port_q, total: int, rounds: int) -> None:
+# -- child processes ---------------------------------------------------------------------------
+def _exit_with_parent() -> None:
+    """Receivers end themselves if the benchmark dies without stopping them (e.g. SIGKILL)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _socket_receiver(q, total: int, rounds: int, timeout_s: float) -> None:
+    _exit_with_parent()
+    buf = bytearray(total)
+    view = memoryview(buf)
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
-        server.listen()
-        port_q.put(server.getsockname()[1])
-        buf = memoryview(bytearray(total))
+        server.listen(1)
+        server.settimeout(timeout_s)
+        q.put(("port", server.getsockname()[1]))
         for _ in range(rounds):
             conn, _ = server.accept()
             with conn:
+                conn.settimeout(timeout_s)
                 got = 0
                 while got < total:
-                    n = conn.recv_into(buf[got:], total - got)
+                    n = conn.recv_into(view[got:], total - got)
                     if not n:
-                        break
+                        raise ConnectionError(f"sender closed after {got} of {total} bytes")
                     got += n
                 conn.sendall(b"k")
+    from jaxpd.transfer.wire import crc32c
+
+    q.put(("crc", crc32c(np.frombuffer(buf, np.uint8))))
 
 
-def _grpc_receiver(port_q, preset: str, dtype: str, tokens: int, mode: str) -> None:
+def _grpc_receiver(q, mode: str, preset: str, dtype: str, tokens: int) -> None:
+    """A gRPC server with one PushKV method: `bytes` counts messages; `plain` (KVChunk parsed by
+    protobuf) and `kv` (raw frames, as the decode worker registers PushKV) check each piece and
+    copy it into a host pool on one writer thread."""
+    _exit_with_parent()
+    from concurrent.futures import ThreadPoolExecutor
+
     import grpc
 
     from jaxpd.serving.grpc_server import channel_options
     from jaxpd.transfer import wire
     from jaxpd.v1 import worker_pb2
 
+    status = {"precondition": grpc.StatusCode.FAILED_PRECONDITION,
+              "data_loss": grpc.StatusCode.DATA_LOSS, "invalid": grpc.StatusCode.INVALID_ARGUMENT}
     layout = layout_for(preset, dtype)
     ctx = wire.WireContext(FINGERPRINT, layout)
-    pool = np.zeros((layout.num_layers, 2, layout.model_kv_heads, tokens, layout.head_dim),
-                    wire.WIRE_DTYPES[dtype])
+    pool = np.zeros(kv_shape(layout, tokens), wire.WIRE_DTYPES[dtype]) if mode != "bytes" else None
+    writer = ThreadPoolExecutor(1, thread_name_prefix="pool-writer")
 
-    def store(header, array) -> None:
-        np.copyto(pool[header.layer_start:header.layer_end, :, :, header.token_start:header.token_end],
-                  array)
+    def store(piece) -> None:
+        h = piece.header
+        np.copyto(raw_view(pool[h.layer_start:h.layer_end, :, :, h.token_start:h.token_end]),
+                  raw_view(piece.array))
+
+    def digest(request_id: str) -> worker_pb2.KVAck:
+        crc = crc_of(pool)
+        pool.fill(0)  # the next case must write every byte again to pass its check
+        return worker_pb2.KVAck(request_id=str(crc), bytes=pool.nbytes)
+
+    def unpack(message):
+        if mode == "plain":  # protobuf already parsed it (and copied `data` into a new bytes)
+            return message.header, memoryview(message.data)
+        return wire.parse_frame(message)
 
     async def push_bytes(messages, context):
         count = received = 0
         async for raw in messages:
             received += len(raw)
             count += 1
-        return worker_pb2.KVAck(bytes=received, messages=count)
+        return worker_pb2.KVAck(request_id="bytes", bytes=received, messages=count)
 
-    async def push_kv(frames, context):
+    async def push_kv(messages, context):
+        loop = asyncio.get_running_loop()
         count = received = 0
-        async for raw in frames:
-            if mode == "plain":  # protobuf parsed it; check and copy like the real receiver does
-                header, payload = raw.header, raw.data
-                if wire.crc32c(payload) != header.crc32c:
-                    await context.abort(grpc.StatusCode.DATA_LOSS, "crc")
-                piece = wire.check_piece(ctx, header, memoryview(payload))
-            else:
-                piece = wire.check_piece(ctx, *wire.parse_frame(raw))
-            if piece.array is not None:
-                store(piece.header, piece.array)
-                received += piece.array.nbytes
+        pending = []
+        async for message in messages:
+            try:
+                header, payload = unpack(message)
+                if header.request_id == DIGEST_ID:
+                    await asyncio.gather(*pending)
+                    return await loop.run_in_executor(writer, digest, header.request_id)
+                piece = wire.check_piece(ctx, header, payload)
+            except wire.WireError as e:
+                await context.abort(status[e.kind], str(e))
             count += 1
-            if piece.header.HasField("finish"):
-                return worker_pb2.KVAck(request_id=piece.header.request_id, bytes=received,
+            if piece.array is not None:
+                pending.append(loop.run_in_executor(writer, store, piece))
+                received += piece.array.nbytes
+            if header.HasField("finish"):
+                await asyncio.gather(*pending)
+                return worker_pb2.KVAck(request_id=header.request_id, bytes=received,
                                         messages=count)
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no finish message")
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the stream ended without a finish")
 
     async def main() -> None:
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *channel_options()])
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("jaxpd.v1.KVTransfer", {
-            "PushKV": grpc.stream_unary_rpc_method_handler(
-                push_bytes if mode == "bytes" else push_kv,
-                request_deserializer=worker_pb2.KVChunk.FromString if mode == "plain" else None,
-                response_serializer=worker_pb2.KVAck.SerializeToString)}),))
+        # registered as decode_worker.kv_transfer_handler registers it (raw frames in)
+        push_kv_method = grpc.stream_unary_rpc_method_handler(
+            push_bytes if mode == "bytes" else push_kv,
+            request_deserializer=worker_pb2.KVChunk.FromString if mode == "plain" else None,
+            response_serializer=worker_pb2.KVAck.SerializeToString)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "jaxpd.v1.KVTransfer", {"PushKV": push_kv_method}),))
         port = server.add_insecure_port("127.0.0.1:0")
+        if not port:
+            raise RuntimeError("cannot bind a port on 127.0.0.1")
         await server.start()
-        port_q.put(port)
-        await server.wait_for_termination()
+        # terminate(): stop the server (closing its port and calls) instead of dying mid-call
+        stopping = []
+        asyncio.get_running_loop().add_signal_handler(
+            signal.SIGTERM, lambda: stopping.append(asyncio.ensure_future(server.stop(0))))
+        q.put(("port", port))
+        try:
+            await server.wait_for_termination()
+        finally:
+            await server.stop(0)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        writer.shutdown(wait=False, cancel_futures=True)
 
 
-def _start(target, *args) -> tuple[mp.Process, int]:
-    spawn = mp.get_context("spawn")
-    port_q = spawn.Queue()
-    proc = spawn.Process(target=target, args=(port_q, *args), daemon=True)
-    proc.start()
-    return proc, port_q.get(timeout=120)
+class Receiver:
+    """A receiver in a spawned process; always stopped on leaving the `with` block."""
 
+    def __init__(self, target, *args):
+        spawn = mp.get_context("spawn")
+        self.queue = spawn.Queue()
+        self.proc = spawn.Process(target=target, args=(self.queue, *args), daemon=True,
+                                  name=f"bench-transfer-{target.__name__.strip('_')}")
 
-def _stop(proc: mp.Process) -> None:
-    if proc.is_alive():
-        proc.terminate()
-    proc.join(10)
-    if proc.is_alive():
-        proc.kill()
-        proc.join()
+    def __enter__(self) -> Self:
+        self.proc.start()
+        try:
+            self.port = self.get("port", START_TIMEOUT_S)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def get(self, key: str, timeout_s: float):
+        """The child's next `(key, value)` report; fails fast if the child died."""
+        import queue
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                got, value = self.queue.get(timeout=0.2)
+            except queue.Empty:
+                if not self.proc.is_alive():
+                    raise RuntimeError(f"{self.proc.name} exited (code {self.proc.exitcode}) "
+                                       f"before reporting {key!r}") from None
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{self.proc.name}: no {key!r} within "
+                                       f"{timeout_s:.0f} s") from None
+                continue
+            if got != key:
+                raise RuntimeError(f"{self.proc.name} reported {got!r}, expected {key!r}")
+            return value
+
+    def stop(self) -> None:
+        if self.proc.is_alive():
+            self.proc.terminate()
+        self.proc.join(10)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(10)
+        self.queue.close()
+        self.queue.join_thread()
 
 
 # -- senders -----------------------------------------------------------------------------------
-def time_socket(port: int, parts, rounds: int) -> list[float]:
+def time_socket(port: int, buffers: list[memoryview], rounds: int, timeout_s: float) -> list[float]:
     times = []
     for _ in range(rounds):
         start = time.perf_counter()
-        with socket.create_connection(("127.0.0.1", port)) as conn:
-            for _, payload in parts:
-                conn.sendall(payload.view(np.uint8).reshape(-1).data)
-            assert conn.recv(1) == b"k"
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as conn:
+            for buf in buffers:
+                conn.sendall(buf)
+            if conn.recv(1) != b"k":
+                raise ConnectionError("raw socket receiver closed without its ack")
         times.append(time.perf_counter() - start)
     return times
 
 
-async def _push_kv(sender, address: str, kv: np.ndarray, request_id: str) -> None:
-    stream = sender.open(address, request_id)
-    await stream.send_tokens(kv, 0, 0, kv.shape[3])
-    ack = await stream.finish(kv.shape[3], 0, 0.0)
-    assert ack.bytes == kv.nbytes, (ack.bytes, kv.nbytes)
+def _header(ctx, request_id: str, l0: int, l1: int, t0: int, t1: int, block: np.ndarray, crc: int):
+    from jaxpd.v1 import worker_pb2
+
+    return worker_pb2.KVHeader(
+        request_id=request_id, layer_start=l0, layer_end=l1, token_start=t0, token_end=t1,
+        head_start=0, head_end=ctx.layout.model_kv_heads, dtype=ctx.layout.dtype,
+        shape=block.shape, model_fingerprint=ctx.fingerprint, crc32c=crc)
 
 
-async def _push_plain(channel, ctx, parts, request_id: str) -> None:
+def _finish_header(ctx, request_id: str, tokens: int):
     from jaxpd.transfer import wire
+    from jaxpd.v1 import worker_pb2
+
+    return worker_pb2.KVHeader(request_id=request_id, dtype=ctx.layout.dtype,
+                               model_fingerprint=ctx.fingerprint, crc32c=wire.crc32c(b""),
+                               finish=worker_pb2.KVFinish(num_tokens=tokens))
+
+
+def _open(channel, serializer, timeout_s: float):
+    """A PushKV call on `channel` (`serializer` None: raw bytes, as jaxpd's sender writes)."""
     from jaxpd.transfer.grpc_stream import PUSH_KV
     from jaxpd.v1 import worker_pb2
 
-    call = channel.stream_unary(PUSH_KV, request_serializer=worker_pb2.KVChunk.SerializeToString,
-                                response_deserializer=worker_pb2.KVAck.FromString)(timeout=600)
-    for (l0, l1, t0, t1), payload in parts:
-        data = payload.tobytes()
-        header = worker_pb2.KVHeader(
-            request_id=request_id, layer_start=l0, layer_end=l1, token_start=t0, token_end=t1,
-            head_start=0, head_end=ctx.layout.model_kv_heads, dtype=ctx.layout.dtype,
-            shape=payload.shape, model_fingerprint=ctx.fingerprint, crc32c=wire.crc32c(data))
+    method = channel.stream_unary(PUSH_KV, request_serializer=serializer,
+                                  response_deserializer=worker_pb2.KVAck.FromString)
+    return method(timeout=timeout_s)
+
+
+async def _push_bytes(channel, blobs: list[bytes], timeout_s: float):
+    """Ready-made messages, no serializer: what grpcio moves by itself."""
+    call = _open(channel, None, timeout_s)
+    for blob in blobs:
+        await call.write(blob)
+    await call.done_writing()
+    return await call
+
+
+async def _push_plain(channel, ctx, kv: np.ndarray, request_id: str, timeout_s: float):
+    """The plain way: payload to `bytes`, CRC, protobuf message, protobuf serialization."""
+    from jaxpd.transfer import wire
+    from jaxpd.v1 import worker_pb2
+
+    call = _open(channel, worker_pb2.KVChunk.SerializeToString, timeout_s)
+    for l0, l1, t0, t1 in split(ctx, kv.shape[3]):
+        block = kv[l0:l1, :, :, t0:t1]
+        data = block.tobytes()
+        header = _header(ctx, request_id, l0, l1, t0, t1, block, wire.crc32c(data))
         await call.write(worker_pb2.KVChunk(header=header, data=data))
-    finish = worker_pb2.KVHeader(request_id=request_id, dtype=ctx.layout.dtype,
-                                 model_fingerprint=ctx.fingerprint, crc32c=wire.crc32c(b""),
-                                 finish=worker_pb2.KVFinish(num_tokens=parts[-1][0][3]))
-    await call.write(worker_pb2.KVChunk(header=finish))
+    await call.write(worker_pb2.KVChunk(header=_finish_header(ctx, request_id, kv.shape[3])))
     await call.done_writing()
-    ack = await call
-    assert ack.bytes == sum(p.nbytes for _, p in parts)
+    return await call
 
 
-async def _push_bytes(channel, parts) -> None:
-    from jaxpd.transfer.grpc_stream import PUSH_KV
+async def _push_kv(channel, ctx, kv: np.ndarray, request_id: str, timeout_s: float):
+    """jaxpd's sender as the prefill worker runs it (`GrpcKVSender.open` on our channel)."""
+    from jaxpd.transfer.grpc_stream import GrpcKVStream
+
+    call = _open(channel, None, timeout_s)
+    stream = GrpcKVStream(ctx, call, request_id)
+    await stream.send_tokens(kv, 0, 0, kv.shape[3])
+    return await stream.finish(kv.shape[3], 0, 0.0)
+
+
+async def _ask_digest(channel, mode: str, ctx, timeout_s: float) -> int:
+    """The receiver pool's CRC-32C (then zeroed), over the same method, outside the clock."""
+    from jaxpd.transfer import wire
     from jaxpd.v1 import worker_pb2
 
-    call = channel.stream_unary(PUSH_KV, request_serializer=None,
-                                response_deserializer=worker_pb2.KVAck.FromString)(timeout=600)
-    for payload in parts:
-        await call.write(payload)
+    header = _finish_header(ctx, DIGEST_ID, 0)
+    if mode == "plain":
+        message = worker_pb2.KVChunk(header=header)
+        serializer = worker_pb2.KVChunk.SerializeToString
+    else:
+        message, serializer = wire.frame(header), None
+    call = _open(channel, serializer, timeout_s)
+    await call.write(message)
     await call.done_writing()
-    await call
+    return int((await call).request_id)
 
 
-def time_grpc(port: int, ctx, kv: np.ndarray, parts, mode: str, rounds: int) -> list[float]:
-    """One channel for every round, as a prefill worker keeps one per decode worker."""
+def time_grpc(port: int, mode: str, ctx, kv: np.ndarray, rounds: int,
+              timeout_s: float) -> tuple[list[float], int]:
+    """Seconds of each round, and the messages of one; checks every ack and the final copy."""
     from jaxpd.serving.grpc_server import new_channel
-    from jaxpd.transfer.grpc_stream import GrpcKVSender
 
-    address = f"127.0.0.1:{port}"
+    blobs = None
+    if mode == "bytes":  # built before the clock: this case times grpcio alone
+        blobs = [raw_view(kv[l0:l1, :, :, t0:t1]).tobytes()
+                 for l0, l1, t0, t1 in split(ctx, kv.shape[3])]
 
-    blobs = [p.tobytes() for _, p in parts] if mode == "bytes" else None
-
-    async def run() -> list[float]:
-        times, sender, channel = [], GrpcKVSender(ctx, timeout_s=600), new_channel(address)
-        for i in range(rounds):
-            start = time.perf_counter()
-            if mode == "bytes":
-                await _push_bytes(channel, blobs)
-            elif mode == "plain":
-                await _push_plain(channel, ctx, parts, f"r{i}")
-            else:
-                await _push_kv(sender, address, kv, f"r{i}")
-            times.append(time.perf_counter() - start)
-        await channel.close()
-        return times
+    async def run() -> tuple[list[float], int]:
+        channel = new_channel(f"127.0.0.1:{port}")
+        try:
+            times, messages = [], 0
+            for i in range(rounds):
+                start = time.perf_counter()
+                if mode == "bytes":
+                    ack = await _push_bytes(channel, blobs, timeout_s)
+                elif mode == "plain":
+                    ack = await _push_plain(channel, ctx, kv, f"r{i}", timeout_s)
+                else:
+                    ack = await _push_kv(channel, ctx, kv, f"r{i}", timeout_s)
+                times.append(time.perf_counter() - start)
+                if ack.bytes != kv.nbytes:
+                    raise AssertionError(f"grpc_{mode}: the receiver got {ack.bytes} of "
+                                         f"{kv.nbytes} bytes")
+                messages = ack.messages
+            if mode != "bytes":
+                crc = await _ask_digest(channel, mode, ctx, timeout_s)
+                if crc != crc_of(kv):
+                    raise AssertionError(f"grpc_{mode}: the receiver's pool differs from the "
+                                         f"KV sent")
+            return times, messages
+        finally:
+            await channel.close()
 
     return asyncio.run(run())
 
 
 def _row(times: list[float], nbytes: int, messages: int) -> dict:
     median = statistics.median(times)
-    return {"seconds": round(median, 4), "gb_per_s": round(nbytes / median / 1e9, 3),
-            "messages": messages, "runs": [round(t, 4) for t in times]}
+    return {"seconds": round(median, 5), "gb_per_s": round(nbytes / median / 1e9, 3),
+            "bytes": int(nbytes), "messages": int(messages), "runs_s": [round(t, 5) for t in times]}
 
 
-def main() -> int:
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for name in ("numpy", "grpcio", "protobuf", "google-crc32c"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="llama3-8b", help="model whose KV layout is sent")
-    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--tokens", type=_positive, default=None,
+                    help=f"prompt tokens of KV (default {DEFAULTS['tokens']})")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    ap.add_argument("--message-mib", type=_ints, default=[1, 4, 16, 64], metavar="A,B")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="256 tokens, 1 repeat, 4 MiB messages")
-    args = ap.parse_args()
-    if args.quick:
-        args.tokens, args.repeats, args.message_mib = 256, 1, [4]
+    ap.add_argument("--message-mib", type=_mib_list, default=None, metavar="A,B,...",
+                    help="gRPC message sizes to sweep (default 1,4,16,64)")
+    ap.add_argument("--repeats", type=_positive, default=None,
+                    help=f"timed runs per case after one warm-up (default {DEFAULTS['repeats']})")
+    ap.add_argument("--cases", default="raw_socket,grpc_bytes,grpc_plain,grpc_kv",
+                    help="comma-separated subset of the cases (raw_socket always runs)")
+    ap.add_argument("--timeout-s", type=float, default=300.0, help="deadline of one transfer")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: 256 tokens, 1 repeat, 4 MiB messages (unless given)")
+    args = ap.parse_args(argv)
+    for key, value in (QUICK if args.quick else DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    known = ("grpc_bytes", "grpc_plain", "grpc_kv")
+    wanted = {c.strip() for c in args.cases.split(",") if c.strip()} - {"raw_socket"}
+    if wanted - set(known):
+        ap.error(f"--cases: unknown {sorted(wanted - set(known))}; choose from raw_socket, "
+                 f"{', '.join(known)}")
+
+    # SIGTERM/SIGHUP run the `finally`/`with` blocks that stop the receivers
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _: sys.exit(128 + signum))
 
     from jaxpd.transfer import wire
 
     layout = layout_for(args.preset, args.dtype)
     kv = kv_array(layout, args.tokens)
-    result = {"command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
-              "date": datetime.date.today().isoformat(), "device": "cpu",
-              "host": {"nproc": os.cpu_count(), "platform": platform.platform()},
-              "preset": args.preset, "dtype": args.dtype, "tokens": args.tokens,
-              "bytes": int(kv.nbytes), "cases": {}}
-    rounds = args.repeats + 1  # the first is a warm-up
-    ctx_raw = wire.WireContext(FINGERPRINT, layout, max(args.message_mib) << 20)
-    proc, port = _start(_socket_receiver, int(kv.nbytes), rounds)
-    try:
-        parts = pieces(kv, ctx_raw)
-        result["cases"]["raw_socket"] = _row(time_socket(port, parts, rounds)[1:], kv.nbytes, len(parts))
-    finally:
-        _stop(proc)
-    raw = result["cases"]["raw_socket"]["gb_per_s"]
-    for mode in ("bytes", "plain", "kv"):
-        name = f"grpc_{mode}"
-        proc, port = _start(_grpc_receiver, args.preset, args.dtype, args.tokens, mode)
-        try:
+    rounds = args.repeats + 1  # the first is the warm-up
+    result = {
+        "benchmark": "kv_transfer_loopback",
+        "command": shlex.join(sys.orig_argv),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "device": "cpu",
+        "host": {"nproc": len(os.sched_getaffinity(0)), "cpu_count": os.cpu_count(),
+                 "platform": platform.platform(), "machine": platform.machine(),
+                 "hostname": socket.gethostname(), **_versions()},
+        "kv": {"preset": args.preset, "dtype": args.dtype, "tokens": args.tokens,
+               "shape": list(kv.shape), "bytes": int(kv.nbytes)},
+        "repeats": args.repeats, "warmup_runs": 1, "message_mib": args.message_mib,
+        "cases": {}, "summary": {},
+    }
+    print(f"KV {list(kv.shape)} {args.dtype}: {kv.nbytes / 1e6:.1f} MB, {args.repeats} timed "
+          f"run(s) per case after a warm-up", file=sys.stderr)
+
+    # raw: the KV's own memory in consecutive slices of the largest message size (no copies),
+    # so the receiver's buffer ends up byte for byte the array
+    flat, step = raw_view(kv).view(np.uint8).reshape(-1).data, max(args.message_mib) << 20
+    parts = [flat[i:i + step] for i in range(0, len(flat), step)]
+    with Receiver(_socket_receiver, int(kv.nbytes), rounds, args.timeout_s) as rx:
+        times = time_socket(rx.port, parts, rounds, args.timeout_s)
+        if rx.get("crc", args.timeout_s) != crc_of(kv):
+            raise AssertionError("raw_socket: the receiver's buffer differs from the KV sent")
+    raw = _row(times[1:], kv.nbytes, len(parts))
+    raw["message_mib"] = max(args.message_mib)
+    del parts, flat
+    result["cases"]["raw_socket"] = raw
+    result["summary"]["raw_socket"] = raw["gb_per_s"]
+    print(f"raw_socket: {raw['gb_per_s']} GB/s ({raw['seconds']} s)", file=sys.stderr)
+
+    for name in (c for c in known if c in wanted):
+        mode = name.removeprefix("grpc_")
+        result["summary"][name] = {}
+        with Receiver(_grpc_receiver, mode, args.preset, args.dtype, args.tokens) as rx:
             for mib in args.message_mib:
                 ctx = wire.WireContext(FINGERPRINT, layout, mib << 20)
-                parts = pieces(kv, ctx)
-                row = _row(time_grpc(port, ctx, kv, parts, mode, rounds)[1:], kv.nbytes, len(parts) + 1)
-                row["ratio_to_raw"] = round(row["gb_per_s"] / raw, 3)
+                times, messages = time_grpc(rx.port, mode, ctx, kv, rounds, args.timeout_s)
+                row = _row(times[1:], kv.nbytes, messages)
+                row["message_mib"] = mib
+                row["ratio_to_raw"] = round(row["gb_per_s"] / raw["gb_per_s"], 3)
                 result["cases"][f"{name}_{mib}mib"] = row
-                print(f"{name} {mib} MiB: {row['gb_per_s']} GB/s", file=sys.stderr)
-        finally:
-            _stop(proc)
+                result["summary"][name][f"{mib}mib"] = row["gb_per_s"]
+                print(f"{name} {mib} MiB: {row['gb_per_s']} GB/s ({row['seconds']} s, "
+                      f"{messages} messages, {row['ratio_to_raw']}x raw)", file=sys.stderr)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -123,7 +123,7 @@ class WireContext:
 
     fingerprint: bytes
     layout: KVLayout
-    max_message_bytes: int = 16 << 20
+    max_message_bytes: int = 4 << 20
 
     @property
     def wire_dtype(self) -> np.dtype:
