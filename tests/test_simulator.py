@@ -1,0 +1,335 @@
+"""The placement simulator and its workload generator: queueing theory (M/D/1), DistServe's
+qualitative findings with a toy latency model, exact timings against a per-step reference, and
+the workload's seeds, rates, burstiness and trace files."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import numpy as np
+import pytest
+
+from jaxpd.placement.simulator import LatencyModel, SimDeployment, goodput, simulate
+from jaxpd.placement.workload import (DISTRIBUTIONS, SimRequest, TraceError, dump_trace,
+                                      generate, load_trace)
+
+
+@dataclasses.dataclass(frozen=True)
+class Toy:
+    """Prefill cost proportional to prompt tokens; decode step a + b * batch (+ c * context)."""
+
+    per_token: float = 2e-4
+    a: float = 0.008
+    b: float = 1e-4
+    c: float = 0.0
+    transfer: float = 0.002
+
+    def prefill_seconds(self, prompt_lengths):
+        return self.per_token * sum(prompt_lengths)
+
+    def decode_step_seconds(self, batch, context_tokens):
+        return self.a + self.b * batch + self.c * context_tokens
+
+    def kv_transfer_seconds(self, prompt_tokens):
+        return self.transfer
+
+
+def test_toy_is_a_latency_model():
+    assert isinstance(Toy(), LatencyModel)
+
+
+# -- queueing theory ----------------------------------------------------------------------------
+@pytest.mark.parametrize("rho", [0.5, 0.8])
+def test_prefill_queue_is_md1(rho):
+    """One prefill replica, one prompt per batch, constant service D, Poisson arrivals: the mean
+    wait before prefill starts is Pollaczek-Khinchine's rho D / (2 (1 - rho)). With 200k
+    requests the estimate's spread is about 1% at rho 0.8 (seeds 0-2 land within 1.5%), so 3%
+    is a margin of about three standard errors; the seed is fixed, so the test is deterministic."""
+    service, isl = 0.05, 100
+    model = Toy(per_token=service / isl)
+    dep = SimDeployment.disaggregated(model, model, max_prefill_tokens=isl)
+    reqs = generate("fixed", rho / service, 200_000, seed=0, isl=isl, osl=1)
+    res = simulate(dep, reqs)
+    wait = np.mean(res.prefill_start_s - res.arrival_s)
+    expected = rho * service / (2 * (1 - rho))
+    assert wait == pytest.approx(expected, rel=0.03)
+    assert np.allclose(res.ttft_s, res.prefill_start_s - res.arrival_s + service)
+
+
+# -- DistServe's findings -----------------------------------------------------------------------
+TTFT_SLO, TPOT_SLO = 0.4, 0.012  # prefill of 512 tokens takes 0.1 s; a decode step ~ 8-9 ms
+
+
+def _pair():
+    model = Toy()
+    return (SimDeployment.disaggregated(model, model, max_prefill_tokens=2048),
+            SimDeployment.colocated(model, 2, max_prefill_tokens=2048))  # same 2 devices
+
+
+def _workload(rate):
+    return generate("fixed", rate, 2000, seed=0, isl=512, osl=128)
+
+
+def test_disaggregation_wins_at_high_load_with_tight_slos():
+    """Colocated, each prefill stalls every decoding sequence for 0.1 s, so TPOT breaks the
+    tight SLO; one decode replica batches everything at ~9 ms a step."""
+    dis, col = _pair()
+    reqs = _workload(5.0)
+    dis_res, col_res = simulate(dis, reqs), simulate(col, reqs)
+    assert dis_res.attainment(TTFT_SLO, TPOT_SLO) >= 0.9
+    assert dis_res.attainment(TTFT_SLO, TPOT_SLO) > col_res.attainment(TTFT_SLO, TPOT_SLO) + 0.1
+    assert col_res.percentile("tpot", 90) > TPOT_SLO > dis_res.percentile("tpot", 90)
+    assert goodput(dis, _workload, TTFT_SLO, TPOT_SLO) > 1.2 * goodput(col, _workload, TTFT_SLO,
+                                                                         TPOT_SLO)
+
+
+@pytest.mark.parametrize("rate", [0.25, 0.5, 1.0])
+def test_colocation_is_as_good_at_light_load(rate):
+    """Little interference and no KV hand-off: colocated meets the SLOs as often, on the same
+    two devices, and finishes requests about as fast."""
+    dis, col = _pair()
+    reqs = _workload(rate)
+    dis_res, col_res = simulate(dis, reqs), simulate(col, reqs)
+    assert col_res.attainment(TTFT_SLO, TPOT_SLO) >= dis_res.attainment(TTFT_SLO, TPOT_SLO)
+    assert col_res.attainment(TTFT_SLO, TPOT_SLO) == 1.0
+    # no hand-off, but a prompt arriving mid-decode waits one step on a colocated replica: a wash
+    if rate <= 0.5:
+        assert np.mean(col_res.e2e_s) <= 1.01 * np.mean(dis_res.e2e_s)
+
+
+# -- exact timings ------------------------------------------------------------------------------
+def test_single_request_timeline():
+    model = Toy(c=1e-6)
+    dep = SimDeployment.disaggregated(model, model)
+    res = simulate(dep, [SimRequest(1.0, 300, 5)])
+    assert res.ttft_s[0] == pytest.approx(0.06)
+    steps = sum(model.decode_step_seconds(1, 301 + i) for i in range(4))
+    assert res.finish_s[0] == pytest.approx(1.0 + 0.06 + 0.002 + steps)
+    assert res.tpot_s[0] == pytest.approx((0.002 + steps) / 4)
+    col = simulate(SimDeployment.colocated(model), [SimRequest(0.0, 300, 5)])
+    assert col.e2e_s[0] == pytest.approx(0.06 + steps)
+
+
+def _reference_decode(model, reqs, max_batch):
+    """Per-step continuous batching on one replica, requests arriving straight at decode."""
+    order = sorted(range(len(reqs)), key=lambda i: reqs[i].arrival_s)
+    finish = [0.0] * len(reqs)
+    t, nxt, active, pending = 0.0, 0, {}, []  # active: rid -> tokens still to produce
+    while nxt < len(order) or pending or active:
+        while nxt < len(order) and reqs[order[nxt]].arrival_s <= t:
+            pending.append(order[nxt])
+            nxt += 1
+        while pending and len(active) < max_batch:
+            rid = pending.pop(0)
+            active[rid] = reqs[rid].output_tokens - 1
+        if not active:
+            t = reqs[order[nxt]].arrival_s
+            continue
+        ctx = sum(reqs[r].prompt_tokens + reqs[r].output_tokens - left for r, left in active.items())
+        t += model.decode_step_seconds(len(active), ctx)
+        for rid in list(active):
+            active[rid] -= 1
+            if active[rid] == 0:
+                finish[rid] = t
+                del active[rid]
+    return np.array(finish)
+
+
+@pytest.mark.parametrize("max_batch", [4, 256])
+def test_decode_stretches_match_a_per_step_reference(max_batch):
+    """Stretches of steps, cut short when a request arrives, give the same finish times as
+    stepping one by one (exact for a step time affine in the context)."""
+    model = Toy(per_token=0.0, transfer=0.0, c=2e-6)
+    rng = np.random.default_rng(3)
+    reqs = [SimRequest(float(t), int(p), int(o)) for t, p, o in zip(
+        np.cumsum(rng.exponential(0.05, 300)), rng.integers(1, 500, 300),
+        rng.integers(2, 120, 300))]
+    res = simulate(SimDeployment.disaggregated(model, model, max_decode_batch=max_batch), reqs)
+    assert np.allclose(res.finish_s, _reference_decode(model, reqs, max_batch), rtol=1e-9)
+
+
+def test_prefill_batches_fcfs_up_to_the_token_budget():
+    """The first prompt starts alone on the idle replica (0.02 s); the next three wait, and the
+    first two of them fill the 200-token budget, the last runs after them."""
+    model = Toy()
+    reqs = [SimRequest(0.0, 100, 2)] + [SimRequest(0.001, 100, 2)] * 3
+    res = simulate(SimDeployment.disaggregated(model, model, max_prefill_tokens=200), reqs)
+    assert list(res.prefill_start_s) == pytest.approx([0.0, 0.02, 0.02, 0.06])
+    assert list(res.first_token_s) == pytest.approx([0.02, 0.06, 0.06, 0.08])
+
+
+def test_prompts_go_to_the_shortest_prefill_queue():
+    model = Toy()
+    dep = SimDeployment.disaggregated(model, model, prefill_replicas=2, max_prefill_tokens=100)
+    res = simulate(dep, [SimRequest(0.0, 100, 1)] * 4)
+    assert list(res.first_token_s) == pytest.approx([0.02, 0.02, 0.04, 0.04])
+
+
+def test_requests_wait_for_kv_room_and_oversized_ones_are_dropped():
+    model = Toy()
+    dep = SimDeployment.disaggregated(model, model, decode_replicas=2, kv_capacity_tokens=1000)
+    reqs = [SimRequest(0.0, 500, 400), SimRequest(0.0, 500, 400), SimRequest(0.0, 500, 400),
+            SimRequest(0.0, 900, 200)]
+    res = simulate(dep, reqs)
+    # two fit (one per replica); the third waits for the first to finish
+    assert res.prefill_start_s[2] == pytest.approx(min(res.finish_s[:2]))
+    assert res.dropped == 1 and np.isinf(res.ttft_s[3])
+    assert res.percentile("ttft", 100) == np.inf
+    assert res.attainment(10, 10) == 0.75
+
+
+def test_decode_batch_limit_queues_sequences():
+    model = Toy(transfer=0.0)
+    dep = SimDeployment.disaggregated(model, model, max_prefill_tokens=1000, max_decode_batch=2)
+    res = simulate(dep, [SimRequest(0.0, 10, 11)] * 3)
+    # the third joins when the first two finish 10 steps in
+    assert res.finish_s[2] - res.finish_s[0] == pytest.approx(10 * model.decode_step_seconds(1, 0),
+                                                              rel=0.01)
+
+
+def test_result_metrics():
+    model = Toy()
+    res = simulate(SimDeployment.colocated(model, 1), generate("code", 2.0, 500, seed=1))
+    assert res.percentile("ttft", 50) == pytest.approx(np.median(res.ttft_s))
+    assert res.percentile("tpot_s", 90) == pytest.approx(np.percentile(res.tpot_s, 90))
+    assert np.all(res.e2e_s >= res.ttft_s)
+    assert res.attainment(np.inf, np.inf) == 1.0 and res.attainment(0.0, 0.0) == 0.0
+    with pytest.raises(ValueError, match="unknown metric"):
+        res.metric("latency")
+
+
+def test_goodput_is_the_highest_rate_meeting_the_target():
+    model = Toy()
+    dep = SimDeployment.disaggregated(model, model)
+    rate = goodput(lambda r: dep, _workload, TTFT_SLO, TPOT_SLO, target=0.9)
+    assert simulate(dep, _workload(rate)).attainment(TTFT_SLO, TPOT_SLO) >= 0.9
+    assert simulate(dep, _workload(rate * 1.03)).attainment(TTFT_SLO, TPOT_SLO) < 0.9
+    assert goodput(dep, _workload, 0.01, TPOT_SLO) == 0.0  # TTFT below one prefill
+
+
+def test_deployment_validation():
+    model = Toy()
+    with pytest.raises(ValueError, match="colocated"):
+        SimDeployment("colocated", 1, 2, model, model)
+    with pytest.raises(ValueError, match="max_decode_batch"):
+        SimDeployment.disaggregated(model, model, max_decode_batch=0)
+    assert SimDeployment.colocated(model, 3).replicas == 3
+
+
+def test_ten_thousand_requests_are_fast():
+    model = Toy()
+    reqs = generate("chatbot", 8.0, 10_000, seed=0)
+    for dep in (SimDeployment.disaggregated(model, model, decode_replicas=2,
+                                            kv_capacity_tokens=200_000),
+                SimDeployment.colocated(model, 3, kv_capacity_tokens=200_000)):
+        start = time.perf_counter()
+        res = simulate(dep, reqs)
+        assert time.perf_counter() - start < 2.0
+        assert np.all(np.isfinite(res.e2e_s))
+
+
+# -- workload -----------------------------------------------------------------------------------
+def test_seeds_reproduce():
+    assert generate("chatbot", 3.0, 1000, seed=7) == generate("chatbot", 3.0, 1000, seed=7)
+    assert generate("chatbot", 3.0, 1000, seed=7) != generate("chatbot", 3.0, 1000, seed=8)
+
+
+def test_rate_only_rescales_arrivals():
+    slow, fast = generate("code", 1.0, 500, seed=2), generate("code", 4.0, 500, seed=2, cv=1.0)
+    assert [r.prompt_tokens for r in slow] == [r.prompt_tokens for r in fast]
+    assert np.allclose([r.arrival_s / 4 for r in slow], [r.arrival_s for r in fast])
+    bursty = generate("code", 4.0, 500, seed=2, cv=3.0)
+    assert [r.output_tokens for r in bursty] == [r.output_tokens for r in fast]
+
+
+@pytest.mark.parametrize("cv", [1.0, 0.5, 2.0])
+def test_arrival_rate_and_cv(cv):
+    rate = 5.0
+    times = np.array([r.arrival_s for r in generate("fixed", rate, 200_000, seed=0, cv=cv,
+                                                    isl=1, osl=1)])
+    gaps = np.diff(np.concatenate([[0.0], times]))
+    assert np.mean(gaps) == pytest.approx(1 / rate, rel=0.02)
+    assert np.std(gaps) / np.mean(gaps) == pytest.approx(cv, rel=0.03)
+
+
+@pytest.mark.parametrize("kind", sorted(DISTRIBUTIONS))
+def test_length_distributions(kind):
+    dist = DISTRIBUTIONS[kind]
+    reqs = generate(kind, 1.0, 100_000, seed=0)
+    prompts = np.array([r.prompt_tokens for r in reqs])
+    outputs = np.array([r.output_tokens for r in reqs])
+    assert prompts.min() >= 1 and prompts.max() <= dist.prompt_max
+    assert outputs.min() >= 1 and outputs.max() <= dist.output_max
+    # documented means are before clipping: compare with the clipped lognormal's mean
+    assert np.mean(prompts) == pytest.approx(
+        _clipped_mean(dist.prompt_mean, dist.prompt_sigma, dist.prompt_max), rel=0.02)
+    assert np.mean(outputs) == pytest.approx(
+        _clipped_mean(dist.output_mean, dist.output_sigma, dist.output_max), rel=0.02)
+
+
+def _clipped_mean(mean, sigma, upper):
+    """E[min(X, upper)] for a lognormal X with this mean: E[X; X < c] + c P(X >= c)."""
+    from scipy.stats import norm
+    mu = np.log(mean) - sigma**2 / 2
+    z = (np.log(upper) - mu) / sigma
+    return mean * norm.cdf(z - sigma) + upper * norm.sf(z)
+
+
+def test_fixed_lengths_and_overrides():
+    reqs = generate("fixed", 1.0, 10, isl=64, osl=8)
+    assert {(r.prompt_tokens, r.output_tokens) for r in reqs} == {(64, 8)}
+    assert {r.output_tokens for r in generate("chatbot", 1.0, 50, osl=3)} == {3}
+    with pytest.raises(ValueError, match="needs both isl and osl"):
+        generate("fixed", 1.0, 10, isl=64)
+    with pytest.raises(ValueError, match="unknown workload kind 'chat'"):
+        generate("chat", 1.0, 10)
+    with pytest.raises(ValueError, match="rate"):
+        generate("code", 0.0, 10)
+    with pytest.raises(ValueError, match="cv"):
+        generate("code", 1.0, 10, cv=0.0)
+
+
+def test_trace_round_trip_jsonl_and_csv(tmp_path):
+    reqs = generate("summarization", 2.0, 20, seed=4)
+    dump_trace(reqs, tmp_path / "t.jsonl")
+    assert load_trace(tmp_path / "t.jsonl") == reqs
+    csv_path = tmp_path / "t.csv"
+    csv_path.write_text("timestamp,prompt_tokens,output_tokens,user\n2.5,10,3,a\n0.5,7,1,b\n")
+    assert load_trace(csv_path) == [SimRequest(0.5, 7, 1), SimRequest(2.5, 10, 3)]
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"arrival_s": 0, "prompt_tokens": 5, "output_tokens": 2}\n{"arrival_s": 1,\n',
+     "trace.jsonl:2: not valid JSON"),
+    ('\n{"arrival_s": 0, "output_tokens": 2}\n', "trace.jsonl:2: missing field 'prompt_tokens'"),
+    ('{"prompt_tokens": 5, "output_tokens": 2}\n',
+     "trace.jsonl:1: missing field 'arrival_s' or 'timestamp'"),
+    ('{"arrival_s": 0, "prompt_tokens": 2.5, "output_tokens": 2}\n',
+     "trace.jsonl:1: prompt_tokens must be an integer >= 1, got 2.5"),
+    ('{"arrival_s": -1, "prompt_tokens": 5, "output_tokens": 2}\n',
+     "trace.jsonl:1: arrival_s must be >= 0"),
+    ('{"arrival_s": 0, "prompt_tokens": 5, "output_tokens": "x"}\n',
+     "trace.jsonl:1: output_tokens must be a number, got 'x'"),
+    ('[1, 2, 3]\n', "trace.jsonl:1: expected an object"),
+    ('\n\n', "trace.jsonl: trace holds no requests"),
+])
+def test_trace_errors_name_the_line(tmp_path, monkeypatch, text, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "trace.jsonl").write_text(text)
+    with pytest.raises(TraceError) as err:
+        load_trace("trace.jsonl")
+    assert str(err.value).startswith(message)
+
+
+def test_csv_trace_errors(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "trace.csv").write_text("arrival_s,prompt_tokens,output_tokens\n0,5,2\n1,0,2\n")
+    with pytest.raises(TraceError, match=r"^trace.csv:3: prompt_tokens must be an integer >= 1"):
+        load_trace("trace.csv")
+    (tmp_path / "trace.csv").write_text("arrival_s,prompt_tokens,output_tokens\n0,5,2,9\n")
+    with pytest.raises(TraceError, match=r"^trace.csv:2: more values than header columns"):
+        load_trace("trace.csv")
+    with pytest.raises(TraceError, match="cannot read trace"):
+        load_trace("missing.jsonl")
