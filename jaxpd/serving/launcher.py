@@ -33,11 +33,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
 import dataclasses
 import errno
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -50,11 +50,11 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from jaxpd.errors import ConfigError, JaxpdError
+from jaxpd.serving import deathsig
 
 READY_PREFIX = "JAXPD_READY "  # must match jaxpd.serving.process.READY_PREFIX
 LOG_LINES = 40
 DEFAULT_GRACE_S = 10.0
-_PR_SET_PDEATHSIG = 1
 _MAX_LINE_BYTES = 64 << 10
 _REPORT_LINES_ON_TIMEOUT = 10
 
@@ -258,7 +258,6 @@ class Launcher:
         self._wake = threading.Event()  # set by readers: a ready line or an EOF arrived
         self._stop_signal: int | None = None  # written by request_stop (signal-safe: no locks)
         self._stop_requested = False
-        self._preexec = pdeathsig_preexec()
 
     # -- lifecycle --------------------------------------------------------------------------------
     def __enter__(self) -> Launcher:
@@ -273,11 +272,13 @@ class Launcher:
             raise self._stopped(LaunchError(f"two processes are named {spec.name!r}"))
         if not spec.argv:
             raise self._stopped(LaunchError(f"{spec.describe()}: empty command line"))
+        if shutil.which(spec.argv[0], path=spec.env.get("PATH", os.defpath)) is None:
+            raise self._stopped(LaunchError(
+                f"could not start {spec.describe()}: {spec.argv[0]!r} is not an executable"))
         try:
-            proc = subprocess.Popen(
-                spec.argv, env=dict(spec.env), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT, close_fds=True, start_new_session=False,
-                preexec_fn=self._preexec)
+            proc = subprocess.Popen(  # no preexec_fn: see jaxpd/serving/deathsig.py
+                deathsig.wrap(list(spec.argv)), env=dict(spec.env), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, close_fds=True, start_new_session=False)
         except (OSError, subprocess.SubprocessError) as e:
             raise self._stopped(LaunchError(f"could not start {spec.describe()}: {e}")) from None
         child = _Child(spec, proc, collections.deque(maxlen=self.log_lines))
@@ -509,24 +510,3 @@ def dialable(address: str) -> str:
 def _signal(proc: subprocess.Popen, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         proc.send_signal(sig)
-
-
-def pdeathsig_preexec() -> Callable[[], None] | None:
-    """A `preexec_fn` making the child receive SIGTERM when its parent dies (Linux prctl), or
-    None where that is unavailable (then a launcher killed -9 leaves its children running)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-    prctl.restype = ctypes.c_int
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-        if os.getppid() != parent:  # the launcher died before prctl took effect
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return preexec
