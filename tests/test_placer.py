@@ -6,7 +6,8 @@ import pytest
 
 from jaxpd.model.presets import get_preset
 from jaxpd.placement.cost_model import Roofline
-from jaxpd.placement.placer import (Demand, Option, PoolSpec, options, solve, solve_exhaustive)
+from jaxpd.placement.placer import (Demand, Option, PoolSpec, options, ranked, solve,
+                                    solve_exhaustive)
 
 H100 = Roofline(flops=989e12, bandwidth=3.35e12, memory=80e9, link_bandwidth=450e9)
 L4 = Roofline(flops=121e12, bandwidth=0.3e12, memory=24e9, link_bandwidth=0.0)
@@ -14,7 +15,7 @@ LLAMA8B = get_preset("llama3-8b").replace(dtype="bfloat16")
 
 
 def _random_case(rng: random.Random):
-    pools = [PoolSpec(f"p{i}", "x", "nvidia", rng.randint(1, 12), rng.choice([0.7, 1.3, 2.0, 4.1]),
+    pools = [PoolSpec(f"p{i}", "x", "nvidia", rng.randint(1, 8), rng.choice([0.7, 1.3, 2.0, 4.1]),
                       H100, 8) for i in range(rng.randint(1, 3))]
     opts = []
     for pool in pools:
@@ -26,22 +27,55 @@ def _random_case(rng: random.Random):
     return pools, opts, rng.uniform(0.5, 20.0)
 
 
-def test_milp_matches_the_exhaustive_optimum_on_random_cases():
-    rng = random.Random(0)
+def _random_constraints(rng: random.Random, opts):
+    pairs = [(i, j) for i, p in enumerate(opts) if p.role == "prefill"
+             for j, d in enumerate(opts) if d.role == "decode"]
+    incompatible = {pair for pair in pairs if rng.random() < 0.3}
+    budget = rng.choice([None, rng.uniform(2.0, 60.0)])
+    return incompatible, budget
+
+
+@pytest.mark.parametrize("objective", ["cost", "goodput-per-dollar"])
+def test_milp_matches_the_exhaustive_optimum_on_random_cases(objective):
+    rng = random.Random(0 if objective == "cost" else 1)
     checked = infeasible = 0
     for _ in range(150):
         pools, opts, rate = _random_case(rng)
-        best, milp = solve_exhaustive(opts, pools, rate), solve(opts, pools, rate)
+        incompatible, budget = _random_constraints(rng, opts)
+        kwargs = dict(objective=objective, budget=budget, incompatible=incompatible)
+        best, milp = solve_exhaustive(opts, pools, rate, **kwargs), solve(opts, pools, rate, **kwargs)
         if best is None:
             assert milp is None
             infeasible += 1
             continue
         assert milp is not None
-        assert milp.cost_per_hour == pytest.approx(best.cost_per_hour, rel=1e-9)
-        for o, n in milp.choices:
-            assert n * o.capacity >= rate - 1e-9
+        if objective == "cost":
+            assert milp.cost_per_hour == pytest.approx(best.cost_per_hour, rel=1e-9)
+        else:
+            assert milp.capacity / milp.cost_per_hour == pytest.approx(
+                best.capacity / best.cost_per_hour, rel=1e-7)
+        assert milp.capacity >= rate - 1e-9
+        assert budget is None or milp.cost_per_hour <= budget + 1e-9
+        index = {id(o): i for i, o in enumerate(opts)}
+        picked = [index[id(o)] for o, _ in milp.choices]
+        assert tuple(picked) not in incompatible
         checked += 1
-    assert checked > 80 and infeasible > 3  # both kinds of case occurred
+    assert checked > 60 and infeasible > 3  # both kinds of case occurred
+
+
+def test_ranked_plans_are_distinct_and_in_order():
+    rng = random.Random(7)
+    for _ in range(20):
+        pools, opts, rate = _random_case(rng)
+        plans = ranked(opts, pools, rate, 5)
+        if len(plans) >= 3:
+            break
+    assert len(plans) >= 3
+    costs = [p.cost_per_hour for p in plans]
+    assert costs == sorted(costs)
+    assert costs[0] == pytest.approx(solve_exhaustive(opts, pools, rate).cost_per_hour)
+    structures = [tuple((o.role, o.pool, o.tp) for o, _ in p.choices) for p in plans]
+    assert len(set(structures)) == len(structures)
 
 
 def test_options_follow_the_rooflines_and_the_plan_beats_every_single_pool():

@@ -16,17 +16,19 @@ The simulator then checks the chosen plan against the whole length distribution.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import Literal, Sequence
 
 import numpy as np
 
 from jaxpd.model.config import ModelConfig
-from jaxpd.placement.cost_model import Efficiency, PhaseModel, Roofline
+from jaxpd.placement.cost_model import Efficiency, PhaseModel, Roofline, kv_transfer_seconds
 
 Role = Literal["prefill", "decode", "colocated"]
 TAIL = 2.3  # p90 of an exponential wait is 2.3x its mean: the margin the bounds keep for tails
 TP_DEGREES = (1, 2, 4, 8)
+KV_SHARE_OF_TPOT = 0.25  # of a request's TPOT budget its KV hand-off may take
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +42,8 @@ class PoolSpec:
     price_per_device_hour: float
     roof: Roofline
     max_tp: int  # devices one TP group may span (a node, a slice)
+    network_bandwidth: float = 0.0  # bytes/s per device between hosts (KV across pools)
+    efficiency: Efficiency = Efficiency()  # calibrated from a profile of this device, if any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +66,8 @@ class Option:
     capacity: float  # requests/s one replica carries within the SLOs
     price_per_hour: float  # one replica
     note: str  # what bounds it
+    batch: int = 0  # decode (or colocated): the largest batch whose step fits the TPOT SLO
+    kv_tokens: int = 0  # KV tokens one replica holds after its weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +84,18 @@ class Plan:
 
     def role(self, role: Role) -> tuple[Option, int] | None:
         return next(((o, n) for o, n in self.choices if o.role == role), None)
+
+    @property
+    def capacity(self) -> float:
+        """Requests/s the plan carries within the SLOs (its slowest role)."""
+        return min(o.capacity * n for o, n in self.choices)
+
+    @property
+    def devices(self) -> int:
+        return sum(o.tp * n for o, n in self.choices)
+
+    def describe(self) -> str:
+        return " + ".join(f"{o.role} {n} x {o.pool} TP{o.tp}" for o, n in self.choices)
 
 
 def _tp_degrees(model: ModelConfig, pool: PoolSpec) -> list[int]:
@@ -115,12 +133,12 @@ def _decode_capacity(m: PhaseModel, demand: Demand, max_batch: int,
 
 
 def options(model: ModelConfig, pools: Sequence[PoolSpec], demand: Demand, *,
-            efficiency: Efficiency = Efficiency(), max_decode_batch: int = 256) -> list[Option]:
+            max_decode_batch: int = 256) -> list[Option]:
     """Every feasible (role, pool, TP) option with its per-replica capacity."""
     out: list[Option] = []
     for pool in pools:
         for tp in _tp_degrees(model, pool):
-            m = PhaseModel(model, pool.roof, tp, efficiency)
+            m = PhaseModel(model, pool.roof, tp, pool.efficiency)
             if not m.fits(int(demand.isl_p90 + demand.osl_mean)):
                 continue
             price = tp * pool.price_per_device_hour
@@ -129,17 +147,19 @@ def options(model: ModelConfig, pools: Sequence[PoolSpec], demand: Demand, *,
             cap, why = _md1_capacity(service, service_p90, demand.ttft_slo)
             if cap > 0:
                 out.append(Option("prefill", pool.name, tp, cap, price, why))
-            cap, _, why = _decode_capacity(m, demand, max_decode_batch)
+            kv = m.kv_capacity_tokens()
+            cap, batch, why = _decode_capacity(m, demand, max_decode_batch)
             if cap > 0:
-                out.append(Option("decode", pool.name, tp, cap, price, why))
+                out.append(Option("decode", pool.name, tp, cap, price, why, batch, kv))
             colocated = _colocated_capacity(m, demand, service, service_p90, max_decode_batch)
             if colocated is not None:
-                out.append(Option("colocated", pool.name, tp, colocated[0], price, colocated[1]))
+                capacity, why, batch = colocated
+                out.append(Option("colocated", pool.name, tp, capacity, price, why, batch, kv))
     return out
 
 
 def _colocated_capacity(m: PhaseModel, demand: Demand, service: float, service_p90: float,
-                        max_batch: int) -> tuple[float, str] | None:
+                        max_batch: int) -> tuple[float, str, int] | None:
     """Largest rate at which one replica doing both phases meets both SLOs (bisection): prompts
     take `rate x service` of its time, decode steps stretch over the rest, and a prompt also
     waits for the decode step in progress."""
@@ -160,12 +180,51 @@ def _colocated_capacity(m: PhaseModel, demand: Demand, service: float, service_p
     for _ in range(40):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if meets(mid) else (lo, mid)
-    return lo, f"prefill takes {lo * service:.0%} of the replica's time"
+    batch = _decode_capacity(m, demand, max_batch, share=1 - lo * service)[1]
+    return lo, f"prefill takes {lo * service:.0%} of the replica's time", batch
+
+
+
+
+# -- the KV hand-off between a prefill and a decode option --------------------------------------
+def kv_link(pre: Option, dec: Option, pools: dict[str, PoolSpec]) -> tuple[float, str]:
+    """(bytes/s, transport) of the hand-off: device-to-device over the intra-node link when both
+    groups fit in one node of one pool, else the network between hosts through the host-staged
+    gRPC stream (the only transport between vendors), at the slower end's NICs."""
+    a, b = pools[pre.pool], pools[dec.pool]
+    if a.name == b.name and pre.tp + dec.tp <= a.max_tp and a.roof.link_bandwidth > 0:
+        return a.roof.link_bandwidth, "device"
+    return min(a.network_bandwidth * pre.tp, b.network_bandwidth * dec.tp), "grpc"
+
+
+def kv_seconds(model: ModelConfig, pre: Option, dec: Option, pools: dict[str, PoolSpec],
+               prompt_tokens: int) -> float:
+    """One prompt's hand-off, with the overlap of layer-by-layer streaming behind prefill."""
+    pool = pools[pre.pool]
+    m = PhaseModel(model, pool.roof, pre.tp, pool.efficiency)
+    return kv_transfer_seconds(model, prompt_tokens, kv_link(pre, dec, pools)[0],
+                               m.prefill_seconds([prompt_tokens]), pool.efficiency.link)
+
+
+def incompatible_pairs(model: ModelConfig, opts: Sequence[Option], pools: Sequence[PoolSpec],
+                       demand: Demand) -> set[tuple[int, int]]:
+    """(prefill, decode) option indices whose hand-off of a p90 prompt would take more than a
+    quarter of the request's TPOT budget (it counts toward TPOT), or has no link at all."""
+    by_name = {p.name: p for p in pools}
+    budget = KV_SHARE_OF_TPOT * demand.tpot_slo * max(demand.osl_mean - 1, 1)
+    out = set()
+    for i, p in enumerate(opts):
+        if p.role != "prefill":
+            continue
+        for j, d in enumerate(opts):
+            if d.role == "decode" and not (kv_seconds(model, p, d, by_name, int(demand.isl_p90))
+                                           <= budget):
+                out.add((i, j))
+    return out
 
 
 # -- choosing replica counts ------------------------------------------------------------------------
-def _replicas(option: Option, rate: float) -> int:
-    return max(1, math.ceil(rate / option.capacity - 1e-9))
+Objective = Literal["cost", "goodput-per-dollar"]
 
 
 def _fits(plan: Plan, pools: dict[str, PoolSpec]) -> bool:
@@ -175,68 +234,158 @@ def _fits(plan: Plan, pools: dict[str, PoolSpec]) -> bool:
     return all(used[p] <= pools[p].count for p in used)
 
 
-def solve_exhaustive(opts: Sequence[Option], pools: Sequence[PoolSpec], rate: float) -> Plan | None:
-    """Every prefill x decode pair and every colocated option at its fewest replicas: the oracle."""
+def _replicas(option: Option, rate: float) -> int:
+    return max(1, math.ceil(rate / option.capacity - 1e-9))
+
+
+def _ordered(choices) -> Plan:
+    order = {"prefill": 0, "colocated": 0, "decode": 1}
+    return Plan(tuple(sorted(choices, key=lambda c: order[c[0].role])))
+
+
+def _structures(opts: Sequence[Option], bad: set[tuple[int, int]]) -> list[tuple[int, ...]]:
+    """Every colocated option alone and every compatible prefill x decode pair (indices)."""
+    out: list[tuple[int, ...]] = [(i,) for i, o in enumerate(opts) if o.role == "colocated"]
+    out += [(i, j) for i, p in enumerate(opts) if p.role == "prefill"
+            for j, d in enumerate(opts) if d.role == "decode" and (i, j) not in bad]
+    return out
+
+
+def _key(plan: Plan, objective: Objective) -> tuple:
+    if objective == "cost":
+        return (plan.cost_per_hour, plan.devices)
+    return (-plan.capacity / plan.cost_per_hour, plan.cost_per_hour)
+
+
+def solve_exhaustive(opts: Sequence[Option], pools: Sequence[PoolSpec], rate: float, *,
+                     objective: Objective = "cost", budget: float | None = None,
+                     incompatible: set[tuple[int, int]] = frozenset()) -> Plan | None:
+    """Enumerate every structure and replica count: the test oracle for `solve`."""
     by_name = {p.name: p for p in pools}
-    plans = [Plan(((o, _replicas(o, rate)),)) for o in opts if o.role == "colocated"]
-    plans += [Plan(((p, _replicas(p, rate)), (d, _replicas(d, rate))))
-              for p in opts if p.role == "prefill" for d in opts if d.role == "decode"]
-    feasible = [plan for plan in plans if _fits(plan, by_name)]
-    return min(feasible, key=lambda plan: (plan.cost_per_hour, _devices(plan)), default=None)
+    best: Plan | None = None
+    for structure in _structures(opts, set(incompatible)):
+        chosen = [opts[i] for i in structure]
+        if objective == "cost":
+            counts = [[_replicas(o, rate)] for o in chosen]
+        else:
+            counts = [range(1, by_name[o.pool].count // o.tp + 1) for o in chosen]
+        for ns in itertools.product(*counts):
+            plan = _ordered(zip(chosen, ns))
+            if (not _fits(plan, by_name) or plan.capacity < rate - 1e-9
+                    or (budget is not None and plan.cost_per_hour > budget + 1e-9)):
+                continue
+            if best is None or _key(plan, objective) < _key(best, objective):
+                best = plan
+    return best
 
 
-def _devices(plan: Plan) -> int:
-    return sum(o.tp * n for o, n in plan.choices)
+def solve(opts: Sequence[Option], pools: Sequence[PoolSpec], rate: float, *,
+          objective: Objective = "cost", budget: float | None = None,
+          incompatible: set[tuple[int, int]] = frozenset(),
+          exclude: Sequence[frozenset[int]] = ()) -> Plan | None:
+    """The best plan as a mixed-integer program solved by HiGHS.
 
+    Variables per option i: a binary `pick_i` and an integer `n_i` (replicas, `n_i <= M pick_i`),
+    and the carried rate `r >= rate`. Exactly one prefill and one decode option are picked, or
+    one colocated option; the prefill-side and decode-side capacity of the picks each carry `r`;
+    incompatible (prefill, decode) pairs are never picked together; each pool's devices
+    suffice; the $/hour stays within `budget`. `exclude` lists pick sets already found, so the
+    caller can ask for the next best (no-good cuts).
 
-def solve(opts: Sequence[Option], pools: Sequence[PoolSpec], rate: float) -> Plan | None:
-    """The cheapest plan, as a mixed-integer program solved by HiGHS.
-
-    Per option i: a binary `pick_i` and an integer `n_i` (replicas), `n_i <= M pick_i`.
-    Exactly one prefill and one decode option are picked, or one colocated option; the picked
-    options carry `rate`; each pool's devices suffice. Minimise the price of all replicas
-    (ties broken toward fewer devices).
+    objective "cost": minimise $/hour at `rate` (ties toward fewer devices).
+    objective "goodput-per-dollar": maximise r / ($/hour) by Dinkelbach's method: maximise
+    r - lambda * cost, set lambda to the ratio found, repeat until it stops rising.
     """
-    from scipy.optimize import Bounds, LinearConstraint, milp
-
     opts = list(opts)
     if not opts:
         return None
+    if objective == "cost":
+        return _solve_milp(opts, pools, rate, 0.0, budget, incompatible, exclude, minimise_cost=True)
+    plan, ratio = None, 0.0
+    for _ in range(30):
+        found = _solve_milp(opts, pools, rate, ratio, budget, incompatible, exclude,
+                            minimise_cost=False)
+        if found is None:
+            return plan
+        new_ratio = found.capacity / found.cost_per_hour
+        if plan is not None and new_ratio <= ratio * (1 + 1e-9):
+            return plan
+        plan, ratio = found, new_ratio
+    return plan
+
+
+def _solve_milp(opts: list[Option], pools: Sequence[PoolSpec], rate: float, ratio: float,
+                budget: float | None, incompatible, exclude, *, minimise_cost: bool) -> Plan | None:
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
     k = len(opts)
-    big = np.array([max(_replicas(o, rate), 1) for o in opts], float)  # never more than needed
+    by_name = {p.name: p for p in pools}
+    if minimise_cost:  # never more replicas of an option than the rate needs
+        big = np.array([_replicas(o, rate) for o in opts], float)
+    else:
+        big = np.array([max(by_name[o.pool].count // o.tp, 1) for o in opts], float)
     role = lambda r: np.array([o.role == r for o in opts], float)  # noqa: E731
     pre, dec, col = role("prefill"), role("decode"), role("colocated")
+    cap = np.array([o.capacity for o in opts])
+    price = np.array([o.price_per_hour for o in opts])
     zeros = np.zeros(k)
     rows, lo, hi = [], [], []
 
-    def add(pick, n, low, high):
-        rows.append(np.concatenate([pick, n]))
+    def add(pick, n, r, low, high):
+        rows.append(np.concatenate([pick, n, [r]]))
         lo.append(low)
         hi.append(high)
 
-    add(pre + col, zeros, 1, 1)  # one prefill option, or a colocated one
-    add(dec + col, zeros, 1, 1)  # one decode option, or a colocated one
-    cap = np.array([o.capacity for o in opts])
-    add(rate * col, cap * pre, rate, np.inf)  # prefill capacity (or colocated)
-    add(rate * col, cap * dec, rate, np.inf)
-    add(-rate * col, cap * col, 0, np.inf)  # a colocated pick carries the rate itself
+    add(pre + col, zeros, 0, 1, 1)  # one prefill option, or a colocated one
+    add(dec + col, zeros, 0, 1, 1)  # one decode option, or a colocated one
+    add(zeros, cap * (pre + col), -1, 0, np.inf)  # the prefill side carries r
+    add(zeros, cap * (dec + col), -1, 0, np.inf)  # the decode side carries r
     for i in range(k):  # n_i <= big_i * pick_i
         e = np.zeros(k)
         e[i] = 1
-        add(-big[i] * e, e, -np.inf, 0)
+        add(-big[i] * e, e, 0, -np.inf, 0)
     for pool in pools:
         devices = np.array([o.tp if o.pool == pool.name else 0 for o in opts], float)
-        add(zeros, devices, -np.inf, pool.count)
-    price = np.array([o.price_per_hour for o in opts])
+        add(zeros, devices, 0, -np.inf, pool.count)
+    for i, j in incompatible:
+        e = np.zeros(k)
+        e[[i, j]] = 1
+        add(e, zeros, 0, -np.inf, 1)
+    for picks in exclude:
+        e = np.zeros(k)
+        e[list(picks)] = 1
+        add(e, zeros, 0, -np.inf, len(picks) - 1)
+    if budget is not None:
+        add(zeros, price, 0, -np.inf, budget)
     devices = np.array([o.tp for o in opts], float)
-    tiebreak = 1e-6 * price.max() / max(devices.max() * big.max(), 1)
-    cost = np.concatenate([zeros, price + tiebreak * devices])
+    if minimise_cost:
+        tiebreak = 1e-6 * price.min() / max(devices.max() * big.max(), 1)
+        cost = np.concatenate([zeros, price + tiebreak * devices, [0.0]])
+    else:
+        cost = np.concatenate([zeros, ratio * price, [-1.0]])
+    integrality = np.concatenate([np.ones(2 * k), [0]])
+    bounds = Bounds(np.concatenate([zeros, zeros, [rate]]),
+                    np.concatenate([np.ones(k), big, [np.inf]]))
     res = milp(cost, constraints=LinearConstraint(np.array(rows), lo, hi),
-               integrality=np.ones(2 * k), bounds=Bounds(0, np.concatenate([np.ones(k), big])),
-               options={"mip_rel_gap": 0.0})
+               integrality=integrality, bounds=bounds, options={"mip_rel_gap": 0.0})
     if not res.success:
         return None
-    n = np.round(res.x[k:]).astype(int)
-    chosen = [(o, int(c)) for o, c in zip(opts, n) if c > 0]
-    order = {"prefill": 0, "colocated": 0, "decode": 1}
-    return Plan(tuple(sorted(chosen, key=lambda c: order[c[0].role])))
+    n = np.round(res.x[k:2 * k]).astype(int)
+    return _ordered([(o, int(c)) for o, c in zip(opts, n) if c > 0])
+
+
+def ranked(opts: Sequence[Option], pools: Sequence[PoolSpec], rate: float, count: int, *,
+           objective: Objective = "cost", budget: float | None = None,
+           incompatible: set[tuple[int, int]] = frozenset()) -> list[Plan]:
+    """The best `count` plans of different structure (pool, role, TP choices), best first."""
+    index = {id(o): i for i, o in enumerate(opts)}
+    plans: list[Plan] = []
+    exclude: list[frozenset[int]] = []
+    while len(plans) < count:
+        plan = solve(opts, pools, rate, objective=objective, budget=budget,
+                     incompatible=incompatible, exclude=exclude)
+        if plan is None:
+            break
+        plans.append(plan)
+        exclude.append(frozenset(index[id(o)] for o, _ in plan.choices))
+    return plans
