@@ -4,6 +4,8 @@
     jaxpd generate --checkpoint ./Llama-3.1-8B --prompt-ids 1,2,3 --max-tokens 8 --temperature 0 --tp 2 --json
     jaxpd generate --input prompts.jsonl --output out.jsonl --config configs/cpu-disaggregated.yaml
     jaxpd convert --checkpoint ./hf-folder --out ./orbax-folder --tp 2
+    jaxpd place --inventory configs/inventory/mixed-gpu.yaml --model llama3-8b --rate 100 \
+        --slo ttft_p90=0.25 --slo tpot_p90=0.03 --out deploy.yaml
 
 Errors a user can fix (bad checkpoint, bad flags) print one `error: ...` line and exit 2.
 """
@@ -83,10 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(conv)
     conv.add_argument("--out", required=True, metavar="DIR", help="new folder to write")
 
+    from jaxpd.placement import place_cli
     from jaxpd.serving import client_cli, serve_cli
 
     serve_cli.add_parser(sub)
     client_cli.add_parser(sub)
+    place_cli.add_parser(sub)
     return parser
 
 
@@ -235,10 +239,11 @@ def cmd_convert(args) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from jaxpd.placement import place_cli
     from jaxpd.serving import client_cli, serve_cli
 
     handlers = {"generate": cmd_generate, "convert": cmd_convert, "serve": serve_cli.run,
-                "client": client_cli.run}
+                "client": client_cli.run, "place": place_cli.run}
     try:
         return handlers[args.command](args)
     except JaxpdError as e:

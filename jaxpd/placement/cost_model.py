@@ -18,6 +18,7 @@ profile (`configs/profiles/*.json`) by least squares on relative error.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Sequence
@@ -106,18 +107,34 @@ class PhaseModel:
         return 2 * self.model.num_layers * 2 * (self.tp - 1) / self.tp * size / link
 
     # -- latencies -----------------------------------------------------------------------------
+    @functools.cached_property
+    def _coefficients(self) -> tuple[float, ...]:
+        """The latencies are affine in tokens, sequences and sum(l^2) within each roof: the
+        coefficients once, so the simulator's hundreds of thousands of calls stay cheap."""
+        eff, roof, tp = self.efficiency, self.roof, self.tp
+        compute, attention = roof.flops * eff.compute, roof.flops * eff.attention
+        memory = roof.bandwidth * eff.memory
+        dense_token = self._dense_flops(1, 0) / tp / compute
+        dense_sequence = self._dense_flops(0, 1) / tp / compute
+        causal = self._attention_flops(1, 1) / tp / attention  # per query x key token pair
+        weights = self.weight_bytes_per_device() / memory
+        kv = self.kv_bytes_per_token_per_device() / memory
+        allreduce = self._allreduce_seconds(1)
+        return dense_token, dense_sequence, causal, weights, kv, allreduce
+
     def prefill_seconds(self, prompt_lengths: Sequence[int]) -> float:
         """One prefill step over whole prompts (causal attention: each token sees its prefix)."""
-        eff, roof = self.efficiency, self.roof
-        lengths = np.asarray(prompt_lengths, dtype=np.float64)
-        tokens = int(lengths.sum())
-        dense = self._dense_flops(tokens, len(lengths)) / self.tp
-        attention = float((self._attention_flops(1, 1) * lengths * (lengths + 1) / 2).sum()) / self.tp
-        compute = dense / (roof.flops * eff.compute) + attention / (roof.flops * eff.attention)
-        memory = (self.weight_bytes_per_device()
-                  + tokens * self.kv_bytes_per_token_per_device()) / (roof.bandwidth * eff.memory)
-        return (self._roofs(compute, memory) + self._allreduce_seconds(tokens)
-                + eff.step_overhead_s + eff.per_sequence_s * len(lengths))
+        eff = self.efficiency
+        dense_token, dense_sequence, causal, weights, kv, allreduce = self._coefficients
+        tokens = pairs = 0
+        for length in prompt_lengths:
+            tokens += length
+            pairs += length * (length + 1) / 2
+        sequences = len(prompt_lengths)
+        compute = dense_token * tokens + dense_sequence * sequences + causal * pairs
+        memory = weights + kv * tokens
+        return (self._roofs(compute, memory) + allreduce * tokens + eff.step_overhead_s
+                + eff.per_sequence_s * sequences)
 
     def _roofs(self, compute: float, memory: float) -> float:
         """max() when the device overlaps compute with memory traffic, up to the sum when not."""
@@ -125,13 +142,12 @@ class PhaseModel:
 
     def decode_step_seconds(self, batch: int, context_tokens: int) -> float:
         """One decode step: `batch` sequences, `context_tokens` KV tokens among them."""
-        eff, roof = self.efficiency, self.roof
-        memory = (self.weight_bytes_per_device()
-                  + context_tokens * self.kv_bytes_per_token_per_device()) / (roof.bandwidth * eff.memory)
-        compute = (self._dense_flops(batch, batch) / (roof.flops * eff.compute)
-                   + self._attention_flops(1, context_tokens) / (roof.flops * eff.attention)) / self.tp
-        return (self._roofs(compute, memory) + self._allreduce_seconds(batch)
-                + eff.step_overhead_s + eff.per_sequence_s * batch)
+        eff = self.efficiency
+        dense_token, dense_sequence, causal, weights, kv, allreduce = self._coefficients
+        memory = weights + kv * context_tokens
+        compute = (dense_token + dense_sequence) * batch + causal * context_tokens
+        return (self._roofs(compute, memory) + allreduce * batch + eff.step_overhead_s
+                + eff.per_sequence_s * batch)
 
 
 def kv_transfer_seconds(model: ModelConfig, prompt_tokens: int, link_bandwidth: float,

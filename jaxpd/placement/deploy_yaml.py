@@ -10,18 +10,30 @@ from __future__ import annotations
 import yaml
 
 from jaxpd.config import DeploymentConfig, parse_config
-from jaxpd.placement.placer import Plan
+from jaxpd.placement.placer import Option, Plan
 
 PREFILL_HOST, DECODE_HOST = "PREFILL_POOL_HOST", "DECODE_POOL_HOST"
+CHECKPOINT = "MODEL_CHECKPOINT_DIR"  # written when the plan was made for a preset, not a folder
+MAX_PAGES = 1 << 20
+
+
+def _kv_holder(plan: Plan) -> Option:
+    return plan.choices[0][0] if plan.colocated else plan.role("decode")[0]
 
 
 def plan_config(plan: Plan, *, checkpoint: str | None, dtype: str = "bfloat16",
-                page_size: int = 16, num_pages: int = 4096,
-                router_port: int = 50051) -> DeploymentConfig:
-    """The DeploymentConfig for `plan` (raises ConfigError if the plan cannot be expressed)."""
-    data: dict = {"model": {"checkpoint": checkpoint, "dtype": dtype},
+                page_size: int = 16, router_port: int = 50051) -> DeploymentConfig:
+    """The DeploymentConfig for `plan` (raises ConfigError if the plan cannot be expressed):
+    KV pages sized to what the decode devices hold after their weights, and the decode batch
+    limited to the largest whose step the cost model fits in the TPOT SLO."""
+    holder = _kv_holder(plan)
+    num_pages = min(MAX_PAGES, max(holder.kv_tokens // page_size, 64)) if holder.kv_tokens \
+        else 4096
+    data: dict = {"model": {"checkpoint": checkpoint or CHECKPOINT, "dtype": dtype},
                   "kv": {"page_size": page_size, "num_pages": num_pages},
                   "serving": {"router": {"host": "0.0.0.0", "port": router_port}}}
+    if holder.batch:
+        data["scheduler"] = {"max_decode_batch": holder.batch}
     if plan.colocated:
         option, replicas = plan.choices[0]
         data["mode"] = "colocated"
@@ -48,4 +60,10 @@ def plan_yaml(plan: Plan, **kwargs) -> str:
     header = "# Written by `jaxpd place`: " + ", ".join(
         f"{o.role} {n} x {o.pool} TP={o.tp}" for o, n in plan.choices) + \
         f"; ${plan.cost_per_hour:.2f}/hour\n"
+    if cfg.model.checkpoint == CHECKPOINT:
+        header += f"# Replace {CHECKPOINT} with the model's folder (HF or orbax).\n"
+    if cfg.mode == "disaggregated" and cfg.prefill.host == PREFILL_HOST:
+        header += (f"# Prefill and decode run on different machines: replace {PREFILL_HOST} and "
+                   f"{DECODE_HOST},\n# then run `jaxpd serve prefill|decode --replica I` on "
+                   f"each and `jaxpd serve router`.\n")
     return header + yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

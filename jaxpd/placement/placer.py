@@ -389,3 +389,12 @@ def ranked(opts: Sequence[Option], pools: Sequence[PoolSpec], rate: float, count
         plans.append(plan)
         exclude.append(frozenset(index[id(o)] for o, _ in plan.choices))
     return plans
+
+
+def max_rate(opts: Sequence[Option], pools: Sequence[PoolSpec],
+             incompatible: set[tuple[int, int]] = frozenset()) -> float:
+    """The highest rate any plan on these pools carries within the SLOs (analytic)."""
+    if not opts:
+        return 0.0
+    plan = _solve_milp(list(opts), pools, 0.0, 0.0, None, incompatible, (), minimise_cost=False)
+    return 0.0 if plan is None else plan.capacity

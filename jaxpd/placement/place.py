@@ -1,0 +1,320 @@
+"""From an inventory, a model, a workload and SLOs to a plan checked in the simulator.
+
+The analytic step (`placer.options` + the MILP) is fast but sees only the workload's mean and
+p90 lengths and queueing bounds. Each leading plan is therefore replayed in the discrete-event
+simulator against the whole length distribution and the arrival process; a plan that misses an
+SLO there gains a replica of the role that misses it (while its pool has devices) and is
+replayed again. The cheapest plan the simulator confirms wins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import numpy as np
+
+from jaxpd.model.config import ModelConfig
+from jaxpd.placement.cost_model import PhaseModel
+from jaxpd.placement.placer import (Demand, Objective, Option, Plan, PoolSpec, incompatible_pairs,
+                                    kv_link, kv_seconds, max_rate, options, ranked, solve)
+from jaxpd.placement.simulator import SimDeployment, goodput, simulate
+from jaxpd.placement.workload import SimRequest, generate, load_trace
+
+MAX_PREFILL_TOKENS = 2048  # the scheduler's default prefill step budget (config.py)
+MAX_GROWTH = 8  # replicas the simulator check may add to one plan
+
+
+@dataclasses.dataclass(frozen=True)
+class Slo:
+    """TTFT and TPOT bounds (seconds) at a percentile, and the share of requests that must meet
+    both (DistServe's attainment; defaults to the percentile)."""
+
+    ttft: float
+    tpot: float
+    percentile: float = 90.0
+    attainment: float | None = None
+
+    @property
+    def target(self) -> float:
+        return self.percentile / 100 if self.attainment is None else self.attainment
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """A named length distribution ('chatbot', 'code', 'summarization'), fixed lengths
+    ('fixed' with isl and osl), or a trace file whose arrivals are rescaled to the rate."""
+
+    kind: str
+    isl: int | None = None
+    osl: int | None = None
+    trace: tuple[SimRequest, ...] = ()
+
+    @classmethod
+    def from_trace(cls, path: str) -> Workload:
+        return cls("trace", trace=tuple(load_trace(path)))
+
+    def requests(self, rate: float, count: int, seed: int = 0) -> list[SimRequest]:
+        if self.kind != "trace":
+            return generate(self.kind, rate, count, seed=seed, isl=self.isl, osl=self.osl)
+        trace = self.trace
+        span = trace[-1].arrival_s - trace[0].arrival_s
+        scale = (len(trace) - 1) / (rate * span) if span > 0 and len(trace) > 1 else 1.0
+        out, offset = [], 0.0
+        while len(out) < count:  # loop the trace to the count, keeping its shape
+            for r in trace:
+                out.append(SimRequest(offset + (r.arrival_s - trace[0].arrival_s) * scale,
+                                      r.prompt_tokens, r.output_tokens))
+            offset = out[-1].arrival_s + 1 / rate
+        return out[:count]
+
+    def demand(self, rate: float, slo: Slo, samples: int = 20_000) -> Demand:
+        reqs = self.requests(1.0, samples, seed=12345)
+        isl = np.array([r.prompt_tokens for r in reqs], float)
+        osl = np.array([r.output_tokens for r in reqs], float)
+        return Demand(rate=rate, isl_mean=float(isl.mean()),
+                      isl_p90=float(np.percentile(isl, slo.percentile)),
+                      osl_mean=float(osl.mean()), ttft_slo=slo.ttft, tpot_slo=slo.tpot)
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """A plan, its KV hand-off, and what the simulator measured of it."""
+
+    plan: Plan
+    transport: str | None  # "device", "grpc", or None when colocated
+    kv_link_bytes_s: float
+    ttft: float  # at the SLO percentile
+    tpot: float
+    attainment: float
+    verified: bool
+    analytic_cost: float  # $/hour the MILP chose before the simulator check
+    notes: tuple[str, ...] = ()
+
+    @property
+    def cost_per_hour(self) -> float:
+        return self.plan.cost_per_hour
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    demand: Demand
+    slo: Slo
+    candidates: tuple[Candidate, ...]  # ranked, verified first
+    single_kind: dict[str, float]  # device kind -> $/hour of its best verified plan alone
+    goodput: float = math.nan  # requests/s the best plan sustains within the SLOs (simulated)
+    unreachable: str | None = None  # why no plan meets the SLOs
+
+    @property
+    def best(self) -> Candidate | None:
+        first = self.candidates[0] if self.candidates else None
+        return first if first is not None and first.verified else None
+
+
+class _PhaseLatency:
+    """The simulator's LatencyModel over the cost model of one role's replicas."""
+
+    def __init__(self, model: ModelConfig, option: Option, pool: PoolSpec,
+                 kv: tuple[Option, dict[str, PoolSpec]] | None = None) -> None:
+        self.phase = PhaseModel(model, pool.roof, option.tp, pool.efficiency)
+        self.model, self.option, self.kv = model, option, kv
+        self._kv_cache: dict[int, float] = {}
+
+    def prefill_seconds(self, prompt_lengths: Sequence[int]) -> float:
+        return self.phase.prefill_seconds(prompt_lengths)
+
+    def decode_step_seconds(self, batch: int, context_tokens: int) -> float:
+        return self.phase.decode_step_seconds(batch, context_tokens)
+
+    def kv_transfer_seconds(self, prompt_tokens: int) -> float:
+        if self.kv is None:
+            return 0.0
+        seconds = self._kv_cache.get(prompt_tokens)
+        if seconds is None:
+            decode, pools = self.kv
+            seconds = kv_seconds(self.model, self.option, decode, pools, prompt_tokens)
+            self._kv_cache[prompt_tokens] = seconds
+        return seconds
+
+
+def sim_deployment(model: ModelConfig, plan: Plan, pools: dict[str, PoolSpec]) -> SimDeployment:
+    """The simulator's view of a plan: replica counts, latencies, batch and KV limits."""
+    if plan.colocated:
+        option, n = plan.choices[0]
+        return SimDeployment.colocated(
+            _PhaseLatency(model, option, pools[option.pool]), n,
+            max_prefill_tokens=MAX_PREFILL_TOKENS, max_decode_batch=max(option.batch, 1),
+            kv_capacity_tokens=max(option.kv_tokens, 1))
+    (pre, n_pre), (dec, n_dec) = plan.role("prefill"), plan.role("decode")
+    return SimDeployment.disaggregated(
+        _PhaseLatency(model, pre, pools[pre.pool], (dec, pools)),
+        _PhaseLatency(model, dec, pools[dec.pool]), prefill_replicas=n_pre,
+        decode_replicas=n_dec, max_prefill_tokens=MAX_PREFILL_TOKENS,
+        max_decode_batch=max(dec.batch, 1), kv_capacity_tokens=max(dec.kv_tokens, 1))
+
+
+def _fits(plan: Plan, pools: dict[str, PoolSpec]) -> bool:
+    used: dict[str, int] = {}
+    for o, n in plan.choices:
+        used[o.pool] = used.get(o.pool, 0) + o.tp * n
+    return all(count <= pools[name].count for name, count in used.items())
+
+
+def _grow(plan: Plan, role: str) -> Plan:
+    return Plan(tuple((o, n + (o.role in (role, "colocated"))) for o, n in plan.choices))
+
+
+def _shrink(plan: Plan, role: str) -> Plan | None:
+    if not any(o.role == role and n > 1 for o, n in plan.choices):
+        return None
+    return Plan(tuple((o, n - (o.role == role)) for o, n in plan.choices))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    ttft: float
+    tpot: float
+    attainment: float
+    ok: bool
+
+
+def _run(model: ModelConfig, plan: Plan, pools: dict[str, PoolSpec], reqs: list[SimRequest],
+         slo: Slo) -> _Run:
+    res = simulate(sim_deployment(model, plan, pools), reqs)
+    ttft, tpot = res.percentile("ttft", slo.percentile), res.percentile("tpot", slo.percentile)
+    attainment = res.attainment(slo.ttft, slo.tpot)
+    return _Run(ttft, tpot, attainment,
+                ttft <= slo.ttft and tpot <= slo.tpot and attainment >= slo.target)
+
+
+def verify(model: ModelConfig, plan: Plan, pools: dict[str, PoolSpec], reqs: list[SimRequest],
+           slo: Slo, budget: float | None = None) -> Candidate:
+    """Simulate `plan`. While it misses an SLO, add a replica of the role that misses it; once
+    it meets them, drop replicas the queueing bounds over-provisioned while it still does."""
+    analytic, notes, original = plan.cost_per_hour, [], plan
+    if plan.colocated:
+        transport, link = None, 0.0
+    else:
+        link, transport = kv_link(plan.role("prefill")[0], plan.role("decode")[0], pools)
+    run = _run(model, plan, pools, reqs, slo)
+    for _ in range(MAX_GROWTH):
+        if run.ok:
+            break
+        role = "prefill" if run.ttft / slo.ttft >= run.tpot / slo.tpot else "decode"
+        bigger = _grow(plan, role)
+        if not _fits(bigger, pools) or (budget is not None and bigger.cost_per_hour > budget):
+            break
+        notes.append(f"+1 {role} replica: the simulation missed the {role} SLO"
+                     if not plan.colocated else "+1 replica: the simulation missed an SLO")
+        plan, run = bigger, _run(model, bigger, pools, reqs, slo)
+    shrinking = run.ok
+    while shrinking:
+        shrinking = False
+        for role in ("prefill", "decode", "colocated"):
+            smaller = _shrink(plan, role)
+            if smaller is None:
+                continue
+            trial = _run(model, smaller, pools, reqs, slo)
+            if trial.ok:
+                plan, run, shrinking = smaller, trial, True
+    for o, n in plan.choices:
+        before = dict((x.role, m) for x, m in original.choices)[o.role]
+        if n < before:
+            notes.append(f"-{before - n} {o.role} replica(s): the queueing bound over-provisioned"
+                         f" ({n} meet the SLOs in simulation)")
+    return Candidate(plan, transport, link, run.ttft, run.tpot, run.attainment, run.ok, analytic,
+                     tuple(notes))
+
+
+def _key(c: Candidate, objective: Objective) -> tuple:
+    if objective == "cost":
+        return (not c.verified, c.cost_per_hour, c.plan.devices)
+    return (not c.verified, -c.plan.capacity / c.cost_per_hour, c.cost_per_hour)
+
+
+def place(model: ModelConfig, pools: Sequence[PoolSpec], workload: Workload, rate: float,
+          slo: Slo, *, objective: Objective = "cost", budget: float | None = None,
+          candidates: int = 5, sim_requests: int = 2000, seed: int = 0,
+          compare_single_kinds: bool = True) -> Placement:
+    """Rank plans analytically, verify the leading `candidates` in the simulator."""
+    by_name = {p.name: p for p in pools}
+    demand = workload.demand(rate, slo)
+    opts = options(model, pools, demand)
+    bad = incompatible_pairs(model, opts, pools, demand)
+    plans = ranked(opts, pools, rate, candidates, objective=objective, budget=budget,
+                   incompatible=bad)
+    reqs = workload.requests(rate, sim_requests, seed)
+    checked = sorted((verify(model, p, by_name, reqs, slo, budget) for p in plans),
+                     key=lambda c: _key(c, objective))
+    single: dict[str, float] = {}
+    if compare_single_kinds and len({p.device for p in pools}) > 1:
+        for device in sorted({p.device for p in pools}):
+            kind = [p for p in pools if p.device == device]
+            sub = place(model, kind, workload, rate, slo, objective="cost", budget=None,
+                        candidates=candidates, sim_requests=sim_requests, seed=seed,
+                        compare_single_kinds=False)
+            if sub.best is not None:
+                single[device] = sub.best.cost_per_hour
+    placement = Placement(demand, slo, tuple(checked), single)
+    if placement.best is None:
+        why = unreachable(model, pools, opts, bad, demand, slo, checked, budget)
+        return dataclasses.replace(placement, unreachable=why)
+    best = placement.best
+    dep = sim_deployment(model, best.plan, by_name)
+    rate_goodput = goodput(dep, lambda r: workload.requests(r, sim_requests, seed), slo.ttft,
+                           slo.tpot, slo.target, start_rate=rate, rel_tol=0.02)
+    return dataclasses.replace(placement, goodput=rate_goodput)
+
+
+def unreachable(model: ModelConfig, pools: Sequence[PoolSpec], opts: Sequence[Option],
+                bad: set[tuple[int, int]], demand: Demand, slo: Slo,
+                checked: Sequence[Candidate], budget: float | None) -> str:
+    """One line: which SLO (or the rate, or the budget) is out of reach, and the best figure."""
+    p = f"p{slo.percentile:g}"
+    fastest_prefill = fastest_step = math.inf
+    prefill_at = step_at = ""
+    context = int(demand.isl_mean + demand.osl_mean)
+    for pool in pools:
+        for tp in (1, 2, 4, 8):
+            if tp > min(pool.max_tp, pool.count) or model.num_heads % tp:
+                continue
+            m = PhaseModel(model, pool.roof, tp, pool.efficiency)
+            if not m.fits(context):
+                continue
+            t = m.prefill_seconds([int(demand.isl_p90)])
+            if t < fastest_prefill:
+                fastest_prefill, prefill_at = t, f"{pool.name} TP{tp}"
+            s = m.decode_step_seconds(1, context)
+            if s < fastest_step:
+                fastest_step, step_at = s, f"{pool.name} TP{tp}"
+    if not math.isfinite(fastest_prefill):
+        return (f"no pool can hold the model ({model.num_params() / 1e9:.1f}B parameters) with "
+                f"KV for one {context}-token request at any TP degree")
+    if fastest_prefill > slo.ttft:
+        return (f"ttft_{p}={slo.ttft:g}s is out of reach: the fastest prefill of a {p} prompt "
+                f"({int(demand.isl_p90)} tokens) takes {fastest_prefill:.3g}s ({prefill_at})")
+    if fastest_step > slo.tpot:
+        return (f"tpot_{p}={slo.tpot:g}s is out of reach: the fastest decode step takes "
+                f"{fastest_step:.3g}s even at batch 1 ({step_at})")
+    if checked:
+        c = checked[0]
+        worst = ("ttft", c.ttft, slo.ttft) if c.ttft / slo.ttft >= c.tpot / slo.tpot else \
+            ("tpot", c.tpot, slo.tpot)
+        return (f"{worst[0]}_{p}={worst[2]:g}s is out of reach at {demand.rate:g} req/s: the best "
+                f"plan the inventory allows ({c.plan.describe()}) reaches {worst[1]:.3g}s in "
+                f"simulation ({c.attainment:.0%} of requests meet both SLOs)")
+    if budget is not None and solve(opts, pools, demand.rate, incompatible=bad) is not None:
+        cheapest = solve(opts, pools, demand.rate, incompatible=bad)
+        return (f"budget ${budget:g}/hour is out of reach: the cheapest plan meeting the SLOs at "
+                f"{demand.rate:g} req/s costs ${cheapest.cost_per_hour:.2f}/hour")
+    most = solve(opts, pools, 0.0, objective="goodput-per-dollar", incompatible=bad)
+    best_rate = max_rate(opts, pools, bad)
+    detail = f" ({most.describe()})" if most is not None else ""
+    return (f"rate {demand.rate:g} req/s is out of reach on this inventory: at most "
+            f"{best_rate:.3g} req/s meet ttft_{p}={slo.ttft:g}s and tpot_{p}={slo.tpot:g}s"
+            f"{detail if best_rate > 0 else ''}")
+
+
+__all__ = ["Slo", "Workload", "Candidate", "Placement", "place", "verify", "sim_deployment",
+           "unreachable"]
