@@ -12,6 +12,7 @@ Prints one JSON object: device, peaks used, and a row per (phase, batch, context
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import statistics
@@ -37,6 +38,12 @@ def main(argv=None) -> int:
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--statistic", choices=["median", "min"], default="median",
+                    help="per measurement over the repeats; min resists a shared machine's "
+                         "interference (it only ever slows a run), which profiles want")
+    ap.add_argument("--device-key", metavar="KEY",
+                    help="catalog key of this device (configs/hardware/KEY.yaml), recorded so "
+                         "`jaxpd place` calibrates that device from this profile")
     args = ap.parse_args(argv)
 
     from jaxpd import hardware
@@ -71,7 +78,7 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t)
-        return statistics.median(times)
+        return min(times) if args.statistic == "min" else statistics.median(times)
 
     for context in args.context:
         for batch in args.batch:
@@ -111,7 +118,11 @@ def main(argv=None) -> int:
                          "mbu": round((weight_bytes + kv_bytes) / t / peaks.bandwidth, 4) if peaks else None})
             print(json.dumps(rows[-2]), json.dumps(rows[-1]), file=sys.stderr)
 
-    print(json.dumps({"preset": args.preset, "dtype": cfg.dtype, "params": cfg.num_params(),
+    meta = {"device_key": args.device_key, "date": datetime.date.today().isoformat(),
+            "command": "python tools/bench_engine.py " + " ".join(sys.argv[1:] if argv is None
+                                                                   else argv),
+            "statistic": args.statistic, "repeats": args.repeats}
+    print(json.dumps({**meta, "preset": args.preset, "dtype": cfg.dtype, "params": cfg.num_params(),
                       "device": device.device_kind, "platform": device.platform, "tp": args.tp,
                       "attention": name, "peak_flops": peaks.flops if peaks else None,
                       "peak_bandwidth": peaks.bandwidth if peaks else None, "rows": rows}))

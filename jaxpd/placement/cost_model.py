@@ -47,7 +47,8 @@ class Efficiency:
 
     compute: float = 0.6  # dense matmul FLOP/s / peak
     attention: float = 0.3  # attention FLOP/s / peak (worse than matmuls without fused kernels)
-    memory: float = 0.7  # bytes/s streamed in decode / peak bandwidth
+    memory: float = 0.7  # bytes/s streaming the weights / peak bandwidth
+    kv_read: float = 0.5  # bytes/s gathering paged KV / peak bandwidth (scattered pages)
     link: float = 0.7  # all-reduce and KV transfer bytes/s / link peak
     step_overhead_s: float = 2e-4  # dispatch and host work per step
     per_sequence_s: float = 1e-5  # per sequence per step: sampling, page-table gathers
@@ -118,14 +119,15 @@ class PhaseModel:
         dense_sequence = self._dense_flops(0, 1) / tp / compute
         causal = self._attention_flops(1, 1) / tp / attention  # per query x key token pair
         weights = self.weight_bytes_per_device() / memory
-        kv = self.kv_bytes_per_token_per_device() / memory
+        kv = self.kv_bytes_per_token_per_device() / memory  # prefill writes KV contiguously
+        kv_read = self.kv_bytes_per_token_per_device() / (roof.bandwidth * eff.kv_read)
         allreduce = self._allreduce_seconds(1)
-        return dense_token, dense_sequence, causal, weights, kv, allreduce
+        return dense_token, dense_sequence, causal, weights, kv, kv_read, allreduce
 
     def prefill_seconds(self, prompt_lengths: Sequence[int]) -> float:
         """One prefill step over whole prompts (causal attention: each token sees its prefix)."""
         eff = self.efficiency
-        dense_token, dense_sequence, causal, weights, kv, allreduce = self._coefficients
+        dense_token, dense_sequence, causal, weights, kv, _, allreduce = self._coefficients
         tokens = pairs = 0
         for length in prompt_lengths:
             tokens += length
@@ -143,8 +145,8 @@ class PhaseModel:
     def decode_step_seconds(self, batch: int, context_tokens: int) -> float:
         """One decode step: `batch` sequences, `context_tokens` KV tokens among them."""
         eff = self.efficiency
-        dense_token, dense_sequence, causal, weights, kv, allreduce = self._coefficients
-        memory = weights + kv * context_tokens
+        dense_token, dense_sequence, causal, weights, _, kv_read, allreduce = self._coefficients
+        memory = weights + kv_read * context_tokens
         compute = (dense_token + dense_sequence) * batch + causal * context_tokens
         return (self._roofs(compute, memory) + allreduce * batch + eff.step_overhead_s
                 + eff.per_sequence_s * batch)
@@ -208,9 +210,10 @@ def calibrate(profile: Profile, base: Efficiency = Efficiency()) -> Efficiency:
 
     measured = np.log([s for *_, s in profile.prefill] + [s for *_, s in profile.decode])
 
-    names = ("compute", "attention", "memory", "step_overhead_s", "per_sequence_s", "overlap")
-    low = np.log([1e-3, 1e-4, 1e-3, 1e-7, 1e-8, 1e-3])
-    high = np.log([4.0, 4.0, 8.0, 1.0, 1.0, 1.0])
+    names = ("compute", "attention", "memory", "kv_read", "step_overhead_s", "per_sequence_s",
+             "overlap")
+    low = np.log([1e-3, 1e-4, 1e-3, 1e-4, 1e-7, 1e-8, 1e-3])
+    high = np.log([4.0, 4.0, 8.0, 8.0, 1.0, 1.0, 1.0])
 
     def make(x) -> Efficiency:
         return dataclasses.replace(base, **{n: float(v) for n, v in zip(names, np.exp(x))})
