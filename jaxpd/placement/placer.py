@@ -340,10 +340,11 @@ def _solve_milp(opts: list[Option], pools: Sequence[PoolSpec], rate: float, rati
     add(dec + col, zeros, 0, 1, 1)  # one decode option, or a colocated one
     add(zeros, cap * (pre + col), -1, 0, np.inf)  # the prefill side carries r
     add(zeros, cap * (dec + col), -1, 0, np.inf)  # the decode side carries r
-    for i in range(k):  # n_i <= big_i * pick_i
+    for i in range(k):  # pick_i <= n_i <= big_i * pick_i
         e = np.zeros(k)
         e[i] = 1
         add(-big[i] * e, e, 0, -np.inf, 0)
+        add(-e, e, 0, 0, np.inf)
     for pool in pools:
         devices = np.array([o.tp if o.pool == pool.name else 0 for o in opts], float)
         add(zeros, devices, 0, -np.inf, pool.count)
