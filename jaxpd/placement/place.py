@@ -165,8 +165,10 @@ def _grow(plan: Plan, role: str) -> Plan:
     return Plan(tuple((o, n + (o.role in (role, "colocated"))) for o, n in plan.choices))
 
 
-def _shrink(plan: Plan, role: str) -> Plan | None:
-    if not any(o.role == role and n > 1 for o, n in plan.choices):
+def _shrink(plan: Plan, role: str, rate: float) -> Plan | None:
+    """One replica of `role` fewer, unless that leaves it under its throughput ceiling."""
+    if not any(o.role == role and n > 1 and (n - 1) * o.throughput >= rate
+               for o, n in plan.choices):
         return None
     return Plan(tuple((o, n - (o.role == role)) for o, n in plan.choices))
 
@@ -193,6 +195,7 @@ def verify(model: ModelConfig, plan: Plan, pools: dict[str, PoolSpec], reqs: lis
     """Simulate `plan`. While it misses an SLO, add a replica of the role that misses it; once
     it meets them, drop replicas the queueing bounds over-provisioned while it still does."""
     analytic, notes, original = plan.cost_per_hour, [], plan
+    rate = (len(reqs) - 1) / max(reqs[-1].arrival_s - reqs[0].arrival_s, 1e-9) if reqs else 0.0
     if plan.colocated:
         transport, link = None, 0.0
     else:
@@ -212,7 +215,7 @@ def verify(model: ModelConfig, plan: Plan, pools: dict[str, PoolSpec], reqs: lis
     while shrinking:
         shrinking = False
         for role in ("prefill", "decode", "colocated"):
-            smaller = _shrink(plan, role)
+            smaller = _shrink(plan, role, rate)
             if smaller is None:
                 continue
             trial = _run(model, smaller, pools, reqs, slo)
@@ -225,6 +228,13 @@ def verify(model: ModelConfig, plan: Plan, pools: dict[str, PoolSpec], reqs: lis
                          f" ({n} meet the SLOs in simulation)")
     return Candidate(plan, transport, link, run.ttft, run.tpot, run.attainment, run.ok, analytic,
                      tuple(notes))
+
+
+def _horizon(demand: Demand, minimum: int) -> int:
+    """Requests to simulate: a few request lifetimes of arrivals (so a backlog shows), at
+    least `minimum`, at most 4x that (the throughput ceilings cover longer horizons)."""
+    lifetime = demand.ttft_slo + demand.osl_mean * demand.tpot_slo
+    return int(min(4 * minimum, max(minimum, 3 * lifetime * demand.rate)))
 
 
 def _key(c: Candidate, objective: Objective) -> tuple:
@@ -244,7 +254,7 @@ def place(model: ModelConfig, pools: Sequence[PoolSpec], workload: Workload, rat
     bad = incompatible_pairs(model, opts, pools, demand)
     plans = ranked(opts, pools, rate, candidates, objective=objective, budget=budget,
                    incompatible=bad)
-    reqs = workload.requests(rate, sim_requests, seed)
+    reqs = workload.requests(rate, _horizon(demand, sim_requests), seed)
     checked = sorted((verify(model, p, by_name, reqs, slo, budget) for p in plans),
                      key=lambda c: _key(c, objective))
     single: dict[str, float] = {}
@@ -252,10 +262,12 @@ def place(model: ModelConfig, pools: Sequence[PoolSpec], workload: Workload, rat
         for device in sorted({p.device for p in pools}):
             kind = [p for p in pools if p.device == device]
             sub = place(model, kind, workload, rate, slo, objective="cost", budget=None,
-                        candidates=candidates, sim_requests=sim_requests, seed=seed,
+                        candidates=min(candidates, 3), sim_requests=sim_requests, seed=seed,
                         compare_single_kinds=False)
-            if sub.best is not None:
-                single[device] = sub.best.cost_per_hour
+            costs = [c.cost_per_hour for c in (*sub.candidates, *checked) if c.verified
+                     and {by_name[o.pool].device for o, _ in c.plan.choices} == {device}]
+            if costs:
+                single[device] = min(costs)
     placement = Placement(demand, slo, tuple(checked), single)
     if placement.best is None:
         why = unreachable(model, pools, opts, bad, demand, slo, checked, budget)
@@ -308,12 +320,13 @@ def unreachable(model: ModelConfig, pools: Sequence[PoolSpec], opts: Sequence[Op
         cheapest = solve(opts, pools, demand.rate, incompatible=bad)
         return (f"budget ${budget:g}/hour is out of reach: the cheapest plan meeting the SLOs at "
                 f"{demand.rate:g} req/s costs ${cheapest.cost_per_hour:.2f}/hour")
-    most = solve(opts, pools, 0.0, objective="goodput-per-dollar", incompatible=bad)
-    best_rate = max_rate(opts, pools, bad)
-    detail = f" ({most.describe()})" if most is not None else ""
+    most = max_rate(opts, pools, bad)
+    if most is None:
+        return (f"no plan on this inventory meets ttft_{p}={slo.ttft:g}s and "
+                f"tpot_{p}={slo.tpot:g}s together at any rate")
     return (f"rate {demand.rate:g} req/s is out of reach on this inventory: at most "
-            f"{best_rate:.3g} req/s meet ttft_{p}={slo.ttft:g}s and tpot_{p}={slo.tpot:g}s"
-            f"{detail if best_rate > 0 else ''}")
+            f"{most.capacity:.3g} req/s meet ttft_{p}={slo.ttft:g}s and tpot_{p}={slo.tpot:g}s "
+            f"({most.describe()}, by the queueing bounds)")
 
 
 __all__ = ["Slo", "Workload", "Candidate", "Placement", "place", "verify", "sim_deployment",

@@ -229,29 +229,35 @@ def _table(placement, pools) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    if not placement.candidates:
+        return
     p = f"p{placement.slo.percentile:g}"
-    table = Table(title="Plans, verified in the simulator (cheapest verified first)")
-    for col in ("#", "plan", "$/hour", f"TTFT {p}", f"TPOT {p}", "attain", "ok", "why"):
+    table = Table(title="Plans, replayed in the simulator (best verified first)")
+    for col in ("#", "plan", "$/hour", f"TTFT {p}", f"TPOT {p}", "attain", "SLOs", "KV"):
         table.add_column(col, overflow="fold")
     for i, c in enumerate(placement.candidates, 1):
         table.add_row(str(i), c.plan.describe(), f"{c.cost_per_hour:.2f}",
                       f"{c.ttft * 1e3:.0f} ms", f"{c.tpot * 1e3:.1f} ms", f"{c.attainment:.1%}",
-                      "yes" if c.verified else "no", why(c))
+                      "met" if c.verified else "missed", c.transport or "local")
     console = Console()
     console.print(table)
+    for i, c in enumerate(placement.candidates[:3], 1):
+        console.print(f"[bold]#{i}[/bold] {why(c)}", highlight=False)
+        for note in c.notes:
+            console.print(f"    {note}", highlight=False)
     best = placement.best
     if best is None:
         return
     line = f"best: {best.plan.describe()} at ${best.cost_per_hour:.2f}/hour, goodput " \
            f"{placement.goodput:.3g} req/s"
-    others = {k: v for k, v in placement.single_kind.items()
-              if k not in {pools[o.pool].device for o, _ in best.plan.choices}
-              or len({pools[o.pool].device for o, _ in best.plan.choices}) > 1}
+    kinds = {pools[o.pool].device for o, _ in best.plan.choices}
+    others = {k: v for k, v in placement.single_kind.items() if len(kinds) > 1 or k not in kinds}
     if others:
         kind, cost = min(others.items(), key=lambda kv: kv[1])
+        label = "the best single-kind plan" if len(kinds) > 1 else "the best plan on another kind"
         if best.cost_per_hour < cost:
-            line += f"; {1 - best.cost_per_hour / cost:.0%} cheaper than the best single-kind " \
-                    f"plan ({kind}, ${cost:.2f}/hour)"
+            line += f"; {1 - best.cost_per_hour / cost:.0%} cheaper than {label} " \
+                    f"({kind}, ${cost:.2f}/hour)"
     console.print(line)
 
 

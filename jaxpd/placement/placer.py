@@ -68,6 +68,8 @@ class Option:
     note: str  # what bounds it
     batch: int = 0  # decode (or colocated): the largest batch whose step fits the TPOT SLO
     kv_tokens: int = 0  # KV tokens one replica holds after its weights
+    throughput: float = math.inf  # requests/s one replica can never exceed (decode's Little's
+    # law at `batch`): the simulator's short horizon cannot see a slow backlog, this bound can
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,11 +152,13 @@ def options(model: ModelConfig, pools: Sequence[PoolSpec], demand: Demand, *,
             kv = m.kv_capacity_tokens()
             cap, batch, why = _decode_capacity(m, demand, max_decode_batch)
             if cap > 0:
-                out.append(Option("decode", pool.name, tp, cap, price, why, batch, kv))
+                out.append(Option("decode", pool.name, tp, cap, price, why, batch, kv, cap))
             colocated = _colocated_capacity(m, demand, service, service_p90, max_decode_batch)
             if colocated is not None:
                 capacity, why, batch = colocated
-                out.append(Option("colocated", pool.name, tp, capacity, price, why, batch, kv))
+                ceiling = cap / (1 + cap * service)  # decode in the time prefill leaves
+                out.append(Option("colocated", pool.name, tp, capacity, price, why, batch, kv,
+                                  ceiling))
     return out
 
 
@@ -393,9 +397,8 @@ def ranked(opts: Sequence[Option], pools: Sequence[PoolSpec], rate: float, count
 
 
 def max_rate(opts: Sequence[Option], pools: Sequence[PoolSpec],
-             incompatible: set[tuple[int, int]] = frozenset()) -> float:
-    """The highest rate any plan on these pools carries within the SLOs (analytic)."""
+             incompatible: set[tuple[int, int]] = frozenset()) -> Plan | None:
+    """The plan carrying the highest rate within the SLOs that the pools allow (analytic)."""
     if not opts:
-        return 0.0
-    plan = _solve_milp(list(opts), pools, 0.0, 0.0, None, incompatible, (), minimise_cost=False)
-    return 0.0 if plan is None else plan.capacity
+        return None
+    return _solve_milp(list(opts), pools, 0.0, 0.0, None, incompatible, (), minimise_cost=False)
