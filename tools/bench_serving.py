@@ -11,12 +11,21 @@ Both sides get one fixed workload (seeded random prompts of `--prompt-len` token
   timed by the client as vLLM's benchmark does (TTFT from sending to the first token; TPOT =
   (last - first) / (tokens - 1)).
 Prints one JSON object: p50/p90/mean of TTFT and TPOT, wall time and output tokens/s per side.
+
+    python tools/bench_serving.py --workload chatbot --rate 2 --requests 32 --simulate
+
+`--workload chatbot|code|summarization|FILE` takes the lengths and arrival times (`--rate`
+requests/s, Poisson) from the placer's workload generator instead (lengths clipped to the
+model's context); each request is sent at its arrival time and TTFT counts from it. With
+`--simulate`, the placer's simulator replays the same requests on the same deployment with the
+cost model calibrated from `--profile`, so predicted and measured figures sit side by side.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import datetime
 import json
 import os
@@ -45,8 +54,66 @@ def workload(n: int, prompt: tuple[int, int], output: tuple[int, int], vocab: in
     measured (last) run could hit."""
     rng = random.Random(seed)
     lengths = [(rng.randint(*prompt), rng.randint(*output)) for _ in range(n)]
-    return [[([rng.randrange(2, vocab) for _ in range(p)], o) for p, o in lengths]
+    return [[([rng.randrange(2, vocab) for _ in range(p)], o, 0.0) for p, o in lengths]
             for _ in range(runs)]
+
+
+def generated_workload(kind: str, rate: float, n: int, max_context: int, vocab: int, seed: int,
+                       runs: int):
+    """Requests of the placer's workload generator: (prompt ids, output tokens, arrival s),
+    lengths clipped so prompt + output fit in `max_context`. Warm-up runs share the lengths
+    (so their shapes compile) but not the tokens."""
+    from jaxpd.placement.place import Workload
+
+    source = Workload.from_trace(kind) if Path(kind).is_file() else Workload(kind)
+    rng = random.Random(seed)
+    shaped = []
+    for r in source.requests(rate, n, seed):
+        out = max(1, min(r.output_tokens, max_context // 4))
+        shaped.append((max(1, min(r.prompt_tokens, max_context - out - 1)), out, r.arrival_s))
+    return [[([rng.randrange(2, vocab) for _ in range(p)], o, t) for p, o, t in shaped]
+            for _ in range(runs)]
+
+
+def simulated(deployment, model_cfg, profile_path: Path, requests, kv_link: float) -> dict:
+    """The simulator's TTFT/TPOT for these requests on this deployment (calibrated cost model)."""
+    from jaxpd.placement.cost_model import PhaseModel, Profile, calibrate, kv_transfer_seconds
+    from jaxpd.placement.simulator import SimDeployment, simulate
+    from jaxpd.placement.workload import SimRequest
+
+    profile = Profile.load(profile_path)
+    eff = calibrate(profile)
+    # host devices all-reduce through memory: the "link" of a CPU mesh is its copy bandwidth
+    roof = dataclasses.replace(profile.roof, link_bandwidth=profile.roof.link_bandwidth
+                               or profile.roof.bandwidth)
+    model_cfg = model_cfg.replace(dtype=profile.model.dtype)
+
+    class Latency:
+        def __init__(self, tp: int) -> None:
+            self.phase = PhaseModel(model_cfg, roof, tp, eff)
+            self.prefill_seconds = self.phase.prefill_seconds
+            self.decode_step_seconds = self.phase.decode_step_seconds
+
+        def kv_transfer_seconds(self, prompt_tokens: int) -> float:
+            return kv_transfer_seconds(model_cfg, prompt_tokens, kv_link, layerwise=False)
+
+    limits = dict(max_prefill_tokens=deployment.scheduler.max_prefill_tokens,
+                  max_decode_batch=deployment.scheduler.max_decode_batch,
+                  kv_capacity_tokens=deployment.kv.num_pages * deployment.kv.page_size)
+    pre = deployment.prefill
+    if deployment.mode == "colocated":
+        dep = SimDeployment.colocated(Latency(pre.tp), pre.replicas, **limits)
+    else:
+        dec = deployment.decode
+        dep = SimDeployment.disaggregated(Latency(pre.tp), Latency(dec.tp),
+                                          prefill_replicas=pre.replicas,
+                                          decode_replicas=dec.replicas, **limits)
+    reqs = [SimRequest(t, len(p), o) for p, o, t in requests]
+    res = simulate(dep, reqs)
+    tokens = sum(o for _, o, _ in requests)
+    wall = float(res.finish_s.max() - min(r.arrival_s for r in reqs))
+    return {**summary(list(res.ttft_s), [x for x, (_, o, _) in zip(res.tpot_s, requests) if o > 1],
+                      wall, tokens), "profile": str(profile_path), "kv_link_bytes_per_s": kv_link}
 
 
 def summary(ttft: list[float], tpot: list[float], wall: float, tokens: int) -> dict:
@@ -69,18 +136,26 @@ def run_in_process(deployment, runs) -> dict:
 
     def once(tag: str, requests) -> dict:
         start = time.perf_counter()
-        for i, (prompt, out) in enumerate(requests):
-            engine.add_request(Request(f"{tag}{i}", tuple(prompt),
-                                       SamplingParams(max_tokens=out, ignore_eos=True)))
+        pending = sorted(enumerate(requests), key=lambda item: item[1][2])
+        sent: dict[str, float] = {}
         first, last, count = {}, {}, {}
-        while engine.has_work():
+        while pending or engine.has_work():
+            now = time.perf_counter() - start
+            while pending and pending[0][1][2] <= now:  # arrived: hand it to the engine
+                i, (prompt, out, at) = pending.pop(0)
+                sent[f"{tag}{i}"] = start + at
+                engine.add_request(Request(f"{tag}{i}", tuple(prompt),
+                                           SamplingParams(max_tokens=out, ignore_eos=True)))
+            if not engine.has_work():
+                time.sleep(max(0.0, pending[0][1][2] - now))
+                continue
             for o in engine.step():
                 now = time.perf_counter()
                 if o.token_ids and o.id not in first:
                     first[o.id] = now
                 last[o.id], count[o.id] = now, len(o.token_ids)
         wall = time.perf_counter() - start
-        ttft = [first[k] - start for k in first]
+        ttft = [first[k] - sent[k] for k in first]
         tpot = [(last[k] - first[k]) / (count[k] - 1) for k in first if count[k] > 1]
         return summary(ttft, tpot, wall, sum(count.values()))
 
@@ -107,10 +182,14 @@ def run_served(config_path: Path, runs) -> dict:
             with Client(address, timeout=600) as client:
                 def once(requests) -> dict:
                     start_t = time.perf_counter()
+
+                    def send(r):  # at its arrival time; the client times TTFT from sending
+                        time.sleep(max(0.0, start_t + r[2] - time.perf_counter()))
+                        return client.complete(prompt_token_ids=r[0], max_tokens=r[1],
+                                               ignore_eos=True, temperature=0.0)
+
                     with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
-                        done = list(pool.map(lambda r: client.complete(
-                            prompt_token_ids=r[0], max_tokens=r[1], ignore_eos=True,
-                            temperature=0.0), requests))
+                        done = list(pool.map(send, requests))
                     wall = time.perf_counter() - start_t
                     return summary([d.ttft_s for d in done], [d.tpot_s for d in done if d.tpot_s],
                                    wall, sum(d.usage.completion_tokens for d in done))
@@ -132,21 +211,39 @@ def main() -> int:
                     help="warm-up runs before the measured one (served batches vary run to run, "
                          "so several are needed to compile their shapes)")
     ap.add_argument("--skip-in-process", action="store_true")
+    ap.add_argument("--workload", metavar="KIND|FILE",
+                    help="chatbot, code, summarization or a trace: lengths and arrivals from the "
+                         "placer's workload generator (instead of --prompt-len/--output-len)")
+    ap.add_argument("--rate", type=float, default=1.0, help="requests/s with --workload")
+    ap.add_argument("--simulate", action="store_true",
+                    help="also replay the requests in the placer's simulator")
+    ap.add_argument("--profile", default=str(REPO / "configs/profiles/cpu-2core-vm-bench-30m.json"),
+                    help="cost-model profile for --simulate (default: this CPU's)")
+    ap.add_argument("--kv-link", type=float, default=1.0e9, metavar="BYTES_PER_S",
+                    help="KV hand-off rate for --simulate (default 1e9: tools/bench_transfer.py's "
+                         "loopback gRPC figure)")
     args = ap.parse_args()
 
     from jaxpd.config import load_config
     from jaxpd.model.checkpoint import load_config as load_model_config
 
     deployment = load_config(args.config)
-    vocab = load_model_config(deployment.model.checkpoint).vocab_size
-    runs = workload(args.requests, args.prompt_len, args.output_len, vocab, args.seed,
-                    args.warmup + 1)
+    model_cfg = load_model_config(deployment.model.checkpoint)
+    vocab = model_cfg.vocab_size
+    if args.workload:
+        runs = generated_workload(args.workload, args.rate, args.requests,
+                                  model_cfg.max_position_embeddings, vocab, args.seed,
+                                  args.warmup + 1)
+    else:
+        runs = workload(args.requests, args.prompt_len, args.output_len, vocab, args.seed,
+                        args.warmup + 1)
     requests = runs[-1]
     result = {"command": " ".join(sys.argv), "date": datetime.date.today().isoformat(),
               "host": {"nproc": os.cpu_count(), "platform": platform.platform()},
               "config": args.config, "mode": deployment.mode, "requests": len(requests),
-              "prompt_tokens": sum(len(p) for p, _ in requests),
-              "output_tokens": sum(o for _, o in requests)}
+              "workload": args.workload or "uniform", "rate": args.rate if args.workload else None,
+              "prompt_tokens": sum(len(p) for p, _, _ in requests),
+              "output_tokens": sum(o for _, o, _ in requests)}
     result["served"] = run_served(Path(args.config), runs)
     if not args.skip_in_process:
         result["in_process"] = run_in_process(deployment, runs)
@@ -155,6 +252,14 @@ def main() -> int:
             "ttft_p50": round(s["ttft_s"]["p50"] / i["ttft_s"]["p50"], 3),
             "tpot_p50": round(s["tpot_s"]["p50"] / i["tpot_s"]["p50"], 3),
             "throughput": round(s["output_tokens_per_s"] / i["output_tokens_per_s"], 3)}
+    if args.simulate:
+        sim = result["simulated"] = simulated(deployment, model_cfg, Path(args.profile), requests,
+                                              args.kv_link)
+        s = result["served"]
+        result["simulated_over_served"] = {
+            k: round(sim[m][q] / s[m][q], 3) for k, m, q in (
+                ("ttft_p50", "ttft_s", "p50"), ("ttft_p90", "ttft_s", "p90"),
+                ("tpot_p50", "tpot_s", "p50"), ("tpot_p90", "tpot_s", "p90"))}
     print(json.dumps(result, indent=2))
     return 0
 

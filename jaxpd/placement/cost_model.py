@@ -153,13 +153,16 @@ class PhaseModel:
 
 
 def kv_transfer_seconds(model: ModelConfig, prompt_tokens: int, link_bandwidth: float,
-                        prefill_seconds: float = 0.0, efficiency: float = 0.7) -> float:
-    """Hand-off of one prompt's KV over `link_bandwidth` (the slower end's), streamed layer by
-    layer as prefill computes: only the part that outlasts the prefill shows, and never less
-    than the last layer's share."""
+                        prefill_seconds: float = 0.0, efficiency: float = 0.7, *,
+                        layerwise: bool = True) -> float:
+    """Hand-off of one prompt's KV over `link_bandwidth` (the slower end's). Streamed layer by
+    layer as prefill computes (`layerwise`), only the part that outlasts the prefill shows, and
+    never less than the last layer's share; sent after prefill, all of it shows."""
     if link_bandwidth <= 0:
         return float("inf")
     raw = model.kv_bytes_per_token() * prompt_tokens / (link_bandwidth * efficiency)
+    if not layerwise:
+        return raw
     hidden = prefill_seconds * (1 - 1 / model.num_layers)
     return max(raw / model.num_layers, raw - hidden)
 

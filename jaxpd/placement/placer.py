@@ -29,6 +29,9 @@ Role = Literal["prefill", "decode", "colocated"]
 TAIL = 2.3  # p90 of an exponential wait is 2.3x its mean: the margin the bounds keep for tails
 TP_DEGREES = (1, 2, 4, 8)
 KV_SHARE_OF_TPOT = 0.25  # of a request's TPOT budget its KV hand-off may take
+# jaxpd's prefill worker sends a request's KV once its prefill ends (jaxpd/transfer); flip this
+# when the hand-off streams layer by layer behind the prefill.
+KV_LAYERWISE = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,7 +210,8 @@ def kv_seconds(model: ModelConfig, pre: Option, dec: Option, pools: dict[str, Po
     pool = pools[pre.pool]
     m = PhaseModel(model, pool.roof, pre.tp, pool.efficiency)
     return kv_transfer_seconds(model, prompt_tokens, kv_link(pre, dec, pools)[0],
-                               m.prefill_seconds([prompt_tokens]), pool.efficiency.link)
+                               m.prefill_seconds([prompt_tokens]), pool.efficiency.link,
+                               layerwise=KV_LAYERWISE)
 
 
 def incompatible_pairs(model: ModelConfig, opts: Sequence[Option], pools: Sequence[PoolSpec],
