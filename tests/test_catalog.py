@@ -186,17 +186,17 @@ def test_a_negative_price_in_a_catalog_file(tmp_path):
         load_catalog(directory)
 
 
-def test_a_missing_field_in_a_catalog_file(tmp_path):
-    directory = _bad_catalog(tmp_path, lambda t: re.sub(r"hbm_bandwidth:.*\n", "", t))
-    with pytest.raises(CatalogError, match=r"h100-sxm\.yaml: hbm_bandwidth: Field required"):
-        load_catalog(directory)
-
-
-def test_an_unknown_key_in_a_catalog_file(tmp_path):
-    directory = _bad_catalog(tmp_path, lambda t: t + "fp8_flops: 1979.0e+12\n")
-    message = r"h100-sxm\.yaml: fp8_flops: Extra inputs are not permitted"
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: re.sub(r"hbm_bandwidth:.*\n", "", t),
+     r"h100-sxm\.yaml: hbm_bandwidth: Field required"),
+    (lambda t: t + "fp8_flops: 1979.0e+12\n",
+     r"h100-sxm\.yaml: fp8_flops: Extra inputs are not permitted"),
+    (lambda t: t.replace("max_tp: 8", "max_tp: : 8"), r"h100-sxm\.yaml: invalid YAML at line \d+"),
+    (lambda t: t + "key: h100\n", r"h100-sxm\.yaml: key: 'h100' differs from the file name"),
+], ids=["missing-field", "unknown-key", "malformed-yaml", "key-disagrees"])
+def test_a_broken_catalog_file_names_file_and_key(tmp_path, edit, message):
     with pytest.raises(CatalogError, match=message):
-        load_catalog(directory)
+        load_catalog(_bad_catalog(tmp_path, edit))
 
 
 def test_a_wrong_vendor_and_zero_max_tp_are_both_reported(tmp_path):
@@ -206,19 +206,6 @@ def test_a_wrong_vendor_and_zero_max_tp_are_both_reported(tmp_path):
         load_catalog(directory)
     assert "h100-sxm.yaml: vendor: Input should be 'nvidia' or 'google'" in str(info.value)
     assert "h100-sxm.yaml: max_tp: Input should be greater than or equal to 1" in str(info.value)
-
-
-def test_malformed_yaml_in_a_catalog_file(tmp_path):
-    directory = _bad_catalog(tmp_path, lambda t: t.replace("max_tp: 8", "max_tp: : 8"))
-    with pytest.raises(CatalogError, match=r"h100-sxm\.yaml: invalid YAML at line \d+"):
-        load_catalog(directory)
-
-
-def test_a_key_field_that_disagrees_with_the_file_name(tmp_path):
-    directory = _bad_catalog(tmp_path, lambda t: t + "key: h100\n")
-    message = r"h100-sxm\.yaml: key: 'h100' differs from the file name"
-    with pytest.raises(CatalogError, match=message):
-        load_catalog(directory)
 
 
 def test_an_empty_or_missing_catalog_directory(tmp_path):

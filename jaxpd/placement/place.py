@@ -17,7 +17,8 @@ import numpy as np
 
 from jaxpd.model.config import ModelConfig
 from jaxpd.placement.cost_model import PhaseModel
-from jaxpd.placement.placer import (Demand, Objective, Option, Plan, PoolSpec, incompatible_pairs,
+from jaxpd.placement.placer import (Demand, Objective, Option, Plan, PoolSpec, fits,
+                                    incompatible_pairs,
                                     kv_link, kv_seconds, max_rate, options, ranked, solve)
 from jaxpd.placement.simulator import SimDeployment, goodput, simulate
 from jaxpd.placement.workload import SimRequest, generate, load_trace
@@ -154,13 +155,6 @@ def sim_deployment(model: ModelConfig, plan: Plan, pools: dict[str, PoolSpec]) -
         max_decode_batch=max(dec.batch, 1), kv_capacity_tokens=max(dec.kv_tokens, 1))
 
 
-def _fits(plan: Plan, pools: dict[str, PoolSpec]) -> bool:
-    used: dict[str, int] = {}
-    for o, n in plan.choices:
-        used[o.pool] = used.get(o.pool, 0) + o.tp * n
-    return all(count <= pools[name].count for name, count in used.items())
-
-
 def _grow(plan: Plan, role: str) -> Plan:
     return Plan(tuple((o, n + (o.role in (role, "colocated"))) for o, n in plan.choices))
 
@@ -206,7 +200,7 @@ def verify(model: ModelConfig, plan: Plan, pools: dict[str, PoolSpec], reqs: lis
             break
         role = "prefill" if run.ttft / slo.ttft >= run.tpot / slo.tpot else "decode"
         bigger = _grow(plan, role)
-        if not _fits(bigger, pools) or (budget is not None and bigger.cost_per_hour > budget):
+        if not fits(bigger, pools) or (budget is not None and bigger.cost_per_hour > budget):
             break
         notes.append(f"+1 {role} replica: the simulation missed the {role} SLO"
                      if not plan.colocated else "+1 replica: the simulation missed an SLO")

@@ -235,7 +235,8 @@ def incompatible_pairs(model: ModelConfig, opts: Sequence[Option], pools: Sequen
 Objective = Literal["cost", "goodput-per-dollar"]
 
 
-def _fits(plan: Plan, pools: dict[str, PoolSpec]) -> bool:
+def fits(plan: Plan, pools: dict[str, PoolSpec]) -> bool:
+    """Every pool has the devices the plan asks of it."""
     used: dict[str, int] = {}
     for o, n in plan.choices:
         used[o.pool] = used.get(o.pool, 0) + o.tp * n
@@ -279,7 +280,7 @@ def solve_exhaustive(opts: Sequence[Option], pools: Sequence[PoolSpec], rate: fl
             counts = [range(1, by_name[o.pool].count // o.tp + 1) for o in chosen]
         for ns in itertools.product(*counts):
             plan = _ordered(zip(chosen, ns))
-            if (not _fits(plan, by_name) or plan.capacity < rate - 1e-9
+            if (not fits(plan, by_name) or plan.capacity < rate - 1e-9
                     or (budget is not None and plan.cost_per_hour > budget + 1e-9)):
                 continue
             if best is None or _key(plan, objective) < _key(best, objective):
