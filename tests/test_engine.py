@@ -168,8 +168,6 @@ def test_bad_requests_are_refused_clearly(llama):
     engine.add_request(Request("dup", (1, 2)))
     with pytest.raises(ConfigError, match="already in flight"):
         engine.add_request(Request("dup", (1, 2)))
-    with pytest.raises(ConfigError, match="attention implementation 'pallas' is not available yet"):
-        build_engine(llama.config, llama.params, deployment(**SMALL, attention="pallas"))
 
 
 def test_length_finish_has_no_matched_token(llama):
@@ -204,3 +202,32 @@ def test_build_engine_rechecks_configs_copied_without_validation(llama):
     bad = parse_config({}).model_copy(update={"mode": "disaggregated"})
     with pytest.raises(ConfigError, match="needs a 'decode' mesh"):
         build_engine(llama.config, llama.params, bad)
+
+
+def test_pallas_attention_gives_the_reference_tokens(llama):
+    """`attention: pallas` on CPU runs the TPU kernel through Pallas's interpreter: the same
+    greedy tokens as recomputing from scratch, disaggregated TP 4 -> 2, with a mixed batch
+    (a shared prefix, a prompt longer than one chunk, one shorter than a page)."""
+    base = prompts(1, seed=12)[0]
+    ps = [base + (7, 8, 9), base + (11,), prompts(1, seed=13)[0][:3] or (5,)]
+    engine = build_engine(llama.config, llama.params,
+                          deployment(page_size=8, num_pages=48, chunk_size=16,
+                                     max_prefill_tokens=32, **DISAGG, attention="pallas"))
+    assert engine.prefill.runner.backend.name == "pallas"
+    final = engine.run_to_completion([Request(f"p{i}", p, SamplingParams(max_tokens=4,
+                                                                         ignore_eos=True))
+                                      for i, p in enumerate(ps)])
+    for i, p in enumerate(ps):
+        assert list(final[f"p{i}"].token_ids) == naive_greedy(llama, p, 4), f"request p{i}"
+    assert engine.prefill.manager.all_free and engine.decode.manager.all_free
+
+
+def test_pallas_has_no_gpu_kernels_yet(llama, monkeypatch):
+    from jaxpd.engine import attention
+
+    monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")
+    with pytest.raises(ConfigError, match="'pallas' has no GPU kernels yet"):
+        attention.resolve("pallas", head_dim=64, dtype="bfloat16")
+    assert attention.resolve("auto", head_dim=64, dtype="bfloat16").name == "cudnn"
+    monkeypatch.setattr(attention.jax, "default_backend", lambda: "tpu")
+    assert attention.resolve("auto", head_dim=64, dtype="bfloat16").name == "pallas"

@@ -5,13 +5,20 @@
              over the blocks the batch uses; `reference_attention` (gather everything, one
              masked softmax) is the obviously-correct oracle it is tested against
   cudnn      `jax.nn.dot_product_attention(implementation="cudnn")` on the gathered pages (GPU)
-  pallas     our Pallas kernels (flash prefill, paged decode) - not available yet
-  auto       cudnn on GPU when it fits, else reference
+  pallas     our Pallas kernels (`jaxpd.kernels`): on TPU the paged attention kernel compiled
+             by Mosaic; on CPU the same TPU kernel through Pallas's interpreter (for
+             correctness, not speed); GPU kernels are not written yet
+  auto       Pallas on TPU; cudnn on GPU when it fits; else reference
+
+Every entry point takes `(q, k_pages, v_pages, page_table, q_positions, kv_lens, *,
+sliding_window, mesh)`; `mesh` lets a kernel that XLA cannot partition (a Pallas call) run
+per TP shard under `shard_map`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Literal
 
 import jax
@@ -58,7 +65,7 @@ def paged_attention_jnp(q: jax.Array,  # [batch, q_len, heads, head_dim]
                         q_positions: jax.Array,  # i32[batch, q_len]; -1 = padding
                         kv_lens: jax.Array,  # i32[batch]
                         *, sliding_window: int | None = None,
-                        block_tokens: int = 32) -> jax.Array:
+                        block_tokens: int = 32, mesh=None) -> jax.Array:
     """Online softmax over blocks of pages (flash attention written in jnp).
 
     Same result as `reference_attention`, but it never materialises a sequence's whole KV or
@@ -106,13 +113,13 @@ def paged_attention_jnp(q: jax.Array,  # [batch, q_len, heads, head_dim]
 
 
 def prefill_attention_jnp(q, k_pages, v_pages, page_table, q_positions, kv_lens, *,
-                          sliding_window: int | None = None) -> jax.Array:
+                          sliding_window: int | None = None, mesh=None) -> jax.Array:
     return paged_attention_jnp(q, k_pages, v_pages, page_table, q_positions, kv_lens,
                                sliding_window=sliding_window, block_tokens=128)
 
 
 def cudnn_attention(q, k_pages, v_pages, page_table, q_positions, kv_lens, *,
-                    sliding_window: int | None = None) -> jax.Array:
+                    sliding_window: int | None = None, mesh=None) -> jax.Array:
     k = gather_pages(k_pages, page_table)
     v = gather_pages(v_pages, page_table)
     kv_pos = _kv_positions(page_table, k_pages.shape[2], kv_lens)
@@ -121,6 +128,28 @@ def cudnn_attention(q, k_pages, v_pages, page_table, q_positions, kv_lens, *,
         mask &= kv_pos[:, None, None, :] > q_positions[:, None, :, None] - sliding_window
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
     return out.astype(q.dtype)
+
+
+def pallas_tpu_attention(q, k_pages, v_pages, page_table, q_positions, kv_lens, *,
+                         sliding_window: int | None = None, mesh=None,
+                         interpret: bool = False) -> jax.Array:
+    """The TPU Pallas kernel, per TP shard: query heads and stored KV heads split together
+    over `tp` (kv/layout.py keeps every rank's query heads beside their KV head)."""
+    from jax.sharding import PartitionSpec as P
+
+    from jaxpd.kernels import tpu_paged_attention as kernel
+
+    # On CPU: Pallas's HLO interpreter, which compiles the kernel's grid into one XLA loop (fast
+    # enough to serve); the kernel tests use the TPU interpret mode, which also checks bounds,
+    # uninitialised reads and races, but is too slow to run an engine on.
+    run = functools.partial(kernel.paged_attention, sliding_window=sliding_window,
+                            interpret=interpret)
+    if mesh is None or mesh.shape.get("tp", 1) == 1:
+        return run(q, k_pages, v_pages, page_table, q_positions, kv_lens)
+    heads, pages = P(None, None, "tp", None), P("tp", None, None, None)
+    return jax.shard_map(run, mesh=mesh, in_specs=(heads, pages, pages, P(), P(), P()),
+                         out_specs=heads, check_vma=False)(
+        q, k_pages, v_pages, page_table, q_positions, kv_lens)
 
 
 AttentionFn = Callable[..., jax.Array]
@@ -143,10 +172,14 @@ def resolve(implementation: str, *, head_dim: int, dtype: str) -> AttentionBacke
     backend = jax.default_backend()
     if implementation == "auto":
         fits = backend == "gpu" and dtype in ("bfloat16", "float16") and head_dim <= 128
-        implementation = "cudnn" if fits else "reference"
+        implementation = "pallas" if backend == "tpu" else "cudnn" if fits else "reference"
     if implementation == "pallas":
-        raise ConfigError("attention implementation 'pallas' is not available yet; "
-                          "use 'reference', 'cudnn' (GPU) or 'auto'")
+        if backend == "gpu":
+            raise ConfigError("attention implementation 'pallas' has no GPU kernels yet; use "
+                              "'cudnn' or 'reference' on GPU ('pallas' runs on TPU, and on CPU "
+                              "in the TPU interpret mode)")
+        fn = functools.partial(pallas_tpu_attention, interpret=backend != "tpu")
+        return AttentionBackend("pallas", fn, fn, False)  # the grid spans the table width
     if implementation == "cudnn":
         if backend != "gpu":
             raise ConfigError(f"attention implementation 'cudnn' needs a GPU (backend is {backend!r})")

@@ -47,7 +47,7 @@ def _hidden_and_pages(params, kv: KVPages, tokens, positions, page_table, *, con
         k_pages = layer_pages.k.at[:, pages, slots].set(k_new.astype(layer_pages.k.dtype))
         v_pages = layer_pages.v.at[:, pages, slots].set(v_new.astype(layer_pages.v.dtype))
         out = attention(q, k_pages, v_pages, page_table, positions, kv_lens,
-                        sliding_window=config.sliding_window)
+                        sliding_window=config.sliding_window, mesh=mesh)
         return out, new_kv + (LayerPages(k_pages, v_pages),)
 
     hidden, new_kv = model.apply({"params": params}, tokens, jnp.maximum(positions, 0), attend, ())

@@ -19,8 +19,13 @@ MAX_MESSAGE_BYTES = 1 << 30
 
 
 def channel_options() -> list[tuple[str, int]]:
+    """Large messages (KV frames), and reconnects capped at 2 s: gRPC's default backoff grows
+    to 2 minutes, so a worker restarted after a long model load would otherwise sit unused."""
     return [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.initial_reconnect_backoff_ms", 250),
+            ("grpc.min_reconnect_backoff_ms", 250),
+            ("grpc.max_reconnect_backoff_ms", 2000)]
 
 
 def new_channel(address: str) -> grpc.aio.Channel:

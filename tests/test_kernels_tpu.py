@@ -1,0 +1,110 @@
+"""The TPU paged attention kernel, run in the TPU interpret mode on CPU (out-of-bounds reads
+raise, uninitialised memory is NaN), against its pure-jnp reference and the engine's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from jaxpd.engine.attention import reference_attention
+from jaxpd.kernels.tpu_paged_attention import (interpret_params, paged_attention,
+                                               paged_attention_reference)
+
+PAGE = 16
+
+
+def _batch(rng, *, kv_heads, group, dim, dtype, rows, pages_per_seq=6, shared=False):
+    """A mixed batch. `rows` lists (kv_len, new tokens): new == 1 is a decode token, new > 1 a
+    prefill chunk after a cached prefix (kv_len - new tokens), new == 0 a padding row. Pages
+    come from a random permutation of the pool (page 0, the null page, never used); with
+    `shared`, rows 0 and 1 share their first page (a prefix-cache hit)."""
+    num_pages = len(rows) * pages_per_seq + 2
+    heads = kv_heads * group
+    q_len = max(max(new for _, new in rows), 1)
+    pool = rng.permutation(np.arange(1, num_pages))
+    table = np.zeros((len(rows), pages_per_seq), np.int32)
+    positions = np.full((len(rows), q_len), -1, np.int32)
+    lens = np.zeros(len(rows), np.int32)
+    for i, (kv_len, new) in enumerate(rows):
+        used = -(-kv_len // PAGE)
+        table[i, :used] = pool[i * pages_per_seq:i * pages_per_seq + used]
+        if new:
+            positions[i, :new] = np.arange(kv_len - new, kv_len)
+            lens[i] = kv_len
+    if shared:
+        table[1, 0] = table[0, 0]
+    k = rng.standard_normal((kv_heads, num_pages, PAGE, dim)).astype(np.float32)
+    v = rng.standard_normal((kv_heads, num_pages, PAGE, dim)).astype(np.float32)
+    q = rng.standard_normal((len(rows), q_len, heads, dim)).astype(np.float32)
+    cast = lambda x: jnp.asarray(x, dtype)  # noqa: E731
+    return cast(q), cast(k), cast(v), jnp.asarray(table), jnp.asarray(positions), jnp.asarray(lens)
+
+
+def _check(args, *, window=None, soft_cap=None, tol=1e-5):
+    q, k, v, table, positions, lens = args
+    got = paged_attention(q, k, v, table, positions, lens, sliding_window=window,
+                          soft_cap=soft_cap, interpret=interpret_params())
+    want = paged_attention_reference(q, k, v, table, positions, lens, sliding_window=window,
+                                     soft_cap=soft_cap)
+    valid = np.asarray(positions) >= 0
+    got32, want32 = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert np.isfinite(got32).all()  # no NaN from memory the kernel should not have read
+    np.testing.assert_allclose(got32[valid], want32[valid], rtol=tol, atol=tol)
+    assert np.all(got32[~valid] == 0)  # padding rows come out as zeros
+    if soft_cap is None:  # the engine's own oracle agrees too
+        engine = reference_attention(q, k, v, table, jnp.where(positions >= 0, positions, -1),
+                                     lens, sliding_window=window)
+        np.testing.assert_allclose(got32[valid], np.asarray(engine, np.float32)[valid],
+                                   rtol=tol, atol=tol)
+
+
+# decode token at a page boundary +-1, a chunk after a cached prefix, a length-1 row, padding
+MIXED = [(33, 1), (47, 9), (1, 1), (0, 0), (16, 1), (64, 16)]
+
+
+@pytest.mark.parametrize("group, dim, dtype", [
+    (1, 64, jnp.float32), (4, 128, jnp.float32), (8, 64, jnp.bfloat16), (4, 128, jnp.bfloat16),
+])
+def test_kernel_matches_reference_on_a_mixed_batch(group, dim, dtype):
+    rng = np.random.default_rng(group * 1000 + dim)
+    args = _batch(rng, kv_heads=2, group=group, dim=dim, dtype=dtype, rows=MIXED)
+    _check(args, tol=1e-5 if dtype == jnp.float32 else 2e-2)
+
+
+def test_shared_prefix_page_and_lengths_off_the_page_grid():
+    rng = np.random.default_rng(7)
+    args = _batch(rng, kv_heads=1, group=4, dim=64, dtype=jnp.float32,
+                  rows=[(21, 5), (19, 1), (95, 1)], shared=True)
+    _check(args)
+
+
+def test_sliding_window_and_soft_cap():
+    rng = np.random.default_rng(11)
+    args = _batch(rng, kv_heads=2, group=2, dim=64, dtype=jnp.float32,
+                  rows=[(90, 1), (70, 12), (5, 5)])
+    _check(args, window=20)  # pages wholly before the window are skipped, not just masked
+    _check(args, soft_cap=5.0)
+    _check(args, window=33, soft_cap=30.0)
+
+
+def test_no_races_in_the_interpreter():
+    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as interpreter
+
+    rng = np.random.default_rng(3)
+    q, k, v, table, positions, lens = _batch(rng, kv_heads=2, group=2, dim=64,
+                                             dtype=jnp.float32, rows=[(20, 4), (9, 1)])
+    out = paged_attention(q, k, v, table, positions, lens,
+                          interpret=interpret_params(detect_races=True))
+    jax.block_until_ready(out)
+    assert interpreter.races is not None and not interpreter.races.races_found
+
+
+def test_heads_must_divide():
+    q = jnp.zeros((1, 1, 3, 64))
+    k = jnp.zeros((2, 4, PAGE, 64))
+    with pytest.raises(ValueError, match="do not divide"):
+        paged_attention(q, k, k, jnp.zeros((1, 2), jnp.int32), jnp.zeros((1, 1), jnp.int32),
+                        jnp.ones((1,), jnp.int32), interpret=interpret_params())
