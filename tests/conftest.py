@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 HF_FIXTURES = FIXTURES / "hf"
-HF_MODELS = ("llama", "qwen2", "mistral")
+HF_MODELS = ("llama", "qwen2", "mistral", "mistral_window")
 
 
 @pytest.fixture(scope="session")

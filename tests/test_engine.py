@@ -231,3 +231,33 @@ def test_pallas_has_no_gpu_kernels_yet(llama, monkeypatch):
     assert attention.resolve("auto", head_dim=64, dtype="bfloat16").name == "cudnn"
     monkeypatch.setattr(attention.jax, "default_backend", lambda: "tpu")
     assert attention.resolve("auto", head_dim=64, dtype="bfloat16").name == "pallas"
+
+
+@pytest.mark.parametrize("attention, layout", [("reference", {}), ("pallas", DISAGG)],
+                         ids=["reference-colocated", "pallas-disaggregated"])
+def test_sliding_window_matches_transformers_and_frees_pages(attention, layout):
+    """A Mistral fixture whose 8-token window is shorter than its prompts: the paged engine
+    gives transformers' greedy tokens, and decode gives back pages that left the window."""
+    model = load_model(HF_FIXTURES / "mistral_window")
+    exp = expected("mistral_window")
+    assert model.config.sliding_window == 8 and max(map(len, exp["prompts"])) > 8
+    engine = build_engine(model.config, model.params,
+                          deployment(page_size=4, num_pages=64, chunk_size=16,
+                                     max_prefill_tokens=32, attention=attention, **layout))
+    n = exp["max_new_tokens"]
+    longest = max(range(len(exp["prompts"])), key=lambda i: len(exp["prompts"][i]))
+    # the longest prompt alone first: its decode must hold at most the window's pages
+    engine.add_request(Request("solo", tuple(exp["prompts"][longest]),
+                               SamplingParams(max_tokens=n, ignore_eos=True)))
+    used, outputs = [], {}
+    while engine.has_work():
+        for out in engine.step():
+            outputs[out.id] = out
+        used.append(engine.decode.manager.allocator.num_used)
+    assert list(outputs["solo"].token_ids) == exp["greedy"][longest]
+    total_pages = -(-(len(exp["prompts"][longest]) + n) // 4)  # 9 without freeing
+    assert 0 < min(u for u in used[-4:] if u) <= 8 // 4 + 2 < total_pages
+    final = engine.run_to_completion([Request(f"w{i}", tuple(p), SamplingParams(
+        max_tokens=n, ignore_eos=True)) for i, p in enumerate(exp["prompts"])])
+    assert [list(final[f"w{i}"].token_ids) for i in range(len(exp["prompts"]))] == exp["greedy"]
+    assert engine.prefill.manager.all_free and engine.decode.manager.all_free

@@ -21,6 +21,8 @@ outputs computed by the transformers (PyTorch) implementation:
 * ``mistral/`` MistralForCausalLM with an explicit ``head_dim`` (32) that
                differs from hidden_size / num_attention_heads (16), no sliding
                window, untied, single file, transformers-5 native config.
+* ``mistral_window/`` MistralForCausalLM with an active 8-token sliding window
+               (prompts of 11 and 23 tokens, 12 generated), MQA (1 KV head).
 
 All parameters are overwritten with seeded random values (weights
 N(0, 0.08), biases N(0, 0.1), norm weights 1 + N(0, 0.1)) so that bias and
@@ -73,6 +75,10 @@ MAX_NEW_TOKENS = 12
 PROMPT_LENGTHS = (5, 11, 23)
 VOCAB_SIZE = 320
 LLAMA_SHARD_SIZE = "200KB"
+SLIDING_WINDOW = 8
+# Fixtures after the first three take their own seed: mistral_window's 1267 was picked from
+# 1260..1274 for its top-1 vs top-2 margin (0.019; the base + i seed gave 0.0008).
+FIXTURE_SEEDS = {"mistral_window": 1267}
 
 WEIGHT_STD = 0.08
 BIAS_STD = 0.1
@@ -141,7 +147,22 @@ def build_configs():
         sliding_window=None,
         tie_word_embeddings=False,
     )
-    return {"llama": llama, "qwen2": qwen2, "mistral": mistral}
+    # An active sliding window: 8 tokens, shorter than two of the prompts and than every prompt
+    # plus its 12 generated tokens, so masking by the window changes the logits.
+    mistral_window = MistralConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        sliding_window=SLIDING_WINDOW,
+        tie_word_embeddings=False,
+    )
+    return {"llama": llama, "qwen2": qwen2, "mistral": mistral, "mistral_window": mistral_window}
 
 
 def randomize_parameters(model, seed: int) -> None:
@@ -279,6 +300,8 @@ def build_fixture(name: str, config, out_dir: Path, seed: int) -> None:
         assert rc.rope_parameters["rope_theta"] == 500000.0, rc.rope_parameters
     if name in ("qwen2", "mistral"):
         assert getattr(rc, "sliding_window", None) is None or not getattr(rc, "use_sliding_window", True)
+    if name == "mistral_window":
+        assert rc.sliding_window == SLIDING_WINDOW, rc.sliding_window
     if name == "mistral":
         assert rc.head_dim == 32
     last_logits, greedy = compute_expected(reloaded, prompts)
@@ -330,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="tests/fixtures/hf", help="output root directory (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=SEED, help="base random seed (default: %(default)s)")
     parser.add_argument(
-        "--only", choices=["llama", "qwen2", "mistral"], action="append",
+        "--only", choices=["llama", "qwen2", "mistral", "mistral_window"], action="append",
         help="build only this fixture (repeatable; default: all)",
     )
     args = parser.parse_args(argv)
@@ -349,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, transformers {transformers.__version__}", file=sys.stderr)
     for i, name in enumerate(configs):
         if name in names:
-            build_fixture(name, configs[name], out_root / name, args.seed + i)
+            build_fixture(name, configs[name], out_root / name,
+                          FIXTURE_SEEDS.get(name, args.seed + i))
     summarize(out_root, names)
     return 0
 

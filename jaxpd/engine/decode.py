@@ -2,7 +2,8 @@
 
 Sequences join and leave between steps; the batch is padded to a power-of-two bucket. Before a
 step each sequence gets a page for its next token; when the pool is exhausted the newest
-sequences are preempted (their pages freed, to be recomputed later), as in vLLM.
+sequences are preempted (their pages freed, to be recomputed later), as in vLLM. With a sliding
+window, pages that have left every future query's window are freed first.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ class DecodeEngine:
         self.manager: KVCacheManager = runner.manager
         self.max_batch = max_batch
         self.eos_ids = tuple(runner.config.eos_token_ids)
+        self.window = runner.config.sliding_window
 
     def reserve(self, running: list[Sequence]) -> tuple[list[Sequence], list[Sequence]]:
         """(this step's batch, preempted): the oldest sequences, each with room for its next
@@ -25,6 +27,9 @@ class DecodeEngine:
         back (and will be recomputed later)."""
         order, ready, preempted = list(running), [], []
         i = 0
+        if self.window is not None:  # pages every future query's window has passed go back
+            for seq in order:
+                self.manager.drop_outside_window(seq.pages, seq.num_computed, self.window)
         while i < len(order) and len(ready) < self.max_batch:
             seq = order[i]
             if self.manager.ensure_capacity(seq.pages, seq.num_computed + 1):

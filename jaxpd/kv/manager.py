@@ -11,7 +11,7 @@ from typing import Sequence
 
 from jax.sharding import Mesh
 
-from jaxpd.kv.allocator import BlockAllocator, block_hashes
+from jaxpd.kv.allocator import NULL_BLOCK, BlockAllocator, block_hashes
 from jaxpd.kv.layout import KVLayout
 from jaxpd.kv.pool import KVPages, create_pages
 
@@ -23,6 +23,7 @@ class SeqPages:
     pages: list[int]
     num_cached: int = 0  # prompt tokens found in the prefix cache (not recomputed)
     num_committed_blocks: int = 0  # full blocks already entered into the prefix cache
+    num_dropped: int = 0  # leading pages given back because they left the sliding window
 
 
 class KVCacheManager:
@@ -84,8 +85,22 @@ class KVCacheManager:
             self.allocator.commit(seq.pages[i], hashes[i])
         seq.num_committed_blocks = full
 
+    def drop_outside_window(self, seq: SeqPages, next_position: int, window: int) -> int:
+        """Give back the leading pages no query at `next_position` or later can see (every key
+        at or below `next_position - window`); their table entries become the null page, which
+        attention masks by position anyway. Returns how many pages were freed."""
+        first_visible = max(0, next_position - window + 1)
+        keep_from = min(first_visible // self.page_size, len(seq.pages))
+        if keep_from <= seq.num_dropped:
+            return 0
+        dropped = seq.pages[seq.num_dropped:keep_from]
+        self.allocator.free(dropped)
+        seq.pages[seq.num_dropped:keep_from] = [NULL_BLOCK] * len(dropped)
+        seq.num_dropped = keep_from
+        return len(dropped)
+
     def release(self, seq: SeqPages) -> None:
-        self.allocator.free(seq.pages)
+        self.allocator.free(seq.pages[seq.num_dropped:])
         seq.pages = []
 
     @property

@@ -192,6 +192,9 @@ class DecodeServicer(WorkerServicer, worker_pb2_grpc.DecodeWorkerServicer):
                 try:
                     ev = await asyncio.wait_for(events.get(), serving.kv_timeout_s if waiting_kv else None)
                 except TimeoutError:
+                    # free the pages before answering, so "pages freed" is already true
+                    finished = True
+                    await self.thread.call(lambda: self.scheduler.abort(req.id))
                     await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                                         f"request {req.id!r}: its KV did not arrive within "
                                         f"{serving.kv_timeout_s} s (serving.kv_timeout_s); pages freed")
