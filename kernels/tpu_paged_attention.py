@@ -7,22 +7,23 @@ by a cumulative-length array. Each row's keys live in pages named by its page ta
 layout `kv/layout.py` fixes (`[kv_heads, num_pages, page_size, head_dim]` per layer), so prefill,
 decode and the KV hand-off share one layout and this kernel needs no other.
 
-Tiling: grid `(batch, kv_heads, page)`. One block holds every query token of a row times every
-query head of one KV head (GQA: the `group` heads that share it), so each page is read once per
-KV head, not once per query head. The page axis is the online-softmax (flash) reduction: running
-max, sum and accumulator live in VMEM scratch across it. The page table and KV lengths are
-scalar-prefetched into SMEM, so the K/V BlockSpecs index pages through the table; pages past a
-row's length repeat its last page's block index (so the pipeline fetches nothing new) and their
-compute is skipped, as are pages wholly before a sliding window.
+Tiling: grid `(batch, kv_heads)`. One block holds every query token of a row times every query
+head of one KV head (GQA: the `group` heads that share it), so each page is read once per KV
+head, not once per query head. The pages stay in HBM; the kernel walks the row's pages in
+blocks of `BlockSizes.pages_per_block`, each block brought into one of two VMEM slots by DMAs
+addressed through the scalar-prefetched page table, the next block's DMAs in flight while the
+current block is scored (double buffering). The blocks are the online-softmax (flash)
+reduction: running max, sum and accumulator are the loop's carry. The loop covers only the
+row's used pages (`kv_len`), starting at the first block a sliding window still sees; past the
+row's last page a block re-reads that page, masked.
 
 Masking: causal by absolute position (a key at position p is visible to a query at position q
 when p <= q, p < kv_len and, with a window w, p > q - w), optional logit soft-cap
 (`cap * tanh(s / cap)`). Padding rows (position -1) produce zeros.
 
-Not yet: blocks of several pages per grid step through manual DMA (a page of 16 x 128 bf16 is
-4 KiB, too small to saturate HBM on a real TPU), the new tokens' K/V written inside the kernel,
-and per-generation block sizes measured on v5e/v5p/v6e: no TPU was available. `BlockSizes`
-holds the knobs those will fill.
+Not yet: the new tokens' K/V written inside the kernel (the engine scatters them first, an XLA
+op on the donated pool), and `pages_per_block` measured per TPU generation (v5e/v5p/v6e): no
+TPU was available, so `BlockSizes.for_device` returns one default.
 
 `paged_attention_reference` beside it is the pure-jnp oracle (gather every page, one masked
 softmax); tests run the kernel in the TPU interpret mode on CPU against it.
@@ -43,9 +44,11 @@ __all__ = ["BlockSizes", "paged_attention", "paged_attention_reference", "interp
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    """Tiling knobs. `pages_per_block` is 1 until the multi-page DMA path exists."""
+    """Tiling knobs: pages brought into VMEM per DMA round (one block of the online softmax).
+    More pages per block mean longer DMAs and bigger matmuls, and more VMEM (two slots of
+    `pages_per_block x page_size x head_dim` for K and for V)."""
 
-    pages_per_block: int = 1
+    pages_per_block: int = 8
 
     @classmethod
     def for_device(cls, device_kind: str) -> BlockSizes:
@@ -60,55 +63,94 @@ def interpret_params(detect_races: bool = False) -> pltpu.InterpretParams:
                                  uninitialized_memory="nan")
 
 
+class _PageBlockCopy:
+    """The DMAs that bring `pages_per_block` pages of one KV head from HBM into one VMEM slot;
+    they share a semaphore, and waiting on each descriptor waits for its own bytes."""
+
+    def __init__(self, pages_hbm, buffer, sem, table, row_offset, first_page, last_page,
+                 head, slot, pages_per_block):
+        self.copies = []
+        for i in range(pages_per_block):
+            page = jnp.minimum(first_page + i, last_page)  # past the row's end: re-read the last
+            self.copies.append(pltpu.make_async_copy(
+                pages_hbm.at[head, table[row_offset + page]], buffer.at[slot, i], sem.at[slot]))
+
+    def start(self):
+        for c in self.copies:
+            c.start()
+
+    def wait(self):
+        for c in self.copies:
+            c.wait()
+
+
 def _kernel(page_table_ref, kv_lens_ref, q_lo_ref,  # scalar prefetch (SMEM)
-            q_ref, qpos_ref, k_ref, v_ref,  # VMEM blocks
+            q_ref, qpos_ref, k_hbm, v_hbm,  # q blocks in VMEM; all pages stay in HBM
             o_ref,
-            m_ref, l_ref, acc_ref,  # VMEM scratch
-            *, page_size: int, pages: int, scale: float, window: int | None,
-            soft_cap: float | None):
-    b, j = pl.program_id(0), pl.program_id(2)
-
-    @pl.when(j == 0)
-    def _init():
-        m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
-        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
-        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
-
+            k_buf, v_buf, k_sem, v_sem,  # VMEM double buffers and their DMA semaphores
+            *, page_size: int, pages: int, pages_per_block: int, scale: float,
+            window: int | None, soft_cap: float | None):
+    b, h = pl.program_id(0), pl.program_id(1)
     length = kv_lens_ref[b]
-    start = j * page_size
-    visible = start < length
-    if window is not None:  # the whole page is older than every query's window
-        visible &= start + page_size > q_lo_ref[b] - window + 1
+    used = (length + page_size - 1) // page_size
+    last_page = jnp.clip(used - 1, 0, pages - 1)
+    first_block = 0
+    if window is not None:  # blocks wholly older than every query's window are never read
+        first_visible = jnp.maximum(q_lo_ref[b] - window + 1, 0)
+        first_block = jnp.minimum(first_visible // page_size, last_page) // pages_per_block
+    blocks = (used + pages_per_block - 1) // pages_per_block
+    width = pages_per_block * page_size
 
-    @pl.when(visible)
-    def _accumulate():
-        q = q_ref[...].astype(jnp.float32) * scale  # [TG, D]
-        k = k_ref[...].astype(jnp.float32)  # [PS, D]
-        v = v_ref[...].astype(jnp.float32)
+    def copies(block, slot):
+        first = block * pages_per_block
+        return (_PageBlockCopy(k_hbm, k_buf, k_sem, page_table_ref, b * pages, first, last_page,
+                               h, slot, pages_per_block),
+                _PageBlockCopy(v_hbm, v_buf, v_sem, page_table_ref, b * pages, first, last_page,
+                               h, slot, pages_per_block))
+
+    q = q_ref[...].astype(jnp.float32) * scale  # [TG, D]
+    qpos = qpos_ref[...]  # [TG, 1]
+
+    @pl.when(first_block < blocks)
+    def _prefetch_first():
+        for c in copies(first_block, 0):
+            c.start()
+
+    def body(block, carry):
+        m_prev, l_prev, acc_prev = carry
+        slot = (block - first_block) % 2
+        for c in copies(block, slot):
+            c.wait()
+
+        @pl.when(block + 1 < blocks)
+        def _prefetch_next():  # overlaps the next block's DMA with this block's math
+            for c in copies(block + 1, 1 - slot):
+                c.start()
+
+        k = k_buf[slot].reshape(width, -1).astype(jnp.float32)  # [W, D]
+        v = v_buf[slot].reshape(width, -1).astype(jnp.float32)
         s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
-                                preferred_element_type=jnp.float32)  # [TG, PS]
+                                preferred_element_type=jnp.float32)  # [TG, W]
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
-        qpos = qpos_ref[...]  # [TG, 1]
-        kpos = start + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
+        kpos = block * width + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
         mask = (kpos < length) & (kpos <= qpos) & (qpos >= 0)
         if window is not None:
             mask &= kpos > qpos - window
         s = jnp.where(mask, s, -jnp.inf)
-        m_prev = m_ref[...]  # [TG, 1]
         m_new = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
         safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
         p = jnp.exp(s - safe)
         correction = jnp.exp(jnp.where(m_prev == -jnp.inf, -jnp.inf, m_prev - safe))
-        l_ref[...] = l_ref[...] * correction + p.sum(axis=1, keepdims=True)
-        acc_ref[...] = acc_ref[...] * correction + jnp.dot(p, v,
-                                                           preferred_element_type=jnp.float32)
-        m_ref[...] = m_new
+        l_new = l_prev * correction + p.sum(axis=1, keepdims=True)
+        acc_new = acc_prev * correction + jnp.dot(p, v, preferred_element_type=jnp.float32)
+        return m_new, l_new, acc_new
 
-    @pl.when(j == pages - 1)
-    def _finish():
-        l = l_ref[...]
-        o_ref[...] = (acc_ref[...] / jnp.where(l > 0, l, 1.0)).astype(o_ref.dtype)
+    tg, dim = q.shape
+    init = (jnp.full((tg, 1), -jnp.inf, jnp.float32), jnp.zeros((tg, 1), jnp.float32),
+            jnp.zeros((tg, dim), jnp.float32))
+    _, l, acc = jax.lax.fori_loop(first_block, blocks, body, init)
+    o_ref[...] = (acc / jnp.where(l > 0, l, 1.0)).astype(o_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("sliding_window", "soft_cap", "block_sizes",
@@ -127,10 +169,9 @@ def paged_attention(q: jax.Array,  # [batch, q_len, heads, head_dim]
     kv_heads, _, page_size, _ = k_pages.shape
     if heads % kv_heads:
         raise ValueError(f"{heads} query heads do not divide into {kv_heads} KV heads")
-    if block_sizes.pages_per_block != 1:
-        raise NotImplementedError("pages_per_block > 1 needs the multi-page DMA path")
     group = heads // kv_heads
     pages = page_table.shape[1]
+    per_block = max(1, min(block_sizes.pages_per_block, pages))
     tg = q_len * group
     # [b, t, kv, g, d] -> [b, kv, t*g, d]: a block is every query of one KV head of one row
     qk = q.reshape(batch, q_len, kv_heads, group, dim).transpose(0, 2, 1, 3, 4)
@@ -138,38 +179,29 @@ def paged_attention(q: jax.Array,  # [batch, q_len, heads, head_dim]
     qpos = jnp.broadcast_to(q_positions[:, :, None], (batch, q_len, group)).reshape(batch, tg, 1)
     valid = q_positions >= 0
     q_lo = jnp.min(jnp.where(valid, q_positions, jnp.iinfo(jnp.int32).max), axis=1)
-    kv_lens = kv_lens.astype(jnp.int32)
-
-    def kv_index_map(b, h, j, table, lens, lo):
-        """Page j of row b through the table; past the row's last page, repeat that page (the
-        pipeline then fetches nothing new and the kernel skips the compute)."""
-        del lo
-        last = jnp.maximum((lens[b] + page_size - 1) // page_size - 1, 0)
-        return h, table[b * pages + jnp.minimum(j, last)], 0, 0
-
-    kernel = functools.partial(_kernel, page_size=page_size, pages=pages, scale=dim ** -0.5,
+    kernel = functools.partial(_kernel, page_size=page_size, pages=pages,
+                               pages_per_block=per_block, scale=dim ** -0.5,
                                window=sliding_window, soft_cap=soft_cap)
+    buffer = pltpu.VMEM((2, per_block, page_size, dim), k_pages.dtype)
     out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((batch, kv_heads, tg, dim), q.dtype),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=3,
-            grid=(batch, kv_heads, pages),
+            grid=(batch, kv_heads),
             in_specs=[
-                pl.BlockSpec((None, None, tg, dim), lambda b, h, j, *_: (b, h, 0, 0)),
-                pl.BlockSpec((None, tg, 1), lambda b, h, j, *_: (b, 0, 0)),
-                pl.BlockSpec((None, None, page_size, dim), kv_index_map),
-                pl.BlockSpec((None, None, page_size, dim), kv_index_map),
+                pl.BlockSpec((None, None, tg, dim), lambda b, h, *_: (b, h, 0, 0)),
+                pl.BlockSpec((None, tg, 1), lambda b, h, *_: (b, 0, 0)),
+                pl.BlockSpec(memory_space=pl.ANY),
+                pl.BlockSpec(memory_space=pl.ANY),
             ],
-            out_specs=pl.BlockSpec((None, None, tg, dim), lambda b, h, j, *_: (b, h, 0, 0)),
-            scratch_shapes=[pltpu.VMEM((tg, 1), jnp.float32),
-                            pltpu.VMEM((tg, 1), jnp.float32),
-                            pltpu.VMEM((tg, dim), jnp.float32)]),
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "arbitrary")),
+            out_specs=pl.BlockSpec((None, None, tg, dim), lambda b, h, *_: (b, h, 0, 0)),
+            scratch_shapes=[buffer, buffer, pltpu.SemaphoreType.DMA((2,)),
+                            pltpu.SemaphoreType.DMA((2,))]),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
         interpret=interpret,
-    )(page_table.reshape(-1).astype(jnp.int32), kv_lens, q_lo.astype(jnp.int32),
-      qk, qpos.astype(jnp.int32), k_pages, v_pages)
+    )(page_table.reshape(-1).astype(jnp.int32), kv_lens.astype(jnp.int32),
+      q_lo.astype(jnp.int32), qk, qpos.astype(jnp.int32), k_pages, v_pages)
     out = out.reshape(batch, kv_heads, q_len, group, dim).transpose(0, 2, 1, 3, 4)
     return out.reshape(batch, q_len, heads, dim)
 

@@ -250,7 +250,8 @@ def test_abort_ends_the_stream_with_abort(fake, client):
     stream = client.generate(prompt_token_ids=[1], max_tokens=100_000, request_id="r")
     next(stream)
     assert client.abort("r") == ["r"]
-    assert client.abort(["r", "unknown"]) == ["r"]  # still finishing
+    # "r" may still be finishing or already gone (timing); an unknown id is never reported
+    assert client.abort(["r", "unknown"]) in (["r"], [])
     final = list(stream)[-1]
     assert isinstance(final, Finished) and final.finish_reason == "abort"
     assert client.abort(["r"]) == []

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpd.engine.attention import reference_attention
-from jaxpd.kernels.tpu_paged_attention import (interpret_params, paged_attention,
+from jaxpd.kernels.tpu_paged_attention import (BlockSizes, interpret_params, paged_attention,
                                                paged_attention_reference)
 
 PAGE = 16
@@ -43,10 +43,11 @@ def _batch(rng, *, kv_heads, group, dim, dtype, rows, pages_per_seq=6, shared=Fa
     return cast(q), cast(k), cast(v), jnp.asarray(table), jnp.asarray(positions), jnp.asarray(lens)
 
 
-def _check(args, *, window=None, soft_cap=None, tol=1e-5):
+def _check(args, *, window=None, soft_cap=None, tol=1e-5, pages_per_block=4):
     q, k, v, table, positions, lens = args
     got = paged_attention(q, k, v, table, positions, lens, sliding_window=window,
-                          soft_cap=soft_cap, interpret=interpret_params())
+                          soft_cap=soft_cap, block_sizes=BlockSizes(pages_per_block),
+                          interpret=interpret_params())
     want = paged_attention_reference(q, k, v, table, positions, lens, sliding_window=window,
                                      soft_cap=soft_cap)
     valid = np.asarray(positions) >= 0
@@ -65,13 +66,14 @@ def _check(args, *, window=None, soft_cap=None, tol=1e-5):
 MIXED = [(33, 1), (47, 9), (1, 1), (0, 0), (16, 1), (64, 16)]
 
 
-@pytest.mark.parametrize("group, dim, dtype", [
-    (1, 64, jnp.float32), (4, 128, jnp.float32), (8, 64, jnp.bfloat16), (4, 128, jnp.bfloat16),
+@pytest.mark.parametrize("group, dim, dtype, pages_per_block", [
+    (1, 64, jnp.float32, 1), (4, 128, jnp.float32, 4), (8, 64, jnp.bfloat16, 4),
+    (4, 128, jnp.bfloat16, 8),  # 8 > the table's 6 columns: clamped to one block per row
 ])
-def test_kernel_matches_reference_on_a_mixed_batch(group, dim, dtype):
+def test_kernel_matches_reference_on_a_mixed_batch(group, dim, dtype, pages_per_block):
     rng = np.random.default_rng(group * 1000 + dim)
     args = _batch(rng, kv_heads=2, group=group, dim=dim, dtype=dtype, rows=MIXED)
-    _check(args, tol=1e-5 if dtype == jnp.float32 else 2e-2)
+    _check(args, tol=1e-5 if dtype == jnp.float32 else 2e-2, pages_per_block=pages_per_block)
 
 
 def test_shared_prefix_page_and_lengths_off_the_page_grid():
@@ -85,21 +87,34 @@ def test_sliding_window_and_soft_cap():
     rng = np.random.default_rng(11)
     args = _batch(rng, kv_heads=2, group=2, dim=64, dtype=jnp.float32,
                   rows=[(90, 1), (70, 12), (5, 5)])
-    _check(args, window=20)  # pages wholly before the window are skipped, not just masked
+    _check(args, window=20, pages_per_block=1)  # pages wholly before the window: never read
+    _check(args, window=20, pages_per_block=2)
     _check(args, soft_cap=5.0)
-    _check(args, window=33, soft_cap=30.0)
+    _check(args, window=33, soft_cap=30.0, pages_per_block=3)
 
 
-def test_no_races_in_the_interpreter():
+def test_no_races_in_the_double_buffered_dmas():
     from jax._src.pallas.mosaic.interpret import interpret_pallas_call as interpreter
 
     rng = np.random.default_rng(3)
     q, k, v, table, positions, lens = _batch(rng, kv_heads=2, group=2, dim=64,
-                                             dtype=jnp.float32, rows=[(20, 4), (9, 1)])
-    out = paged_attention(q, k, v, table, positions, lens,
+                                             dtype=jnp.float32, rows=[(90, 4), (9, 1)])
+    out = paged_attention(q, k, v, table, positions, lens, block_sizes=BlockSizes(2),
                           interpret=interpret_params(detect_races=True))
     jax.block_until_ready(out)
     assert interpreter.races is not None and not interpreter.races.races_found
+    want = paged_attention_reference(q, k, v, table, positions, lens)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_the_hlo_interpreter_agrees():
+    """The engine on CPU runs the kernel with `interpret=True` (compiled to XLA loops)."""
+    rng = np.random.default_rng(5)
+    q, k, v, table, positions, lens = _batch(rng, kv_heads=2, group=4, dim=64,
+                                             dtype=jnp.float32, rows=MIXED)
+    fast = paged_attention(q, k, v, table, positions, lens, interpret=True)
+    checked = paged_attention(q, k, v, table, positions, lens, interpret=interpret_params())
+    np.testing.assert_allclose(np.asarray(fast), np.asarray(checked), rtol=1e-6, atol=1e-6)
 
 
 def test_heads_must_divide():
