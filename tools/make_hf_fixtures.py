@@ -52,7 +52,8 @@ separate tool venv (CPU torch is enough)::
     .toolvenv/bin/pip install torch==2.13.0 transformers safetensors
     .toolvenv/bin/python tools/make_hf_fixtures.py            # -> tests/fixtures/hf
 
-Fixtures were generated with torch 2.13.0 (CPU) and transformers 5.23.0. The
+Fixtures were generated with torch 2.13.0 (CPU) and transformers 5.23.0 (mistral_window:
+5.24.0). The
 output is deterministic for a given torch/transformers version (run it twice
 and diff).
 """
@@ -133,7 +134,7 @@ def build_configs():
         sliding_window=None,
         max_window_layers=2,
     )
-    mistral = MistralConfig(
+    mistral_args = dict(
         vocab_size=VOCAB_SIZE,
         hidden_size=64,
         intermediate_size=128,
@@ -147,21 +148,11 @@ def build_configs():
         sliding_window=None,
         tie_word_embeddings=False,
     )
+    mistral = MistralConfig(**mistral_args)
     # An active sliding window: 8 tokens, shorter than two of the prompts and than every prompt
-    # plus its 12 generated tokens, so masking by the window changes the logits.
-    mistral_window = MistralConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-5,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        sliding_window=SLIDING_WINDOW,
-        tie_word_embeddings=False,
-    )
+    # plus its 12 generated tokens, so masking by the window changes the logits. MQA.
+    mistral_window = MistralConfig(**{**mistral_args, "num_key_value_heads": 1, "head_dim": 16,
+                                      "sliding_window": SLIDING_WINDOW})
     return {"llama": llama, "qwen2": qwen2, "mistral": mistral, "mistral_window": mistral_window}
 
 
