@@ -21,9 +21,12 @@ Masking: causal by absolute position (a key at position p is visible to a query 
 when p <= q, p < kv_len and, with a window w, p > q - w), optional logit soft-cap
 (`cap * tanh(s / cap)`). Padding rows (position -1) produce zeros.
 
-Not yet: the new tokens' K/V written inside the kernel (the engine scatters them first, an XLA
-op on the donated pool), and `pages_per_block` measured per TPU generation (v5e/v5p/v6e): no
-TPU was available, so `BlockSizes.for_device` returns one default.
+`paged_attention_write_kv` is the same kernel with the new tokens' K/V written into their
+page slots first, in the same call (one small DMA per token and KV head, into the pool aliased
+in and out), so the engine skips its separate scatter pass over the pool.
+
+Not yet: `pages_per_block` measured per TPU generation (v5e/v5p/v6e) and batched write DMAs
+for long prefill chunks: no TPU was available, so `BlockSizes.for_device` returns one default.
 
 `paged_attention_reference` beside it is the pure-jnp oracle (gather every page, one masked
 softmax); tests run the kernel in the TPU interpret mode on CPU against it.
@@ -39,7 +42,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-__all__ = ["BlockSizes", "paged_attention", "paged_attention_reference", "interpret_params"]
+__all__ = ["BlockSizes", "paged_attention", "paged_attention_write_kv",
+           "paged_attention_reference", "interpret_params"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +88,7 @@ class _PageBlockCopy:
             c.wait()
 
 
-def _kernel(page_table_ref, kv_lens_ref, q_lo_ref,  # scalar prefetch (SMEM)
+def _attend(page_table_ref, kv_lens_ref, q_lo_ref,  # scalar prefetch (SMEM)
             q_ref, qpos_ref, k_hbm, v_hbm,  # q blocks in VMEM; all pages stay in HBM
             o_ref,
             k_buf, v_buf, k_sem, v_sem,  # VMEM double buffers and their DMA semaphores
@@ -153,6 +157,35 @@ def _kernel(page_table_ref, kv_lens_ref, q_lo_ref,  # scalar prefetch (SMEM)
     o_ref[...] = (acc / jnp.where(l > 0, l, 1.0)).astype(o_ref.dtype)
 
 
+def _write_then_attend(page_table_ref, kv_lens_ref, q_lo_ref, positions_ref,  # SMEM
+                       q_ref, qpos_ref, k_new_ref, v_new_ref, k_in, v_in,
+                       o_ref, k_hbm, v_hbm,  # k_hbm/v_hbm alias k_in/v_in: the donated pool
+                       k_buf, v_buf, k_sem, v_sem, w_sem, *, q_len: int, **attend):
+    """Write this row's new K/V (this KV head) into their page slots, then attend over the
+    pool with them in it: one call instead of a scatter pass plus an attention pass."""
+    del k_in, v_in  # the same buffers as k_hbm / v_hbm
+    b, h = pl.program_id(0), pl.program_id(1)
+    page_size, pages = attend["page_size"], attend["pages"]
+
+    def write(t, carry):
+        pos = positions_ref[b * q_len + t]
+
+        @pl.when(pos >= 0)
+        def _write():
+            page = page_table_ref[b * pages + pos // page_size]
+            slot = pos % page_size
+            for new, pool in ((k_new_ref, k_hbm), (v_new_ref, v_hbm)):
+                copy = pltpu.make_async_copy(new.at[pl.ds(t, 1)],
+                                             pool.at[h, page, pl.ds(slot, 1)], w_sem.at[0])
+                copy.start()
+                copy.wait()
+        return carry
+
+    jax.lax.fori_loop(0, q_len, write, 0)
+    _attend(page_table_ref, kv_lens_ref, q_lo_ref, q_ref, qpos_ref, k_hbm, v_hbm, o_ref,
+            k_buf, v_buf, k_sem, v_sem, **attend)
+
+
 @functools.partial(jax.jit, static_argnames=("sliding_window", "soft_cap", "block_sizes",
                                              "interpret"))
 def paged_attention(q: jax.Array,  # [batch, q_len, heads, head_dim]
@@ -173,13 +206,8 @@ def paged_attention(q: jax.Array,  # [batch, q_len, heads, head_dim]
     pages = page_table.shape[1]
     per_block = max(1, min(block_sizes.pages_per_block, pages))
     tg = q_len * group
-    # [b, t, kv, g, d] -> [b, kv, t*g, d]: a block is every query of one KV head of one row
-    qk = q.reshape(batch, q_len, kv_heads, group, dim).transpose(0, 2, 1, 3, 4)
-    qk = qk.reshape(batch, kv_heads, tg, dim)
-    qpos = jnp.broadcast_to(q_positions[:, :, None], (batch, q_len, group)).reshape(batch, tg, 1)
-    valid = q_positions >= 0
-    q_lo = jnp.min(jnp.where(valid, q_positions, jnp.iinfo(jnp.int32).max), axis=1)
-    kernel = functools.partial(_kernel, page_size=page_size, pages=pages,
+    qk, qpos, q_lo = _query_blocks(q, q_positions, kv_heads)
+    kernel = functools.partial(_attend, page_size=page_size, pages=pages,
                                pages_per_block=per_block, scale=dim ** -0.5,
                                window=sliding_window, soft_cap=soft_cap)
     buffer = pltpu.VMEM((2, per_block, page_size, dim), k_pages.dtype)
@@ -200,10 +228,87 @@ def paged_attention(q: jax.Array,  # [batch, q_len, heads, head_dim]
                             pltpu.SemaphoreType.DMA((2,))]),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
         interpret=interpret,
-    )(page_table.reshape(-1).astype(jnp.int32), kv_lens.astype(jnp.int32),
-      q_lo.astype(jnp.int32), qk, qpos.astype(jnp.int32), k_pages, v_pages)
+    )(page_table.reshape(-1).astype(jnp.int32), kv_lens.astype(jnp.int32), q_lo, qk, qpos,
+      k_pages, v_pages)
+    return _unblock(out, q_len, group)
+
+
+@functools.partial(jax.jit, static_argnames=("sliding_window", "soft_cap", "block_sizes",
+                                             "interpret"), donate_argnames=("k_pages", "v_pages"))
+def paged_attention_write_kv(q: jax.Array,  # [batch, q_len, heads, head_dim]
+                             k_new: jax.Array,  # [batch, q_len, kv_heads, head_dim]
+                             v_new: jax.Array,  # [batch, q_len, kv_heads, head_dim]
+                             k_pages: jax.Array,  # [kv_heads, num_pages, page_size, dim], donated
+                             v_pages: jax.Array,
+                             page_table: jax.Array, q_positions: jax.Array, kv_lens: jax.Array,
+                             *, sliding_window: int | None = None, soft_cap: float | None = None,
+                             block_sizes: BlockSizes = BlockSizes(),
+                             interpret: pltpu.InterpretParams | bool = False,
+                             ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`paged_attention` with the new tokens' K/V written into their pages in the same call
+    (padding tokens, position -1, write nothing): -> (out, k_pages, v_pages), the pool
+    updated in place."""
+    batch, q_len, heads, dim = q.shape
+    kv_heads, _, page_size, _ = k_pages.shape
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads do not divide into {kv_heads} KV heads")
+    group, pages = heads // kv_heads, page_table.shape[1]
+    per_block = max(1, min(block_sizes.pages_per_block, pages))
+    tg = q_len * group
+    qk, qpos, q_lo = _query_blocks(q, q_positions, kv_heads)
+    to_heads = lambda x: x.transpose(0, 2, 1, 3).astype(k_pages.dtype)  # noqa: E731 [b, kv, t, d]
+    kernel = functools.partial(_write_then_attend, q_len=q_len, page_size=page_size,
+                               pages=pages, pages_per_block=per_block, scale=dim ** -0.5,
+                               window=sliding_window, soft_cap=soft_cap)
+    buffer = pltpu.VMEM((2, per_block, page_size, dim), k_pages.dtype)
+    rows = lambda b, h, *_: (b, h, 0, 0)  # noqa: E731
+    out, k_pages, v_pages = pl.pallas_call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct((batch, kv_heads, tg, dim), q.dtype),
+                   jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype),
+                   jax.ShapeDtypeStruct(v_pages.shape, v_pages.dtype)),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=4,
+            grid=(batch, kv_heads),
+            in_specs=[pl.BlockSpec((None, None, tg, dim), rows),
+                      pl.BlockSpec((None, tg, 1), lambda b, h, *_: (b, 0, 0)),
+                      pl.BlockSpec((None, None, q_len, dim), rows),
+                      pl.BlockSpec((None, None, q_len, dim), rows),
+                      pl.BlockSpec(memory_space=pl.ANY),
+                      pl.BlockSpec(memory_space=pl.ANY)],
+            out_specs=[pl.BlockSpec((None, None, tg, dim), rows),
+                       pl.BlockSpec(memory_space=pl.ANY),
+                       pl.BlockSpec(memory_space=pl.ANY)],
+            scratch_shapes=[buffer, buffer, pltpu.SemaphoreType.DMA((2,)),
+                            pltpu.SemaphoreType.DMA((2,)), pltpu.SemaphoreType.DMA((1,))]),
+        # operands count the 4 scalar-prefetch arrays: k_pages is operand 8, v_pages 9
+        input_output_aliases={8: 1, 9: 2},
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
+        interpret=interpret,
+    )(page_table.reshape(-1).astype(jnp.int32), kv_lens.astype(jnp.int32), q_lo,
+      q_positions.reshape(-1).astype(jnp.int32), qk, qpos, to_heads(k_new), to_heads(v_new),
+      k_pages, v_pages)
+    return _unblock(out, q_len, group), k_pages, v_pages
+
+
+def _query_blocks(q: jax.Array, q_positions: jax.Array, kv_heads: int):
+    """[b, t, heads, d] -> [b, kv, t*g, d] (a block is every query of one KV head of one row),
+    positions broadcast to match, and each row's lowest position (for the window)."""
+    batch, q_len, heads, dim = q.shape
+    group = heads // kv_heads
+    qk = q.reshape(batch, q_len, kv_heads, group, dim).transpose(0, 2, 1, 3, 4)
+    qk = qk.reshape(batch, kv_heads, q_len * group, dim)
+    qpos = jnp.broadcast_to(q_positions[:, :, None], (batch, q_len, group))
+    qpos = qpos.reshape(batch, q_len * group, 1).astype(jnp.int32)
+    valid = q_positions >= 0
+    q_lo = jnp.min(jnp.where(valid, q_positions, jnp.iinfo(jnp.int32).max), axis=1)
+    return qk, qpos, q_lo.astype(jnp.int32)
+
+
+def _unblock(out: jax.Array, q_len: int, group: int) -> jax.Array:
+    batch, kv_heads, _, dim = out.shape
     out = out.reshape(batch, kv_heads, q_len, group, dim).transpose(0, 2, 1, 3, 4)
-    return out.reshape(batch, q_len, heads, dim)
+    return out.reshape(batch, q_len, kv_heads * group, dim)
 
 
 def paged_attention_reference(q, k_pages, v_pages, page_table, q_positions, kv_lens, *,

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 
 from jaxpd.engine.attention import reference_attention
 from jaxpd.kernels.tpu_paged_attention import (BlockSizes, interpret_params, paged_attention,
-                                               paged_attention_reference)
+                                               paged_attention_reference,
+                                               paged_attention_write_kv)
 
 PAGE = 16
 
@@ -123,3 +124,45 @@ def test_heads_must_divide():
     with pytest.raises(ValueError, match="do not divide"):
         paged_attention(q, k, k, jnp.zeros((1, 2), jnp.int32), jnp.zeros((1, 1), jnp.int32),
                         jnp.ones((1,), jnp.int32), interpret=interpret_params())
+
+
+def _scatter(k_pages, new, table, positions):
+    """What the engine's XLA scatter does: each new token's K (or V) into its page slot."""
+    pool = np.array(k_pages)
+    for b in range(positions.shape[0]):
+        for t in range(positions.shape[1]):
+            p = int(positions[b, t])
+            if p >= 0:
+                pool[:, int(table[b, p // PAGE]), p % PAGE] = np.asarray(new[b, t])
+    return pool
+
+
+@pytest.mark.parametrize("dtype, pages_per_block", [(jnp.float32, 2), (jnp.bfloat16, 4)])
+def test_fused_kv_write_equals_scatter_then_attention(dtype, pages_per_block):
+    """The new tokens' K/V land in the same slots, bit for bit, as the engine's scatter; the
+    output equals attention over the scattered pool; no races between the writes and reads;
+    a shared prefix page is read and never written."""
+    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as interpreter
+
+    rng = np.random.default_rng(21)
+    q, k, v, table, positions, lens = _batch(rng, kv_heads=2, group=2, dim=64, dtype=dtype,
+                                             rows=[(21, 5), (19, 1), (0, 0), (40, 3)],
+                                             shared=True)
+    kv_heads, new_shape = k.shape[0], (*positions.shape, k.shape[0], k.shape[-1])
+    k_new = jnp.asarray(rng.standard_normal(new_shape), dtype)
+    v_new = jnp.asarray(rng.standard_normal(new_shape), dtype)
+    k_want = _scatter(k, k_new, np.asarray(table), np.asarray(positions))
+    v_want = _scatter(v, v_new, np.asarray(table), np.asarray(positions))
+    assert kv_heads == 2 and not np.array_equal(k_want, np.asarray(k))
+    want = paged_attention_reference(q, jnp.asarray(k_want), jnp.asarray(v_want), table,
+                                     positions, lens)
+    out, k_got, v_got = paged_attention_write_kv(
+        q, k_new, v_new, k, v, table, positions, lens, block_sizes=BlockSizes(pages_per_block),
+        interpret=interpret_params(detect_races=True))
+    assert not interpreter.races.races_found
+    np.testing.assert_array_equal(np.asarray(k_got), k_want)
+    np.testing.assert_array_equal(np.asarray(v_got), v_want)
+    valid = np.asarray(positions) >= 0
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(np.asarray(out, np.float32)[valid],
+                               np.asarray(want, np.float32)[valid], rtol=tol, atol=tol)

@@ -130,26 +130,40 @@ def cudnn_attention(q, k_pages, v_pages, page_table, q_positions, kv_lens, *,
     return out.astype(q.dtype)
 
 
-def pallas_tpu_attention(q, k_pages, v_pages, page_table, q_positions, kv_lens, *,
+@dataclasses.dataclass(frozen=True)
+class WritesKV:
+    """An entry point that also writes the new tokens' K/V into the pool, in the same kernel
+    call: `fn(q, k_new, v_new, k_pages, v_pages, page_table, q_positions, kv_lens, *,
+    sliding_window, mesh) -> (out, k_pages, v_pages)`. The model step then skips its own
+    scatter pass."""
+
+    fn: Callable[..., tuple[jax.Array, jax.Array, jax.Array]]
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
+def pallas_tpu_attention(q, k_new, v_new, k_pages, v_pages, page_table, q_positions, kv_lens, *,
                          sliding_window: int | None = None, mesh=None,
-                         interpret: bool = False) -> jax.Array:
-    """The TPU Pallas kernel, per TP shard: query heads and stored KV heads split together
-    over `tp` (kv/layout.py keeps every rank's query heads beside their KV head)."""
+                         interpret: bool = False):
+    """The TPU Pallas kernel (KV write fused), per TP shard: query heads, new K/V heads and
+    stored KV heads split together over `tp` (kv/layout.py keeps every rank's query heads
+    beside their KV head)."""
     from jax.sharding import PartitionSpec as P
 
     from jaxpd.kernels import tpu_paged_attention as kernel
 
-    # On CPU: Pallas's HLO interpreter, which compiles the kernel's grid into one XLA loop (fast
+    # On CPU: Pallas's HLO interpreter, which compiles the kernel's grid into XLA loops (fast
     # enough to serve); the kernel tests use the TPU interpret mode, which also checks bounds,
     # uninitialised reads and races, but is too slow to run an engine on.
-    run = functools.partial(kernel.paged_attention, sliding_window=sliding_window,
+    run = functools.partial(kernel.paged_attention_write_kv, sliding_window=sliding_window,
                             interpret=interpret)
+    args = (q, k_new, v_new, k_pages, v_pages, page_table, q_positions, kv_lens)
     if mesh is None or mesh.shape.get("tp", 1) == 1:
-        return run(q, k_pages, v_pages, page_table, q_positions, kv_lens)
+        return run(*args)
     heads, pages = P(None, None, "tp", None), P("tp", None, None, None)
-    return jax.shard_map(run, mesh=mesh, in_specs=(heads, pages, pages, P(), P(), P()),
-                         out_specs=heads, check_vma=False)(
-        q, k_pages, v_pages, page_table, q_positions, kv_lens)
+    return jax.shard_map(run, mesh=mesh, in_specs=(heads, heads, heads, pages, pages, P(), P(), P()),
+                         out_specs=(heads, pages, pages), check_vma=False)(*args)
 
 
 AttentionFn = Callable[..., jax.Array]
@@ -178,8 +192,8 @@ def resolve(implementation: str, *, head_dim: int, dtype: str) -> AttentionBacke
             raise ConfigError("attention implementation 'pallas' has no GPU kernels yet; use "
                               "'cudnn' or 'reference' on GPU ('pallas' runs on TPU, and on CPU "
                               "in the TPU interpret mode)")
-        fn = functools.partial(pallas_tpu_attention, interpret=backend != "tpu")
-        return AttentionBackend("pallas", fn, fn, False)  # the grid spans the table width
+        fn = WritesKV(functools.partial(pallas_tpu_attention, interpret=backend != "tpu"))
+        return AttentionBackend("pallas", fn, fn, True)
     if implementation == "cudnn":
         if backend != "gpu":
             raise ConfigError(f"attention implementation 'cudnn' needs a GPU (backend is {backend!r})")

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from jaxpd.engine.attention import WritesKV
 from jaxpd.engine.sampling import SamplingArrays, sample
 from jaxpd.kv.allocator import NULL_BLOCK
 from jaxpd.kv.pool import KVPages, LayerPages
@@ -42,6 +43,11 @@ def _hidden_and_pages(params, kv: KVPages, tokens, positions, page_table, *, con
 
     def attend(layer, q, k, v, new_kv):
         layer_pages = kv[layer]
+        if isinstance(attention, WritesKV):  # one kernel writes the new K/V and attends
+            out, k_pages, v_pages = attention(q, k, v, layer_pages.k, layer_pages.v, page_table,
+                                              positions, kv_lens,
+                                              sliding_window=config.sliding_window, mesh=mesh)
+            return out, new_kv + (LayerPages(k_pages, v_pages),)
         k_new = k.reshape(batch * t, *k.shape[2:]).swapaxes(0, 1)  # [kv_heads, b*t, hd]
         v_new = v.reshape(batch * t, *v.shape[2:]).swapaxes(0, 1)
         k_pages = layer_pages.k.at[:, pages, slots].set(k_new.astype(layer_pages.k.dtype))
