@@ -32,6 +32,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="tensor-parallel degree: shard the model over the first N devices (default 1)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (default: the checkpoint's; float32 on CPU)")
+    p.add_argument("--compile-cache", metavar="DIR|off",
+                   help="JAX's persistent compilation cache (default: $JAXPD_CACHE_DIR, else "
+                        "~/.cache/jaxpd/xla); 'off' compiles afresh every run")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,7 +165,10 @@ def _load_engine(cfg):
 
 
 def cmd_generate(args) -> int:
+    from jaxpd import compile_cache
     from jaxpd.batch import run_batch
+
+    compile_cache.enable(args.compile_cache)
 
     if (args.input is None) != (args.output is None):
         raise JaxpdError("--input and --output go together (batch mode)")

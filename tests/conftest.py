@@ -6,6 +6,8 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Hermetic: no persistent compilation cache in ~/.cache (tests/test_compile_cache.py sets its own).
+os.environ["JAXPD_CACHE_DIR"] = "off"
 
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402

@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from jaxpd.config import DeploymentConfig, MeshSection
@@ -109,7 +111,10 @@ async def _serve_worker(role: str, replica: int, deployment: DeploymentConfig, w
         scheduler = PrefillScheduler(engine.prefill, record_digests=digests)
     else:
         scheduler = DecodeScheduler(engine, wire, record_digests=digests)
+    started = time.perf_counter()
     await loop.run_in_executor(None, _warm_up, role, scheduler)
+    log.info("%s-%d: first prefill and decode shapes compiled in %.1f s (compilation cache: %s)",
+             role, replica, time.perf_counter() - started, os.environ.get("JAXPD_CACHE_DIR", "off"))
     thread = EngineThread(f"engine-{role}-{replica}", scheduler.has_work, scheduler.step,
                           scheduler.fail_all, loop)
 

@@ -51,12 +51,19 @@ def add_parser(subparsers) -> None:
                    help="router only: the prefill workers (default: prefill.host and prefill.port)")
     p.add_argument("--decode-addresses", type=_address_list, metavar="A,B",
                    help="router only: the decode (or colocated) workers (default: from the config)")
+    p.add_argument("--compile-cache", metavar="DIR|off",
+                   help="JAX's persistent compilation cache for every process (default: "
+                        "$JAXPD_CACHE_DIR, else ~/.cache/jaxpd/xla): a restart skips compiling")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="echo every process's log lines, prefixed with its name")
 
 
 def run(args) -> int:
+    from jaxpd import compile_cache
+
     deployment = load_config(args.config)
+    if args.compile_cache is not None:  # the roles read it from the environment
+        os.environ[compile_cache.ENV] = args.compile_cache
     if args.role is None:
         return launch(deployment, args.config, verbose=args.verbose)
     from jaxpd.serving.devices import router_env, visible_devices_env
@@ -67,6 +74,7 @@ def run(args) -> int:
     else:
         group, _ = worker_group(deployment, args.role)
         os.environ.update(visible_devices_env(group.replica_devices(args.replica), os.environ))
+    compile_cache.enable()
     run_role(args.role, deployment, args.config, replica=args.replica,
              prefill_addresses=args.prefill_addresses, decode_addresses=args.decode_addresses)
     return 0
