@@ -99,9 +99,12 @@ class AllocatorMachine(RuleBasedStateMachine):
         _, blocks = self.seqs.pop(sid)
         self.alloc.free(blocks)
         extra = [b for b in blocks if self.alloc.ref_count(b) == 0]
-        if extra:
+        if extra:  # a block nobody references any more cannot be freed again
             with pytest.raises(AllocatorError):
                 self.alloc.free(extra[:1])
+        else:  # every block is still shared with a live sequence: its count says so
+            live = {b for _, bs in self.seqs.values() for b in bs}
+            assert blocks and all(b in live and self.alloc.ref_count(b) > 0 for b in blocks)
 
     @invariant()
     def refcounts_match_live_sequences(self):
