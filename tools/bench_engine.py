@@ -44,6 +44,10 @@ def main(argv=None) -> int:
     ap.add_argument("--device-key", metavar="KEY",
                     help="catalog key of this device (configs/hardware/KEY.yaml), recorded so "
                          "`jaxpd place` calibrates that device from this profile")
+    ap.add_argument("--breakdown", type=int, default=0, metavar="STEPS",
+                    help="also run the engine itself (scheduler, runner, sampling) for this many "
+                         "decode steps per (batch, context) and split each step into host "
+                         "preparation, dispatch and device + fetch time")
     args = ap.parse_args(argv)
 
     from jaxpd import hardware
@@ -118,6 +122,14 @@ def main(argv=None) -> int:
                          "mbu": round((weight_bytes + kv_bytes) / t / peaks.bandwidth, 4) if peaks else None})
             print(json.dumps(rows[-2]), json.dumps(rows[-1]), file=sys.stderr)
 
+    breakdown = []
+    if args.breakdown:
+        for context in args.context:
+            for batch in args.batch:
+                breakdown.append(_engine_breakdown(cfg, params, args, batch, context, peaks,
+                                                   weight_bytes, layout))
+                print(json.dumps(breakdown[-1]), file=sys.stderr)
+
     meta = {"device_key": args.device_key, "date": datetime.date.today().isoformat(),
             "command": "python tools/bench_engine.py " + " ".join(sys.argv[1:] if argv is None
                                                                    else argv),
@@ -125,8 +137,56 @@ def main(argv=None) -> int:
     print(json.dumps({**meta, "preset": args.preset, "dtype": cfg.dtype, "params": cfg.num_params(),
                       "device": device.device_kind, "platform": device.platform, "tp": args.tp,
                       "attention": name, "peak_flops": peaks.flops if peaks else None,
-                      "peak_bandwidth": peaks.bandwidth if peaks else None, "rows": rows}))
+                      "peak_bandwidth": peaks.bandwidth if peaks else None, "rows": rows,
+                      **({"engine_breakdown": breakdown} if breakdown else {})}))
     return 0
+
+
+def _engine_breakdown(cfg, params, args, batch: int, context: int, peaks, weight_bytes: int,
+                      layout) -> dict:
+    """Where an engine decode step's time goes: `batch` requests of `context` prompt tokens
+    decoding `args.breakdown` tokens each through the real engine (the shape compiled first)."""
+    import numpy as np
+
+    from jaxpd.config import parse_config
+    from jaxpd.engine.builder import build_engine
+    from jaxpd.engine.request import Request
+    from jaxpd.engine.sampling import SamplingParams
+
+    steps = args.breakdown
+    pages = batch * -(-(context + steps + 1) // args.page_size) + 8
+    deployment = parse_config({"prefill": {"devices": list(range(args.tp)), "tp": args.tp},
+                               "kv": {"page_size": args.page_size, "num_pages": pages},
+                               "attention": args.attention,
+                               "scheduler": {"max_decode_batch": batch, "prefix_caching": False,
+                                             "max_prefill_tokens": max(2048, context)}},
+                              "bench_engine --breakdown")
+    engine = build_engine(cfg, params, deployment)
+    rng = np.random.default_rng(0)
+
+    def requests(tag):
+        return [Request(f"{tag}{i}", tuple(int(t) for t in rng.integers(2, cfg.vocab_size, context)),
+                        SamplingParams(max_tokens=steps, ignore_eos=True)) for i in range(batch)]
+
+    engine.run_to_completion(requests("warm"))  # compiles every shape the measured run uses
+    runner = engine.decode.runner
+    runner.decode_breakdown.update(steps=0, host_s=0.0, dispatch_s=0.0, device_s=0.0)
+    start = time.perf_counter()
+    engine.run_to_completion(requests("run"))
+    wall = time.perf_counter() - start
+    b = runner.decode_breakdown
+    n = max(b["steps"], 1)
+    step = (b["host_s"] + b["dispatch_s"] + b["device_s"]) / n
+    kv_bytes = batch * (context + steps / 2) * cfg.kv_bytes_per_token() * layout.head_repeat
+    return {"batch": batch, "context": context, "decode_steps": b["steps"], "wall_s": round(wall, 3),
+            "step_ms": round(step * 1e3, 3),
+            "host_ms": round(b["host_s"] / n * 1e3, 3), "dispatch_ms": round(b["dispatch_s"] / n * 1e3, 3),
+            "device_and_fetch_ms": round(b["device_s"] / n * 1e3, 3),
+            "host_share": round(b["host_s"] / n / step, 3) if step else None,
+            "bytes_per_step": int(weight_bytes + kv_bytes),
+            "gb_per_s": round((weight_bytes + kv_bytes) / step / 1e9, 3) if step else None,
+            "bandwidth_roof_share": round((weight_bytes + kv_bytes) / step / peaks.bandwidth, 3)
+            if peaks and step else None}
 
 
 if __name__ == "__main__":

@@ -45,9 +45,13 @@ class ModelRunner:
         self.shapes_seen: set[tuple[int, int, int]] = set()  # (batch, chunk, pages) compiled
         self.tokens_computed = 0
         self.seconds = {"prefill": 0.0, "decode": 0.0, "first_calls": 0.0}  # wall time in steps
+        # where a decode step's time goes (steps whose shape was already compiled): building
+        # the host arrays, the jitted call returning (dispatch), waiting for and fetching results
+        self.decode_breakdown = {"steps": 0, "host_s": 0.0, "dispatch_s": 0.0, "device_s": 0.0}
 
     def run(self, slices: list[Slice], *, batch_bucket_max: int | None = None):
         """(next tokens, logprobs) as host arrays, one per slice (sampled at each slice's end)."""
+        entered = time.perf_counter()
         batch = pow2_bucket(len(slices), 1, batch_bucket_max)
         decode = all(s.length == 1 for s in slices)
         chunk = 1 if decode else pow2_bucket(max(s.length for s in slices), self.min_chunk)
@@ -76,7 +80,15 @@ class ModelRunner:
             self.params, self.manager.kv, jnp.asarray(tokens), jnp.asarray(positions),
             jnp.asarray(table), sampling, config=self.config, mesh=self.mesh,
             attention=self.backend.decode if decode else self.backend.prefill)
+        dispatched = time.perf_counter()
         next_tokens, logprobs = jax.device_get((next_tokens, logprobs))
-        elapsed = time.perf_counter() - start
+        end = time.perf_counter()
+        elapsed = end - start
         self.seconds["first_calls" if first_call else ("decode" if decode else "prefill")] += elapsed
+        if decode and not first_call:
+            b = self.decode_breakdown
+            b["steps"] += 1
+            b["host_s"] += start - entered
+            b["dispatch_s"] += dispatched - start
+            b["device_s"] += end - dispatched
         return next_tokens[:len(slices)], logprobs[:len(slices)]
