@@ -5,7 +5,6 @@ the workload's seeds, rates, burstiness and trace files."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 
 import numpy as np

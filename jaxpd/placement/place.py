@@ -19,7 +19,8 @@ from jaxpd.model.config import ModelConfig
 from jaxpd.placement.cost_model import PhaseModel
 from jaxpd.placement.placer import (Demand, Objective, Option, Plan, PoolSpec, fits,
                                     incompatible_pairs,
-                                    kv_link, kv_seconds, max_rate, options, ranked, solve)
+                                    kv_link, kv_seconds, max_rate, options, ranked, solve,
+                                    tp_degrees)
 from jaxpd.placement.simulator import SimDeployment, goodput, simulate
 from jaxpd.placement.workload import SimRequest, generate, load_trace
 
@@ -282,9 +283,7 @@ def unreachable(model: ModelConfig, pools: Sequence[PoolSpec], opts: Sequence[Op
     prefill_at = step_at = ""
     context = int(demand.isl_mean + demand.osl_mean)
     for pool in pools:
-        for tp in (1, 2, 4, 8):
-            if tp > min(pool.max_tp, pool.count) or model.num_heads % tp:
-                continue
+        for tp in tp_degrees(model, pool):
             m = PhaseModel(model, pool.roof, tp, pool.efficiency)
             if not m.fits(context):
                 continue
@@ -310,8 +309,8 @@ def unreachable(model: ModelConfig, pools: Sequence[PoolSpec], opts: Sequence[Op
         return (f"{worst[0]}_{p}={worst[2]:g}s is out of reach at {demand.rate:g} req/s: the best "
                 f"plan the inventory allows ({c.plan.describe()}) reaches {worst[1]:.3g}s in "
                 f"simulation ({c.attainment:.0%} of requests meet both SLOs)")
-    if budget is not None and solve(opts, pools, demand.rate, incompatible=bad) is not None:
-        cheapest = solve(opts, pools, demand.rate, incompatible=bad)
+    cheapest = solve(opts, pools, demand.rate, incompatible=bad) if budget is not None else None
+    if cheapest is not None:
         return (f"budget ${budget:g}/hour is out of reach: the cheapest plan meeting the SLOs at "
                 f"{demand.rate:g} req/s costs ${cheapest.cost_per_hour:.2f}/hour")
     most = max_rate(opts, pools, bad)

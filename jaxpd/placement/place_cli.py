@@ -127,11 +127,9 @@ def _model(args):
 def _workload(args):
     from jaxpd.placement.place import Workload
 
-    if args.workload in WORKLOADS:
-        if args.isl or args.osl:
-            return Workload(args.workload, isl=args.isl, osl=args.osl)
-        return Workload(args.workload)
-    if args.workload == "fixed" or (args.isl and args.osl and args.workload == "chatbot"):
+    if args.workload in WORKLOADS:  # --isl/--osl fix either length of the distribution
+        return Workload(args.workload, isl=args.isl, osl=args.osl)
+    if args.workload == "fixed":
         if not (args.isl and args.osl):
             raise UsageError("--workload fixed needs both --isl and --osl")
         return Workload("fixed", isl=args.isl, osl=args.osl)

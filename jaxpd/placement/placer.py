@@ -103,7 +103,8 @@ class Plan:
         return " + ".join(f"{o.role} {n} x {o.pool} TP{o.tp}" for o, n in self.choices)
 
 
-def _tp_degrees(model: ModelConfig, pool: PoolSpec) -> list[int]:
+def tp_degrees(model: ModelConfig, pool: PoolSpec) -> list[int]:
+    """TP degrees one replica may use on `pool`: within a node and dividing the heads."""
     return [tp for tp in TP_DEGREES if tp <= min(pool.max_tp, pool.count)
             and model.num_heads % tp == 0]
 
@@ -142,7 +143,7 @@ def options(model: ModelConfig, pools: Sequence[PoolSpec], demand: Demand, *,
     """Every feasible (role, pool, TP) option with its per-replica capacity."""
     out: list[Option] = []
     for pool in pools:
-        for tp in _tp_degrees(model, pool):
+        for tp in tp_degrees(model, pool):
             m = PhaseModel(model, pool.roof, tp, pool.efficiency)
             if not m.fits(int(demand.isl_p90 + demand.osl_mean)):
                 continue

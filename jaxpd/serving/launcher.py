@@ -44,7 +44,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Callable, Iterable, Iterator, Mapping, TextIO
+from typing import Iterable, Iterator, Mapping, TextIO
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -277,8 +277,9 @@ class Launcher:
                 f"could not start {spec.describe()}: {spec.argv[0]!r} is not an executable"))
         try:
             proc = subprocess.Popen(  # no preexec_fn: see jaxpd/serving/deathsig.py
-                deathsig.wrap(list(spec.argv)), env=dict(spec.env), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT, close_fds=True, start_new_session=False)
+                deathsig.wrap(list(spec.argv)), env=dict(spec.env), stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, close_fds=True,
+                start_new_session=False)
         except (OSError, subprocess.SubprocessError) as e:
             raise self._stopped(LaunchError(f"could not start {spec.describe()}: {e}")) from None
         child = _Child(spec, proc, collections.deque(maxlen=self.log_lines))
