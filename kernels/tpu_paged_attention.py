@@ -25,8 +25,9 @@ when p <= q, p < kv_len and, with a window w, p > q - w), optional logit soft-ca
 page slots first, in the same call (one small DMA per token and KV head, into the pool aliased
 in and out), so the engine skips its separate scatter pass over the pool.
 
-Not yet: `pages_per_block` measured per TPU generation (v5e/v5p/v6e) and batched write DMAs
-for long prefill chunks: no TPU was available, so `BlockSizes.for_device` returns one default.
+Not yet: `pages_per_block` measured per TPU generation (`BlockSizes.for_device` derives it from
+each generation's HBM bandwidth) and batched write DMAs for long prefill chunks: no TPU was
+available.
 
 `paged_attention_reference` beside it is the pure-jnp oracle (gather every page, one masked
 softmax); tests run the kernel in the TPU interpret mode on CPU against it.
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +46,12 @@ from jax.experimental.pallas import tpu as pltpu
 
 __all__ = ["BlockSizes", "paged_attention", "paged_attention_write_kv",
            "paged_attention_reference", "interpret_params"]
+
+
+# HBM bandwidth (bytes/s) per TPU generation, by a substring of `device.device_kind`
+_HBM_BYTES_PER_S = {"v5 lite": 819e9, "v5e": 819e9, "v5p": 2765e9, "v6": 1640e9, "v4": 1228e9}
+_STEP_SECONDS = 0.5e-6  # about what one pipeline step costs beyond its DMAs: hide it
+_MAX_PAGES_PER_BLOCK = 32  # past the row's end a block re-reads its last page: cap the waste
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,9 +63,17 @@ class BlockSizes:
     pages_per_block: int = 8
 
     @classmethod
-    def for_device(cls, device_kind: str) -> BlockSizes:
-        """Per-generation defaults (v5e, v5p, v6e); the fallback until they are measured."""
-        return cls()
+    def for_device(cls, device_kind: str, *, page_bytes: int) -> BlockSizes:
+        """Per-generation default: enough pages that one round's K+V DMAs take longer than a
+        pipeline step's fixed cost at that generation's HBM bandwidth (v5e < v6e < v5p), as a
+        power of two up to a cap. Derived, not yet measured on a TPU; 8 on anything unknown.
+        `page_bytes` is one page of K (or V) for one KV head."""
+        kind = device_kind.lower()
+        bandwidth = next((bw for name, bw in _HBM_BYTES_PER_S.items() if name in kind), None)
+        if bandwidth is None:
+            return cls()
+        pages = bandwidth * _STEP_SECONDS / (2 * page_bytes)
+        return cls(min(_MAX_PAGES_PER_BLOCK, max(4, 1 << max(0, math.ceil(math.log2(pages))))))
 
 
 def interpret_params(detect_races: bool = False) -> pltpu.InterpretParams:

@@ -222,15 +222,41 @@ def test_pallas_attention_gives_the_reference_tokens(llama):
     assert engine.prefill.manager.all_free and engine.decode.manager.all_free
 
 
-def test_pallas_has_no_gpu_kernels_yet(llama, monkeypatch):
+def test_backend_choice_per_platform(monkeypatch):
     from jaxpd.engine import attention
 
     monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")
-    with pytest.raises(ConfigError, match="'pallas' has no GPU kernels yet"):
-        attention.resolve("pallas", head_dim=64, dtype="bfloat16")
+    assert attention.resolve("pallas", head_dim=128, dtype="bfloat16").prefill is \
+        attention.pallas_gpu_attention
+    with pytest.raises(ConfigError, match="needs bfloat16 or float16 and head_dim 64 or 128"):
+        attention.resolve("pallas", head_dim=128, dtype="float32")
     assert attention.resolve("auto", head_dim=64, dtype="bfloat16").name == "cudnn"
     monkeypatch.setattr(attention.jax, "default_backend", lambda: "tpu")
     assert attention.resolve("auto", head_dim=64, dtype="bfloat16").name == "pallas"
+
+
+def test_gpu_pallas_wiring_gives_the_reference_tokens(llama, monkeypatch):
+    """The GPU backend's engine path (per-TP-shard call, the model step's own KV scatter,
+    page size 8 so one step spans 8 pages) with the kernel's CPU emulation standing in for the
+    Mosaic GPU call, which needs a GPU: the same greedy tokens, disaggregated TP 4 -> 2."""
+    from jaxpd.engine import attention
+    from jaxpd.kernels import gpu_paged_attention as gpu
+
+    monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(gpu, "supported", lambda dtype, head_dim: True)
+    monkeypatch.setattr(gpu, "paged_attention", gpu.paged_attention_tiled)
+    base = prompts(1, seed=12)[0]
+    ps = [base + (7, 8, 9), base + (11,), prompts(1, seed=13)[0][:3] or (5,)]
+    engine = build_engine(llama.config, llama.params,
+                          deployment(page_size=8, num_pages=48, chunk_size=16,
+                                     max_prefill_tokens=32, **DISAGG, attention="pallas"))
+    assert engine.decode.runner.backend.decode is attention.pallas_gpu_attention
+    final = engine.run_to_completion([Request(f"p{i}", p, SamplingParams(max_tokens=4,
+                                                                         ignore_eos=True))
+                                      for i, p in enumerate(ps)])
+    for i, p in enumerate(ps):
+        assert list(final[f"p{i}"].token_ids) == naive_greedy(llama, p, 4), f"request p{i}"
+    assert engine.prefill.manager.all_free and engine.decode.manager.all_free
 
 
 @pytest.mark.parametrize("attention, layout", [("reference", {}), ("pallas", DISAGG)],

@@ -13,35 +13,7 @@ from jaxpd.engine.attention import reference_attention
 from jaxpd.kernels.tpu_paged_attention import (BlockSizes, interpret_params, paged_attention,
                                                paged_attention_reference,
                                                paged_attention_write_kv)
-
-PAGE = 16
-
-
-def _batch(rng, *, kv_heads, group, dim, dtype, rows, pages_per_seq=6, shared=False):
-    """A mixed batch. `rows` lists (kv_len, new tokens): new == 1 is a decode token, new > 1 a
-    prefill chunk after a cached prefix (kv_len - new tokens), new == 0 a padding row. Pages
-    come from a random permutation of the pool (page 0, the null page, never used); with
-    `shared`, rows 0 and 1 share their first page (a prefix-cache hit)."""
-    num_pages = len(rows) * pages_per_seq + 2
-    heads = kv_heads * group
-    q_len = max(max(new for _, new in rows), 1)
-    pool = rng.permutation(np.arange(1, num_pages))
-    table = np.zeros((len(rows), pages_per_seq), np.int32)
-    positions = np.full((len(rows), q_len), -1, np.int32)
-    lens = np.zeros(len(rows), np.int32)
-    for i, (kv_len, new) in enumerate(rows):
-        used = -(-kv_len // PAGE)
-        table[i, :used] = pool[i * pages_per_seq:i * pages_per_seq + used]
-        if new:
-            positions[i, :new] = np.arange(kv_len - new, kv_len)
-            lens[i] = kv_len
-    if shared:
-        table[1, 0] = table[0, 0]
-    k = rng.standard_normal((kv_heads, num_pages, PAGE, dim)).astype(np.float32)
-    v = rng.standard_normal((kv_heads, num_pages, PAGE, dim)).astype(np.float32)
-    q = rng.standard_normal((len(rows), q_len, heads, dim)).astype(np.float32)
-    cast = lambda x: jnp.asarray(x, dtype)  # noqa: E731
-    return cast(q), cast(k), cast(v), jnp.asarray(table), jnp.asarray(positions), jnp.asarray(lens)
+from kernel_cases import PAGE, paged_batch
 
 
 def _check(args, *, window=None, soft_cap=None, tol=1e-5, pages_per_block=4):
@@ -71,22 +43,22 @@ MIXED = [(33, 1), (47, 9), (1, 1), (0, 0), (16, 1), (64, 16)]
     (1, 64, jnp.float32, 1), (4, 128, jnp.float32, 4), (8, 64, jnp.bfloat16, 4),
     (4, 128, jnp.bfloat16, 8),  # 8 > the table's 6 columns: clamped to one block per row
 ])
-def test_kernel_matches_reference_on_a_mixed_batch(group, dim, dtype, pages_per_block):
+def test_kernel_matches_reference_on_a_mixedpaged_batch(group, dim, dtype, pages_per_block):
     rng = np.random.default_rng(group * 1000 + dim)
-    args = _batch(rng, kv_heads=2, group=group, dim=dim, dtype=dtype, rows=MIXED)
+    args = paged_batch(rng, kv_heads=2, group=group, dim=dim, dtype=dtype, rows=MIXED)
     _check(args, tol=1e-5 if dtype == jnp.float32 else 2e-2, pages_per_block=pages_per_block)
 
 
 def test_shared_prefix_page_and_lengths_off_the_page_grid():
     rng = np.random.default_rng(7)
-    args = _batch(rng, kv_heads=1, group=4, dim=64, dtype=jnp.float32,
+    args = paged_batch(rng, kv_heads=1, group=4, dim=64, dtype=jnp.float32,
                   rows=[(21, 5), (19, 1), (95, 1)], shared=True)
     _check(args)
 
 
 def test_sliding_window_and_soft_cap():
     rng = np.random.default_rng(11)
-    args = _batch(rng, kv_heads=2, group=2, dim=64, dtype=jnp.float32,
+    args = paged_batch(rng, kv_heads=2, group=2, dim=64, dtype=jnp.float32,
                   rows=[(90, 1), (70, 12), (5, 5)])
     _check(args, window=20, pages_per_block=1)  # pages wholly before the window: never read
     _check(args, window=20, pages_per_block=2)
@@ -98,7 +70,7 @@ def test_no_races_in_the_double_buffered_dmas():
     from jax._src.pallas.mosaic.interpret import interpret_pallas_call as interpreter
 
     rng = np.random.default_rng(3)
-    q, k, v, table, positions, lens = _batch(rng, kv_heads=2, group=2, dim=64,
+    q, k, v, table, positions, lens = paged_batch(rng, kv_heads=2, group=2, dim=64,
                                              dtype=jnp.float32, rows=[(90, 4), (9, 1)])
     out = paged_attention(q, k, v, table, positions, lens, block_sizes=BlockSizes(2),
                           interpret=interpret_params(detect_races=True))
@@ -111,7 +83,7 @@ def test_no_races_in_the_double_buffered_dmas():
 def test_the_hlo_interpreter_agrees():
     """The engine on CPU runs the kernel with `interpret=True` (compiled to XLA loops)."""
     rng = np.random.default_rng(5)
-    q, k, v, table, positions, lens = _batch(rng, kv_heads=2, group=4, dim=64,
+    q, k, v, table, positions, lens = paged_batch(rng, kv_heads=2, group=4, dim=64,
                                              dtype=jnp.float32, rows=MIXED)
     fast = paged_attention(q, k, v, table, positions, lens, interpret=True)
     checked = paged_attention(q, k, v, table, positions, lens, interpret=interpret_params())
@@ -145,7 +117,7 @@ def test_fused_kv_write_equals_scatter_then_attention(dtype, pages_per_block):
     from jax._src.pallas.mosaic.interpret import interpret_pallas_call as interpreter
 
     rng = np.random.default_rng(21)
-    q, k, v, table, positions, lens = _batch(rng, kv_heads=2, group=2, dim=64, dtype=dtype,
+    q, k, v, table, positions, lens = paged_batch(rng, kv_heads=2, group=2, dim=64, dtype=dtype,
                                              rows=[(21, 5), (19, 1), (0, 0), (40, 3)],
                                              shared=True)
     kv_heads, new_shape = k.shape[0], (*positions.shape, k.shape[0], k.shape[-1])
@@ -166,3 +138,13 @@ def test_fused_kv_write_equals_scatter_then_attention(dtype, pages_per_block):
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
     np.testing.assert_allclose(np.asarray(out, np.float32)[valid],
                                np.asarray(want, np.float32)[valid], rtol=tol, atol=tol)
+
+
+def test_block_sizes_per_generation():
+    """Faster HBM -> more pages per DMA round; unknown devices get the fallback."""
+    page = 16 * 128 * 2  # page 16, head dim 128, bf16
+    v5e, v6e, v5p = (BlockSizes.for_device(kind, page_bytes=page).pages_per_block
+                     for kind in ("TPU v5 lite", "TPU v6e", "TPU v5p"))
+    assert 4 <= v5e <= v6e <= v5p <= 32
+    assert BlockSizes.for_device("TPU v5 lite", page_bytes=page // 8).pages_per_block >= v5e
+    assert BlockSizes.for_device("cpu", page_bytes=page) == BlockSizes()

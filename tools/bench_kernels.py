@@ -7,13 +7,16 @@ Two phases, each a table of (implementation, shape) -> time, throughput, max |di
 float32 reference of the same inputs:
 - prefill: causal self-attention over S tokens (32 query heads, 8 KV heads, head dim 128,
   bf16 by default), TFLOP/s counting the causal half (2 * 2 * S^2 / 2 * heads * dim).
-  GPU: `jax.nn.dot_product_attention` (cudnn, xla), JAX's bundled Mosaic GPU flash attention
-  (`ops/gpu/attention_mgpu`), tokamax when installed. TPU and CPU: ours (the paged kernel with
-  the prompt as one chunk over its pages) and xla.
+  Ours is the paged kernel with the prompt as one chunk over its pages: on GPU the Mosaic GPU
+  kernel beside `jax.nn.dot_product_attention` (cudnn, xla), JAX's bundled Mosaic GPU flash
+  attention (`ops/gpu/attention_mgpu`, contiguous KV) and tokamax when installed; on TPU the
+  TPU kernel beside xla. On CPU the TPU kernel runs interpreted and the GPU kernel's tiling
+  runs as its jnp emulation (correctness of the tool, not speed).
 - decode: one query token per sequence over a paged cache (page 16), effective GB/s =
-  K and V bytes of the contexts / time. Ours (TPU kernel; interpreted on CPU), JAX's bundled
-  paged attention (TPU kernel, same page layout), dense attention on contiguous KV (cudnn on
-  GPU, xla elsewhere).
+  K and V bytes of the contexts / time. Ours (GPU kernel with split-K on GPU; TPU kernel on
+  TPU; both on CPU as above), JAX's bundled paged attention on the same page layout (the
+  Pallas Triton kernel on GPU, deprecated but the anchor the targets were set against; the TPU
+  kernel on TPU), dense attention on contiguous KV (cudnn on GPU, xla elsewhere).
 A candidate that cannot run here (no such backend, an import that fails) is listed with the
 reason instead of a time. Nothing is asserted: compare the rows (issue 9's targets are in
 docs/benchmarks.md).
@@ -80,9 +83,17 @@ def _reference(q, k, v, causal: bool) -> np.ndarray:
     return np.asarray(out, np.float32)
 
 
-def _ours(interpret):
+def _ours(backend: str, interpret) -> dict[str, Callable]:
+    """Our kernels that apply here, by row name."""
+    from jaxpd.kernels import gpu_paged_attention as gpu
     from jaxpd.kernels.tpu_paged_attention import paged_attention
-    return lambda *a, **kw: paged_attention(*a, interpret=interpret, **kw)
+
+    tpu = lambda *a, **kw: paged_attention(*a, interpret=interpret, **kw)  # noqa: E731
+    if backend == "gpu":
+        return {"jaxpd_pallas_gpu": gpu.paged_attention}
+    if backend == "tpu":
+        return {"jaxpd_pallas_tpu": tpu}
+    return {"jaxpd_pallas_tpu": tpu, "jaxpd_gpu_tiling_emulation": gpu.paged_attention_tiled}
 
 
 def bench_prefill(args, backend: str, interpret) -> list[dict]:
@@ -104,14 +115,13 @@ def bench_prefill(args, backend: str, interpret) -> list[dict]:
                 q, k, v, is_causal=True, implementation="cudnn"))
             cands["jax_mosaic_gpu_flash"] = _bundled_mgpu_flash
             cands["tokamax"] = _tokamax_flash
-        if backend in ("tpu", "cpu"):
-            kp, table = _pages_for(k, args.page, rng)
-            vp = _same_layout(v, kp, table, args.page)
-            ours = _ours(interpret)
-            pos = jnp.arange(s, dtype=jnp.int32)[None]
-            lens = jnp.asarray([s], jnp.int32)
+        kp, table = _pages_for(k, args.page, rng)
+        vp = _same_layout(v, kp, table, args.page)
+        pos = jnp.arange(s, dtype=jnp.int32)[None]
+        lens = jnp.asarray([s], jnp.int32)
+        for name, ours in _ours(backend, interpret).items():
             rows.append({"phase": "prefill", "seq": s, **_run(
-                "jaxpd_pallas_tpu", lambda: ours(q, kp, vp, table, pos, lens), ref,
+                name, lambda ours=ours: ours(q, kp, vp, table, pos, lens), ref,
                 args.repeats, flops / 1e12, "tflops")})
         for name, fn in cands.items():
             rows.append({"phase": "prefill", "seq": s, **_run(
@@ -156,10 +166,13 @@ def bench_decode(args, backend: str, interpret) -> list[dict]:
             rows.append({**shape, **_run(f"dense_{dense}_contiguous", jax.jit(
                 lambda q=q, k=k, v=v: jax.nn.dot_product_attention(q, k, v, implementation=dense)),
                 ref, args.repeats, gb, "gb_per_s")})
-            if backend in ("tpu", "cpu"):
-                ours = _ours(interpret)
-                rows.append({**shape, **_run("jaxpd_pallas_tpu", lambda: ours(
+            for name, ours in _ours(backend, interpret).items():
+                rows.append({**shape, **_run(name, lambda ours=ours: ours(
                     q, kp, vp, table, pos, lens), ref, args.repeats, gb, "gb_per_s")})
+            if backend == "gpu":
+                rows.append({**shape, **_run("jax_bundled_gpu_paged_triton", lambda: _bundled_gpu_paged(
+                    q, kp, vp, lens, table), ref, args.repeats, gb, "gb_per_s")})
+            else:
                 rows.append({**shape, **_run("jax_bundled_tpu_paged", lambda: _bundled_tpu_paged(
                     q, kp, vp, lens, table, interpret), ref, args.repeats, gb, "gb_per_s")})
     return rows
@@ -183,6 +196,14 @@ def _bundled_tpu_paged(q, kp, vp, lens, table, interpret):
         out = paged_attention(scaled, kp, vp, lens, table,
                               pages_per_compute_block=min(8, table.shape[1]))
     return out[:, None]
+
+
+def _bundled_gpu_paged(q, kp, vp, lens, table):
+    from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
+
+    scaled = q[:, 0] * q.shape[-1] ** -0.5  # the bundled kernel leaves the scale to its caller
+    return paged_attention(scaled, kp, vp, table, lens,
+                           pages_per_compute_block=min(8, table.shape[1]))[:, None]
 
 
 def _force_tpu_interpret():

@@ -6,9 +6,12 @@
              masked softmax) is the obviously-correct oracle it is tested against
   cudnn      `jax.nn.dot_product_attention(implementation="cudnn")` on the gathered pages (GPU)
   pallas     our Pallas kernels (`jaxpd.kernels`): on TPU the paged attention kernel compiled
-             by Mosaic; on CPU the same TPU kernel through Pallas's interpreter (for
-             correctness, not speed); GPU kernels are not written yet
-  auto       Pallas on TPU; cudnn on GPU when it fits; else reference
+             by Mosaic TPU (KV write fused); on GPU the Mosaic GPU kernel (bf16/f16, head dim
+             64 or 128); on CPU the TPU kernel through Pallas's interpreter (for correctness,
+             not speed)
+  auto       Pallas on TPU; cudnn on GPU when it fits (the GPU Pallas kernel becomes the GPU
+             default once it has been measured on a device; see docs/benchmarks.md); else
+             reference
 
 Every entry point takes `(q, k_pages, v_pages, page_table, q_positions, kv_lens, *,
 sliding_window, mesh)`; `mesh` lets a kernel that XLA cannot partition (a Pallas call) run
@@ -143,27 +146,50 @@ class WritesKV:
         return self.fn(*args, **kwargs)
 
 
+def _per_tp_shard(run, mesh, args, *, writes_kv: bool):
+    """Run a Pallas call (which XLA cannot partition) once per TP shard: query heads, new K/V
+    heads and stored KV heads split together over `tp` (kv/layout.py keeps every rank's query
+    heads beside their KV head)."""
+    if mesh is None or mesh.shape.get("tp", 1) == 1:
+        return run(*args)
+    from jax.sharding import PartitionSpec as P
+
+    heads, pages = P(None, None, "tp", None), P("tp", None, None, None)
+    if writes_kv:
+        in_specs = (heads, heads, heads, pages, pages, P(), P(), P())
+        out_specs = (heads, pages, pages)
+    else:
+        in_specs, out_specs = (heads, pages, pages, P(), P(), P()), heads
+    return jax.shard_map(run, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                         check_vma=False)(*args)
+
+
 def pallas_tpu_attention(q, k_new, v_new, k_pages, v_pages, page_table, q_positions, kv_lens, *,
                          sliding_window: int | None = None, mesh=None,
                          interpret: bool = False):
-    """The TPU Pallas kernel (KV write fused), per TP shard: query heads, new K/V heads and
-    stored KV heads split together over `tp` (kv/layout.py keeps every rank's query heads
-    beside their KV head)."""
-    from jax.sharding import PartitionSpec as P
-
+    """The TPU Pallas kernel, KV write fused, per TP shard."""
     from jaxpd.kernels import tpu_paged_attention as kernel
 
     # On CPU: Pallas's HLO interpreter, which compiles the kernel's grid into XLA loops (fast
     # enough to serve); the kernel tests use the TPU interpret mode, which also checks bounds,
     # uninitialised reads and races, but is too slow to run an engine on.
+    kv_heads, _, page_size, head_dim = k_pages.shape
+    sizes = kernel.BlockSizes.for_device(
+        jax.devices()[0].device_kind, page_bytes=page_size * head_dim * k_pages.dtype.itemsize)
     run = functools.partial(kernel.paged_attention_write_kv, sliding_window=sliding_window,
-                            interpret=interpret)
-    args = (q, k_new, v_new, k_pages, v_pages, page_table, q_positions, kv_lens)
-    if mesh is None or mesh.shape.get("tp", 1) == 1:
-        return run(*args)
-    heads, pages = P(None, None, "tp", None), P("tp", None, None, None)
-    return jax.shard_map(run, mesh=mesh, in_specs=(heads, heads, heads, pages, pages, P(), P(), P()),
-                         out_specs=(heads, pages, pages), check_vma=False)(*args)
+                            block_sizes=sizes, interpret=interpret)
+    return _per_tp_shard(run, mesh, (q, k_new, v_new, k_pages, v_pages, page_table,
+                                     q_positions, kv_lens), writes_kv=True)
+
+
+def pallas_gpu_attention(q, k_pages, v_pages, page_table, q_positions, kv_lens, *,
+                         sliding_window: int | None = None, mesh=None):
+    """The Mosaic GPU Pallas kernel (decode with split-K, prefill chunks), per TP shard."""
+    from jaxpd.kernels import gpu_paged_attention as kernel
+
+    run = functools.partial(kernel.paged_attention, sliding_window=sliding_window)
+    return _per_tp_shard(run, mesh, (q, k_pages, v_pages, page_table, q_positions, kv_lens),
+                         writes_kv=False)
 
 
 AttentionFn = Callable[..., jax.Array]
@@ -189,9 +215,13 @@ def resolve(implementation: str, *, head_dim: int, dtype: str) -> AttentionBacke
         implementation = "pallas" if backend == "tpu" else "cudnn" if fits else "reference"
     if implementation == "pallas":
         if backend == "gpu":
-            raise ConfigError("attention implementation 'pallas' has no GPU kernels yet; use "
-                              "'cudnn' or 'reference' on GPU ('pallas' runs on TPU, and on CPU "
-                              "in the TPU interpret mode)")
+            from jaxpd.kernels.gpu_paged_attention import supported
+
+            if not supported(dtype, head_dim):
+                raise ConfigError(f"attention implementation 'pallas' on GPU needs bfloat16 or "
+                                  f"float16 and head_dim 64 or 128 (the model has {dtype}, "
+                                  f"head_dim {head_dim}); use 'cudnn' or 'reference'")
+            return AttentionBackend("pallas", pallas_gpu_attention, pallas_gpu_attention, True)
         fn = WritesKV(functools.partial(pallas_tpu_attention, interpret=backend != "tpu"))
         return AttentionBackend("pallas", fn, fn, True)
     if implementation == "cudnn":
