@@ -43,3 +43,29 @@ def test_fixtures_cover_what_they_claim():
     assert qwen.qkv_bias and qwen.tie_word_embeddings
     mistral = load_model(HF_FIXTURES / "mistral").config
     assert mistral.head_dim * mistral.num_heads != mistral.hidden_size
+
+
+@pytest.mark.parametrize("name, layout", [("llama", "disaggregated"), ("qwen2", "colocated"),
+                                          ("mistral", "disaggregated")])
+def test_paged_engine_with_pallas_matches_transformers(name, layout):
+    """The serving engine with `attention: pallas` (the TPU kernel, interpreted on CPU) gives
+    transformers' greedy tokens for all prompts batched: colocated TP 2, and disaggregated TP
+    4 -> 2 (each layout on a fixture of its own, to keep the suite short; the window fixture
+    has its own test in test_engine.py)."""
+    from conftest import deployment
+    from jaxpd.engine.builder import build_engine
+    from jaxpd.engine.request import Request
+    from jaxpd.engine.sampling import SamplingParams as EngineSampling
+
+    exp = expected(name)
+    model = load_model(HF_FIXTURES / name)
+    mesh = (dict(devices=(0, 1), tp=2) if layout == "colocated" else
+            dict(devices=(0, 1, 2, 3), tp=4, decode_devices=(4, 5), decode_tp=2))
+    engine = build_engine(model.config, model.params,
+                          deployment(page_size=4, num_pages=96, chunk_size=16,
+                                     max_prefill_tokens=32, attention="pallas", **mesh))
+    n = exp["max_new_tokens"]
+    final = engine.run_to_completion([Request(f"r{i}", tuple(p), EngineSampling(
+        max_tokens=n, ignore_eos=True)) for i, p in enumerate(exp["prompts"])])
+    assert [list(final[f"r{i}"].token_ids) for i in range(len(exp["prompts"]))] == exp["greedy"]
+    assert engine.prefill.manager.all_free and engine.decode.manager.all_free
