@@ -8,6 +8,9 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Hermetic: no persistent compilation cache in ~/.cache (tests/test_compile_cache.py sets its own).
 os.environ["JAXPD_CACHE_DIR"] = "off"
+# Fast worker starts: `jaxpd serve` workers compile only their first shapes, not every bucket
+# (tests/test_engine.py checks precompilation itself).
+os.environ["JAXPD_PRECOMPILE"] = "off"
 
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402

@@ -287,3 +287,23 @@ def test_sliding_window_matches_transformers_and_frees_pages(attention, layout):
         max_tokens=n, ignore_eos=True)) for i, p in enumerate(exp["prompts"])])
     assert [list(final[f"w{i}"].token_ids) for i in range(len(exp["prompts"]))] == exp["greedy"]
     assert engine.prefill.manager.all_free and engine.decode.manager.all_free
+
+
+def test_precompile_covers_every_shape_requests_use(llama):
+    """After `Engine.precompile`, a mixed workload (long and short prompts, shared prefixes,
+    decode batches of every size up to the cap) compiles nothing more."""
+    engine = build_engine(llama.config, llama.params,
+                          deployment(page_size=4, num_pages=128, chunk_size=32,
+                                     max_prefill_tokens=64, max_decode_batch=4, **DISAGG))
+    engine.prefill.max_seqs = 2  # fewer buckets: a shorter test
+    compiled = engine.precompile()
+    seen = set(engine.prefill.runner.shapes_seen) | set(engine.decode.runner.shapes_seen)
+    assert compiled == len(engine.prefill.runner.shapes_seen) + len(engine.decode.runner.shapes_seen)
+    assert {(b, 1) for b in (1, 2, 4)} <= {s[:2] for s in engine.decode.runner.shapes_seen}
+    assert engine.precompile() == 0  # idempotent
+    ps = prompts(6, seed=21) + [prompts(1, seed=22)[0] * 5]
+    final = engine.run_to_completion([Request(f"q{i}", p, SamplingParams(
+        max_tokens=3 + i, ignore_eos=True)) for i, p in enumerate(ps)])
+    assert len(final) == len(ps)
+    assert set(engine.prefill.runner.shapes_seen) | set(engine.decode.runner.shapes_seen) == seen
+    assert engine.prefill.manager.all_free and engine.decode.manager.all_free

@@ -8,6 +8,7 @@ window, pages that have left every future query's window are freed first.
 
 from __future__ import annotations
 
+from jaxpd.engine.buckets import pow2_bucket
 from jaxpd.engine.request import Sequence
 from jaxpd.engine.runner import ModelRunner, Slice
 from jaxpd.kv.manager import KVCacheManager
@@ -20,6 +21,10 @@ class DecodeEngine:
         self.max_batch = max_batch
         self.eos_ids = tuple(runner.config.eos_token_ids)
         self.window = runner.config.sliding_window
+
+    def bucket_shapes(self) -> list[tuple[int, int]]:
+        """Every (batch, chunk) bucket a decode step can use: batches up to `max_batch`."""
+        return sorted({(pow2_bucket(n), 1) for n in range(1, self.max_batch + 1)})
 
     def reserve(self, running: list[Sequence]) -> tuple[list[Sequence], list[Sequence]]:
         """(this step's batch, preempted): the oldest sequences, each with room for its next

@@ -146,6 +146,14 @@ class Engine:
                     self._finish(seq, self.decode.manager)
         return [_output(s) for s in changed]
 
+    def precompile(self) -> int:
+        """Compile every step shape either engine can use, so no request pays a compilation
+        (with the persistent compilation cache, a restart loads them instead). Returns how many
+        shapes were compiled."""
+        count = sum(self.prefill.runner.precompile(b, c) for b, c in self.prefill.bucket_shapes())
+        return count + sum(self.decode.runner.precompile(b, c)
+                           for b, c in self.decode.bucket_shapes())
+
     def run_to_completion(self, requests: list[Request]) -> dict[str, RequestOutput]:
         for r in requests:
             self.add_request(r)

@@ -7,6 +7,7 @@ Blocks already in the prefix cache are skipped; full blocks are entered into it 
 
 from __future__ import annotations
 
+from jaxpd.engine.buckets import pow2_bucket
 from jaxpd.engine.request import Sequence
 from jaxpd.engine.runner import ModelRunner, Slice
 from jaxpd.kv.manager import KVCacheManager
@@ -32,6 +33,15 @@ class PrefillEngine:
         seq.num_computed = pages.num_cached
         seq.prompt_tokens_cached = max(seq.prompt_tokens_cached, pages.num_cached)
         return True
+
+    def bucket_shapes(self) -> list[tuple[int, int]]:
+        """Every (batch, chunk) bucket a step can use: batches up to `max_seqs`, chunks from the
+        runner's minimum to `chunk_size`, and chunk 1 (a batch whose chunks are all one token
+        runs as a decode-shaped step)."""
+        batches = sorted({pow2_bucket(n) for n in range(1, self.max_seqs + 1)})
+        longest = min(self.chunk_size, self.max_batch_tokens)
+        chunks = sorted({1} | {pow2_bucket(n, self.runner.min_chunk) for n in range(2, longest + 1)})
+        return [(b, c) for b in batches for c in chunks]
 
     def step(self, seqs: list[Sequence]) -> list[Sequence]:
         """Run one chunk batch over admitted sequences; return those whose prefill completed."""

@@ -49,6 +49,35 @@ class ModelRunner:
         # the host arrays, the jitted call returning (dispatch), waiting for and fetching results
         self.decode_breakdown = {"steps": 0, "host_s": 0.0, "dispatch_s": 0.0, "device_s": 0.0}
 
+    def table_widths(self) -> list[int]:
+        """Page-table widths a step can have: one when the backend's cost follows the pages used,
+        else every power of two up to the widest."""
+        if self.backend.fixed_table_width:
+            return [self.max_pages_per_seq]
+        return [1 << i for i in range(self.max_pages_per_seq.bit_length())]
+
+    def precompile(self, batch: int, chunk: int) -> int:
+        """Compile (by running) every step shape with this batch and chunk bucket: all rows are
+        padding, so only the null page is written. Returns how many shapes were new."""
+        new = 0
+        for pps in self.table_widths():
+            shape = (batch, chunk, pps)
+            if shape in self.shapes_seen:
+                continue
+            start = time.perf_counter()
+            sampling = sampling_arrays([], [], [], batch)
+            attention = self.backend.decode if chunk == 1 else self.backend.prefill
+            out = model_step.step(
+                self.params, self.manager.kv, jnp.zeros((batch, chunk), jnp.int32),
+                jnp.full((batch, chunk), -1, jnp.int32), jnp.zeros((batch, pps), jnp.int32),
+                sampling, config=self.config, mesh=self.mesh, attention=attention)
+            self.manager.kv = out[2]
+            jax.block_until_ready(out[0])
+            self.seconds["first_calls"] += time.perf_counter() - start
+            self.shapes_seen.add(shape)
+            new += 1
+        return new
+
     def run(self, slices: list[Slice], *, batch_bucket_max: int | None = None):
         """(next tokens, logprobs) as host arrays, one per slice (sampled at each slice's end)."""
         entered = time.perf_counter()

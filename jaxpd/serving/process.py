@@ -79,11 +79,20 @@ def _load_worker(deployment: DeploymentConfig, tp: int):
     return engine, config, wire
 
 
-def _warm_up(role: str, scheduler) -> None:
-    """Compile the first prefill and decode shapes before the port opens."""
+def _warm_up(role: str, scheduler) -> str:
+    """Before the port opens: compile every step shape this role runs (prefill buckets on a
+    prefill worker, decode buckets on a decode worker, both on a colocated one), or with JAXPD_PRECOMPILE=off only the
+    first prefill and decode shapes. Returns what was done, for the log."""
     from jaxpd.engine.request import Request
     from jaxpd.engine.sampling import SamplingParams
+    from jaxpd.serving.serve_cli import PRECOMPILE_ENV
 
+    if os.environ.get(PRECOMPILE_ENV, "").lower() not in ("off", "0", "false", "no"):
+        if role == "colocated":
+            return f"all {scheduler.engine.precompile()} step shapes compiled"
+        stage = scheduler.prefill if role == "prefill" else scheduler.engine.decode
+        n = sum(stage.runner.precompile(b, c) for b, c in stage.bucket_shapes())
+        return f"all {n} step shapes compiled"
     warm = Request("__warmup__", (1, 2, 3), SamplingParams(max_tokens=2, ignore_eos=True))
     if role == "prefill":
         scheduler.add(warm, 0, lambda ev: None)
@@ -92,6 +101,7 @@ def _warm_up(role: str, scheduler) -> None:
         scheduler.release(warm.id)
     else:
         scheduler.engine.run_to_completion([warm])
+    return "first prefill and decode shapes compiled"
 
 
 async def _serve_worker(role: str, replica: int, deployment: DeploymentConfig, where: str) -> None:
@@ -112,9 +122,9 @@ async def _serve_worker(role: str, replica: int, deployment: DeploymentConfig, w
     else:
         scheduler = DecodeScheduler(engine, wire, record_digests=digests)
     started = time.perf_counter()
-    await loop.run_in_executor(None, _warm_up, role, scheduler)
-    log.info("%s-%d: first prefill and decode shapes compiled in %.1f s (compilation cache: %s)",
-             role, replica, time.perf_counter() - started, os.environ.get("JAXPD_CACHE_DIR", "off"))
+    done = await loop.run_in_executor(None, _warm_up, role, scheduler)
+    log.info("%s-%d: %s in %.1f s (compilation cache: %s)", role, replica, done,
+             time.perf_counter() - started, os.environ.get("JAXPD_CACHE_DIR", "off"))
     thread = EngineThread(f"engine-{role}-{replica}", scheduler.has_work, scheduler.step,
                           scheduler.fail_all, loop)
 

@@ -54,8 +54,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("--compile-cache", metavar="DIR|off",
                    help="JAX's persistent compilation cache for every process (default: "
                         "$JAXPD_CACHE_DIR, else ~/.cache/jaxpd/xla): a restart skips compiling")
+    p.add_argument("--no-precompile", action="store_true",
+                   help="compile step shapes on first use instead of at start (a faster start, "
+                        "but the first requests of each shape pay the compilation; also "
+                        "JAXPD_PRECOMPILE=off)")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="echo every process's log lines, prefixed with its name")
+
+
+PRECOMPILE_ENV = "JAXPD_PRECOMPILE"  # "off": workers compile shapes on first use
 
 
 def run(args) -> int:
@@ -64,6 +71,8 @@ def run(args) -> int:
     deployment = load_config(args.config)
     if args.compile_cache is not None:  # the roles read it from the environment
         os.environ[compile_cache.ENV] = args.compile_cache
+    if args.no_precompile:
+        os.environ[PRECOMPILE_ENV] = "off"
     if args.role is None:
         return launch(deployment, args.config, verbose=args.verbose)
     from jaxpd.serving.devices import router_env, visible_devices_env
