@@ -161,3 +161,17 @@ def test_generate_decode_steps_flag(capsys, k):
                  "--temperature", "0", "--decode-steps", k, "--json",
                  "--prompt-ids", ",".join(map(str, exp["prompts"][0]))]) == 0
     assert json.loads(capsys.readouterr().out)["token_ids"] == exp["greedy"][0]
+
+
+def test_a_request_finishing_in_its_first_dispatch_is_reported_once(llama):
+    """Prefill and a whole decode block can land in one engine step: one output for it, or
+    drivers would write it (and push its text) twice."""
+    engine = make_engine(llama, 8)
+    p = prompts(1, seed=8)[0]
+    engine.add_request(Request("once", p, SamplingParams(max_tokens=5, ignore_eos=True)))
+    outputs = []
+    while engine.has_work():
+        step = engine.step()
+        assert len({o.id for o in step}) == len(step)
+        outputs += step
+    assert [list(o.token_ids) for o in outputs if o.finished] == [naive_greedy(llama, p, 5)]
