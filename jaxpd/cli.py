@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "flags given here override it")
     gen.add_argument("--attention", choices=["auto", "reference", "cudnn", "pallas"],
                      help="attention implementation (default: auto)")
+    gen.add_argument("--decode-steps", type=positive_int, metavar="N",
+                     help="decode steps per device call (scheduler.decode_steps_per_dispatch; "
+                          "default 8; 1 = one token per call)")
     src = gen.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", metavar="TEXT",
                      help="prompt text (repeat for a batch)")
@@ -131,6 +134,9 @@ def _deployment(args):
         update["prefill"] = MeshSection(devices=list(range(args.tp)), tp=args.tp)
     if args.attention:
         update["attention"] = args.attention
+    if args.decode_steps is not None:
+        update["scheduler"] = cfg.scheduler.model_copy(
+            update={"decode_steps_per_dispatch": args.decode_steps})
     return cfg.model_copy(update=update)
 
 

@@ -6,7 +6,8 @@
     decode:     {devices: [4, 5], tp: 2}        # disaggregated only
     kv:         {page_size: 16, num_pages: 2048}
     attention:  auto | reference | cudnn | pallas
-    scheduler:  {chunk_size: 256, max_prefill_tokens: 2048, max_decode_batch: 64, prefix_caching: true}
+    scheduler:  {chunk_size: 256, max_prefill_tokens: 2048, max_decode_batch: 64, prefix_caching: true,
+                 decode_steps_per_dispatch: 8}
     serving:    {router: {host: 127.0.0.1, port: 50051}, transport: grpc, ...}   # `jaxpd serve`
     seed: 0
 
@@ -93,6 +94,10 @@ class SchedulerSection(_Strict):
     max_prefill_tokens: int = Field(2048, ge=16, description="max tokens in one prefill step")
     max_decode_batch: int = Field(64, ge=1, description="max sequences per decode step")
     prefix_caching: bool = Field(True, description="reuse cached KV blocks of shared prompt prefixes")
+    decode_steps_per_dispatch: int = Field(
+        8, ge=1, description="decode steps run on device per call (stops are checked on device): "
+        "fewer host round trips per token; larger values make new requests and aborts wait "
+        "longer for the running call. 1 = one token per call")
 
     _pow2 = field_validator("chunk_size")(classmethod(lambda cls, v: _power_of_two(v)))
 

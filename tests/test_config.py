@@ -52,6 +52,8 @@ def test_defaults_are_colocated_on_one_device():
     ({"decode": {"devices": [1]}}, "'decode' is only used with mode: disaggregated"),
     ({"attention": "flash"}, "attention: Input should be 'auto', 'reference', 'cudnn' or 'pallas'"),
     ({"scheduler": {"max_decode_batch": 0}}, "scheduler.max_decode_batch: Input should be greater than or equal to 1"),
+    ({"scheduler": {"decode_steps_per_dispatch": 0}},
+     "scheduler.decode_steps_per_dispatch: Input should be greater than or equal to 1"),
 ])
 def test_errors_name_the_key(data, message):
     with pytest.raises(ConfigError) as e:

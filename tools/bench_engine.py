@@ -170,7 +170,7 @@ def _engine_breakdown(cfg, params, args, batch: int, context: int, peaks, weight
 
     engine.run_to_completion(requests("warm"))  # compiles every shape the measured run uses
     runner = engine.decode.runner
-    runner.decode_breakdown.update(steps=0, host_s=0.0, dispatch_s=0.0, device_s=0.0)
+    runner.decode_breakdown.update(dispatches=0, steps=0, host_s=0.0, dispatch_s=0.0, device_s=0.0)
     start = time.perf_counter()
     engine.run_to_completion(requests("run"))
     wall = time.perf_counter() - start
@@ -178,7 +178,8 @@ def _engine_breakdown(cfg, params, args, batch: int, context: int, peaks, weight
     n = max(b["steps"], 1)
     step = (b["host_s"] + b["dispatch_s"] + b["device_s"]) / n
     kv_bytes = batch * (context + steps / 2) * cfg.kv_bytes_per_token() * layout.head_repeat
-    return {"batch": batch, "context": context, "decode_steps": b["steps"], "wall_s": round(wall, 3),
+    return {"batch": batch, "context": context, "decode_steps": b["steps"],
+            "decode_dispatches": b["dispatches"], "wall_s": round(wall, 3),
             "step_ms": round(step * 1e3, 3),
             "host_ms": round(b["host_s"] / n * 1e3, 3), "dispatch_ms": round(b["dispatch_s"] / n * 1e3, 3),
             "device_and_fetch_ms": round(b["device_s"] / n * 1e3, 3),

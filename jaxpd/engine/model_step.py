@@ -33,8 +33,10 @@ def write_locations(positions: jax.Array,  # i32[batch, t]; -1 = padding
     return pages.reshape(-1), slots.reshape(-1)
 
 
-def _hidden_and_pages(params, kv: KVPages, tokens, positions, page_table, *, config, mesh,
-                      attention):
+def hidden_and_pages(params, kv: KVPages, tokens, positions, page_table, *, config, mesh,
+                     attention):
+    """(model, hidden state at each row's last real token, pages with the new K/V written):
+    the part of a step shared by `step`, `step_logits` and the multi-step decode loop."""
     model = LlamaModel(mesh=mesh, config=config)
     page_size = kv[0].k.shape[2]
     pages, slots = write_locations(positions, page_table, page_size)
@@ -71,8 +73,8 @@ def step(params, kv: KVPages,
          sampling: SamplingArrays,
          *, config: ModelConfig, mesh: Mesh | None, attention):
     """-> (next tokens i32[batch], their logprobs f32[batch], updated pages)."""
-    model, hidden, new_kv = _hidden_and_pages(params, kv, tokens, positions, page_table,
-                                              config=config, mesh=mesh, attention=attention)
+    model, hidden, new_kv = hidden_and_pages(params, kv, tokens, positions, page_table,
+                                             config=config, mesh=mesh, attention=attention)
     logits = model.apply({"params": params}, hidden, method=LlamaModel.logits)
     next_tokens, logprobs = sample(logits, sampling)
     return next_tokens, logprobs, new_kv
@@ -83,6 +85,6 @@ def step(params, kv: KVPages,
 def step_logits(params, kv: KVPages, tokens, positions, page_table, *, config: ModelConfig,
                 mesh: Mesh | None, attention):
     """Like `step` but returns f32[batch, vocab] logits (tests and scoring)."""
-    model, hidden, new_kv = _hidden_and_pages(params, kv, tokens, positions, page_table,
-                                              config=config, mesh=mesh, attention=attention)
+    model, hidden, new_kv = hidden_and_pages(params, kv, tokens, positions, page_table,
+                                             config=config, mesh=mesh, attention=attention)
     return model.apply({"params": params}, hidden, method=LlamaModel.logits), new_kv

@@ -120,13 +120,15 @@ class Engine:
 
     # -- one iteration -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Admit, prefill one chunk batch, hand off, decode one step; outputs of changed sequences."""
-        changed: list[Sequence] = []
+        """Admit, prefill one chunk batch, hand off, decode one dispatch (up to the decode
+        engine's `steps_per_dispatch` tokens each); one output per changed sequence (a
+        sequence can both finish its prefill and decode in one step)."""
+        changed: dict[str, Sequence] = {}
         self._admit()
         if self.prefilling:
             for seq in self.prefill.step(self.prefilling):
                 self.prefilling.remove(seq)
-                changed.append(seq)
+                changed[seq.id] = seq
                 if seq.finish_reason is None:
                     self.handoff.append(seq)
                 else:
@@ -140,11 +142,11 @@ class Engine:
                 self.num_preemptions += 1
             self.decode.step(batch)
             for seq in batch:
-                changed.append(seq)
+                changed[seq.id] = seq
                 if seq.finish_reason is not None:
                     self.running.remove(seq)
                     self._finish(seq, self.decode.manager)
-        return [_output(s) for s in changed]
+        return [_output(s) for s in changed.values()]
 
     def precompile(self) -> int:
         """Compile every step shape either engine can use, so no request pays a compilation

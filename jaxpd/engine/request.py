@@ -44,16 +44,24 @@ class Sequence:
     def prompt_len(self) -> int:
         return len(self.request.prompt_ids)
 
+    def stop_ids(self, eos_ids: tuple[int, ...]) -> tuple[int, ...]:
+        """The token ids that end this sequence (after being generated)."""
+        sp = self.request.sampling
+        return sp.stop_token_ids + (() if sp.ignore_eos else eos_ids)
+
+    @property
+    def remaining(self) -> int:
+        """Tokens it may still generate before max_tokens."""
+        return self.request.sampling.max_tokens - len(self.output_ids)
+
     def append(self, token: int, logprob: float, eos_ids: tuple[int, ...]) -> None:
         """Record a generated token and decide whether the sequence is done."""
-        sp = self.request.sampling
         self.output_ids.append(token)
         self.logprobs.append(logprob)
-        stops = sp.stop_token_ids + (() if sp.ignore_eos else eos_ids)
-        if token in stops:
+        if token in self.stop_ids(eos_ids):
             self.finish_reason = "stop"
             self.matched_token_id = token
-        elif len(self.output_ids) >= sp.max_tokens:
+        elif self.remaining <= 0:
             self.finish_reason = "length"
 
 

@@ -1,8 +1,9 @@
 """Runs the jitted paged step for a batch of sequence slices on one mesh.
 
 Turns Python-side sequences into padded device arrays (batch, chunk and page-table widths all
-bucketed), calls `model_step.step`, and hands back host tokens and logprobs. The page pool is
-threaded through (donated), so it stays on device and is updated in place.
+bucketed), calls `model_step.step` (or `multistep.decode_steps` for several decode steps in one
+call), and hands back host tokens and logprobs. The page pool is threaded through (donated), so
+it stays on device and is updated in place.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxpd.engine import attention as attention_lib
-from jaxpd.engine import model_step
+from jaxpd.engine import model_step, multistep
 from jaxpd.engine.buckets import pow2_bucket
 from jaxpd.engine.request import Sequence
 from jaxpd.engine.sampling import sampling_arrays
@@ -43,11 +44,15 @@ class ModelRunner:
         max_len = min(config.max_position_embeddings, capacity)
         self.max_pages_per_seq = pow2_bucket(manager.layout.pages_for(max_len))
         self.shapes_seen: set[tuple[int, int, int]] = set()  # (batch, chunk, pages) compiled
+        # (batch, steps, pages, stop ids) compiled for multi-step decode
+        self.multistep_shapes_seen: set[tuple[int, int, int, int]] = set()
         self.tokens_computed = 0
         self.seconds = {"prefill": 0.0, "decode": 0.0, "first_calls": 0.0}  # wall time in steps
-        # where a decode step's time goes (steps whose shape was already compiled): building
-        # the host arrays, the jitted call returning (dispatch), waiting for and fetching results
-        self.decode_breakdown = {"steps": 0, "host_s": 0.0, "dispatch_s": 0.0, "device_s": 0.0}
+        # where decode time goes (calls whose shape was already compiled): building the host
+        # arrays, the jitted call returning (dispatch), waiting for and fetching results; a
+        # multi-step call is one dispatch of several steps
+        self.decode_breakdown = {"dispatches": 0, "steps": 0, "host_s": 0.0, "dispatch_s": 0.0,
+                                 "device_s": 0.0}
 
     def table_widths(self) -> list[int]:
         """Page-table widths a step can have: one when the backend's cost follows the pages used,
@@ -84,23 +89,16 @@ class ModelRunner:
         batch = pow2_bucket(len(slices), 1, batch_bucket_max)
         decode = all(s.length == 1 for s in slices)
         chunk = 1 if decode else pow2_bucket(max(s.length for s in slices), self.min_chunk)
-        page_size = self.manager.page_size
-        widest = max(len(s.seq.pages.pages) for s in slices)
-        pps = self.max_pages_per_seq if self.backend.fixed_table_width else pow2_bucket(widest, 1)
         tokens = np.zeros((batch, chunk), np.int32)
         positions = np.full((batch, chunk), -1, np.int32)
-        table = np.zeros((batch, pps), np.int32)
         for i, s in enumerate(slices):
-            all_tokens = s.seq.tokens
-            tokens[i, :s.length] = all_tokens[s.start:s.start + s.length]
+            tokens[i, :s.length] = s.seq.tokens[s.start:s.start + s.length]
             positions[i, :s.length] = np.arange(s.start, s.start + s.length)
-            pages = s.seq.pages.pages
-            table[i, :len(pages)] = pages
-            assert len(pages) * page_size >= s.start + s.length, "pages not reserved"
+        table = self._page_table([(s.seq, s.start + s.length) for s in slices], batch)
         sampling = sampling_arrays([s.seq.request.sampling for s in slices],
                                    [s.seq.seed for s in slices],
                                    [len(s.seq.output_ids) for s in slices], batch)
-        shape = (batch, chunk, pps)
+        shape = (batch, chunk, table.shape[1])
         first_call = shape not in self.shapes_seen
         self.shapes_seen.add(shape)
         self.tokens_computed += sum(s.length for s in slices)
@@ -112,12 +110,70 @@ class ModelRunner:
         dispatched = time.perf_counter()
         next_tokens, logprobs = jax.device_get((next_tokens, logprobs))
         end = time.perf_counter()
-        elapsed = end - start
-        self.seconds["first_calls" if first_call else ("decode" if decode else "prefill")] += elapsed
-        if decode and not first_call:
+        kind = "first_calls" if first_call else ("decode" if decode else "prefill")
+        self._account(kind, (entered, start, dispatched, end), steps=1)
+        return next_tokens[:len(slices)], logprobs[:len(slices)]
+
+    def run_steps(self, seqs: list[Sequence], budgets: list[int], num_steps: int,
+                  eos_ids: tuple[int, ...]):
+        """Up to `num_steps` decode steps in one call: (tokens [n, num_steps], logprobs
+        [n, num_steps], valid counts [n]) as host arrays. Sequence i feeds its last token and
+        draws at most `budgets[i]` tokens (its pages must hold them), ending early after one of
+        its stop ids; its tokens are `tokens[i, :valid[i]]`."""
+        entered = time.perf_counter()
+        batch = pow2_bucket(len(seqs), 1)
+        stops = [seq.stop_ids(eos_ids) for seq in seqs]
+        tokens = np.zeros(batch, np.int32)
+        positions = np.zeros(batch, np.int32)
+        budget = np.zeros(batch, np.int32)
+        stop_ids = np.full((batch, pow2_bucket(max(map(len, stops)))), -1, np.int32)
+        for i, (seq, n) in enumerate(zip(seqs, budgets)):
+            tokens[i], positions[i], budget[i] = seq.tokens[seq.num_computed], seq.num_computed, n
+            stop_ids[i, :len(stops[i])] = stops[i]
+        table = self._page_table([(seq, seq.num_computed + n) for seq, n in zip(seqs, budgets)],
+                                 batch)
+        sampling = sampling_arrays([seq.request.sampling for seq in seqs], [seq.seed for seq in seqs],
+                                   [len(seq.output_ids) for seq in seqs], batch)
+        shape = (batch, num_steps, table.shape[1], stop_ids.shape[1])
+        first_call = shape not in self.multistep_shapes_seen
+        self.multistep_shapes_seen.add(shape)
+        start = time.perf_counter()
+        out_tokens, logprobs, valid, self.manager.kv = multistep.decode_steps(
+            self.params, self.manager.kv, jnp.asarray(tokens), jnp.asarray(positions),
+            jnp.asarray(table), sampling, jnp.asarray(budget), jnp.asarray(stop_ids),
+            config=self.config, mesh=self.mesh, attention=self.backend.decode,
+            num_steps=num_steps)
+        dispatched = time.perf_counter()
+        out_tokens, logprobs, valid = jax.device_get((out_tokens, logprobs, valid))
+        end = time.perf_counter()
+        n = len(seqs)
+        self.tokens_computed += int(valid[:n].sum())
+        self._account("first_calls" if first_call else "decode", (entered, start, dispatched, end),
+                      steps=int(valid.max()))
+        return out_tokens[:n], logprobs[:n], valid[:n]
+
+    def _page_table(self, needs: list[tuple[Sequence, int]], batch: int) -> np.ndarray:
+        """i32[batch, width] page table for (sequence, tokens its pages must hold) pairs; the
+        width is bucketed unless the backend's cost ignores it."""
+        widest = max(len(seq.pages.pages) for seq, _ in needs)
+        pps = self.max_pages_per_seq if self.backend.fixed_table_width else pow2_bucket(widest, 1)
+        table = np.zeros((batch, pps), np.int32)
+        for i, (seq, num_tokens) in enumerate(needs):
+            pages = seq.pages.pages
+            assert len(pages) * self.manager.page_size >= num_tokens, "pages not reserved"
+            table[i, :len(pages)] = pages
+        return table
+
+    def _account(self, kind: str, times: tuple[float, float, float, float], *, steps: int) -> None:
+        """Add a call's wall time to `seconds[kind]`; a compiled decode call's split (host,
+        dispatch, device + fetch) also goes to `decode_breakdown`, `steps` being the decode
+        steps it ran."""
+        entered, start, dispatched, end = times
+        self.seconds[kind] += end - start
+        if kind == "decode":
             b = self.decode_breakdown
-            b["steps"] += 1
+            b["dispatches"] += 1
+            b["steps"] += steps
             b["host_s"] += start - entered
             b["dispatch_s"] += dispatched - start
             b["device_s"] += end - dispatched
-        return next_tokens[:len(slices)], logprobs[:len(slices)]
