@@ -290,20 +290,28 @@ def test_sliding_window_matches_transformers_and_frees_pages(attention, layout):
 
 
 def test_precompile_covers_every_shape_requests_use(llama):
-    """After `Engine.precompile`, a mixed workload (long and short prompts, shared prefixes,
-    decode batches of every size up to the cap) compiles nothing more."""
+    """After `Engine.precompile`, a mixed workload (long and short prompts, decode batches of
+    every size up to the cap, multi-step calls of every bucket) compiles nothing more."""
     engine = build_engine(llama.config, llama.params,
-                          deployment(page_size=4, num_pages=128, chunk_size=32,
-                                     max_prefill_tokens=64, max_decode_batch=4, **DISAGG))
+                          deployment(devices=(0, 1), tp=2, page_size=4, num_pages=128,
+                                     chunk_size=32, max_prefill_tokens=64, max_decode_batch=2,
+                                     decode_steps_per_dispatch=4))
     engine.prefill.max_seqs = 2  # fewer buckets: a shorter test
     compiled = engine.precompile()
-    seen = set(engine.prefill.runner.shapes_seen) | set(engine.decode.runner.shapes_seen)
-    assert compiled == len(engine.prefill.runner.shapes_seen) + len(engine.decode.runner.shapes_seen)
-    assert {(b, 1) for b in (1, 2, 4)} <= {s[:2] for s in engine.decode.runner.shapes_seen}
+
+    def shapes():
+        p, d = engine.prefill.runner, engine.decode.runner
+        return p.shapes_seen | p.multistep_shapes_seen, d.shapes_seen | d.multistep_shapes_seen
+
+    seen = shapes()
+    assert compiled == len(seen[0])  # colocated: one runner
+    assert {(b, 1) for b in (1, 2)} <= {s[:2] for s in engine.decode.runner.shapes_seen}
+    assert {(b, k) for b in (1, 2) for k in (2, 4)} <= \
+        {s[:2] for s in engine.decode.runner.multistep_shapes_seen}
     assert engine.precompile() == 0  # idempotent
     ps = prompts(6, seed=21) + [prompts(1, seed=22)[0] * 5]
     final = engine.run_to_completion([Request(f"q{i}", p, SamplingParams(
         max_tokens=3 + i, ignore_eos=True)) for i, p in enumerate(ps)])
     assert len(final) == len(ps)
-    assert set(engine.prefill.runner.shapes_seen) | set(engine.decode.runner.shapes_seen) == seen
+    assert shapes() == seen
     assert engine.prefill.manager.all_free and engine.decode.manager.all_free

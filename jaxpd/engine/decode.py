@@ -32,9 +32,13 @@ class DecodeEngine:
         self.eos_ids = tuple(runner.config.eos_token_ids)
         self.window = runner.config.sliding_window
 
-    def bucket_shapes(self) -> list[tuple[int, int]]:
-        """Every (batch, chunk) bucket a decode step can use: batches up to `max_batch`."""
-        return sorted({(pow2_bucket(n), 1) for n in range(1, self.max_batch + 1)})
+    def precompile(self) -> int:
+        """Compile every decode program shape this engine can use: one step and each bucketed
+        number of steps, for every batch bucket up to `max_batch`. Returns how many were new."""
+        batches = sorted({pow2_bucket(n) for n in range(1, self.max_batch + 1)})
+        steps = sorted({pow2_bucket(n) for n in range(2, self.steps_per_dispatch + 1)})
+        return sum(self.runner.precompile(b, 1) for b in batches) + \
+            sum(self.runner.precompile_steps(b, k) for b in batches for k in steps)
 
     def reserve(self, running: list[Sequence]) -> tuple[list[Sequence], list[Sequence]]:
         """(this dispatch's batch, preempted): the oldest sequences, each with room for its next

@@ -149,12 +149,10 @@ class Engine:
         return [_output(s) for s in changed.values()]
 
     def precompile(self) -> int:
-        """Compile every step shape either engine can use, so no request pays a compilation
+        """Compile every program shape either engine can use, so no request pays a compilation
         (with the persistent compilation cache, a restart loads them instead). Returns how many
         shapes were compiled."""
-        count = sum(self.prefill.runner.precompile(b, c) for b, c in self.prefill.bucket_shapes())
-        return count + sum(self.decode.runner.precompile(b, c)
-                           for b, c in self.decode.bucket_shapes())
+        return self.prefill.precompile() + self.decode.precompile()
 
     def run_to_completion(self, requests: list[Request]) -> dict[str, RequestOutput]:
         for r in requests:

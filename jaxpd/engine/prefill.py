@@ -34,14 +34,14 @@ class PrefillEngine:
         seq.prompt_tokens_cached = max(seq.prompt_tokens_cached, pages.num_cached)
         return True
 
-    def bucket_shapes(self) -> list[tuple[int, int]]:
-        """Every (batch, chunk) bucket a step can use: batches up to `max_seqs`, chunks from the
-        runner's minimum to `chunk_size`, and chunk 1 (a batch whose chunks are all one token
-        runs as a decode-shaped step)."""
+    def precompile(self) -> int:
+        """Compile every (batch, chunk) bucket a step can use: batches up to `max_seqs`, chunks
+        from the runner's minimum to `chunk_size`, and chunk 1 (a batch whose chunks are all one
+        token runs as a decode-shaped step). Returns how many shapes were new."""
         batches = sorted({pow2_bucket(n) for n in range(1, self.max_seqs + 1)})
         longest = min(self.chunk_size, self.max_batch_tokens)
         chunks = sorted({1} | {pow2_bucket(n, self.runner.min_chunk) for n in range(2, longest + 1)})
-        return [(b, c) for b in batches for c in chunks]
+        return sum(self.runner.precompile(b, c) for b in batches for c in chunks)
 
     def step(self, seqs: list[Sequence]) -> list[Sequence]:
         """Run one chunk batch over admitted sequences; return those whose prefill completed."""

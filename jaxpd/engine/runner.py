@@ -24,6 +24,8 @@ from jaxpd.engine.sampling import sampling_arrays
 from jaxpd.kv.manager import KVCacheManager
 from jaxpd.model.config import ModelConfig
 
+STOP_ID_WIDTH = 8  # stop-id columns of a multi-step call (more only for requests with more)
+
 
 @dataclasses.dataclass(frozen=True)
 class Slice:
@@ -62,24 +64,46 @@ class ModelRunner:
         return [1 << i for i in range(self.max_pages_per_seq.bit_length())]
 
     def precompile(self, batch: int, chunk: int) -> int:
-        """Compile (by running) every step shape with this batch and chunk bucket: all rows are
-        padding, so only the null page is written. Returns how many shapes were new."""
+        """Compile (by running) every single-step shape with this batch and chunk bucket: all
+        rows are padding, so only the null page is written. Returns how many shapes were new."""
         new = 0
         for pps in self.table_widths():
             shape = (batch, chunk, pps)
             if shape in self.shapes_seen:
                 continue
             start = time.perf_counter()
-            sampling = sampling_arrays([], [], [], batch)
             attention = self.backend.decode if chunk == 1 else self.backend.prefill
             out = model_step.step(
                 self.params, self.manager.kv, jnp.zeros((batch, chunk), jnp.int32),
                 jnp.full((batch, chunk), -1, jnp.int32), jnp.zeros((batch, pps), jnp.int32),
-                sampling, config=self.config, mesh=self.mesh, attention=attention)
+                sampling_arrays([], [], [], batch), config=self.config, mesh=self.mesh,
+                attention=attention)
             self.manager.kv = out[2]
             jax.block_until_ready(out[0])
             self.seconds["first_calls"] += time.perf_counter() - start
             self.shapes_seen.add(shape)
+            new += 1
+        return new
+
+    def precompile_steps(self, batch: int, num_steps: int) -> int:
+        """`precompile` for the multi-step decode program (requests with up to STOP_ID_WIDTH
+        stop ids, EOS included); every row has budget 0, so the loop runs no step."""
+        new = 0
+        for pps in self.table_widths():
+            shape = (batch, num_steps, pps, STOP_ID_WIDTH)
+            if shape in self.multistep_shapes_seen:
+                continue
+            start = time.perf_counter()
+            zeros = jnp.zeros(batch, jnp.int32)
+            out = multistep.decode_steps(
+                self.params, self.manager.kv, zeros, zeros, jnp.zeros((batch, pps), jnp.int32),
+                sampling_arrays([], [], [], batch), zeros,
+                jnp.full((batch, STOP_ID_WIDTH), -1, jnp.int32), config=self.config,
+                mesh=self.mesh, attention=self.backend.decode, num_steps=num_steps)
+            self.manager.kv = out[3]
+            jax.block_until_ready(out[0])
+            self.seconds["first_calls"] += time.perf_counter() - start
+            self.multistep_shapes_seen.add(shape)
             new += 1
         return new
 
@@ -126,7 +150,7 @@ class ModelRunner:
         tokens = np.zeros(batch, np.int32)
         positions = np.zeros(batch, np.int32)
         budget = np.zeros(batch, np.int32)
-        stop_ids = np.full((batch, pow2_bucket(max(map(len, stops)))), -1, np.int32)
+        stop_ids = np.full((batch, pow2_bucket(max(map(len, stops)), STOP_ID_WIDTH)), -1, np.int32)
         for i, (seq, n) in enumerate(zip(seqs, budgets)):
             tokens[i], positions[i], budget[i] = seq.tokens[seq.num_computed], seq.num_computed, n
             stop_ids[i, :len(stops[i])] = stops[i]

@@ -91,8 +91,7 @@ def _warm_up(role: str, scheduler) -> str:
         if role == "colocated":
             return f"all {scheduler.engine.precompile()} step shapes compiled"
         stage = scheduler.prefill if role == "prefill" else scheduler.engine.decode
-        n = sum(stage.runner.precompile(b, c) for b, c in stage.bucket_shapes())
-        return f"all {n} step shapes compiled"
+        return f"all {stage.precompile()} step shapes compiled"
     warm = Request("__warmup__", (1, 2, 3), SamplingParams(max_tokens=2, ignore_eos=True))
     if role == "prefill":
         scheduler.add(warm, 0, lambda ev: None)
