@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--decode-steps", type=positive_int, metavar="N",
                      help="decode steps per device call (scheduler.decode_steps_per_dispatch; "
                           "default 8; 1 = one token per call)")
+    gen.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
+                     help="dispatch each decode call before the previous one's tokens are back "
+                          "(scheduler.overlap; default on)")
     src = gen.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", metavar="TEXT",
                      help="prompt text (repeat for a batch)")
@@ -134,9 +137,13 @@ def _deployment(args):
         update["prefill"] = MeshSection(devices=list(range(args.tp)), tp=args.tp)
     if args.attention:
         update["attention"] = args.attention
+    scheduler = {}
     if args.decode_steps is not None:
-        update["scheduler"] = cfg.scheduler.model_copy(
-            update={"decode_steps_per_dispatch": args.decode_steps})
+        scheduler["decode_steps_per_dispatch"] = args.decode_steps
+    if args.overlap is not None:
+        scheduler["overlap"] = args.overlap
+    if scheduler:
+        update["scheduler"] = cfg.scheduler.model_copy(update=scheduler)
     return cfg.model_copy(update=update)
 
 

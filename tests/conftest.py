@@ -36,7 +36,8 @@ def expected(name: str) -> dict:
 
 _KNOB_SECTIONS = {"page_size": "kv", "num_pages": "kv", "chunk_size": "scheduler",
                   "max_prefill_tokens": "scheduler", "max_decode_batch": "scheduler",
-                  "prefix_caching": "scheduler", "decode_steps_per_dispatch": "scheduler"}
+                  "prefix_caching": "scheduler", "decode_steps_per_dispatch": "scheduler",
+                  "overlap": "scheduler"}
 
 
 def deployment(*, devices=(0,), tp=1, decode_devices=None, decode_tp=1, **knobs):

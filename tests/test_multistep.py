@@ -38,12 +38,13 @@ def first_new(tokens, start):
     return next(i for i in range(start, len(tokens)) if tokens[i] not in tokens[:i])
 
 
-@pytest.mark.parametrize("mode, k", [("colocated", 1), ("colocated", 4), ("colocated", 8),
-                                     ("disaggregated", 8)])
-def test_greedy_tokens_match_the_reference_for_any_k(llama, mode, k):
-    """Staggered arrivals, max_tokens 5..10 (not multiples of k): the naive reference's tokens,
-    each request ending with "length", every page free."""
-    engine = make_engine(llama, k, **(DISAGG if mode == "disaggregated" else {}))
+@pytest.mark.parametrize("mode, k, overlap", [
+    ("colocated", 1, False), ("colocated", 1, True), ("colocated", 4, True),
+    ("colocated", 8, False), ("disaggregated", 8, True), ("disaggregated", 8, False)])
+def test_greedy_tokens_match_the_reference_for_any_k(llama, mode, k, overlap):
+    """Staggered arrivals, max_tokens 5..10 (not multiples of k), overlap on and off: the
+    naive reference's tokens, each request ending with "length", every page free."""
+    engine = make_engine(llama, k, overlap=overlap, **(DISAGG if mode == "disaggregated" else {}))
     ps = prompts(6)
     final = run_staggered(engine, [Request(f"r{i}", p, SamplingParams(max_tokens=5 + i, ignore_eos=True))
                                    for i, p in enumerate(ps)])
@@ -51,7 +52,7 @@ def test_greedy_tokens_match_the_reference_for_any_k(llama, mode, k):
         assert list(final[f"r{i}"].token_ids) == naive_greedy(llama, p, 5 + i), f"request r{i}"
         assert final[f"r{i}"].finish_reason == "length"
     assert all_free(engine)
-    assert bool(engine.decode.runner.multistep_shapes_seen) == (k > 1)
+    assert bool(engine.decode.runner.multistep_shapes_seen) == (k > 1 or overlap)
 
 
 def test_seeded_sampling_draws_the_same_tokens_for_any_k(llama):
@@ -90,9 +91,12 @@ def test_stop_ids_and_eos_end_a_block_at_the_matching_token(llama):
     assert all_free(engine)
 
 
-def test_abort_between_dispatches_frees_every_page(llama):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_abort_between_dispatches_frees_every_page(llama, overlap):
+    """Without overlap the abort lands between calls; with it, while a call that still
+    writes the aborted request's pages is in flight (its tokens are dropped)."""
     p, q = prompts(2, seed=7)
-    engine = make_engine(llama, 8)
+    engine = make_engine(llama, 8, overlap=overlap)
     engine.add_request(Request("a", p, SamplingParams(max_tokens=40, ignore_eos=True)))
     engine.add_request(Request("b", q, SamplingParams(max_tokens=12, ignore_eos=True)))
     latest = {}
@@ -100,11 +104,15 @@ def test_abort_between_dispatches_frees_every_page(llama):
     def step():
         latest.update((o.id, o) for o in engine.step())
 
-    while "a" not in latest:  # the first token from prefill, then one dispatch, in one step
+    while "a" not in latest:  # the first token from prefill (and without overlap, one call)
         step()
-    assert len(latest["a"].token_ids) == 9  # 1 + k
+    if overlap:
+        step()  # a call for a and b is dispatched and stays in flight
+        assert engine.decode.pending and len(latest["a"].token_ids) == 1
+    n = len(latest["a"].token_ids)
+    assert n == (1 if overlap else 9)  # 1 + k without overlap
     aborted = engine.abort("a")
-    assert aborted.finish_reason == "abort" and list(aborted.token_ids) == naive_greedy(llama, p, 9)
+    assert aborted.finish_reason == "abort" and list(aborted.token_ids) == naive_greedy(llama, p, n)
     while engine.has_work():
         step()
     assert list(latest["b"].token_ids) == naive_greedy(llama, q, 12)

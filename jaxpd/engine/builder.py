@@ -62,12 +62,14 @@ def build_engine(config: ModelConfig, params,
                             max_batch_tokens=sched.max_prefill_tokens)
     if deployment.mode == "colocated":
         decode = DecodeEngine(prefill_runner, max_batch=sched.max_decode_batch,
-                              steps_per_dispatch=sched.decode_steps_per_dispatch)
+                              steps_per_dispatch=sched.decode_steps_per_dispatch,
+                              overlap=sched.overlap)
         return Engine(prefill, decode, seed=deployment.seed)
     if deployment.mode != "disaggregated":
         raise ConfigError(f"mode {deployment.mode!r} is not 'colocated' or 'disaggregated'")
     decode_group = _decode_group(deployment)
     decode_runner = _runner(config, params, decode_group, "decode", deployment)
     decode = DecodeEngine(decode_runner, max_batch=sched.max_decode_batch,
-                          steps_per_dispatch=sched.decode_steps_per_dispatch)
+                          steps_per_dispatch=sched.decode_steps_per_dispatch,
+                          overlap=sched.overlap)
     return Engine(prefill, decode, DeviceTransport(), seed=deployment.seed)

@@ -11,20 +11,41 @@ allow (never preempting for them), and stops on device at its stop ids, its max_
 end of its pages. k is bucketed to powers of two, so compilations stay bounded. Pages reserved
 past where a sequence stopped stay with it for its next dispatch, or go back with the rest of
 its pages when it finishes, is aborted or preempted.
+
+With `overlap`, a call is dispatched before the previous call's tokens reach the host (the
+overlap schedulers of vLLM v1 and SGLang): the host prepares call N+1 while the device runs
+call N. Call N+1 starts each sequence where it will be once call N is collected (a call that
+does not end a sequence runs its whole budget, so that position is known), takes its input
+token from call N's results on device, and draws nothing for a sequence call N ended on a stop
+id. Stop checks on the host (stop strings, aborts) run one call behind; the extra call's tokens
+for a sequence that ended are dropped, and its pages were already given back (the device runs
+calls in order, so a page's next owner writes it only after). Preempting needs every call
+collected first, so `reserve` raises `CollectFirst` when it would preempt with calls pending.
 """
 
 from __future__ import annotations
 
+import collections
+
 from jaxpd.engine.buckets import pow2_bucket
 from jaxpd.engine.request import Sequence
-from jaxpd.engine.runner import ModelRunner, Slice
+from jaxpd.engine.runner import LaunchedSteps, ModelRunner, Slice
 from jaxpd.kv.manager import KVCacheManager
 
 
+class CollectFirst(Exception):
+    """`reserve` would preempt a sequence while decode calls are in flight: collect them (the
+    sequence's pages must not be reused with its tokens still coming), then reserve again."""
+
+
 class DecodeEngine:
-    def __init__(self, runner: ModelRunner, *, max_batch: int = 64, steps_per_dispatch: int = 8):
+    def __init__(self, runner: ModelRunner, *, max_batch: int = 64, steps_per_dispatch: int = 8,
+                 overlap: bool = False):
         if steps_per_dispatch < 1:
             raise ValueError(f"{steps_per_dispatch=} must be >= 1")
+        self.overlap = overlap
+        self.pending: collections.deque[LaunchedSteps] = collections.deque()
+        self._stepped: list[Sequence] = []  # updated by a single-step call, for `collect`
         self.runner = runner
         self.manager: KVCacheManager = runner.manager
         self.max_batch = max_batch
@@ -36,7 +57,8 @@ class DecodeEngine:
         """Compile every decode program shape this engine can use: one step and each bucketed
         number of steps, for every batch bucket up to `max_batch`. Returns how many were new."""
         batches = sorted({pow2_bucket(n) for n in range(1, self.max_batch + 1)})
-        steps = sorted({pow2_bucket(n) for n in range(2, self.steps_per_dispatch + 1)})
+        first = 1 if self.overlap else 2  # without overlap one step runs the single-step program
+        steps = sorted({pow2_bucket(n) for n in range(first, self.steps_per_dispatch + 1)})
         return sum(self.runner.precompile(b, 1) for b in batches) + \
             sum(self.runner.precompile_steps(b, k) for b in batches for k in steps)
 
@@ -52,10 +74,12 @@ class DecodeEngine:
                 self.manager.drop_outside_window(seq.pages, seq.num_computed, self.window)
         while i < len(order) and len(ready) < self.max_batch:
             seq = order[i]
-            if self.manager.ensure_capacity(seq.pages, seq.num_computed + 1):
+            if self.manager.ensure_capacity(seq.pages, seq.expected_computed + 1):
                 ready.append(seq)
                 i += 1
                 continue
+            if self.pending:
+                raise CollectFirst()
             victim = order.pop()  # the newest; may be `seq` itself, never one already ready
             self.manager.release(victim.pages)
             victim.pages, victim.num_computed = None, 0
@@ -67,38 +91,77 @@ class DecodeEngine:
     def _look_ahead(self, seq: Sequence) -> None:
         """Grow `seq`'s pages towards the tokens one dispatch may draw, as far as free pages
         go: the next token's page is already there, so this never preempts anyone."""
-        want = seq.num_computed + min(self.steps_per_dispatch, seq.remaining)
+        at = seq.expected_computed
+        want = at + min(self.steps_per_dispatch, seq.remaining - seq.in_flight)
         fits = (len(seq.pages.pages) + self.manager.allocator.num_free) * self.manager.page_size
-        self.manager.ensure_capacity(seq.pages, min(want, fits))
+        self.manager.ensure_capacity(seq.pages, max(at + 1, min(want, fits)))
 
     def _budget(self, seq: Sequence) -> int:
-        """Tokens `seq` may draw this dispatch: up to k, its max_tokens and its pages."""
-        room = len(seq.pages.pages) * self.manager.page_size - seq.num_computed
-        return min(self.steps_per_dispatch, seq.remaining, room)
+        """Tokens `seq` may draw this dispatch: up to k, its max_tokens and its pages (0 when
+        the calls in flight use up its max_tokens)."""
+        at = seq.expected_computed
+        room = len(seq.pages.pages) * self.manager.page_size - at
+        return max(0, min(self.steps_per_dispatch, seq.remaining - seq.in_flight, room))
 
     def step(self, batch: list[Sequence]) -> None:
         """Generate up to `steps_per_dispatch` tokens for each sequence of `batch` (from
-        `reserve`), one dispatch; a sequence that finishes has `finish_reason` set."""
+        `reserve`), one dispatch, and collect it; a sequence that finishes has
+        `finish_reason` set."""
+        self.dispatch(batch)
+        self.collect(keep=0)
+
+    def dispatch(self, batch: list[Sequence]) -> None:
+        """Start one decode call for `batch` (from `reserve`); without `overlap`, or with one
+        step and nothing in flight, it runs the single-step program and is collected at once."""
         if not batch:
             return
         if len(batch) > self.max_batch:
             raise ValueError(f"{len(batch)} sequences exceed max_batch={self.max_batch}")
         budgets = [self._budget(seq) for seq in batch]
-        num_steps = pow2_bucket(max(budgets), 1, self.steps_per_dispatch)
-        if num_steps == 1:
+        num_steps = pow2_bucket(max(max(budgets), 1), 1, self.steps_per_dispatch)
+        if num_steps == 1 and not self.overlap:
             self._step_once(batch)
             return
-        tokens, logprobs, valid = self.runner.run_steps(batch, budgets, num_steps, self.eos_ids)
-        for seq, toks, lps, n in zip(batch, tokens, logprobs, valid):
-            for tok, lp in zip(toks[:n], lps[:n]):
-                assert seq.finish_reason is None, f"{seq.id}: tokens drawn after it finished"
-                seq.num_computed += 1
-                seq.append(int(tok), float(lp), self.eos_ids)
+        previous = self.pending[-1] if self.pending else None
+        launched = self.runner.launch_steps(batch, budgets, num_steps, self.eos_ids, previous)
+        for seq, n in zip(batch, budgets):
+            seq.in_flight += n
+        self.pending.append(launched)
+
+    def collect(self, keep: int = 0) -> list[Sequence]:
+        """Fetch calls in flight, oldest first, until `keep` remain, and give their tokens to
+        their sequences (not to those that ended meanwhile). Returns the sequences that got
+        tokens, in order."""
+        updated: dict[int, Sequence] = {id(seq): seq for seq in self._stepped}
+        self._stepped = []
+        while len(self.pending) > keep:
+            launched = self.pending.popleft()
+            tokens, logprobs, valid = self.runner.collect_steps(launched)
+            for seq, budget, toks, lps, n in zip(launched.seqs, launched.budgets, tokens,
+                                                   logprobs, valid):
+                seq.in_flight -= budget
+                if seq.finish_reason is not None or seq.pages is None:
+                    continue  # ended (stop string, abort) while this call ran
+                for tok, lp in zip(toks[:n], lps[:n]):
+                    seq.num_computed += 1
+                    seq.append(int(tok), float(lp), self.eos_ids)
+                    if seq.finish_reason is not None:
+                        break
+                updated[id(seq)] = seq
+        return list(updated.values())
+
+    def discard_pending(self) -> None:
+        """Drop calls in flight whose sequences have all ended (nothing waits for them)."""
+        for launched in self.pending:
+            for seq, budget in zip(launched.seqs, launched.budgets):
+                seq.in_flight -= budget
+        self.pending.clear()
 
     def _step_once(self, batch: list[Sequence]) -> None:
-        """One token per sequence through the single-step program."""
+        """One token per sequence through the single-step program, collected at once."""
         slices = [Slice(seq, seq.num_computed, 1) for seq in batch]
         tokens, logprobs = self.runner.run(slices)
         for seq, tok, lp in zip(batch, tokens, logprobs):
             seq.num_computed += 1
             seq.append(int(tok), float(lp), self.eos_ids)
+        self._stepped.extend(batch)

@@ -44,7 +44,9 @@ def decode_steps(params, kv: KVPages,
                  stop_ids: jax.Array,  # i32[batch, n]: ids that end a row (after it); -1 pads
                  *, config: ModelConfig, mesh: Mesh | None, attention, num_steps: int):
     """-> (tokens i32[batch, num_steps], logprobs f32[batch, num_steps], valid i32[batch],
-    updated pages); row b's tokens are `tokens[b, :valid[b]]`, the rest are zeros."""
+    updated pages, last i32[batch], stopped bool[batch]); row b's tokens are
+    `tokens[b, :valid[b]]`, the rest are zeros. `last` (each row's newest token) and
+    `stopped` (it ended on a stop id) stay on device to feed the next call (`feed_forward`)."""
     batch = tokens.shape[0]
 
     def running(carry):
@@ -68,5 +70,22 @@ def decode_steps(params, kv: KVPages,
 
     init = (jnp.int32(0), kv, tokens, jnp.zeros(batch, jnp.int32), budgets <= 0,
             jnp.zeros((batch, num_steps), jnp.int32), jnp.zeros((batch, num_steps), jnp.float32))
-    _, kv, _, drawn, _, out_tokens, out_logprobs = jax.lax.while_loop(running, one_step, init)
-    return out_tokens, out_logprobs, drawn, kv
+    _, kv, last, drawn, _, out_tokens, out_logprobs = jax.lax.while_loop(running, one_step, init)
+    stopped = jnp.any(last[:, None] == stop_ids, axis=1)
+    return out_tokens, out_logprobs, drawn, kv, last, stopped
+
+
+@jax.jit
+def feed_forward(prev_last: jax.Array,  # i32[prev_batch]: the previous call's `last`
+                 prev_stopped: jax.Array,  # bool[prev_batch]
+                 rows: jax.Array,  # i32[batch]: each row's row in the previous call, -1 if none
+                 tokens: jax.Array,  # i32[batch]: host-known input tokens (new rows)
+                 budgets: jax.Array,  # i32[batch]
+                 ) -> tuple[jax.Array, jax.Array]:
+    """Inputs of a call dispatched before the previous one's tokens reached the host: rows that
+    were in it take its newest token from the device, and draw nothing if it ended them."""
+    carried = rows >= 0
+    source = jnp.maximum(rows, 0)
+    tokens = jnp.where(carried, prev_last[source], tokens)
+    budgets = jnp.where(carried & prev_stopped[source], 0, budgets)
+    return tokens, budgets

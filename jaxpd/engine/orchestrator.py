@@ -14,7 +14,7 @@ from __future__ import annotations
 import collections
 import random
 
-from jaxpd.engine.decode import DecodeEngine
+from jaxpd.engine.decode import CollectFirst, DecodeEngine
 from jaxpd.engine.prefill import PrefillEngine
 from jaxpd.engine.request import FinishReason, Request, RequestOutput, Sequence
 from jaxpd.errors import CapacityError, ConfigError
@@ -122,31 +122,60 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Admit, prefill one chunk batch, hand off, decode one dispatch (up to the decode
         engine's `steps_per_dispatch` tokens each); one output per changed sequence (a
-        sequence can both finish its prefill and decode in one step)."""
+        sequence can both finish its prefill and decode in one step).
+
+        With the decode engine's `overlap`, the decode call goes first and stays in flight
+        while the prefill runs (on its own mesh when disaggregated), and the step reports the
+        previous decode call's tokens: outputs trail the device by one call."""
         changed: dict[str, Sequence] = {}
         self._admit()
-        if self.prefilling:
-            for seq in self.prefill.step(self.prefilling):
-                self.prefilling.remove(seq)
-                changed[seq.id] = seq
-                if seq.finish_reason is None:
-                    self.handoff.append(seq)
-                else:
-                    self._finish(seq, self.prefill.manager)
-        self._hand_off()
-        if self.running:
-            batch, preempted = self.decode.reserve(self.running)
-            for victim in preempted:  # newest first: re-queue so the oldest is admitted first
-                self.running.remove(victim)
-                self.waiting.appendleft(victim)
-                self.num_preemptions += 1
-            self.decode.step(batch)
-            for seq in batch:
-                changed[seq.id] = seq
-                if seq.finish_reason is not None:
-                    self.running.remove(seq)
-                    self._finish(seq, self.decode.manager)
+        if self.decode.overlap:
+            self._dispatch_decode(changed)
+            self._prefill(changed)
+            self._hand_off()
+            self._collect_decode(changed, keep=1)
+        else:
+            self._prefill(changed)
+            self._hand_off()
+            self._dispatch_decode(changed)
+            self._collect_decode(changed, keep=0)
         return [_output(s) for s in changed.values()]
+
+    def _prefill(self, changed: dict[str, Sequence]) -> None:
+        if not self.prefilling:
+            return
+        for seq in self.prefill.step(self.prefilling):
+            self.prefilling.remove(seq)
+            changed[seq.id] = seq
+            if seq.finish_reason is None:
+                self.handoff.append(seq)
+            else:
+                self._finish(seq, self.prefill.manager)
+
+    def _dispatch_decode(self, changed: dict[str, Sequence]) -> None:
+        if not self.running:
+            return
+        try:
+            batch, preempted = self.decode.reserve(self.running)
+        except CollectFirst:  # a preemption must not free pages a call in flight still fills
+            self._collect_decode(changed, keep=0)
+            if not self.running:
+                return
+            batch, preempted = self.decode.reserve(self.running)
+        for victim in preempted:  # newest first: re-queue so the oldest is admitted first
+            self.running.remove(victim)
+            self.waiting.appendleft(victim)
+            self.num_preemptions += 1
+        self.decode.dispatch(batch)
+
+    def _collect_decode(self, changed: dict[str, Sequence], *, keep: int) -> None:
+        for seq in self.decode.collect(keep=keep if self.running else 0):
+            changed[seq.id] = seq
+            if seq.finish_reason is not None:
+                self.running.remove(seq)
+                self._finish(seq, self.decode.manager)
+        if not self.running:
+            self.decode.discard_pending()
 
     def precompile(self) -> int:
         """Compile every program shape either engine can use, so no request pays a compilation

@@ -31,6 +31,7 @@ class Sequence:
     finish_reason: FinishReason | None = None
     prompt_tokens_cached: int = 0  # prompt tokens found in the prefix cache at admission
     matched_token_id: int | None = None  # the stop token / EOS that ended it, if one did
+    in_flight: int = 0  # tokens budgeted in decode calls dispatched but not yet collected
 
     @property
     def id(self) -> str:
@@ -53,6 +54,12 @@ class Sequence:
     def remaining(self) -> int:
         """Tokens it may still generate before max_tokens."""
         return self.request.sampling.max_tokens - len(self.output_ids)
+
+    @property
+    def expected_computed(self) -> int:
+        """`num_computed` once the decode calls in flight are collected (unless one of them
+        ends it): each runs its full budget when the sequence does not stop in it."""
+        return self.num_computed + self.in_flight
 
     def append(self, token: int, logprob: float, eos_ids: tuple[int, ...]) -> None:
         """Record a generated token and decide whether the sequence is done."""

@@ -27,6 +27,19 @@ from jaxpd.model.config import ModelConfig
 STOP_ID_WIDTH = 8  # stop-id columns of a multi-step call (more only for requests with more)
 
 
+@dataclasses.dataclass
+class LaunchedSteps:
+    """A multi-step decode call on its way: device results not yet fetched."""
+
+    seqs: list[Sequence]
+    budgets: list[int]
+    outputs: tuple  # device arrays: tokens [b, k], logprobs [b, k], valid [b]
+    last: jax.Array  # i32[b] each row's newest token, for the next call
+    stopped: jax.Array  # bool[b] the row ended on a stop id
+    first_call: bool  # its shape was compiled by this call
+    times: tuple[float, float, float]  # entered, started the call, call returned
+
+
 @dataclasses.dataclass(frozen=True)
 class Slice:
     """Tokens `seq.tokens[start:start + length]` of one sequence, to run in this step."""
@@ -144,35 +157,61 @@ class ModelRunner:
         [n, num_steps], valid counts [n]) as host arrays. Sequence i feeds its last token and
         draws at most `budgets[i]` tokens (its pages must hold them), ending early after one of
         its stop ids; its tokens are `tokens[i, :valid[i]]`."""
+        return self.collect_steps(self.launch_steps(seqs, budgets, num_steps, eos_ids))
+
+    def launch_steps(self, seqs: list[Sequence], budgets: list[int], num_steps: int,
+                     eos_ids: tuple[int, ...], previous: LaunchedSteps | None = None
+                     ) -> LaunchedSteps:
+        """Dispatch `run_steps`'s call without waiting for it. Each sequence starts from its
+        `expected_computed` position; one that was in `previous` (still in flight) takes its
+        input token from that call's results on device (`multistep.feed_forward`)."""
         entered = time.perf_counter()
         batch = pow2_bucket(len(seqs), 1)
         stops = [seq.stop_ids(eos_ids) for seq in seqs]
         tokens = np.zeros(batch, np.int32)
         positions = np.zeros(batch, np.int32)
         budget = np.zeros(batch, np.int32)
+        rows = np.full(batch, -1, np.int32)
+        earlier = {id(seq): i for i, seq in enumerate(previous.seqs)} if previous else {}
         stop_ids = np.full((batch, pow2_bucket(max(map(len, stops)), STOP_ID_WIDTH)), -1, np.int32)
         for i, (seq, n) in enumerate(zip(seqs, budgets)):
-            tokens[i], positions[i], budget[i] = seq.tokens[seq.num_computed], seq.num_computed, n
+            at = seq.expected_computed
+            if seq.in_flight:
+                rows[i] = earlier[id(seq)]  # its input token is still on device
+            else:
+                tokens[i] = seq.tokens[at]
+            positions[i], budget[i] = at, n
             stop_ids[i, :len(stops[i])] = stops[i]
-        table = self._page_table([(seq, seq.num_computed + n) for seq, n in zip(seqs, budgets)],
-                                 batch)
+        table = self._page_table([(seq, seq.expected_computed + n)
+                                  for seq, n in zip(seqs, budgets)], batch)
         sampling = sampling_arrays([seq.request.sampling for seq in seqs], [seq.seed for seq in seqs],
-                                   [len(seq.output_ids) for seq in seqs], batch)
+                                   [len(seq.output_ids) + seq.in_flight for seq in seqs], batch)
         shape = (batch, num_steps, table.shape[1], stop_ids.shape[1])
         first_call = shape not in self.multistep_shapes_seen
         self.multistep_shapes_seen.add(shape)
         start = time.perf_counter()
-        out_tokens, logprobs, valid, self.manager.kv = multistep.decode_steps(
-            self.params, self.manager.kv, jnp.asarray(tokens), jnp.asarray(positions),
-            jnp.asarray(table), sampling, jnp.asarray(budget), jnp.asarray(stop_ids),
+        tokens_in, budget_in = jnp.asarray(tokens), jnp.asarray(budget)
+        if previous is not None and (rows >= 0).any():
+            tokens_in, budget_in = multistep.feed_forward(
+                previous.last, previous.stopped, jnp.asarray(rows), tokens_in, budget_in)
+        out_tokens, logprobs, valid, self.manager.kv, last, stopped = multistep.decode_steps(
+            self.params, self.manager.kv, tokens_in, jnp.asarray(positions),
+            jnp.asarray(table), sampling, budget_in, jnp.asarray(stop_ids),
             config=self.config, mesh=self.mesh, attention=self.backend.decode,
             num_steps=num_steps)
-        dispatched = time.perf_counter()
-        out_tokens, logprobs, valid = jax.device_get((out_tokens, logprobs, valid))
+        return LaunchedSteps(list(seqs), list(budgets), (out_tokens, logprobs, valid), last,
+                             stopped, first_call, (entered, start, time.perf_counter()))
+
+    def collect_steps(self, launched: LaunchedSteps):
+        """Wait for a launched call: (tokens, logprobs, valid) as host arrays, one row per
+        sequence it was launched with."""
+        out_tokens, logprobs, valid = jax.device_get(launched.outputs)
+        entered, start, dispatched = launched.times
         end = time.perf_counter()
-        n = len(seqs)
+        n = len(launched.seqs)
         self.tokens_computed += int(valid[:n].sum())
-        self._account("first_calls" if first_call else "decode", (entered, start, dispatched, end),
+        kind = "first_calls" if launched.first_call else "decode"
+        self._account(kind, (entered, start, dispatched, max(end, dispatched)),
                       steps=int(valid.max()))
         return out_tokens[:n], logprobs[:n], valid[:n]
 
