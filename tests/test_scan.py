@@ -74,3 +74,11 @@ def test_compiled_program_does_not_grow_with_depth():
     unrolled = _compiled_size(8, False) / _compiled_size(2, False)
     assert scanned < 1.5, scanned
     assert unrolled > 2, unrolled  # what the scan saves: unrolled programs grow with depth
+
+
+def test_deployment_switch_reaches_the_model_config(tmp_path):
+    from jaxpd.config import parse_config
+
+    assert parse_config({}, "default").model.scan_layers
+    off = parse_config({"model": {"scan_layers": False}}, "unrolled")
+    assert not load_model(None, None, off.model.dtype, off.model.scan_layers).config.scan_layers
