@@ -57,16 +57,21 @@ def test_scanned_and_unrolled_prefill_agree():
     np.testing.assert_allclose(scanned.kv.k, unrolled.kv.k, atol=1e-6)
 
 
-def _compiled_size(num_layers: int, scan: bool) -> int:
-    """Characters of the compiled paged step for a tiny random config of this depth."""
+def _compiled_step(num_layers: int, scan: bool, num_pages: int = 8):
+    """The paged step compiled for a tiny random config of this depth and pool size."""
     cfg = get_preset("tiny").replace(num_layers=num_layers, scan_layers=scan, vocab_size=64,
                                      hidden_size=32, intermediate_size=32, head_dim=8)
-    pool = jax.ShapeDtypeStruct((num_layers, cfg.num_kv_heads, 8, 4, cfg.head_dim), jnp.float32)
+    pool = jax.ShapeDtypeStruct((num_layers, cfg.num_kv_heads, num_pages, 4, cfg.head_dim),
+                                jnp.float32)
     ints = jax.ShapeDtypeStruct((2, 3), jnp.int32)
     lowered = model_step.step_logits.lower(
         abstract_params(cfg), KVPages(pool, pool), ints, ints, jax.ShapeDtypeStruct((2, 2), jnp.int32),
         config=cfg, mesh=None, attention=paged_attention_jnp)
-    return len(lowered.compile().as_text())
+    return lowered.compile()
+
+
+def _compiled_size(num_layers: int, scan: bool) -> int:
+    return len(_compiled_step(num_layers, scan).as_text())
 
 
 def test_compiled_program_does_not_grow_with_depth():
@@ -76,9 +81,17 @@ def test_compiled_program_does_not_grow_with_depth():
     assert unrolled > 2, unrolled  # what the scan saves: unrolled programs grow with depth
 
 
-def test_deployment_switch_reaches_the_model_config(tmp_path):
+def test_deployment_switch_reaches_the_model_config():
     from jaxpd.config import parse_config
 
     assert parse_config({}, "default").model.scan_layers
     off = parse_config({"model": {"scan_layers": False}}, "unrolled")
     assert not load_model(None, None, off.model.dtype, off.model.scan_layers).config.scan_layers
+
+
+def test_carried_pool_is_updated_in_place():
+    """The scan carries the donated pool: it is aliased to the output and no scratch copy of it
+    (or of one layer of it) exists, so scratch memory does not grow with the pool."""
+    small, big = (_compiled_step(4, True, pages).memory_analysis() for pages in (64, 512))
+    assert big.alias_size_in_bytes == 8 * small.alias_size_in_bytes  # K and V, donated
+    assert big.temp_size_in_bytes == small.temp_size_in_bytes
