@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "default 8; 1 = one token per call)")
     gen.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
                      help="dispatch each decode call before the previous one's tokens are back "
-                          "(scheduler.overlap; default on)")
+                          "(scheduler.overlap; default off: it pays on accelerators, not on CPU)")
     src = gen.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", metavar="TEXT",
                      help="prompt text (repeat for a batch)")

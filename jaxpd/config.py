@@ -7,7 +7,7 @@
     kv:         {page_size: 16, num_pages: 2048}
     attention:  auto | reference | cudnn | pallas
     scheduler:  {chunk_size: 256, max_prefill_tokens: 2048, max_decode_batch: 64, prefix_caching: true,
-                 decode_steps_per_dispatch: 8, overlap: true}
+                 decode_steps_per_dispatch: 8, overlap: false}
     serving:    {router: {host: 127.0.0.1, port: 50051}, transport: grpc, ...}   # `jaxpd serve`
     seed: 0
 
@@ -102,9 +102,10 @@ class SchedulerSection(_Strict):
         "fewer host round trips per token; larger values make new requests and aborts wait "
         "longer for the running call. 1 = one token per call")
     overlap: bool = Field(
-        True, description="dispatch each decode call before the previous call's tokens reach the "
-        "host, so the host prepares one call while the device runs the other; outputs and stop "
-        "strings trail the device by one call")
+        False, description="dispatch each decode call before the previous call's tokens reach "
+        "the host, so the host prepares one call while the device runs the other; outputs and "
+        "stop strings trail the device by one call. For accelerators: on CPU the 'device' is the "
+        "host's own cores and it measured slower")
 
     _pow2 = field_validator("chunk_size")(classmethod(lambda cls, v: _power_of_two(v)))
 

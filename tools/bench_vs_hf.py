@@ -5,6 +5,10 @@
 (b) offline: 256 requests, prompt lengths 32-1024 and output lengths 16-512 (fixed seed). HF runs
     it as its users do (left-padded batches of 32, each batch until its longest output); jaxpd
     puts every request in flight through continuous batching.
+(c) plain batch (jaxpd only): 32 equal requests of 256 prompt + 128 output tokens, against this
+    machine's roofline for that job: the prefill's dense and attention FLOPs at the measured
+    matmul peak, plus, per decode step, the larger of its FLOPs at that peak and its weight and
+    KV bytes at the measured memory bandwidth.
 
 The checkpoint is the `bench-30m` shape (8 layers, width 512, vocab 8192, fp32, ~34M params)
 with random weights, written once as an HF folder that both sides load. HF runs in the tool venv
@@ -45,7 +49,26 @@ def workload(scale: float, seed: int = 0) -> dict:
     return {
         "latency": {"prompt": rng.integers(3, 8192, 256).tolist(), "max_tokens": 128},
         "offline": {"prompts": prompts, "max_tokens": [int(x) for x in outs], "batch_size": 32},
+        "plain": {"prompts": [rng.integers(3, 8192, 256).tolist() for _ in range(32)],
+                  "max_tokens": 128},
     }
+
+
+def plain_roofline_seconds(config, batch: int, prompt: int, output: int, peaks) -> float:
+    """Lower bound on the plain batch's time on this machine (see the module docstring)."""
+    dense = 2 * (config.num_params() - config.vocab_size * config.hidden_size)  # per token
+    attn_width = config.num_layers * config.num_heads * config.head_dim
+    itemsize = 2 if config.dtype in ("bfloat16", "float16") else 4
+    weights = config.num_params() * itemsize
+    kv_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * itemsize
+    prefill = batch * (dense * prompt + 2 * 2 * prompt * prompt / 2 * attn_width)
+    total = prefill / peaks.flops
+    for step in range(output - 1):  # the first output token comes from the prefill
+        context = prompt + step + 1
+        flops = batch * (dense + 2 * 2 * context * attn_width)
+        moved = weights + batch * context * kv_per_token
+        total += max(flops / peaks.flops, moved / peaks.bandwidth)
+    return total
 
 
 def run_jaxpd(checkpoint: Path, work: dict, deployment: DeploymentConfig) -> dict:
@@ -90,7 +113,19 @@ def run_jaxpd(checkpoint: Path, work: dict, deployment: DeploymentConfig) -> dic
         "tokens_per_s_excluding_first_calls": useful / (seconds - first_calls),
         "achieved_gflops": flops / seconds / 1e9, "first_tokens": [list(final[f"r{i}"].token_ids[:4]) for i in range(len(requests))],
     }
-    result["machine"] = {"matmul_peak_gflops": peaks.flops / 1e9, "devices": str(jax.devices()[0])}
+    plain = work["plain"]
+    sp = SamplingParams(max_tokens=plain["max_tokens"], ignore_eos=True)
+    batch = [Request(f"p{i}", tuple(p), sp) for i, p in enumerate(plain["prompts"])]
+    run([Request(f"w{r.id}", r.prompt_ids, sp) for r in batch])  # compile its shapes
+    engine, final, seconds = run(batch)
+    floor = plain_roofline_seconds(model.config, len(batch), len(plain["prompts"][0]),
+                                   plain["max_tokens"], peaks)
+    result["plain_batch"] = {
+        "seconds": seconds, "output_tokens": len(batch) * plain["max_tokens"],
+        "tokens_per_s": len(batch) * plain["max_tokens"] / seconds,
+        "roofline_seconds": floor, "fraction_of_roofline": floor / seconds}
+    result["machine"] = {"matmul_peak_gflops": peaks.flops / 1e9,
+                         "bandwidth_gb_per_s": peaks.bandwidth / 1e9, "devices": str(jax.devices()[0])}
     result["deployment"] = deployment.model_dump(mode="json")
     return result
 

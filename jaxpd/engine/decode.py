@@ -110,23 +110,27 @@ class DecodeEngine:
         self.dispatch(batch)
         self.collect(keep=0)
 
-    def dispatch(self, batch: list[Sequence]) -> None:
-        """Start one decode call for `batch` (from `reserve`); without `overlap`, or with one
-        step and nothing in flight, it runs the single-step program and is collected at once."""
-        if not batch:
-            return
+    def dispatch(self, batch: list[Sequence]) -> bool:
+        """Start one decode call for `batch` (from `reserve`); without `overlap`, a one-step
+        call runs the single-step program and is collected at once. Sequences whose remaining
+        tokens are all in flight sit this call out. Returns whether a call was started."""
         if len(batch) > self.max_batch:
             raise ValueError(f"{len(batch)} sequences exceed max_batch={self.max_batch}")
         budgets = [self._budget(seq) for seq in batch]
-        num_steps = pow2_bucket(max(max(budgets), 1), 1, self.steps_per_dispatch)
+        batch = [seq for seq, n in zip(batch, budgets) if n > 0]
+        budgets = [n for n in budgets if n > 0]
+        if not batch:
+            return False
+        num_steps = pow2_bucket(max(budgets), 1, self.steps_per_dispatch)
         if num_steps == 1 and not self.overlap:
             self._step_once(batch)
-            return
+            return True
         previous = self.pending[-1] if self.pending else None
         launched = self.runner.launch_steps(batch, budgets, num_steps, self.eos_ids, previous)
         for seq, n in zip(batch, budgets):
             seq.in_flight += n
         self.pending.append(launched)
+        return True
 
     def collect(self, keep: int = 0) -> list[Sequence]:
         """Fetch calls in flight, oldest first, until `keep` remain, and give their tokens to

@@ -130,10 +130,10 @@ class Engine:
         changed: dict[str, Sequence] = {}
         self._admit()
         if self.decode.overlap:
-            self._dispatch_decode(changed)
+            started = self._dispatch_decode(changed)
             self._prefill(changed)
             self._hand_off()
-            self._collect_decode(changed, keep=1)
+            self._collect_decode(changed, keep=1 if started else 0)
         else:
             self._prefill(changed)
             self._hand_off()
@@ -152,21 +152,22 @@ class Engine:
             else:
                 self._finish(seq, self.prefill.manager)
 
-    def _dispatch_decode(self, changed: dict[str, Sequence]) -> None:
+    def _dispatch_decode(self, changed: dict[str, Sequence]) -> bool:
+        """Reserve pages and start a decode call; whether one was started."""
         if not self.running:
-            return
+            return False
         try:
             batch, preempted = self.decode.reserve(self.running)
         except CollectFirst:  # a preemption must not free pages a call in flight still fills
             self._collect_decode(changed, keep=0)
             if not self.running:
-                return
+                return False
             batch, preempted = self.decode.reserve(self.running)
         for victim in preempted:  # newest first: re-queue so the oldest is admitted first
             self.running.remove(victim)
             self.waiting.appendleft(victim)
             self.num_preemptions += 1
-        self.decode.dispatch(batch)
+        return self.decode.dispatch(batch)
 
     def _collect_decode(self, changed: dict[str, Sequence], *, keep: int) -> None:
         for seq in self.decode.collect(keep=keep if self.running else 0):
