@@ -8,7 +8,8 @@ sliding window, pages that have left every future query's window are freed first
 With `steps_per_dispatch` k > 1, one call runs up to k decode steps on device
 (`multistep.decode_steps`): each sequence also gets pages for up to k tokens where free pages
 allow (never preempting for them), and stops on device at its stop ids, its max_tokens or the
-end of its pages. k is bucketed to powers of two, so compilations stay bounded. Pages reserved
+end of its pages. Every call is compiled for k steps and ends early once every row has used
+its budget, so there is one program per batch bucket. Pages reserved
 past where a sequence stopped stay with it for its next dispatch, or go back with the rest of
 its pages when it finishes, is aborted or preempted.
 
@@ -54,13 +55,17 @@ class DecodeEngine:
         self.window = runner.config.sliding_window
 
     def precompile(self) -> int:
-        """Compile every decode program shape this engine can use: one step and each bucketed
-        number of steps, for every batch bucket up to `max_batch`. Returns how many were new."""
+        """Compile every decode program shape this engine can use (each batch bucket up to
+        `max_batch`). Returns how many were new."""
         batches = sorted({pow2_bucket(n) for n in range(1, self.max_batch + 1)})
-        first = 1 if self.overlap else 2  # without overlap one step runs the single-step program
-        steps = sorted({pow2_bucket(n) for n in range(first, self.steps_per_dispatch + 1)})
-        return sum(self.runner.precompile(b, 1) for b in batches) + \
-            sum(self.runner.precompile_steps(b, k) for b in batches for k in steps)
+        if self._single_step:
+            return sum(self.runner.precompile(b, 1) for b in batches)
+        return sum(self.runner.precompile_steps(b, self.steps_per_dispatch) for b in batches)
+
+    @property
+    def _single_step(self) -> bool:
+        """One token per call through the single-step program (k = 1, no overlap)."""
+        return self.steps_per_dispatch == 1 and not self.overlap
 
     def reserve(self, running: list[Sequence]) -> tuple[list[Sequence], list[Sequence]]:
         """(this dispatch's batch, preempted): the oldest sequences, each with room for its next
@@ -121,12 +126,14 @@ class DecodeEngine:
         budgets = [n for n in budgets if n > 0]
         if not batch:
             return False
-        num_steps = pow2_bucket(max(budgets), 1, self.steps_per_dispatch)
-        if num_steps == 1 and not self.overlap:
+        if self._single_step:
             self._step_once(batch)
             return True
+        # always k steps: the loop ends once every row has used its budget, so one program per
+        # batch bucket serves every budget, and a smaller k would buy nothing but compilations
         previous = self.pending[-1] if self.pending else None
-        launched = self.runner.launch_steps(batch, budgets, num_steps, self.eos_ids, previous)
+        launched = self.runner.launch_steps(batch, budgets, self.steps_per_dispatch,
+                                            self.eos_ids, previous)
         for seq, n in zip(batch, budgets):
             seq.in_flight += n
         self.pending.append(launched)
