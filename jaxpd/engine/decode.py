@@ -115,13 +115,16 @@ class DecodeEngine:
         self.dispatch(batch)
         self.collect(keep=0)
 
-    def dispatch(self, batch: list[Sequence]) -> bool:
+    def dispatch(self, batch: list[Sequence], max_steps: int | None = None) -> bool:
         """Start one decode call for `batch` (from `reserve`); without `overlap`, a one-step
-        call runs the single-step program and is collected at once. Sequences whose remaining
-        tokens are all in flight sit this call out. Returns whether a call was started."""
+        call runs the single-step program and is collected at once. `max_steps` caps every
+        row's budget (the same program runs; its loop just ends sooner). Sequences whose
+        remaining tokens are all in flight sit this call out. Returns whether a call was
+        started."""
         if len(batch) > self.max_batch:
             raise ValueError(f"{len(batch)} sequences exceed max_batch={self.max_batch}")
-        budgets = [self._budget(seq) for seq in batch]
+        cap = self.steps_per_dispatch if max_steps is None else max_steps
+        budgets = [min(self._budget(seq), cap) for seq in batch]
         batch = [seq for seq, n in zip(batch, budgets) if n > 0]
         budgets = [n for n in budgets if n > 0]
         if not batch:

@@ -167,7 +167,11 @@ class Engine:
             self.running.remove(victim)
             self.waiting.appendleft(victim)
             self.num_preemptions += 1
-        return self.decode.dispatch(batch)
+        # prompts waiting for their prefill: one decode step per iteration, so each prefill
+        # chunk batch is followed by one step rather than k and the decode batch fills up at
+        # the pace of single-step scheduling (multi-step pays once the batch is steady)
+        pending_prompts = bool(self.waiting or self.prefilling or self.handoff)
+        return self.decode.dispatch(batch, max_steps=1 if pending_prompts else None)
 
     def _collect_decode(self, changed: dict[str, Sequence], *, keep: int) -> None:
         for seq in self.decode.collect(keep=keep if self.running else 0):
