@@ -1,6 +1,6 @@
 """Deployment configuration: YAML in, a typed read-only config out, errors that name the key.
 
-    model:      {checkpoint: DIR or null for the embedded default, dtype: null}
+    model:      {checkpoint: DIR or null for the embedded default, dtype: null, scan_layers: true}
     mode:       colocated | disaggregated
     prefill:    {devices: [0, 1, 2, 3], tp: 4, replicas: 1, host: 127.0.0.1, port: 0}
     decode:     {devices: [4, 5], tp: 2}        # disaggregated only
@@ -42,6 +42,9 @@ class ModelSection(_Strict):
     checkpoint: str | None = Field(None, description="HF or orbax folder; null = the embedded default model")
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None, description="compute dtype; null = the checkpoint's (float32 on CPU)")
+    scan_layers: bool = Field(
+        True, description="compile one decoder layer and scan it over the stacked layer weights "
+                          "(compile time independent of depth); false unrolls every layer")
 
 
 class MeshSection(_Strict):

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
 
 from jaxpd.engine.buckets import pow2_bucket
 from jaxpd.engine.sampling import SamplingParams, sample, sampling_arrays
@@ -23,11 +23,11 @@ from jaxpd.model.config import ModelConfig
 
 
 @functools.partial(jax.jit, static_argnames=("max_seq", "sharding"))
-def _grow_cache(kv: tuple[forward.LayerKV, ...], *, max_seq: int, sharding):
+def _grow_cache(kv: forward.StackedKV, *, max_seq: int, sharding) -> forward.StackedKV:
     def pad(x):
-        x = jnp.pad(x, ((0, 0), (0, max_seq - x.shape[1]), (0, 0), (0, 0)))
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, max_seq - x.shape[2]), (0, 0), (0, 0)))
         return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
-    return tuple(forward.LayerKV(pad(layer.k), pad(layer.v)) for layer in kv)
+    return forward.StackedKV(pad(kv.k), pad(kv.v))
 
 
 _sample = jax.jit(sample)
@@ -64,7 +64,7 @@ class Generator:
             lengths[i] = len(p)
         out = forward.prefill(self.params, jnp.asarray(tokens), jnp.asarray(lengths),
                               config=cfg, mesh=self.mesh)
-        kv_sharding = None if self.mesh is None else NamedSharding(self.mesh, P(None, None, "tp", None))
+        kv_sharding = None if self.mesh is None else NamedSharding(self.mesh, forward.CACHE_SPEC)
         cache = _grow_cache(out.kv, max_seq=pow2_bucket(longest + sampling.max_tokens, 16),
                             sharding=kv_sharding)
         seed = sampling.seed or 0

@@ -245,25 +245,27 @@ def test_tp2_shards_are_byte_identical_to_the_safetensors(devices):
     model = load_model(folder, make_mesh(devices[:2], 2))
     assert model.config.dtype == "float32"
     checked = {
-        # (param path, HF name, axis split across the 2 TP ranks or None if replicated)
-        (("layers_1", "self_attn", "q_proj", "weight"), "model.layers.1.self_attn.q_proj.weight", 0),
-        (("layers_0", "self_attn", "k_proj", "weight"), "model.layers.0.self_attn.k_proj.weight", 0),
-        (("layers_0", "self_attn", "o_proj", "weight"), "model.layers.0.self_attn.o_proj.weight", 1),
-        (("layers_1", "mlp", "down_proj", "weight"), "model.layers.1.mlp.down_proj.weight", 1),
-        (("embed_tokens", "weight"), "model.embed_tokens.weight", 0),
-        (("lm_head", "weight"), "lm_head.weight", 0),
-        (("norm", "weight"), "model.norm.weight", None),
+        # (param path, layer of a stacked parameter, HF name, axis split across the 2 TP ranks
+        # or None if replicated)
+        (("layers", "self_attn", "q_proj", "weight"), 1, "model.layers.1.self_attn.q_proj.weight", 0),
+        (("layers", "self_attn", "k_proj", "weight"), 0, "model.layers.0.self_attn.k_proj.weight", 0),
+        (("layers", "self_attn", "o_proj", "weight"), 0, "model.layers.0.self_attn.o_proj.weight", 1),
+        (("layers", "mlp", "down_proj", "weight"), 1, "model.layers.1.mlp.down_proj.weight", 1),
+        (("embed_tokens", "weight"), None, "model.embed_tokens.weight", 0),
+        (("lm_head", "weight"), None, "lm_head.weight", 0),
+        (("norm", "weight"), None, "model.norm.weight", None),
     }
-    for path, name, axis in sorted(checked):
+    for path, layer, name, axis in sorted(checked, key=str):
         arr = model.params
         for key in path:
             arr = arr[key]
         want = on_disk[name]
-        assert arr.shape == want.shape and arr.dtype == want.dtype, name
+        shape = arr.shape if layer is None else arr.shape[1:]
+        assert shape == want.shape and arr.dtype == want.dtype, name
         shards = sorted(arr.addressable_shards, key=lambda s: s.device.id)
         assert [s.device for s in shards] == list(devices[:2])
         for rank, shard in enumerate(shards):
-            got = np.asarray(shard.data)
+            got = np.asarray(shard.data if layer is None else shard.data[layer])
             if axis is None:
                 expect = want
             else:

@@ -113,8 +113,7 @@ def _pages_used(stub):
 
 
 def _pool_is_zero(worker):
-    return all(not np.asarray(layer.k).any() and not np.asarray(layer.v).any()
-               for layer in worker.engine.decode.manager.kv)
+    return all(not np.asarray(pages).any() for pages in worker.engine.decode.manager.kv)
 
 
 @pytest.mark.parametrize("corrupt, code", [

@@ -28,8 +28,8 @@ def test_decode_step_matches_full_prefill(params):
     full = forward.prefill(params, tokens, lengths, config=TINY, all_logits=True)
     # Prefill all but the last real token, then decode that token against the cache.
     head = forward.prefill(params, tokens[:, :6], lengths - 1, config=TINY)
-    cache = tuple(forward.LayerKV(jnp.pad(kv.k, ((0, 0), (0, 10), (0, 0), (0, 0))),
-                                  jnp.pad(kv.v, ((0, 0), (0, 10), (0, 0), (0, 0)))) for kv in head.kv)
+    grow = ((0, 0), (0, 0), (0, 10), (0, 0), (0, 0))
+    cache = forward.StackedKV(jnp.pad(head.kv.k, grow), jnp.pad(head.kv.v, grow))
     last = tokens[jnp.arange(2), lengths - 1]
     logits, _ = forward.decode(params, last, cache, lengths - 1, config=TINY)
     np.testing.assert_allclose(logits[0], full.logits[0, 6], atol=1e-5)

@@ -28,9 +28,9 @@ def test_save_on_tp2_restore_on_tp4_same_logits(tmp_path, devices):
 
     restored = load_model(tmp_path / "ckpt", mesh4)
     assert restored.config == source.config
-    q = restored.params["layers_0"]["self_attn"]["q_proj"]["weight"]
+    q = restored.params["layers"]["self_attn"]["q_proj"]["weight"]
     assert q.sharding.mesh.devices.tolist() == [devices[4:8]]
-    assert {s.data.shape[0] for s in q.addressable_shards} == {q.shape[0] // 4}
+    assert {s.data.shape[1] for s in q.addressable_shards} == {q.shape[1] // 4}
     for a, b in zip(jax.tree_util.tree_leaves(restored.params), jax.tree_util.tree_leaves(source.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # weights restored bit for bit
     # Logits agree up to the reduction order that a different TP degree implies.
@@ -56,3 +56,17 @@ def test_restore_with_a_mismatched_config_is_a_clear_error(tmp_path):
     cfg_file.write_text("{not json")
     with pytest.raises(CheckpointError, match="model_config.json: invalid model config"):
         load_model(tmp_path / "ckpt")
+
+
+def test_checkpoint_saved_before_layers_were_stacked_restores(tmp_path, devices):
+    model = load_model(HF_FIXTURES / "qwen2")
+    layers = model.params["layers"]
+    legacy = {k: v for k, v in model.params.items() if k != "layers"}
+    legacy |= {f"layers_{i}": jax.tree.map(lambda p, i=i: p[i], layers)
+               for i in range(model.config.num_layers)}  # the old one-subtree-per-layer layout
+    save_orbax(tmp_path / "ckpt", legacy, model.config)
+    restored = load_model(tmp_path / "ckpt", make_mesh(devices[:2], 2))
+    q = restored.params["layers"]["self_attn"]["q_proj"]["weight"]
+    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "tp", None)
+    for a, b in zip(jax.tree_util.tree_leaves(restored.params), jax.tree_util.tree_leaves(model.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

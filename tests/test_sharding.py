@@ -34,13 +34,13 @@ def test_tp_degrees_agree(params, reference, devices, tp):
     np.testing.assert_allclose(out.logits, reference.logits, atol=1e-5)
     # KV heads: 2 real heads, replicated to one per rank when TP exceeds them.
     heads = max(TINY.num_kv_heads, tp)
-    assert out.kv[0].k.shape == (2, 6, heads, TINY.head_dim)
-    assert tp == 1 or out.kv[0].k.sharding.spec[2] == "tp"
-    shard_heads = {s.data.shape[2] for s in out.kv[0].k.addressable_shards}
+    assert out.kv.k.shape == (TINY.num_layers, 2, 6, heads, TINY.head_dim)
+    assert tp == 1 or out.kv.k.sharding.spec[3] == "tp"
+    shard_heads = {s.data.shape[3] for s in out.kv.k.addressable_shards}
     assert shard_heads == {heads // tp}
     if tp > TINY.num_kv_heads:  # each rank's copy is the KV head its query heads read
         repeat = tp // TINY.num_kv_heads
-        np.testing.assert_allclose(out.kv[0].k[:, :, ::repeat], reference.kv[0].k, atol=1e-5)
+        np.testing.assert_allclose(out.kv.k[:, :, :, ::repeat], reference.kv.k, atol=1e-5)
 
 
 def test_dp_and_tp_together(params, reference, devices):
@@ -54,24 +54,25 @@ def test_dp_and_tp_together(params, reference, devices):
 def test_weights_are_split_megatron_style(params, devices):
     mesh = make_mesh(devices[:2], 2)
     sharded = shard_params(params, TINY, mesh)
-    layer = sharded["layers_0"]
-    assert layer["self_attn"]["q_proj"]["weight"].sharding.spec == P("tp", None)
-    assert layer["self_attn"]["o_proj"]["weight"].sharding.spec == P(None, "tp")
-    assert layer["mlp"]["gate_proj"]["weight"].sharding.spec == P("tp", None)
-    assert layer["mlp"]["down_proj"]["weight"].sharding.spec == P(None, "tp")
-    q = layer["self_attn"]["q_proj"]["weight"]
-    assert {s.data.shape for s in q.addressable_shards} == {(32, 64)}
+    layers = sharded["layers"]  # stacked: the layer axis is never split
+    assert layers["self_attn"]["q_proj"]["weight"].sharding.spec == P(None, "tp", None)
+    assert layers["self_attn"]["o_proj"]["weight"].sharding.spec == P(None, None, "tp")
+    assert layers["mlp"]["gate_proj"]["weight"].sharding.spec == P(None, "tp", None)
+    assert layers["mlp"]["down_proj"]["weight"].sharding.spec == P(None, None, "tp")
+    q = layers["self_attn"]["q_proj"]["weight"]
+    assert {s.data.shape for s in q.addressable_shards} == {(TINY.num_layers, 32, 64)}
 
 
 def test_kv_projection_replicated_when_tp_exceeds_kv_heads():
-    assert partition_spec(("layers_0", "self_attn", "k_proj", "weight"), (16, 64), TINY, 8) == P()
-    assert partition_spec(("layers_0", "self_attn", "k_proj", "weight"), (16, 64), TINY, 2) == P("tp", None)
+    k_proj = ("layers", "self_attn", "k_proj", "weight")
+    assert partition_spec(k_proj, (2, 16, 64), TINY, 8) == P(None)
+    assert partition_spec(k_proj, (2, 16, 64), TINY, 2) == P(None, "tp", None)
 
 
 def test_uneven_dimensions_fall_back_to_replication():
     odd = TINY.replace(vocab_size=501, intermediate_size=100)
     assert partition_spec(("embed_tokens", "weight"), (501, 64), odd, 8) == P(None, "tp")
-    assert partition_spec(("layers_0", "mlp", "up_proj", "weight"), (100, 64), odd, 8) == P()
+    assert partition_spec(("layers", "mlp", "up_proj", "weight"), (2, 100, 64), odd, 8) == P(None)
 
 
 def test_refusals_say_what_to_change(devices):

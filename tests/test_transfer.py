@@ -38,10 +38,10 @@ def test_transfer_is_byte_exact_across_tp(devices, src_tp, dst_tp):
     DeviceTransport().transfer(src.manager, src_pages, dst.manager, dst_pages)
     for layer in range(model.config.num_layers):
         for kind in ("k", "v"):
-            a = np.asarray(canonical_heads(getattr(src.manager.kv[layer], kind), src.manager.layout, 0))
-            b = np.asarray(canonical_heads(getattr(dst.manager.kv[layer], kind), dst.manager.layout, 0))
+            a = np.asarray(canonical_heads(getattr(src.manager.kv, kind)[layer], src.manager.layout, 0))
+            b = np.asarray(canonical_heads(getattr(dst.manager.kv, kind)[layer], dst.manager.layout, 0))
             assert a[:, src_pages].tobytes() == b[:, dst_pages].tobytes()
-            stored = getattr(dst.manager.kv[layer], kind)
+            stored = getattr(dst.manager.kv, kind)[layer]
             assert stored.shape[0] == dst.manager.layout.kv_heads
             if dst.manager.layout.head_repeat > 1:  # every replica carries the same bytes
                 r = dst.manager.layout.head_repeat

@@ -60,8 +60,8 @@ def test_wire_round_trip_is_byte_exact_across_tp(devices, llama, src_tp, dst_tp,
     digest_dst = wire.prompt_kv_digest(dst.manager.kv, dst.manager.layout, dst_pages, len(prompt))
     assert digest_src == digest_dst
     for layer in range(llama.config.num_layers):
-        a = np.asarray(canonical_heads(src.manager.kv[layer].k, src.manager.layout, 0))
-        b = np.asarray(canonical_heads(dst.manager.kv[layer].k, dst.manager.layout, 0))
+        a = np.asarray(canonical_heads(src.manager.kv.k[layer], src.manager.layout, 0))
+        b = np.asarray(canonical_heads(dst.manager.kv.k[layer], dst.manager.layout, 0))
         a = a[:, seq.pages.pages].reshape(a.shape[0], -1, a.shape[-1])[:, :len(prompt)]
         b = b[:, dst_pages].reshape(b.shape[0], -1, b.shape[-1])[:, :len(prompt)]
         assert a.tobytes() == b.tobytes()

@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 from jaxpd.engine.attention import WritesKV
 from jaxpd.engine.sampling import SamplingArrays, sample
 from jaxpd.kv.allocator import NULL_BLOCK
-from jaxpd.kv.pool import KVPages, LayerPages
+from jaxpd.kv.pool import KVPages
 from jaxpd.model.config import ModelConfig
 from jaxpd.model.llama import LlamaModel
 
@@ -36,29 +36,33 @@ def write_locations(positions: jax.Array,  # i32[batch, t]; -1 = padding
 def hidden_and_pages(params, kv: KVPages, tokens, positions, page_table, *, config, mesh,
                      attention):
     """(model, hidden state at each row's last real token, pages with the new K/V written):
-    the part of a step shared by `step`, `step_logits` and the multi-step decode loop."""
+    the part of a step shared by `step`, `step_logits` and the multi-step decode loop.
+
+    The pool is the layer stack's loop-carried state: each layer writes its K/V at its (traced,
+    under scan) layer index in place and hands the layer's pages to the attention backend."""
     model = LlamaModel(mesh=mesh, config=config)
-    page_size = kv[0].k.shape[2]
+    page_size = kv.k.shape[3]
     pages, slots = write_locations(positions, page_table, page_size)
     kv_lens = jnp.max(positions, axis=1) + 1
     batch, t = tokens.shape
 
-    def attend(layer, q, k, v, new_kv):
-        layer_pages = kv[layer]
+    def attend(layer, q, k, v, kv: KVPages):
         if isinstance(attention, WritesKV):  # one kernel writes the new K/V and attends
-            out, k_pages, v_pages = attention(q, k, v, layer_pages.k, layer_pages.v, page_table,
+            out, k_pages, v_pages = attention(q, k, v, kv.k[layer], kv.v[layer], page_table,
                                               positions, kv_lens,
                                               sliding_window=config.sliding_window, mesh=mesh)
-            return out, new_kv + (LayerPages(k_pages, v_pages),)
-        k_new = k.reshape(batch * t, *k.shape[2:]).swapaxes(0, 1)  # [kv_heads, b*t, hd]
-        v_new = v.reshape(batch * t, *v.shape[2:]).swapaxes(0, 1)
-        k_pages = layer_pages.k.at[:, pages, slots].set(k_new.astype(layer_pages.k.dtype))
-        v_pages = layer_pages.v.at[:, pages, slots].set(v_new.astype(layer_pages.v.dtype))
-        out = attention(q, k_pages, v_pages, page_table, positions, kv_lens,
+            return out, KVPages(kv.k.at[layer].set(k_pages), kv.v.at[layer].set(v_pages))
+        # [layer, :, pages, slots] selects [b*t, kv_heads, head_dim] (numpy's rule for advanced
+        # indices split by a slice), whether `layer` is an int or traced
+        k_new = k.reshape(batch * t, *k.shape[2:]).astype(kv.k.dtype)
+        v_new = v.reshape(batch * t, *v.shape[2:]).astype(kv.v.dtype)
+        kv = KVPages(kv.k.at[layer, :, pages, slots].set(k_new),
+                     kv.v.at[layer, :, pages, slots].set(v_new))
+        out = attention(q, kv.k[layer], kv.v[layer], page_table, positions, kv_lens,
                         sliding_window=config.sliding_window, mesh=mesh)
-        return out, new_kv + (LayerPages(k_pages, v_pages),)
+        return out, kv
 
-    hidden, new_kv = model.apply({"params": params}, tokens, jnp.maximum(positions, 0), attend, ())
+    hidden, new_kv = model.apply({"params": params}, tokens, jnp.maximum(positions, 0), attend, kv)
     last = jnp.argmax(positions, axis=1)  # each row's last real token
     hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
     return model, hidden, new_kv

@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 
 from jaxpd.engine.model_step import hidden_and_pages
 from jaxpd.engine.sampling import SamplingArrays, sample
-from jaxpd.kv.pool import KVPages, LayerPages, page_sharding
+from jaxpd.kv.pool import KVPages, page_sharding
 from jaxpd.model.config import ModelConfig
 from jaxpd.model.llama import LlamaModel
 
@@ -29,8 +29,7 @@ def _keep_pool_layout(kv: KVPages, mesh: Mesh | None) -> KVPages:
     sharding = page_sharding(mesh)
     if sharding is None:
         return kv
-    pin = functools.partial(jax.lax.with_sharding_constraint, shardings=sharding)
-    return tuple(LayerPages(pin(layer.k), pin(layer.v)) for layer in kv)
+    return KVPages(*(jax.lax.with_sharding_constraint(x, sharding) for x in kv))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "mesh", "attention", "num_steps"),

@@ -1,12 +1,12 @@
 """The KV layout: the one contract between a prefill mesh and a decode mesh.
 
-A page pool holds, for every layer, K and V pages shaped `[kv_heads, num_pages, page_size,
-head_dim]`, sharded on the KV-head axis over `tp`. Heads first because that is the axis TP
-splits, so each rank's part of the pool is one contiguous slab, and a page of one head is a
-contiguous `[page_size, head_dim]` tile, which is what paged-attention kernels load per step
-(the layout of JAX's Pallas paged attention ops). One array per layer (not one stacked array)
-so a layer's KV can be handed off as soon as that layer is computed, and each layer's update
-is an in-place scatter into a donated buffer.
+A page pool holds K and V pages shaped `[num_layers, kv_heads, num_pages, page_size,
+head_dim]`, sharded on the KV-head axis over `tp`. Heads right after layers because that is the
+axis TP splits, so each rank's part of a layer is one contiguous slab, and a page of one head is
+a contiguous `[page_size, head_dim]` tile, which is what paged-attention kernels load per step
+(the layout of JAX's Pallas paged attention ops). Layers stacked in one array so a scanned layer
+stack carries the pool as a loop buffer and writes a layer's new K/V in place at a traced layer
+index; the step functions donate it.
 
 `kv_heads` counts heads as stored: with fewer model KV heads than TP ranks, each head is
 replicated so every rank holds the head its query heads read. Two meshes with different TP

@@ -1,4 +1,4 @@
-"""A page pool on one mesh: every layer's K and V pages, sharded over KV heads on `tp`."""
+"""A page pool on one mesh: every layer's K and V pages, stacked, sharded over KV heads on `tp`."""
 
 from __future__ import annotations
 
@@ -12,14 +12,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxpd.kv.layout import KVLayout
 
 
-class LayerPages(NamedTuple):
-    k: jax.Array  # [kv_heads, num_pages, page_size, head_dim]
-    v: jax.Array  # [kv_heads, num_pages, page_size, head_dim]
+class KVPages(NamedTuple):
+    """The pool. Stacked over layers so a scanned layer stack carries it as one loop buffer and
+    updates one layer in place with a dynamic index (a per-layer tuple cannot be indexed by a
+    traced layer)."""
+
+    k: jax.Array  # [num_layers, kv_heads, num_pages, page_size, head_dim]
+    v: jax.Array  # [num_layers, kv_heads, num_pages, page_size, head_dim]
 
 
-KVPages = tuple[LayerPages, ...]
-
-PAGE_SPEC = P("tp", None, None, None)
+PAGE_SPEC = P(None, "tp", None, None, None)
 
 
 def page_sharding(mesh: Mesh | None) -> NamedSharding | None:
@@ -28,11 +30,10 @@ def page_sharding(mesh: Mesh | None) -> NamedSharding | None:
 
 def create_pages(layout: KVLayout, num_pages: int, mesh: Mesh | None) -> KVPages:
     """Zeroed pages for every layer, created directly in their sharded layout."""
-    shape = (layout.kv_heads, num_pages, layout.page_size, layout.head_dim)
-    sharding = page_sharding(mesh)
+    shape = (layout.num_layers, layout.kv_heads, num_pages, layout.page_size, layout.head_dim)
 
-    @functools.partial(jax.jit, out_shardings=sharding)
+    @functools.partial(jax.jit, out_shardings=page_sharding(mesh))
     def zeros():
         return jnp.zeros(shape, layout.jnp_dtype)
 
-    return tuple(LayerPages(zeros(), zeros()) for _ in range(layout.num_layers))
+    return KVPages(zeros(), zeros())

@@ -48,14 +48,14 @@ def load_config(folder: str | Path | None) -> ModelConfig:
 
 
 def load_model(folder: str | Path | None = None, mesh: Mesh | None = None,
-               dtype: str | None = None) -> LoadedModel:
+               dtype: str | None = None, scan_layers: bool = True) -> LoadedModel:
     """Config and sharded parameters from `folder` (default: the embedded model).
 
     `dtype` overrides the checkpoint's dtype; by default CPU runs in float32, since XLA on CPU
-    emulates bfloat16 arithmetic slowly.
+    emulates bfloat16 arithmetic slowly. `scan_layers=False` unrolls the layer stack.
     """
     folder = Path(folder) if folder is not None else default_checkpoint()
-    config = load_config(folder)
+    config = load_config(folder).replace(scan_layers=scan_layers)
     if dtype is None and jax.default_backend() == "cpu":
         dtype = "float32"
     if dtype is not None:

@@ -3,6 +3,8 @@
 Each parameter is built with `jax.make_array_from_callback`: every device asks for its own
 shard, which is read from the memory-mapped file and cast on the host. No device ever holds a
 whole TP-split tensor and the host never holds the model twice (at most one shard in flight).
+A decoder-layer parameter is stacked over layers (`model.layers.<i>.…` tensors), so its shard
+is this rank's slice of that tensor in every layer, read layer by layer into one host buffer.
 """
 
 from __future__ import annotations
@@ -16,17 +18,19 @@ from jax.sharding import Mesh
 
 from jaxpd.errors import CheckpointError
 from jaxpd.model.config import ModelConfig
+from jaxpd.model.llama import is_stacked
 from jaxpd.model.safetensors_file import SafetensorsFile
 from jaxpd.model.sharding import abstract_params, make_mesh, param_shardings
 
 INDEX_FILE = "model.safetensors.index.json"
 
 
-def hf_name(path: tuple[str, ...]) -> str:
-    """HF tensor name of a parameter path: ('layers_0', 'mlp', 'up_proj', 'weight') ->
-    'model.layers.0.mlp.up_proj.weight'."""
-    parts = [p.replace("layers_", "layers.", 1) if p.startswith("layers_") else p for p in path]
-    name = ".".join(parts)
+def hf_name(path: tuple[str, ...], layer: int | None = None) -> str:
+    """HF tensor name of a parameter path, and for a stacked layer parameter of one layer:
+    (('layers', 'mlp', 'up_proj', 'weight'), 0) -> 'model.layers.0.mlp.up_proj.weight'."""
+    if is_stacked(path):
+        path = (path[0], str(layer)) + path[1:]
+    name = ".".join(path)
     return name if name.startswith("lm_head.") else "model." + name
 
 
@@ -90,20 +94,36 @@ def load_hf_params(folder: str | Path, config: ModelConfig, mesh: Mesh | None = 
     index = TensorIndex(folder)
     target = np.dtype(config.jnp_dtype)
 
-    def load(path, leaf, sharding):
-        keys = tuple(k.key for k in path)
-        name = hf_name(keys)
+    def find(name: str, shape: tuple[int, ...]) -> tuple[SafetensorsFile, str]:
         found = index.find(name)
         if found is None:
             hint = ("; config.json has tie_word_embeddings=false, so the model needs its own output "
                     "projection" if name == "lm_head.weight" else "")
             raise CheckpointError(f"{folder}: tensor {name!r} is missing from the checkpoint{hint}")
         f, stored = found
-        if f.shape(stored) != tuple(leaf.shape):
+        if f.shape(stored) != shape:
             raise CheckpointError(f"{f.path}: tensor {stored!r} has shape {list(f.shape(stored))}, "
-                                  f"config.json implies {list(leaf.shape)}")
-        return jax.make_array_from_callback(
-            tuple(leaf.shape), sharding, lambda idx: f.read(stored, idx).astype(target))
+                                  f"config.json implies {list(shape)}")
+        return f, stored
+
+    def load(path, leaf, sharding):
+        keys, shape = tuple(k.key for k in path), tuple(leaf.shape)
+        if not is_stacked(keys):
+            f, stored = find(hf_name(keys), shape)
+            return jax.make_array_from_callback(
+                shape, sharding, lambda idx: f.read(stored, idx).astype(target))
+        layers = [find(hf_name(keys, i), shape[1:]) for i in range(shape[0])]
+
+        def read_layers(idx):  # idx[0] picks layers, idx[1:] this rank's slice of each
+            picked = layers[idx[0]]
+            first = picked[0][0].read(picked[0][1], idx[1:])
+            out = np.empty((len(picked),) + first.shape, target)
+            out[0] = first
+            for i, (f, stored) in enumerate(picked[1:], 1):
+                out[i] = f.read(stored, idx[1:])
+            return out
+
+        return jax.make_array_from_callback(shape, sharding, read_layers)
 
     return jax.tree_util.tree_map_with_path(load, abstract, shardings)
 

@@ -15,6 +15,7 @@ from safetensors.numpy import save_file
 
 from jaxpd.model.config import ModelConfig
 from jaxpd.model.hf_checkpoint import hf_name
+from jaxpd.model.llama import is_stacked
 
 
 def hf_config_dict(cfg: ModelConfig) -> dict:
@@ -42,11 +43,22 @@ def hf_config_dict(cfg: ModelConfig) -> dict:
     }
 
 
+def hf_tensors(params) -> dict[str, np.ndarray]:
+    """Host arrays under HF names: stacked layer parameters split back into one per layer."""
+    tensors = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        keys, host = tuple(k.key for k in path), np.asarray(leaf)
+        if is_stacked(keys):
+            tensors.update((hf_name(keys, i), host[i]) for i in range(host.shape[0]))
+        else:
+            tensors[hf_name(keys)] = host
+    return tensors
+
+
 def save_hf_checkpoint(folder: str | Path, params, config: ModelConfig) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {hf_name(tuple(k.key for k in path)): np.asarray(leaf)
-               for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+    tensors = hf_tensors(params)
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(hf_config_dict(config), indent=2) + "\n")
     return folder

@@ -1,10 +1,16 @@
 """The Llama-family decoder (Llama 2/3, Mistral, Qwen2) as Flax modules.
 
-Weights keep Hugging Face's layout and names (`[out, in]` matrices under `layers_<i>/self_attn/
-q_proj/weight`), so a checkpoint tensor maps onto a parameter with no transpose and a TP shard of
-a parameter is one contiguous slice of a file. Attention and the KV cache are not part of the
-module: each layer hands its rotated q, k, v to an `attend` callable, so prefill, decode, paged
-caches and Pallas kernels plug in without touching the model.
+Weights keep Hugging Face's layout and names (`[out, in]` matrices, `self_attn/q_proj/weight`),
+so a checkpoint tensor maps onto a parameter with no transpose and a TP shard of a parameter is
+one contiguous slice of a file. The decoder layers' parameters are stacked on a leading layer
+axis (`layers/self_attn/q_proj/weight` is `[num_layers, out, in]`), so the layers can run under
+`jax.lax.scan`: the layer body is traced and compiled once, and compile time does not grow with
+depth. `ModelConfig.scan_layers=False` unrolls the same parameters in a Python loop instead.
+
+Attention and the KV cache are not part of the module: each layer hands its rotated q, k, v to
+an `attend` callable, so prefill, decode, paged caches and Pallas kernels plug in without
+touching the model. Under scan the layer index attend receives is traced, so caches are stacked
+per layer too and attend indexes them dynamically.
 """
 
 from __future__ import annotations
@@ -19,10 +25,18 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxpd.model.config import ModelConfig
 from jaxpd.model.rope import apply_rope, inverse_frequencies
 
-# attend(layer_index, q [b,t,h,d], k [b,t,kv,d], v [b,t,kv,d], cache) -> (out [b,t,h,d], cache)
-AttendFn = Callable[[int, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
+# attend(layer_index, q [b,t,h,d], k [b,t,kv,d], v [b,t,kv,d], cache) -> (out [b,t,h,d], cache).
+# layer_index is an int when unrolled and a traced i32 scalar under scan; the returned cache must
+# have the structure, shapes and dtypes of the one passed in (it is the scan carry).
+AttendFn = Callable[[int | jax.Array, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 
 _INIT = nn.initializers.normal(stddev=0.02)
+LAYERS = "layers"  # the parameter subtree holding every decoder layer, stacked
+
+
+def is_stacked(path: tuple[str, ...]) -> bool:
+    """Whether the parameter at `path` is stacked over decoder layers (leading layer axis)."""
+    return path[0] == LAYERS
 
 
 def kv_head_repeat(config: ModelConfig, tp: int) -> int:
@@ -72,10 +86,9 @@ class _Sharded(nn.Module):
 
 class Attention(_Sharded):
     config: ModelConfig
-    layer_index: int
 
     @nn.compact
-    def __call__(self, x, positions, attend: AttendFn, cache):
+    def __call__(self, x, positions, attend: AttendFn, cache, layer_index):
         cfg, dt = self.config, self.config.jnp_dtype
         b, t, _ = x.shape
         q = Linear(cfg.num_heads * cfg.head_dim, cfg.qkv_bias, dt, name="q_proj")(x)
@@ -93,7 +106,7 @@ class Attention(_Sharded):
         q = self.constrain(q, "dp", None, "tp", None)
         k = self.constrain(k, "dp", None, "tp", None)
         v = self.constrain(v, "dp", None, "tp", None)
-        out, cache = attend(self.layer_index, q, k, v, cache)
+        out, cache = attend(layer_index, q, k, v, cache)
         out = out.reshape(b, t, cfg.num_heads * cfg.head_dim)
         return Linear(cfg.hidden_size, cfg.o_bias, dt, name="o_proj")(out), cache
 
@@ -111,18 +124,23 @@ class MLP(nn.Module):
 
 class DecoderLayer(_Sharded):
     config: ModelConfig
-    layer_index: int
 
     @nn.compact
-    def __call__(self, x, positions, attend: AttendFn, cache):
+    def __call__(self, x, positions, attend: AttendFn, cache, layer_index):
         cfg, dt = self.config, self.config.jnp_dtype
         h = RMSNorm(cfg.rms_norm_eps, dt, name="input_layernorm")(x)
-        h, cache = Attention(self.mesh, cfg, self.layer_index, name="self_attn")(
-            h, positions, attend, cache)
+        h, cache = Attention(self.mesh, cfg, name="self_attn")(
+            h, positions, attend, cache, layer_index)
         x = self.constrain(x + h, "dp", None, None)
         h = RMSNorm(cfg.rms_norm_eps, dt, name="post_attention_layernorm")(x)
         x = self.constrain(x + MLP(cfg, name="mlp")(h), "dp", None, None)
         return x, cache
+
+
+def no_attention(layer_index, q, k, v, cache):
+    """Stand-in attend for building parameters (attention has none): returns q unchanged."""
+    del layer_index, k, v
+    return q, cache
 
 
 class LlamaModel(_Sharded):
@@ -139,7 +157,7 @@ class LlamaModel(_Sharded):
         self.embed_tokens = self.param(
             "embed_tokens", lambda key: {"weight": _INIT(
                 key, (cfg.vocab_size, cfg.hidden_size), cfg.jnp_dtype)})
-        self.layers = [DecoderLayer(self.mesh, cfg, i) for i in range(cfg.num_layers)]
+        self.layers = self.param(LAYERS, self._init_layers)
         self.norm = RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear(cfg.vocab_size, False, cfg.jnp_dtype)
@@ -149,9 +167,34 @@ class LlamaModel(_Sharded):
                  attend: AttendFn, cache: Any):
         x = jnp.take(self.embed_tokens["weight"], tokens, axis=0)
         x = self.constrain(x, "dp", None, None)
-        for layer in self.layers:
-            x, cache = layer(x, positions, attend, cache)
+        layer = DecoderLayer(self.mesh, self.config, parent=None)
+
+        def run(x, cache, params, index):
+            return layer.apply({"params": params}, x, positions, attend, cache, index)
+
+        if self.config.scan_layers:
+            def body(carry, xs):
+                return run(*carry, *xs), None
+
+            indices = jnp.arange(self.config.num_layers, dtype=jnp.int32)
+            (x, cache), _ = jax.lax.scan(body, (x, cache), (self.layers, indices))
+        else:
+            for i in range(self.config.num_layers):
+                x, cache = run(x, cache, jax.tree.map(lambda p: p[i], self.layers), i)
         return self.norm(x), cache
+
+    def _init_layers(self, key: jax.Array):
+        """Every layer's parameters, stacked on a leading layer axis: the one in-memory form
+        both the scanned and the unrolled stack read."""
+        cfg = self.config
+        x = jnp.zeros((1, 1, cfg.hidden_size), cfg.jnp_dtype)
+        positions = jnp.zeros((1, 1), jnp.int32)
+
+        def init_one(layer_key):
+            return DecoderLayer(None, cfg, parent=None).init(
+                layer_key, x, positions, no_attention, None, 0)["params"]
+
+        return jax.vmap(init_one)(jax.random.split(key, cfg.num_layers))
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """f32[..., vocab] for hidden states [..., hidden]."""

@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxpd.errors import ShardingError
 from jaxpd.model.config import ModelConfig
-from jaxpd.model.llama import kv_head_repeat
+from jaxpd.model.llama import is_stacked, kv_head_repeat
 
 AXES = ("dp", "tp")
 
@@ -53,7 +53,18 @@ def _split_rows_if(divisible: bool) -> P:
 
 def partition_spec(path: tuple[str, ...], shape: tuple[int, ...], config: ModelConfig,
                    tp: int) -> P:
-    """PartitionSpec of the parameter at `path` (e.g. ('layers_0', 'self_attn', 'q_proj', 'weight'))."""
+    """PartitionSpec of the parameter at `path` (e.g. ('layers', 'self_attn', 'q_proj', 'weight')).
+
+    Decoder-layer parameters are stacked on a leading layer axis, which is never split: each
+    rank holds its slice of every layer, as a scanned layer stack reads them."""
+    if is_stacked(path):
+        return P(None, *_layer_spec(path, shape[1:], config, tp))
+    return _layer_spec(path, shape, config, tp)
+
+
+def _layer_spec(path: tuple[str, ...], shape: tuple[int, ...], config: ModelConfig,
+                tp: int) -> P:
+    """PartitionSpec of one layer's (or a top-level) parameter of `shape`."""
     module, leaf = path[-2], path[-1]
     kv_split = kv_head_repeat(config, tp) == 1
     inter_split = config.intermediate_size % tp == 0

@@ -71,7 +71,8 @@ def _load_worker(deployment: DeploymentConfig, tp: int):
         raise JaxpdError(f"this worker needs tp={tp} devices but sees {len(devices)} "
                          f"({devices[0].platform})")
     mesh = make_mesh(devices[:tp], tp)
-    model = load_model(deployment.model.checkpoint, mesh, deployment.model.dtype)
+    model = load_model(deployment.model.checkpoint, mesh, deployment.model.dtype,
+                       deployment.model.scan_layers)
     config = merge_tokenizer_eos(model.config, tokenizer_for_checkpoint(model.folder))
     engine = build_engine(config, model.params, local_deployment(deployment, tp))
     wire = WireContext(model_fingerprint(config, model.params), engine.prefill.manager.layout,

@@ -1,8 +1,8 @@
 """In-process KV hand-off with `jax.device_put`: prefill mesh -> decode mesh, same host.
 
-Pages are gathered on the source mesh (one gather per layer, into a contiguous buffer: one big
-copy instead of many small ones), stripped of TP head replication, moved with `device_put` into
-the destination's head sharding, re-replicated for the destination TP, and scattered into the
+Pages are gathered on the source mesh (one gather over every layer, into a contiguous buffer:
+one big copy instead of many small ones), stripped of TP head replication, moved with
+`device_put` into the destination's head sharding, re-replicated for the destination TP, and scattered into the
 destination pool in place (donated). Page counts are bucketed, padding with the null page.
 """
 
@@ -20,29 +20,26 @@ from jaxpd.errors import ConfigError
 from jaxpd.kv.allocator import NULL_BLOCK
 from jaxpd.kv.layout import KVLayout, canonical_heads, replicate_heads
 from jaxpd.kv.manager import KVCacheManager
-from jaxpd.kv.pool import KVPages, LayerPages
+from jaxpd.kv.pool import KVPages
 
 
 @functools.partial(jax.jit, static_argnames=("layout",))
 def gather_canonical(kv: KVPages, pages: jax.Array, *, layout: KVLayout) -> KVPages:
-    """Each layer's K/V for `pages`: [model_kv_heads, n, page_size, head_dim]."""
-    return tuple(LayerPages(canonical_heads(layer.k[:, pages], layout, 0),
-                            canonical_heads(layer.v[:, pages], layout, 0)) for layer in kv)
+    """Every layer's K/V for `pages`: [layers, model_kv_heads, n, page_size, head_dim]."""
+    return KVPages(*(canonical_heads(x[:, :, pages], layout, 1) for x in kv))
 
 
 @functools.partial(jax.jit, static_argnames=("layout",), donate_argnames=("kv",))
 def scatter_pages(kv: KVPages, moved: KVPages, pages: jax.Array, *, layout: KVLayout) -> KVPages:
     """Write canonical-head `moved` pages into `kv` at `pages`, replicating heads for `layout`."""
-    return tuple(LayerPages(layer.k.at[:, pages].set(replicate_heads(m.k, layout, 0)),
-                            layer.v.at[:, pages].set(replicate_heads(m.v, layout, 0)))
-                 for layer, m in zip(kv, moved))
+    return KVPages(*(x.at[:, :, pages].set(replicate_heads(m, layout, 1)) for x, m in zip(kv, moved)))
 
 
 def _wire_sharding(layout: KVLayout, mesh: Mesh | None):
     """How canonical pages land on the destination: split by head where the heads divide."""
     if mesh is None:
         return jax.devices()[0]
-    spec = P("tp") if layout.model_kv_heads % layout.tp == 0 else P()
+    spec = P(None, "tp") if layout.model_kv_heads % layout.tp == 0 else P()
     return NamedSharding(mesh, spec)
 
 

@@ -27,8 +27,9 @@ import numpy as np
 from jaxpd.engine.buckets import pow2_bucket
 from jaxpd.kv.allocator import NULL_BLOCK
 from jaxpd.kv.layout import KVLayout, canonical_heads, replicate_heads
-from jaxpd.kv.pool import KVPages, LayerPages
+from jaxpd.kv.pool import KVPages
 from jaxpd.model.config import ModelConfig
+from jaxpd.model.llama import is_stacked
 from jaxpd.v1 import worker_pb2
 
 WIRE_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"),
@@ -55,11 +56,16 @@ def model_fingerprint(config: ModelConfig, params) -> bytes:
     Workers compare it before accepting KV, so a decode worker never mixes KV from another
     checkpoint (or revision) into its pool. It does not depend on the mesh or TP degree.
     """
-    shape = {k: v for k, v in config.to_dict().items() if k not in ("dtype", "eos_token_ids")}
+    shape = {k: v for k, v in config.to_dict().items()
+             if k not in ("dtype", "eos_token_ids", "scan_layers")}
     h = hashlib.blake2b(repr(sorted(shape.items())).encode(), digest_size=16)
     for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(params), key=lambda p: str(p[0])):
         h.update(str(path).encode())
-        sample = np.asarray(jax.device_get(leaf[:2] if leaf.ndim else leaf), np.float32)
+        if is_stacked(tuple(k.key for k in path)):  # every layer's sample, not just the first
+            leaf = leaf[:, :2]
+        elif leaf.ndim:
+            leaf = leaf[:2]
+        sample = np.asarray(jax.device_get(leaf), np.float32)
         h.update(sample.tobytes())
     return h.digest()
 
@@ -68,10 +74,10 @@ def model_fingerprint(config: ModelConfig, params) -> bytes:
 @functools.partial(jax.jit, static_argnames=("layout",))
 def gather_pages(kv: KVPages, pages: jax.Array, *, layout: KVLayout) -> jax.Array:
     """[layers, 2, model_kv_heads, len(pages) * page_size, head_dim]: `pages` of every layer."""
-    def one(x):  # [kv_heads, n, page_size, head_dim] -> canonical heads, tokens flattened
-        x = canonical_heads(x[:, pages], layout, 0)
-        return x.reshape(x.shape[0], -1, x.shape[-1])
-    return jnp.stack([jnp.stack([one(layer.k), one(layer.v)]) for layer in kv])
+    def one(x):  # [layers, kv_heads, n, page_size, head_dim] -> canonical heads, tokens flat
+        x = canonical_heads(x[:, :, pages], layout, 1)
+        return x.reshape(*x.shape[:2], -1, x.shape[-1])
+    return jnp.stack([one(kv.k), one(kv.v)], axis=1)
 
 
 def gather_tokens(kv: KVPages, layout: KVLayout, seq_pages: list[int], start: int,
@@ -241,14 +247,10 @@ def check_piece(ctx: WireContext, header: worker_pb2.KVHeader, payload: memoryvi
 @functools.partial(jax.jit, static_argnames=("layout", "layer_start"), donate_argnames=("kv",))
 def _scatter_tokens(kv: KVPages, update: jax.Array, pages: jax.Array, slots: jax.Array, *,
                     layout: KVLayout, layer_start: int) -> KVPages:
-    out = list(kv)
-    for i in range(update.shape[0]):
-        layer = kv[layer_start + i]
-        k = replicate_heads(update[i, 0], layout, 0).astype(layer.k.dtype)  # [kv_heads, t, hd]
-        v = replicate_heads(update[i, 1], layout, 0).astype(layer.v.dtype)
-        out[layer_start + i] = LayerPages(layer.k.at[:, pages, slots].set(k),
-                                          layer.v.at[:, pages, slots].set(v))
-    return tuple(out)
+    layers = slice(layer_start, layer_start + update.shape[0])
+    k = replicate_heads(update[:, 0], layout, 1).astype(kv.k.dtype)  # [layers, kv_heads, t, hd]
+    v = replicate_heads(update[:, 1], layout, 1).astype(kv.v.dtype)
+    return KVPages(kv.k.at[layers, :, pages, slots].set(k), kv.v.at[layers, :, pages, slots].set(v))
 
 
 def write_piece(kv: KVPages, layout: KVLayout, seq_pages: list[int], piece: KVPiece) -> KVPages:
