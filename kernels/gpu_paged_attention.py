@@ -168,9 +168,14 @@ def combine_splits(out: jax.Array,  # f32[splits, b, rows, kv_heads, d], each sp
     return (w * out).sum(axis=0) / jnp.where(total > 0, total, 1.0)
 
 
+def _stacked(pages: jax.Array) -> jax.Array:
+    """A one-layer pool `[kv_heads, pages, page_size, dim]` as a stack of one layer."""
+    return pages[None] if pages.ndim == 4 else pages
+
+
 def _plan(q, k_pages, page_table, block_sizes: BlockSizes):
     batch, t, heads, dim = q.shape
-    kv_heads, _, page_size, _ = k_pages.shape
+    kv_heads, _, page_size, _ = k_pages.shape[-4:]
     if heads % kv_heads:
         raise ValueError(f"{heads} query heads do not divide into {kv_heads} KV heads")
     group = heads // kv_heads
@@ -183,7 +188,7 @@ def _plan(q, k_pages, page_table, block_sizes: BlockSizes):
 
 # -- the Mosaic GPU kernel ----------------------------------------------------------------------
 
-def _kernel(q_ref, k_ref, v_ref, table_ref, qstart_ref, qlen_ref, o_ref, lse_ref,
+def _kernel(q_ref, k_ref, v_ref, table_ref, qstart_ref, qlen_ref, layer_ref, o_ref, lse_ref,
             q_smem, k_smem, v_smem, o_smem, lse_smem, q_bar, k_bar, v_bar, *,
             group: int, block_q: int, page_size: int, pages_per_block: int, splits: int,
             window: int | None, soft_cap: float | None, scale: float):
@@ -192,6 +197,7 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, qstart_ref, qlen_ref, o_ref, lse_ref
 
     block_kv = page_size * pages_per_block
     rs, h, b = lax.axis_index("rs"), lax.axis_index("h"), lax.axis_index("b")
+    k_ref, v_ref = k_ref.at[layer_ref[0]], v_ref.at[layer_ref[0]]  # this layer of the stack
     row_block, split = lax.div(rs, splits), lax.rem(rs, splits)
     row0 = row_block * block_q
     q_start, q_len = qstart_ref[b], qlen_ref[b]
@@ -265,11 +271,12 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, qstart_ref, qlen_ref, o_ref, lse_ref
 
 @functools.partial(jax.jit, static_argnames=("sliding_window", "soft_cap", "block_sizes"))
 def paged_attention(q: jax.Array,  # [batch, q_len, heads, head_dim], bf16 or f16
-                    k_pages: jax.Array,  # [kv_heads, num_pages, page_size, head_dim]
-                    v_pages: jax.Array,  # [kv_heads, num_pages, page_size, head_dim]
+                    k_pages: jax.Array,  # [(layers,) kv_heads, num_pages, page_size, head_dim]
+                    v_pages: jax.Array,  # the same shape
                     page_table: jax.Array,  # i32[batch, pages_per_seq]
                     q_positions: jax.Array,  # i32[batch, q_len]: contiguous, -1 padding at the end
                     kv_lens: jax.Array,  # i32[batch]; must equal last position + 1 (causal)
+                    layer: jax.Array | int = 0,  # which layer of a stacked pool (read in place)
                     *, sliding_window: int | None = None, soft_cap: float | None = None,
                     block_sizes: BlockSizes = BlockSizes()) -> jax.Array:
     """Attention of each query token over its row's paged KV -> [batch, q_len, heads, dim]."""
@@ -277,7 +284,8 @@ def paged_attention(q: jax.Array,  # [batch, q_len, heads, head_dim], bf16 or f1
 
     del kv_lens  # implied by the contiguous positions (q_start + q_len)
     batch, t, heads, dim = q.shape
-    kv_heads, _, page_size, _ = k_pages.shape
+    k_pages, v_pages = _stacked(k_pages), _stacked(v_pages)
+    _, kv_heads, _, page_size, _ = k_pages.shape
     if not supported(q.dtype, dim) or k_pages.dtype != q.dtype:
         raise ValueError(f"the Mosaic GPU kernel takes bf16/f16 q and pages with head_dim 64 or "
                          f"128; got q {q.dtype}, pages {k_pages.dtype}, head_dim {dim}")
@@ -312,20 +320,22 @@ def paged_attention(q: jax.Array,  # [batch, q_len, heads, head_dim], bf16 or f1
             plgpu.Barrier(num_arrivals=block_sizes.pages_per_block(page_size), num_barriers=2),
         ],
         compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(q_rows, k_pages, v_pages, page_table.astype(jnp.int32), q_start, q_len)
+    )(q_rows, k_pages, v_pages, page_table.astype(jnp.int32), q_start, q_len,
+      jnp.asarray(layer, jnp.int32).reshape(1))
     return _unpack_rows(combine_splits(out, lse), t, heads).astype(q.dtype)
 
 
 # -- the same tiling in plain jnp (runs on CPU) -------------------------------------------------
 
 @functools.partial(jax.jit, static_argnames=("sliding_window", "soft_cap", "block_sizes"))
-def paged_attention_tiled(q, k_pages, v_pages, page_table, q_positions, kv_lens, *,
+def paged_attention_tiled(q, k_pages, v_pages, page_table, q_positions, kv_lens, layer=0, *,
                           sliding_window: int | None = None, soft_cap: float | None = None,
                           block_sizes: BlockSizes = BlockSizes()) -> jax.Array:
     """What `paged_attention` computes, block by block, in jnp: packed rows, each CTA's KV block
     range and split, the per-page fetch with its clamp, masks, exp2 online softmax, combine."""
     del kv_lens
     batch, t, heads, dim = q.shape
+    k_pages, v_pages = _stacked(k_pages)[layer], _stacked(v_pages)[layer]
     kv_heads, _, page_size, _ = k_pages.shape
     group, block_kv, row_blocks, splits = _plan(q, k_pages, page_table, block_sizes)
     block_q, per_block = block_sizes.block_q, block_sizes.pages_per_block(page_size)

@@ -104,13 +104,14 @@ class _PageBlockCopy:
             c.wait()
 
 
-def _attend(page_table_ref, kv_lens_ref, q_lo_ref,  # scalar prefetch (SMEM)
-            q_ref, qpos_ref, k_hbm, v_hbm,  # q blocks in VMEM; all pages stay in HBM
+def _attend(layer_ref, page_table_ref, kv_lens_ref, q_lo_ref,  # scalar prefetch (SMEM)
+            q_ref, qpos_ref, k_hbm, v_hbm,  # q blocks in VMEM; the stacked pool stays in HBM
             o_ref,
             k_buf, v_buf, k_sem, v_sem,  # VMEM double buffers and their DMA semaphores
             *, page_size: int, pages: int, pages_per_block: int, scale: float,
             window: int | None, soft_cap: float | None):
     b, h = pl.program_id(0), pl.program_id(1)
+    k_hbm, v_hbm = k_hbm.at[layer_ref[0]], v_hbm.at[layer_ref[0]]  # this layer's pages
     length = kv_lens_ref[b]
     used = (length + page_size - 1) // page_size
     last_page = jnp.clip(used - 1, 0, pages - 1)
@@ -173,7 +174,7 @@ def _attend(page_table_ref, kv_lens_ref, q_lo_ref,  # scalar prefetch (SMEM)
     o_ref[...] = (acc / jnp.where(l > 0, l, 1.0)).astype(o_ref.dtype)
 
 
-def _write_then_attend(page_table_ref, kv_lens_ref, q_lo_ref, positions_ref,  # SMEM
+def _write_then_attend(layer_ref, page_table_ref, kv_lens_ref, q_lo_ref, positions_ref,  # SMEM
                        q_ref, qpos_ref, k_new_ref, v_new_ref, k_in, v_in,
                        o_ref, k_hbm, v_hbm,  # k_hbm/v_hbm alias k_in/v_in: the donated pool
                        k_buf, v_buf, k_sem, v_sem, w_sem, *, q_len: int, **attend):
@@ -192,30 +193,34 @@ def _write_then_attend(page_table_ref, kv_lens_ref, q_lo_ref, positions_ref,  # 
             slot = pos % page_size
             for new, pool in ((k_new_ref, k_hbm), (v_new_ref, v_hbm)):
                 copy = pltpu.make_async_copy(new.at[pl.ds(t, 1)],
-                                             pool.at[h, page, pl.ds(slot, 1)], w_sem.at[0])
+                                             pool.at[layer_ref[0], h, page, pl.ds(slot, 1)],
+                                             w_sem.at[0])
                 copy.start()
                 copy.wait()
         return carry
 
     jax.lax.fori_loop(0, q_len, write, 0)
-    _attend(page_table_ref, kv_lens_ref, q_lo_ref, q_ref, qpos_ref, k_hbm, v_hbm, o_ref,
-            k_buf, v_buf, k_sem, v_sem, **attend)
+    _attend(layer_ref, page_table_ref, kv_lens_ref, q_lo_ref, q_ref, qpos_ref, k_hbm, v_hbm,
+            o_ref, k_buf, v_buf, k_sem, v_sem, **attend)
 
 
 @functools.partial(jax.jit, static_argnames=("sliding_window", "soft_cap", "block_sizes",
                                              "interpret"))
 def paged_attention(q: jax.Array,  # [batch, q_len, heads, head_dim]
-                    k_pages: jax.Array,  # [kv_heads, num_pages, page_size, head_dim]
-                    v_pages: jax.Array,  # [kv_heads, num_pages, page_size, head_dim]
+                    k_pages: jax.Array,  # [(layers,) kv_heads, num_pages, page_size, head_dim]
+                    v_pages: jax.Array,  # the same shape
                     page_table: jax.Array,  # i32[batch, pages_per_seq]
                     q_positions: jax.Array,  # i32[batch, q_len]; -1 = padding
                     kv_lens: jax.Array,  # i32[batch]: cached tokens, the new ones included
+                    layer: jax.Array | int = 0,  # which layer of a stacked pool
                     *, sliding_window: int | None = None, soft_cap: float | None = None,
                     block_sizes: BlockSizes = BlockSizes(),
                     interpret: pltpu.InterpretParams | bool = False) -> jax.Array:
-    """Attention of each query token over its row's paged KV -> [batch, q_len, heads, dim]."""
+    """Attention of each query token over its row's paged KV -> [batch, q_len, heads, dim].
+    A stacked pool stays whole: the kernel addresses `layer`'s pages in it (no slice copy)."""
     batch, q_len, heads, dim = q.shape
-    kv_heads, _, page_size, _ = k_pages.shape
+    k_pages, v_pages = _stacked(k_pages), _stacked(v_pages)
+    _, kv_heads, _, page_size, _ = k_pages.shape
     if heads % kv_heads:
         raise ValueError(f"{heads} query heads do not divide into {kv_heads} KV heads")
     group = heads // kv_heads
@@ -231,7 +236,7 @@ def paged_attention(q: jax.Array,  # [batch, q_len, heads, head_dim]
         kernel,
         out_shape=jax.ShapeDtypeStruct((batch, kv_heads, tg, dim), q.dtype),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=3,
+            num_scalar_prefetch=4,
             grid=(batch, kv_heads),
             in_specs=[
                 pl.BlockSpec((None, None, tg, dim), lambda b, h, *_: (b, h, 0, 0)),
@@ -244,8 +249,8 @@ def paged_attention(q: jax.Array,  # [batch, q_len, heads, head_dim]
                             pltpu.SemaphoreType.DMA((2,))]),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
         interpret=interpret,
-    )(page_table.reshape(-1).astype(jnp.int32), kv_lens.astype(jnp.int32), q_lo, qk, qpos,
-      k_pages, v_pages)
+    )(_layer_index(layer), page_table.reshape(-1).astype(jnp.int32), kv_lens.astype(jnp.int32),
+      q_lo, qk, qpos, k_pages, v_pages)
     return _unblock(out, q_len, group)
 
 
@@ -254,18 +259,21 @@ def paged_attention(q: jax.Array,  # [batch, q_len, heads, head_dim]
 def paged_attention_write_kv(q: jax.Array,  # [batch, q_len, heads, head_dim]
                              k_new: jax.Array,  # [batch, q_len, kv_heads, head_dim]
                              v_new: jax.Array,  # [batch, q_len, kv_heads, head_dim]
-                             k_pages: jax.Array,  # [kv_heads, num_pages, page_size, dim], donated
-                             v_pages: jax.Array,
+                             k_pages: jax.Array,  # [(layers,) kv_heads, pages, page_size, dim]
+                             v_pages: jax.Array,  # (both donated)
                              page_table: jax.Array, q_positions: jax.Array, kv_lens: jax.Array,
+                             layer: jax.Array | int = 0,
                              *, sliding_window: int | None = None, soft_cap: float | None = None,
                              block_sizes: BlockSizes = BlockSizes(),
                              interpret: pltpu.InterpretParams | bool = False,
                              ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """`paged_attention` with the new tokens' K/V written into their pages in the same call
     (padding tokens, position -1, write nothing): -> (out, k_pages, v_pages), the pool
-    updated in place."""
+    updated in place (a stacked pool whole: only `layer`'s pages are written)."""
     batch, q_len, heads, dim = q.shape
-    kv_heads, _, page_size, _ = k_pages.shape
+    given = k_pages.ndim
+    k_pages, v_pages = _stacked(k_pages), _stacked(v_pages)
+    _, kv_heads, _, page_size, _ = k_pages.shape
     if heads % kv_heads:
         raise ValueError(f"{heads} query heads do not divide into {kv_heads} KV heads")
     group, pages = heads // kv_heads, page_table.shape[1]
@@ -284,7 +292,7 @@ def paged_attention_write_kv(q: jax.Array,  # [batch, q_len, heads, head_dim]
                    jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype),
                    jax.ShapeDtypeStruct(v_pages.shape, v_pages.dtype)),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=4,
+            num_scalar_prefetch=5,
             grid=(batch, kv_heads),
             in_specs=[pl.BlockSpec((None, None, tg, dim), rows),
                       pl.BlockSpec((None, tg, 1), lambda b, h, *_: (b, 0, 0)),
@@ -297,14 +305,25 @@ def paged_attention_write_kv(q: jax.Array,  # [batch, q_len, heads, head_dim]
                        pl.BlockSpec(memory_space=pl.ANY)],
             scratch_shapes=[buffer, buffer, pltpu.SemaphoreType.DMA((2,)),
                             pltpu.SemaphoreType.DMA((2,)), pltpu.SemaphoreType.DMA((1,))]),
-        # operands count the 4 scalar-prefetch arrays: k_pages is operand 8, v_pages 9
-        input_output_aliases={8: 1, 9: 2},
+        # operands count the 5 scalar-prefetch arrays: k_pages is operand 9, v_pages 10
+        input_output_aliases={9: 1, 10: 2},
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
         interpret=interpret,
-    )(page_table.reshape(-1).astype(jnp.int32), kv_lens.astype(jnp.int32), q_lo,
-      q_positions.reshape(-1).astype(jnp.int32), qk, qpos, to_heads(k_new), to_heads(v_new),
-      k_pages, v_pages)
+    )(_layer_index(layer), page_table.reshape(-1).astype(jnp.int32), kv_lens.astype(jnp.int32),
+      q_lo, q_positions.reshape(-1).astype(jnp.int32), qk, qpos, to_heads(k_new),
+      to_heads(v_new), k_pages, v_pages)
+    if given == 4:
+        k_pages, v_pages = k_pages[0], v_pages[0]
     return _unblock(out, q_len, group), k_pages, v_pages
+
+
+def _stacked(pages: jax.Array) -> jax.Array:
+    """A one-layer pool `[kv_heads, pages, page_size, dim]` as a stack of one layer."""
+    return pages[None] if pages.ndim == 4 else pages
+
+
+def _layer_index(layer: jax.Array | int) -> jax.Array:
+    return jnp.asarray(layer, jnp.int32).reshape(1)
 
 
 def _query_blocks(q: jax.Array, q_positions: jax.Array, kv_heads: int):

@@ -70,6 +70,15 @@ def test_tiling_window_and_soft_cap(window, soft_cap):
                block_sizes=block_sizes)
 
 
+def test_tiling_reads_the_named_layer_of_a_stacked_pool():
+    rng = np.random.default_rng(9)
+    q, k, v, table, positions, lens = paged_batch(rng, kv_heads=2, group=4, dim=64,
+                                                  dtype=jnp.float32, rows=MIXED, pages_per_seq=8)
+    k_stack, v_stack = jnp.stack([k * 0, k, k * 2]), jnp.stack([v * 0, v, v + 1])
+    got = gpu.paged_attention_tiled(q, k_stack, v_stack, table, positions, lens, 1)
+    _compare(got, gpu.paged_attention_reference(q, k, v, table, positions, lens), positions, 1e-5)
+
+
 def test_split_k_combine_is_exact():
     """Any split of the keys, merged by log-sum-exp weights, equals the unsplit softmax."""
     rng = np.random.default_rng(3)
@@ -99,6 +108,7 @@ def test_split_count_fills_the_gpu_without_empty_splits():
 
 
 LOWERINGS = [  # batch, q tokens, heads, kv heads, head dim, page size, window, soft cap
+    # (the pool is stacked over 4 layers; the kernel reads a traced layer of it)
     (4, 1, 32, 8, 128, 16, None, None),  # Llama-3-8B decode
     (1, 1, 8, 1, 64, 16, None, None),  # GQA 8, head dim 64, batch 1: split-K
     (2, 1, 8, 8, 128, 16, 100, 30.0),  # no GQA, window and soft cap
@@ -110,9 +120,9 @@ LOWERINGS = [  # batch, q tokens, heads, kv heads, head dim, page size, window, 
 @pytest.mark.parametrize("batch, t, heads, kv_heads, dim, page, window, cap", LOWERINGS)
 def test_kernel_lowers_for_cuda(batch, t, heads, kv_heads, dim, page, window, cap):
     s = jax.ShapeDtypeStruct
-    args = (s((batch, t, heads, dim), jnp.bfloat16),
-            s((kv_heads, 256, page, dim), jnp.bfloat16), s((kv_heads, 256, page, dim), jnp.bfloat16),
-            s((batch, 32), jnp.int32), s((batch, t), jnp.int32), s((batch,), jnp.int32))
+    pool = s((4, kv_heads, 256, page, dim), jnp.bfloat16)
+    args = (s((batch, t, heads, dim), jnp.bfloat16), pool, pool, s((batch, 32), jnp.int32),
+            s((batch, t), jnp.int32), s((batch,), jnp.int32), s((), jnp.int32))
     fn = lambda *a: gpu.paged_attention(*a, sliding_window=window, soft_cap=cap)  # noqa: E731
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text

@@ -148,3 +148,43 @@ def test_block_sizes_per_generation():
     assert 4 <= v5e <= v6e <= v5p <= 32
     assert BlockSizes.for_device("TPU v5 lite", page_bytes=page // 8).pages_per_block >= v5e
     assert BlockSizes.for_device("cpu", page_bytes=page) == BlockSizes()
+
+
+def test_stacked_pool_reads_and_writes_only_its_layer():
+    """The engine hands the kernel the whole stacked pool and a traced layer index: it attends
+    over that layer, writes the new K/V into that layer only, and every other layer comes back
+    bit for bit (no slice of the pool is copied out and back)."""
+    rng = np.random.default_rng(5)
+    q, k, v, table, positions, lens = paged_batch(rng, kv_heads=2, group=2, dim=64,
+                                                  dtype=jnp.float32, rows=[(21, 5), (19, 1)])
+    layers = 3
+    k_stack = jnp.stack([k * (i + 1) for i in range(layers)])
+    v_stack = jnp.stack([v - i for i in range(layers)])
+    new_shape = (*positions.shape, k.shape[0], k.shape[-1])
+    k_new = jnp.asarray(rng.standard_normal(new_shape), jnp.float32)
+    v_new = jnp.asarray(rng.standard_normal(new_shape), jnp.float32)
+    k_before, v_before = np.asarray(k_stack), np.asarray(v_stack)
+
+    @jax.jit
+    def run(k_stack, v_stack, layer):
+        return paged_attention_write_kv(q, k_new, v_new, k_stack, v_stack, table, positions,
+                                        lens, layer, block_sizes=BlockSizes(2),
+                                        interpret=interpret_params())
+
+    out, k_got, v_got = run(k_stack, v_stack, jnp.int32(1))
+    k_want = _scatter(k_before[1], k_new, np.asarray(table), np.asarray(positions))
+    v_want = _scatter(v_before[1], v_new, np.asarray(table), np.asarray(positions))
+    np.testing.assert_array_equal(np.asarray(k_got)[1], k_want)
+    np.testing.assert_array_equal(np.asarray(v_got)[1], v_want)
+    for other in (0, 2):
+        np.testing.assert_array_equal(np.asarray(k_got)[other], k_before[other])
+        np.testing.assert_array_equal(np.asarray(v_got)[other], v_before[other])
+    want = paged_attention_reference(q, jnp.asarray(k_want), jnp.asarray(v_want), table,
+                                     positions, lens)
+    valid = np.asarray(positions) >= 0
+    np.testing.assert_allclose(np.asarray(out)[valid], np.asarray(want)[valid], rtol=1e-5,
+                               atol=1e-5)
+    read_only = paged_attention(q, k_got, v_got, table, positions, lens, 1,
+                                block_sizes=BlockSizes(2), interpret=interpret_params())
+    np.testing.assert_allclose(np.asarray(read_only)[valid], np.asarray(want)[valid],
+                               rtol=1e-5, atol=1e-5)

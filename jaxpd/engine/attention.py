@@ -14,8 +14,11 @@
              reference
 
 Every entry point takes `(q, k_pages, v_pages, page_table, q_positions, kv_lens, *,
-sliding_window, mesh)`; `mesh` lets a kernel that XLA cannot partition (a Pallas call) run
-per TP shard under `shard_map`.
+sliding_window, mesh, layer)`; `mesh` lets a kernel that XLA cannot partition (a Pallas call)
+run per TP shard under `shard_map`. With `layer`, the pages are the whole stacked pool
+`[layers, kv_heads, pages, page_size, head_dim]` and the entry point reads that layer in place
+(the jnp ones by indexing, which XLA folds into their gathers; the Pallas kernels by addressing
+the layer themselves), so no step copies a layer out of the pool.
 """
 
 from __future__ import annotations
@@ -43,6 +46,11 @@ def gather_pages(pages: jax.Array,  # [kv_heads, num_pages, page_size, head_dim]
     return g.transpose(1, 2, 3, 0, 4).reshape(b, pps * ps, kv, hd)
 
 
+def _layer_pages(k_pages: jax.Array, v_pages: jax.Array, layer) -> tuple[jax.Array, jax.Array]:
+    """One layer's pages of a stacked pool (`layer` None: the pages are one layer already)."""
+    return (k_pages, v_pages) if layer is None else (k_pages[layer], v_pages[layer])
+
+
 def _kv_positions(page_table: jax.Array, page_size: int, kv_lens: jax.Array) -> jax.Array:
     slots = jnp.arange(page_table.shape[1] * page_size, dtype=jnp.int32)[None, :]
     return jnp.where(slots < kv_lens[:, None], slots, -1)
@@ -54,7 +62,8 @@ def reference_attention(q: jax.Array,  # [batch, q_len, heads, head_dim]
                         page_table: jax.Array,  # i32[batch, pages_per_seq]
                         q_positions: jax.Array,  # i32[batch, q_len]; -1 = padding
                         kv_lens: jax.Array,  # i32[batch]: tokens in the cache, new ones included
-                        *, sliding_window: int | None = None) -> jax.Array:
+                        *, sliding_window: int | None = None, layer=None) -> jax.Array:
+    k_pages, v_pages = _layer_pages(k_pages, v_pages, layer)
     k = gather_pages(k_pages, page_table)
     v = gather_pages(v_pages, page_table)
     kv_pos = _kv_positions(page_table, k_pages.shape[2], kv_lens)
@@ -68,7 +77,7 @@ def paged_attention_jnp(q: jax.Array,  # [batch, q_len, heads, head_dim]
                         q_positions: jax.Array,  # i32[batch, q_len]; -1 = padding
                         kv_lens: jax.Array,  # i32[batch]
                         *, sliding_window: int | None = None,
-                        block_tokens: int = 32, mesh=None) -> jax.Array:
+                        block_tokens: int = 32, mesh=None, layer=None) -> jax.Array:
     """Online softmax over blocks of pages (flash attention written in jnp).
 
     Same result as `reference_attention`, but it never materialises a sequence's whole KV or
@@ -77,6 +86,7 @@ def paged_attention_jnp(q: jax.Array,  # [batch, q_len, heads, head_dim]
     dynamic trip count), so one compiled program serves every context length up to the
     page table's width, and short batches pay only for their own pages.
     """
+    k_pages, v_pages = _layer_pages(k_pages, v_pages, layer)
     batch, q_len, heads, hd = q.shape
     kv_heads, _, page_size, _ = k_pages.shape
     group = heads // kv_heads
@@ -116,13 +126,14 @@ def paged_attention_jnp(q: jax.Array,  # [batch, q_len, heads, head_dim]
 
 
 def prefill_attention_jnp(q, k_pages, v_pages, page_table, q_positions, kv_lens, *,
-                          sliding_window: int | None = None, mesh=None) -> jax.Array:
+                          sliding_window: int | None = None, mesh=None, layer=None) -> jax.Array:
     return paged_attention_jnp(q, k_pages, v_pages, page_table, q_positions, kv_lens,
-                               sliding_window=sliding_window, block_tokens=128)
+                               sliding_window=sliding_window, block_tokens=128, layer=layer)
 
 
 def cudnn_attention(q, k_pages, v_pages, page_table, q_positions, kv_lens, *,
-                    sliding_window: int | None = None, mesh=None) -> jax.Array:
+                    sliding_window: int | None = None, mesh=None, layer=None) -> jax.Array:
+    k_pages, v_pages = _layer_pages(k_pages, v_pages, layer)
     k = gather_pages(k_pages, page_table)
     v = gather_pages(v_pages, page_table)
     kv_pos = _kv_positions(page_table, k_pages.shape[2], kv_lens)
@@ -149,47 +160,52 @@ class WritesKV:
 def _per_tp_shard(run, mesh, args, *, writes_kv: bool):
     """Run a Pallas call (which XLA cannot partition) once per TP shard: query heads, new K/V
     heads and stored KV heads split together over `tp` (kv/layout.py keeps every rank's query
-    heads beside their KV head)."""
+    heads beside their KV head). The last argument is the layer index (replicated)."""
     if mesh is None or mesh.shape.get("tp", 1) == 1:
         return run(*args)
     from jax.sharding import PartitionSpec as P
 
-    heads, pages = P(None, None, "tp", None), P("tp", None, None, None)
+    heads = P(None, None, "tp", None)
+    stacked = args[3 if writes_kv else 1].ndim == 5
+    pages = P(None, "tp", None, None, None) if stacked else P("tp", None, None, None)
     if writes_kv:
-        in_specs = (heads, heads, heads, pages, pages, P(), P(), P())
+        in_specs = (heads, heads, heads, pages, pages, P(), P(), P(), P())
         out_specs = (heads, pages, pages)
     else:
-        in_specs, out_specs = (heads, pages, pages, P(), P(), P()), heads
+        in_specs, out_specs = (heads, pages, pages, P(), P(), P(), P()), heads
     return jax.shard_map(run, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
                          check_vma=False)(*args)
 
 
 def pallas_tpu_attention(q, k_new, v_new, k_pages, v_pages, page_table, q_positions, kv_lens, *,
-                         sliding_window: int | None = None, mesh=None,
+                         sliding_window: int | None = None, mesh=None, layer=0,
                          interpret: bool = False):
-    """The TPU Pallas kernel, KV write fused, per TP shard."""
+    """The TPU Pallas kernel, KV write fused, per TP shard; a stacked pool is updated in place
+    at `layer`."""
     from jaxpd.kernels import tpu_paged_attention as kernel
 
     # On CPU: Pallas's HLO interpreter, which compiles the kernel's grid into XLA loops (fast
     # enough to serve); the kernel tests use the TPU interpret mode, which also checks bounds,
     # uninitialised reads and races, but is too slow to run an engine on.
-    kv_heads, _, page_size, head_dim = k_pages.shape
+    page_size, head_dim = k_pages.shape[-2:]
     sizes = kernel.BlockSizes.for_device(
         jax.devices()[0].device_kind, page_bytes=page_size * head_dim * k_pages.dtype.itemsize)
     run = functools.partial(kernel.paged_attention_write_kv, sliding_window=sliding_window,
                             block_sizes=sizes, interpret=interpret)
     return _per_tp_shard(run, mesh, (q, k_new, v_new, k_pages, v_pages, page_table,
-                                     q_positions, kv_lens), writes_kv=True)
+                                     q_positions, kv_lens, jnp.asarray(layer, jnp.int32)),
+                         writes_kv=True)
 
 
 def pallas_gpu_attention(q, k_pages, v_pages, page_table, q_positions, kv_lens, *,
-                         sliding_window: int | None = None, mesh=None):
-    """The Mosaic GPU Pallas kernel (decode with split-K, prefill chunks), per TP shard."""
+                         sliding_window: int | None = None, mesh=None, layer=0):
+    """The Mosaic GPU Pallas kernel (decode with split-K, prefill chunks), per TP shard; it
+    reads `layer` of a stacked pool in place."""
     from jaxpd.kernels import gpu_paged_attention as kernel
 
     run = functools.partial(kernel.paged_attention, sliding_window=sliding_window)
-    return _per_tp_shard(run, mesh, (q, k_pages, v_pages, page_table, q_positions, kv_lens),
-                         writes_kv=False)
+    return _per_tp_shard(run, mesh, (q, k_pages, v_pages, page_table, q_positions, kv_lens,
+                                     jnp.asarray(layer, jnp.int32)), writes_kv=False)
 
 
 AttentionFn = Callable[..., jax.Array]

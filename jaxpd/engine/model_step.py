@@ -39,7 +39,8 @@ def hidden_and_pages(params, kv: KVPages, tokens, positions, page_table, *, conf
     the part of a step shared by `step`, `step_logits` and the multi-step decode loop.
 
     The pool is the layer stack's loop-carried state: each layer writes its K/V at its (traced,
-    under scan) layer index in place and hands the layer's pages to the attention backend."""
+    under scan) layer index in place and hands the whole pool and the index to the attention
+    backend, which reads (and for `WritesKV`, writes) that layer in place."""
     model = LlamaModel(mesh=mesh, config=config)
     page_size = kv.k.shape[3]
     pages, slots = write_locations(positions, page_table, page_size)
@@ -48,18 +49,18 @@ def hidden_and_pages(params, kv: KVPages, tokens, positions, page_table, *, conf
 
     def attend(layer, q, k, v, kv: KVPages):
         if isinstance(attention, WritesKV):  # one kernel writes the new K/V and attends
-            out, k_pages, v_pages = attention(q, k, v, kv.k[layer], kv.v[layer], page_table,
-                                              positions, kv_lens,
-                                              sliding_window=config.sliding_window, mesh=mesh)
-            return out, KVPages(kv.k.at[layer].set(k_pages), kv.v.at[layer].set(v_pages))
+            out, k_pages, v_pages = attention(q, k, v, kv.k, kv.v, page_table, positions,
+                                              kv_lens, sliding_window=config.sliding_window,
+                                              mesh=mesh, layer=layer)
+            return out, KVPages(k_pages, v_pages)
         # [layer, :, pages, slots] selects [b*t, kv_heads, head_dim] (numpy's rule for advanced
         # indices split by a slice), whether `layer` is an int or traced
         k_new = k.reshape(batch * t, *k.shape[2:]).astype(kv.k.dtype)
         v_new = v.reshape(batch * t, *v.shape[2:]).astype(kv.v.dtype)
         kv = KVPages(kv.k.at[layer, :, pages, slots].set(k_new),
                      kv.v.at[layer, :, pages, slots].set(v_new))
-        out = attention(q, kv.k[layer], kv.v[layer], page_table, positions, kv_lens,
-                        sliding_window=config.sliding_window, mesh=mesh)
+        out = attention(q, kv.k, kv.v, page_table, positions, kv_lens,
+                        sliding_window=config.sliding_window, mesh=mesh, layer=layer)
         return out, kv
 
     hidden, new_kv = model.apply({"params": params}, tokens, jnp.maximum(positions, 0), attend, kv)
