@@ -1,6 +1,6 @@
 """Deployment configuration: YAML in, a typed read-only config out, errors that name the key.
 
-    model:      {checkpoint: DIR or null for the embedded default, dtype: null, scan_layers: true}
+    model:      {checkpoint: DIR or null for the embedded default, dtype: null, scan_layers: false}
     mode:       colocated | disaggregated
     prefill:    {devices: [0, 1, 2, 3], tp: 4, replicas: 1, host: 127.0.0.1, port: 0}
     decode:     {devices: [4, 5], tp: 2}        # disaggregated only
@@ -43,8 +43,9 @@ class ModelSection(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None, description="compute dtype; null = the checkpoint's (float32 on CPU)")
     scan_layers: bool = Field(
-        True, description="compile one decoder layer and scan it over the stacked layer weights "
-                          "(compile time independent of depth); false unrolls every layer")
+        False, description="true compiles one decoder layer and scans it over stacked layer "
+                           "weights (compile time independent of depth, for deep models and "
+                           "fast starts); false unrolls every layer (faster steps)")
 
 
 class MeshSection(_Strict):

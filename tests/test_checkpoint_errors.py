@@ -237,20 +237,25 @@ def test_checkpoint_saved_without_model_prefix_loads(tmp_path):
     np.testing.assert_array_equal(np.asarray(params["norm"]["weight"]), tensors["model.norm.weight"])
 
 
-def test_tp2_shards_are_byte_identical_to_the_safetensors(devices):
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_tp2_shards_are_byte_identical_to_the_safetensors(devices, scan_layers):
     folder = HF_FIXTURES / "llama"
     on_disk = {}
     for shard in sorted(folder.glob("model-*.safetensors")):
         on_disk.update(load_file(shard))
-    model = load_model(folder, make_mesh(devices[:2], 2))
+    model = load_model(folder, make_mesh(devices[:2], 2), scan_layers=scan_layers)
     assert model.config.dtype == "float32"
+
+    def layer_path(i, *rest):  # (param path, its layer within a stacked parameter)
+        return (("layers",) + rest, i) if scan_layers else ((f"layers_{i}",) + rest, None)
+
     checked = {
         # (param path, layer of a stacked parameter, HF name, axis split across the 2 TP ranks
         # or None if replicated)
-        (("layers", "self_attn", "q_proj", "weight"), 1, "model.layers.1.self_attn.q_proj.weight", 0),
-        (("layers", "self_attn", "k_proj", "weight"), 0, "model.layers.0.self_attn.k_proj.weight", 0),
-        (("layers", "self_attn", "o_proj", "weight"), 0, "model.layers.0.self_attn.o_proj.weight", 1),
-        (("layers", "mlp", "down_proj", "weight"), 1, "model.layers.1.mlp.down_proj.weight", 1),
+        (*layer_path(1, "self_attn", "q_proj", "weight"), "model.layers.1.self_attn.q_proj.weight", 0),
+        (*layer_path(0, "self_attn", "k_proj", "weight"), "model.layers.0.self_attn.k_proj.weight", 0),
+        (*layer_path(0, "self_attn", "o_proj", "weight"), "model.layers.0.self_attn.o_proj.weight", 1),
+        (*layer_path(1, "mlp", "down_proj", "weight"), "model.layers.1.mlp.down_proj.weight", 1),
         (("embed_tokens", "weight"), None, "model.embed_tokens.weight", 0),
         (("lm_head", "weight"), None, "lm_head.weight", 0),
         (("norm", "weight"), None, "model.norm.weight", None),

@@ -10,6 +10,7 @@ from jaxpd.errors import CheckpointError
 from jaxpd.model import forward
 from jaxpd.model.checkpoint import load_model
 from jaxpd.model.orbax_checkpoint import is_orbax_checkpoint, save_orbax
+from jaxpd.model.llama import stack_layers, unstack_layers
 from jaxpd.model.sharding import make_mesh
 
 
@@ -28,9 +29,9 @@ def test_save_on_tp2_restore_on_tp4_same_logits(tmp_path, devices):
 
     restored = load_model(tmp_path / "ckpt", mesh4)
     assert restored.config == source.config
-    q = restored.params["layers"]["self_attn"]["q_proj"]["weight"]
+    q = restored.params["layers_1"]["self_attn"]["q_proj"]["weight"]
     assert q.sharding.mesh.devices.tolist() == [devices[4:8]]
-    assert {s.data.shape[1] for s in q.addressable_shards} == {q.shape[1] // 4}
+    assert {s.data.shape[0] for s in q.addressable_shards} == {q.shape[0] // 4}
     for a, b in zip(jax.tree_util.tree_leaves(restored.params), jax.tree_util.tree_leaves(source.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # weights restored bit for bit
     # Logits agree up to the reduction order that a different TP degree implies.
@@ -58,15 +59,23 @@ def test_restore_with_a_mismatched_config_is_a_clear_error(tmp_path):
         load_model(tmp_path / "ckpt")
 
 
-def test_checkpoint_saved_before_layers_were_stacked_restores(tmp_path, devices):
+@pytest.mark.parametrize("saved_scanned", [False, True])
+def test_either_layer_form_restores_into_either(tmp_path, devices, saved_scanned):
+    """Unrolled checkpoints (one `layers_<i>` subtree per layer, also every checkpoint written
+    before scanning existed) and scanned ones (stacked `layers`) restore into both forms, in
+    the target mesh's shardings, bit for bit."""
     model = load_model(HF_FIXTURES / "qwen2")
-    layers = model.params["layers"]
-    legacy = {k: v for k, v in model.params.items() if k != "layers"}
-    legacy |= {f"layers_{i}": jax.tree.map(lambda p, i=i: p[i], layers)
-               for i in range(model.config.num_layers)}  # the old one-subtree-per-layer layout
-    save_orbax(tmp_path / "ckpt", legacy, model.config)
-    restored = load_model(tmp_path / "ckpt", make_mesh(devices[:2], 2))
-    q = restored.params["layers"]["self_attn"]["q_proj"]["weight"]
-    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "tp", None)
-    for a, b in zip(jax.tree_util.tree_leaves(restored.params), jax.tree_util.tree_leaves(model.params)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    saved = stack_layers(model.params) if saved_scanned else model.params
+    save_orbax(tmp_path / "ckpt", saved, model.config)
+    mesh = make_mesh(devices[:2], 2)
+    scanned = load_model(tmp_path / "ckpt", mesh, scan_layers=True).params
+    unrolled = load_model(tmp_path / "ckpt", mesh, scan_layers=False).params
+    assert "layers_0" not in scanned and "layers" not in unrolled
+    P = jax.sharding.PartitionSpec
+    assert scanned["layers"]["self_attn"]["q_proj"]["weight"].sharding.spec == P(None, "tp", None)
+    last = unrolled[f"layers_{model.config.num_layers - 1}"]["self_attn"]["o_proj"]["weight"]
+    assert last.sharding.spec == P(None, "tp") and last.sharding.mesh == mesh
+    for got in (unrolled, unstack_layers(scanned)):
+        assert jax.tree.structure(got) == jax.tree.structure(model.params)
+        for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(model.params)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -14,6 +14,7 @@ from jaxpd.engine.sampling import SamplingParams
 from jaxpd.kv.pool import KVPages
 from jaxpd.model import forward
 from jaxpd.model.checkpoint import load_model
+from jaxpd.model.llama import stack_layers, unstack_layers
 from jaxpd.model.presets import get_preset
 from jaxpd.model.sharding import abstract_params
 
@@ -37,22 +38,24 @@ def _greedy(model, config, mode, prompts):
 @pytest.mark.parametrize("checkpoint", ["embedded", "llama"])
 def test_scanned_and_unrolled_engines_draw_the_same_tokens(checkpoint, mode):
     model = load_model(None if checkpoint == "embedded" else HF_FIXTURES / checkpoint)
-    assert model.config.scan_layers  # the default
+    assert not model.config.scan_layers  # the default
     rng = np.random.default_rng(3)
     vocab = min(model.config.vocab_size, 320)
     prompts = [tuple(int(t) for t in rng.integers(3, vocab, n)) for n in (5, 17, 30)]
-    scanned = _greedy(model, model.config, mode, prompts)
-    unrolled = _greedy(model, model.config.replace(scan_layers=False), mode, prompts)
+    unrolled = _greedy(model, model.config, mode, prompts)
+    # the engine converts the unrolled parameters to the stacked form the scan reads
+    scanned = _greedy(model, model.config.replace(scan_layers=True), mode, prompts)
     assert scanned == unrolled
 
 
 def test_scanned_and_unrolled_prefill_agree():
-    cfg = get_preset("tiny")
+    cfg = get_preset("tiny").replace(scan_layers=True)
     params = forward.init_params(cfg, jax.random.key(2))
+    assert "layers" in params and "layers_0" not in params
     tokens, lengths = jnp.array([[5, 9, 11, 40, 7], [17, 8, 99, 0, 0]]), jnp.array([5, 3])
     scanned = forward.prefill(params, tokens, lengths, config=cfg, all_logits=True)
-    unrolled = forward.prefill(params, tokens, lengths, config=cfg.replace(scan_layers=False),
-                               all_logits=True)
+    unrolled = forward.prefill(unstack_layers(params), tokens, lengths,
+                               config=cfg.replace(scan_layers=False), all_logits=True)
     np.testing.assert_allclose(scanned.logits, unrolled.logits, atol=1e-5)
     np.testing.assert_allclose(scanned.kv.k, unrolled.kv.k, atol=1e-6)
 
@@ -84,9 +87,27 @@ def test_compiled_program_does_not_grow_with_depth():
 def test_deployment_switch_reaches_the_model_config():
     from jaxpd.config import parse_config
 
-    assert parse_config({}, "default").model.scan_layers
-    off = parse_config({"model": {"scan_layers": False}}, "unrolled")
-    assert not load_model(None, None, off.model.dtype, off.model.scan_layers).config.scan_layers
+    assert not parse_config({}, "default").model.scan_layers
+    on = parse_config({"model": {"scan_layers": True}}, "scanned")
+    model = load_model(None, None, on.model.dtype, on.model.scan_layers)
+    assert model.config.scan_layers and "layers" in model.params
+
+
+def test_layer_forms_round_trip_on_device(devices):
+    """stack_layers / unstack_layers keep every value and each leaf's TP sharding."""
+    from jaxpd.model.sharding import make_mesh, shard_params
+
+    cfg = get_preset("tiny")
+    mesh = make_mesh(devices[:2], 2)
+    unrolled = shard_params(forward.init_params(cfg, jax.random.key(4)), cfg, mesh)
+    stacked = stack_layers(unrolled)
+    assert stacked["layers"]["mlp"]["down_proj"]["weight"].sharding.spec == \
+        jax.sharding.PartitionSpec(None, None, "tp")
+    back = unstack_layers(stacked, consume=True)
+    assert all(leaf.is_deleted() for leaf in jax.tree.leaves(stacked["layers"]))
+    for a, b in zip(jax.tree_util.tree_leaves_with_path(back), jax.tree_util.tree_leaves_with_path(unrolled)):
+        assert a[0] == b[0] and a[1].sharding == b[1].sharding
+        np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))
 
 
 def test_carried_pool_is_updated_in_place():

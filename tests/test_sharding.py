@@ -8,6 +8,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxpd.errors import ShardingError
 from jaxpd.model import forward
+from jaxpd.model.llama import stack_layers
 from jaxpd.model.presets import get_preset
 from jaxpd.model.sharding import check_tp, make_mesh, partition_spec, shard_params
 
@@ -53,8 +54,14 @@ def test_dp_and_tp_together(params, reference, devices):
 
 def test_weights_are_split_megatron_style(params, devices):
     mesh = make_mesh(devices[:2], 2)
-    sharded = shard_params(params, TINY, mesh)
-    layers = sharded["layers"]  # stacked: the layer axis is never split
+    layer = shard_params(params, TINY, mesh)["layers_1"]  # unrolled: one subtree per layer
+    assert layer["self_attn"]["q_proj"]["weight"].sharding.spec == P("tp", None)
+    assert layer["self_attn"]["o_proj"]["weight"].sharding.spec == P(None, "tp")
+    assert layer["mlp"]["gate_proj"]["weight"].sharding.spec == P("tp", None)
+    assert layer["mlp"]["down_proj"]["weight"].sharding.spec == P(None, "tp")
+    assert {s.data.shape for s in layer["self_attn"]["q_proj"]["weight"].addressable_shards} == {(32, 64)}
+    scanned = TINY.replace(scan_layers=True)
+    layers = shard_params(stack_layers(params), scanned, mesh)["layers"]  # the layer axis is never split
     assert layers["self_attn"]["q_proj"]["weight"].sharding.spec == P(None, "tp", None)
     assert layers["self_attn"]["o_proj"]["weight"].sharding.spec == P(None, None, "tp")
     assert layers["mlp"]["gate_proj"]["weight"].sharding.spec == P(None, "tp", None)

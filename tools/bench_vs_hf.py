@@ -80,7 +80,7 @@ def run_jaxpd(checkpoint: Path, work: dict, deployment: DeploymentConfig) -> dic
     from jaxpd.engine.sampling import SamplingParams
     from jaxpd.model.checkpoint import load_model
 
-    model = load_model(checkpoint)
+    model = load_model(checkpoint, scan_layers=deployment.model.scan_layers)
     peaks = hardware.measure_cpu_peaks()
     dense_flops = 2 * (model.config.num_params() - model.config.vocab_size * model.config.hidden_size)
 
@@ -138,6 +138,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-hf", action="store_true", help="jaxpd side only")
     ap.add_argument("--max-decode-batch", type=int, default=128)
     ap.add_argument("--num-pages", type=int, default=8192)
+    ap.add_argument("--scan-layers", action="store_true",
+                    help="run jaxpd's scanned layer stack (model.scan_layers: true)")
     ap.add_argument("--out", type=Path, help="also write the JSON here")
     args = ap.parse_args(argv)
 
@@ -155,6 +157,7 @@ def main(argv=None) -> int:
         save_hf_checkpoint(ckpt, forward.init_params(cfg, jax.random.key(0)), cfg)
         (Path(tmp) / "work.json").write_text(json.dumps(work))
         deployment = parse_config({
+            "model": {"scan_layers": args.scan_layers},
             "kv": {"page_size": 16, "num_pages": args.num_pages},
             "scheduler": {"chunk_size": 512, "max_prefill_tokens": 2048,
                           "max_decode_batch": args.max_decode_batch}}, "bench_vs_hf")

@@ -18,6 +18,7 @@ from jaxpd.errors import ConfigError
 from jaxpd.kv.layout import KVLayout
 from jaxpd.kv.manager import KVCacheManager
 from jaxpd.model.config import ModelConfig
+from jaxpd.model.llama import layers_for
 from jaxpd.model.sharding import make_mesh, shard_params
 from jaxpd.transfer.device import DeviceTransport
 
@@ -38,8 +39,8 @@ def _runner(config: ModelConfig, params, group: MeshSection, what: str,
     layout = KVLayout.for_model(config, tp=group.tp, page_size=deployment.kv.page_size)
     manager = KVCacheManager(layout, deployment.kv.num_pages, mesh,
                              prefix_caching=deployment.scheduler.prefix_caching)
-    return ModelRunner(config, shard_params(params, config, mesh), mesh, manager,
-                       deployment.attention)
+    params = shard_params(layers_for(params, config), config, mesh)
+    return ModelRunner(config, params, mesh, manager, deployment.attention)
 
 
 def _decode_group(deployment: DeploymentConfig) -> MeshSection:
@@ -55,7 +56,8 @@ def _decode_group(deployment: DeploymentConfig) -> MeshSection:
 
 def build_engine(config: ModelConfig, params,
                  deployment: DeploymentConfig = DeploymentConfig()) -> Engine:
-    """`params` may live anywhere; they are placed on each mesh with the TP layout."""
+    """`params` may live anywhere, in either layer form; they are placed on each mesh with the
+    TP layout, in the form `config.scan_layers` reads."""
     sched = deployment.scheduler
     prefill_runner = _runner(config, params, deployment.prefill, "prefill", deployment)
     prefill = PrefillEngine(prefill_runner, chunk_size=sched.chunk_size,

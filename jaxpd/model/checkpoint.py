@@ -48,11 +48,12 @@ def load_config(folder: str | Path | None) -> ModelConfig:
 
 
 def load_model(folder: str | Path | None = None, mesh: Mesh | None = None,
-               dtype: str | None = None, scan_layers: bool = True) -> LoadedModel:
+               dtype: str | None = None, scan_layers: bool = False) -> LoadedModel:
     """Config and sharded parameters from `folder` (default: the embedded model).
 
     `dtype` overrides the checkpoint's dtype; by default CPU runs in float32, since XLA on CPU
-    emulates bfloat16 arithmetic slowly. `scan_layers=False` unrolls the layer stack.
+    emulates bfloat16 arithmetic slowly. `scan_layers=True` scans one compiled layer over stacked
+    weights (see `jaxpd.model.llama`); the parameters come in the form it reads.
     """
     folder = Path(folder) if folder is not None else default_checkpoint()
     config = load_config(folder).replace(scan_layers=scan_layers)

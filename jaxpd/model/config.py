@@ -51,10 +51,10 @@ class ModelConfig:
     dtype: str = "float32"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
-    # How the layers run, not what they are: True compiles one layer body under `lax.scan`
-    # (compile time independent of depth); False unrolls them (a fallback, and the reference
-    # the scanned stack is tested against). Parameters are stacked either way.
-    scan_layers: bool = True
+    # How the layers run, not what they are: True compiles one layer body under `lax.scan` over
+    # stacked parameters (compile time independent of depth); False unrolls them over one
+    # parameter subtree per layer (faster steps; see jaxpd/model/llama.py).
+    scan_layers: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",

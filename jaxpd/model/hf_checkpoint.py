@@ -3,8 +3,9 @@
 Each parameter is built with `jax.make_array_from_callback`: every device asks for its own
 shard, which is read from the memory-mapped file and cast on the host. No device ever holds a
 whole TP-split tensor and the host never holds the model twice (at most one shard in flight).
-A decoder-layer parameter is stacked over layers (`model.layers.<i>.…` tensors), so its shard
-is this rank's slice of that tensor in every layer, read layer by layer into one host buffer.
+Decoder layers load in the form the config runs (`jaxpd.model.llama`): unrolled, one parameter
+per `model.layers.<i>.…` tensor; scanned, a parameter stacked over layers, whose shard is this
+rank's slice of that tensor in every layer, read layer by layer into one host buffer.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from jax.sharding import Mesh
 
 from jaxpd.errors import CheckpointError
 from jaxpd.model.config import ModelConfig
-from jaxpd.model.llama import is_stacked
+from jaxpd.model.llama import LAYERS, is_stacked
 from jaxpd.model.safetensors_file import SafetensorsFile
 from jaxpd.model.sharding import abstract_params, make_mesh, param_shardings
 
@@ -26,10 +27,13 @@ INDEX_FILE = "model.safetensors.index.json"
 
 
 def hf_name(path: tuple[str, ...], layer: int | None = None) -> str:
-    """HF tensor name of a parameter path, and for a stacked layer parameter of one layer:
+    """HF tensor name of a parameter path, in either layer form:
+    ('layers_0', 'mlp', 'up_proj', 'weight') and, for a stacked parameter of layer 0,
     (('layers', 'mlp', 'up_proj', 'weight'), 0) -> 'model.layers.0.mlp.up_proj.weight'."""
     if is_stacked(path):
         path = (path[0], str(layer)) + path[1:]
+    elif path[0].startswith(LAYERS + "_"):
+        path = (LAYERS, path[0][len(LAYERS) + 1:]) + path[1:]
     name = ".".join(path)
     return name if name.startswith("lm_head.") else "model." + name
 

@@ -2,10 +2,19 @@
 
 Weights keep Hugging Face's layout and names (`[out, in]` matrices, `self_attn/q_proj/weight`),
 so a checkpoint tensor maps onto a parameter with no transpose and a TP shard of a parameter is
-one contiguous slice of a file. The decoder layers' parameters are stacked on a leading layer
-axis (`layers/self_attn/q_proj/weight` is `[num_layers, out, in]`), so the layers can run under
-`jax.lax.scan`: the layer body is traced and compiled once, and compile time does not grow with
-depth. `ModelConfig.scan_layers=False` unrolls the same parameters in a Python loop instead.
+one contiguous slice of a file.
+
+The decoder layers run one of two ways (`ModelConfig.scan_layers`), each with the parameter
+form it reads without copying:
+  scanned   parameters stacked on a leading layer axis under `layers`
+            (`layers/self_attn/q_proj/weight` is `[num_layers, out, in]`) and the layer body
+            run under `jax.lax.scan`: traced and compiled once, so compile time does not grow
+            with depth. Each iteration slices its layer's weights out of the stack, which XLA
+            on CPU materialises (a copy of the weights per step).
+  unrolled  one subtree per layer (`layers_<i>/self_attn/...`) and a Python loop: every layer
+            is compiled, and a step reads each weight where it lies. The default: at batch 1
+            on CPU it decodes 1.35x faster than the scanned stack (docs/benchmarks.md).
+`stack_layers` / `unstack_layers` convert between the two on device, keeping shardings.
 
 Attention and the KV cache are not part of the module: each layer hands its rotated q, k, v to
 an `attend` callable, so prefill, decode, paged caches and Pallas kernels plug in without
@@ -31,12 +40,79 @@ from jaxpd.model.rope import apply_rope, inverse_frequencies
 AttendFn = Callable[[int | jax.Array, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 
 _INIT = nn.initializers.normal(stddev=0.02)
-LAYERS = "layers"  # the parameter subtree holding every decoder layer, stacked
+LAYERS = "layers"  # scanned form: the parameter subtree holding every decoder layer, stacked
+
+
+def layer_name(index: int) -> str:
+    """Unrolled form: the parameter subtree of decoder layer `index` (`layers_<index>`)."""
+    return f"{LAYERS}_{index}"
 
 
 def is_stacked(path: tuple[str, ...]) -> bool:
     """Whether the parameter at `path` is stacked over decoder layers (leading layer axis)."""
     return path[0] == LAYERS
+
+
+def params_are_stacked(params: dict) -> bool:
+    """Whether `params` hold their decoder layers in the scanned (stacked) form."""
+    return LAYERS in params
+
+
+def _layer_sharding(leaf: jax.Array):
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, NamedSharding):
+        return NamedSharding(sharding.mesh, P(*sharding.spec[1:]))
+    return None
+
+
+def unstack_layers(params: dict, *, consume: bool = False) -> dict:
+    """Stacked form -> one `layers_<i>` subtree per layer, each leaf in its stacked sharding less
+    the layer axis. `consume=True` frees each stacked leaf once split (the caller owns
+    `params`), so the peak is one stacked leaf above the weights, not twice the layers."""
+    if not params_are_stacked(params):
+        return params
+    leaves, treedef = jax.tree.flatten(params[LAYERS])
+    num_layers = leaves[0].shape[0]
+    columns = []
+    for leaf in leaves:
+        sharding = _layer_sharding(leaf)
+        split = jax.jit(lambda x: [x[i] for i in range(num_layers)],
+                        out_shardings=None if sharding is None else [sharding] * num_layers)
+        columns.append(split(leaf))
+        if consume and isinstance(leaf, jax.Array):
+            leaf.delete()
+    rest = {k: v for k, v in params.items() if k != LAYERS}
+    return rest | {layer_name(i): jax.tree.unflatten(treedef, [c[i] for c in columns])
+                   for i in range(num_layers)}
+
+
+def stack_layers(params: dict, *, consume: bool = False) -> dict:
+    """`layers_<i>` subtrees -> one stacked `layers` subtree (layer axis replicated)."""
+    if params_are_stacked(params) or layer_name(0) not in params:
+        return params
+    num_layers = sum(1 for k in params if k.startswith(LAYERS + "_"))
+    layers = [params[layer_name(i)] for i in range(num_layers)]
+    columns = [jax.tree.leaves(layer) for layer in layers]
+    treedef = jax.tree.structure(layers[0])
+    stacked = []
+    for j, first in enumerate(columns[0]):
+        sharding = getattr(first, "sharding", None)
+        out = (NamedSharding(sharding.mesh, P(None, *sharding.spec))
+               if isinstance(sharding, NamedSharding) else None)
+        stacked.append(jax.jit(lambda xs: jnp.stack(xs), out_shardings=out)(
+            [column[j] for column in columns]))
+        if consume:
+            for column in columns:
+                if isinstance(column[j], jax.Array):
+                    column[j].delete()
+    rest = {k: v for k, v in params.items() if not k.startswith(LAYERS + "_")}
+    return rest | {LAYERS: jax.tree.unflatten(treedef, stacked)}
+
+
+def layers_for(params: dict, config: ModelConfig, *, consume: bool = False) -> dict:
+    """`params` in the form `config.scan_layers` reads (converted on device if needed)."""
+    convert = stack_layers if config.scan_layers else unstack_layers
+    return convert(params, consume=consume)
 
 
 def kv_head_repeat(config: ModelConfig, tp: int) -> int:
@@ -157,7 +233,11 @@ class LlamaModel(_Sharded):
         self.embed_tokens = self.param(
             "embed_tokens", lambda key: {"weight": _INIT(
                 key, (cfg.vocab_size, cfg.hidden_size), cfg.jnp_dtype)})
-        self.layers = self.param(LAYERS, self._init_layers)
+        if cfg.scan_layers:
+            self.layers = self.param(LAYERS, self._init_layers)
+        else:
+            self.layers = [self.param(layer_name(i), self._init_layer)
+                           for i in range(cfg.num_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear(cfg.vocab_size, False, cfg.jnp_dtype)
@@ -179,22 +259,21 @@ class LlamaModel(_Sharded):
             indices = jnp.arange(self.config.num_layers, dtype=jnp.int32)
             (x, cache), _ = jax.lax.scan(body, (x, cache), (self.layers, indices))
         else:
-            for i in range(self.config.num_layers):
-                x, cache = run(x, cache, jax.tree.map(lambda p: p[i], self.layers), i)
+            for i, params in enumerate(self.layers):
+                x, cache = run(x, cache, params, i)
         return self.norm(x), cache
 
-    def _init_layers(self, key: jax.Array):
-        """Every layer's parameters, stacked on a leading layer axis: the one in-memory form
-        both the scanned and the unrolled stack read."""
+    def _init_layer(self, key: jax.Array):
+        """One decoder layer's parameters."""
         cfg = self.config
         x = jnp.zeros((1, 1, cfg.hidden_size), cfg.jnp_dtype)
         positions = jnp.zeros((1, 1), jnp.int32)
+        return DecoderLayer(None, cfg, parent=None).init(
+            key, x, positions, no_attention, None, 0)["params"]
 
-        def init_one(layer_key):
-            return DecoderLayer(None, cfg, parent=None).init(
-                layer_key, x, positions, no_attention, None, 0)["params"]
-
-        return jax.vmap(init_one)(jax.random.split(key, cfg.num_layers))
+    def _init_layers(self, key: jax.Array):
+        """Every layer's parameters, stacked on a leading layer axis (the scanned form)."""
+        return jax.vmap(self._init_layer)(jax.random.split(key, self.config.num_layers))
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """f32[..., vocab] for hidden states [..., hidden]."""

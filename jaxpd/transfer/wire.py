@@ -29,7 +29,7 @@ from jaxpd.kv.allocator import NULL_BLOCK
 from jaxpd.kv.layout import KVLayout, canonical_heads, replicate_heads
 from jaxpd.kv.pool import KVPages
 from jaxpd.model.config import ModelConfig
-from jaxpd.model.llama import is_stacked
+from jaxpd.model.llama import is_stacked, layer_name
 from jaxpd.v1 import worker_pb2
 
 WIRE_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"),
@@ -59,14 +59,19 @@ def model_fingerprint(config: ModelConfig, params) -> bytes:
     shape = {k: v for k, v in config.to_dict().items()
              if k not in ("dtype", "eos_token_ids", "scan_layers")}
     h = hashlib.blake2b(repr(sorted(shape.items())).encode(), digest_size=16)
-    for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(params), key=lambda p: str(p[0])):
-        h.update(str(path).encode())
-        if is_stacked(tuple(k.key for k in path)):  # every layer's sample, not just the first
-            leaf = leaf[:, :2]
-        elif leaf.ndim:
-            leaf = leaf[:2]
-        sample = np.asarray(jax.device_get(leaf), np.float32)
-        h.update(sample.tobytes())
+    samples = {}  # "layers_<i>/…" names in both layer forms, so the two agree
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        keys = tuple(k.key for k in path)
+        if is_stacked(keys):  # every layer's sample, under its unrolled name
+            host = np.asarray(jax.device_get(leaf[:, :2]), np.float32)
+            for i in range(host.shape[0]):
+                samples["/".join((layer_name(i),) + keys[1:])] = host[i]
+        else:
+            samples["/".join(keys)] = np.asarray(jax.device_get(leaf[:2] if leaf.ndim else leaf),
+                                                 np.float32)
+    for name in sorted(samples):
+        h.update(name.encode())
+        h.update(samples[name].tobytes())
     return h.digest()
 
 
