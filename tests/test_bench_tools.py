@@ -23,3 +23,25 @@ def test_bench_kernels_smoke():
         assert rows[key]["max_abs_diff"] < tol, rows[key]
     assert rows[("prefill", "jaxpd_pallas_tpu")]["tflops"] > 0
     assert rows[("decode", "jaxpd_pallas_tpu")]["gb_per_s"] > 0
+
+
+def test_roofline_counts_each_live_request_kv_per_decode_step():
+    """The offline roofline: FLOPs bind the prefill, bytes bind decode, and a finished request
+    stops costing (checked against the sum written out by hand)."""
+    sys.path.insert(0, str(REPO / "tools"))
+    from bench_vs_hf import roofline_seconds
+
+    from jaxpd.hardware import DevicePeaks
+    from jaxpd.model.presets import get_preset
+
+    cfg = get_preset("tiny")
+    peaks = DevicePeaks("test", flops=1e9, bandwidth=1e6, memory=0.0)  # bytes bind every step
+    weights = cfg.num_params() * 4
+    kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4
+    dense = 2 * (cfg.num_params() - cfg.vocab_size * cfg.hidden_size)
+    width = cfg.num_layers * cfg.num_heads * cfg.head_dim
+    prefill = sum(dense * p + 2 * p * p * width for p in (10, 20)) / peaks.flops
+    # outputs 2 and 4: three decode steps, both requests live in the first only
+    contexts = [(10 + 1) + (20 + 1), 20 + 2, 20 + 3]
+    decode = sum((weights + c * kv) / peaks.bandwidth for c in contexts)
+    assert abs(roofline_seconds(cfg, [10, 20], [2, 4], peaks) - (prefill + decode)) < 1e-9

@@ -5,10 +5,11 @@
 (b) offline: 256 requests, prompt lengths 32-1024 and output lengths 16-512 (fixed seed). HF runs
     it as its users do (left-padded batches of 32, each batch until its longest output); jaxpd
     puts every request in flight through continuous batching.
-(c) plain batch (jaxpd only): 32 equal requests of 256 prompt + 128 output tokens, against this
-    machine's roofline for that job: the prefill's dense and attention FLOPs at the measured
-    matmul peak, plus, per decode step, the larger of its FLOPs at that peak and its weight and
-    KV bytes at the measured memory bandwidth.
+(c) plain batch (jaxpd only): 32 equal requests of 256 prompt + 128 output tokens.
+
+Each is also set against this machine's roofline for the job (`roofline_seconds`): the
+prefill's dense and attention FLOPs at the measured matmul peak, plus, per decode step, the
+larger of its FLOPs at that peak and its weight and KV bytes at the measured memory bandwidth.
 
 The checkpoint is the `bench-30m` shape (8 layers, width 512, vocab 8192, fp32, ~34M params)
 with random weights, written once as an HF folder that both sides load. HF runs in the tool venv
@@ -54,20 +55,23 @@ def workload(scale: float, seed: int = 0) -> dict:
     }
 
 
-def plain_roofline_seconds(config, batch: int, prompt: int, output: int, peaks) -> float:
-    """Lower bound on the plain batch's time on this machine (see the module docstring)."""
+def roofline_seconds(config, prompt_lens: list[int], output_lens: list[int], peaks) -> float:
+    """Lower bound on a job's time on this machine, every request in flight at once: the
+    prefill's dense and attention FLOPs at the matmul peak, then per decode step the larger of
+    its FLOPs at that peak and the bytes it must read (the weights once, each live request's
+    KV) at the measured bandwidth. No compilation, no host time, no batch limit."""
     dense = 2 * (config.num_params() - config.vocab_size * config.hidden_size)  # per token
     attn_width = config.num_layers * config.num_heads * config.head_dim
     itemsize = 2 if config.dtype in ("bfloat16", "float16") else 4
     weights = config.num_params() * itemsize
     kv_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * itemsize
-    prefill = batch * (dense * prompt + 2 * 2 * prompt * prompt / 2 * attn_width)
-    total = prefill / peaks.flops
-    for step in range(output - 1):  # the first output token comes from the prefill
-        context = prompt + step + 1
-        flops = batch * (dense + 2 * 2 * context * attn_width)
-        moved = weights + batch * context * kv_per_token
-        total += max(flops / peaks.flops, moved / peaks.bandwidth)
+    prompts, outputs = np.asarray(prompt_lens, np.float64), np.asarray(output_lens)
+    total = float(np.sum(dense * prompts + 2 * 2 * prompts * prompts / 2 * attn_width)) / peaks.flops
+    for step in range(int(outputs.max()) - 1):  # the first output token comes from the prefill
+        live = step < outputs - 1
+        context = float(np.sum(prompts[live] + step + 1))
+        flops = int(live.sum()) * dense + 2 * 2 * context * attn_width
+        total += max(flops / peaks.flops, (weights + context * kv_per_token) / peaks.bandwidth)
     return total
 
 
@@ -94,8 +98,10 @@ def run_jaxpd(checkpoint: Path, work: dict, deployment: DeploymentConfig) -> dic
     sp = SamplingParams(max_tokens=lat["max_tokens"], ignore_eos=True)
     run([Request("warm", tuple(lat["prompt"]), sp)])  # compile the single-request shapes
     engine, final, seconds = run([Request("a", tuple(lat["prompt"]), sp)])
+    floor = roofline_seconds(model.config, [len(lat["prompt"])], [lat["max_tokens"]], peaks)
     result = {"latency": {"seconds": seconds, "output_tokens": lat["max_tokens"],
                           "tokens_per_s": lat["max_tokens"] / seconds,
+                          "roofline_seconds": floor, "fraction_of_roofline": floor / seconds,
                           "token_ids": list(final["a"].token_ids)}}
 
     off = work["offline"]
@@ -111,6 +117,10 @@ def run_jaxpd(checkpoint: Path, work: dict, deployment: DeploymentConfig) -> dic
         "compiled_shapes": len(engine.prefill.runner.shapes_seen),
         "first_call_seconds": first_calls,  # compilation of each new step shape, included above
         "tokens_per_s_excluding_first_calls": useful / (seconds - first_calls),
+        "roofline_seconds": (floor := roofline_seconds(
+            model.config, [len(p) for p in off["prompts"]], off["max_tokens"], peaks)),
+        "fraction_of_roofline": floor / seconds,
+        "fraction_of_roofline_excluding_first_calls": floor / (seconds - first_calls),
         "achieved_gflops": flops / seconds / 1e9, "first_tokens": [list(final[f"r{i}"].token_ids[:4]) for i in range(len(requests))],
     }
     plain = work["plain"]
@@ -118,8 +128,8 @@ def run_jaxpd(checkpoint: Path, work: dict, deployment: DeploymentConfig) -> dic
     batch = [Request(f"p{i}", tuple(p), sp) for i, p in enumerate(plain["prompts"])]
     run([Request(f"w{r.id}", r.prompt_ids, sp) for r in batch])  # compile its shapes
     engine, final, seconds = run(batch)
-    floor = plain_roofline_seconds(model.config, len(batch), len(plain["prompts"][0]),
-                                   plain["max_tokens"], peaks)
+    floor = roofline_seconds(model.config, [len(p) for p in plain["prompts"]],
+                             [plain["max_tokens"]] * len(batch), peaks)
     result["plain_batch"] = {
         "seconds": seconds, "output_tokens": len(batch) * plain["max_tokens"],
         "tokens_per_s": len(batch) * plain["max_tokens"] / seconds,
