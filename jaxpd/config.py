@@ -7,7 +7,8 @@
     kv:         {page_size: 16, num_pages: 2048}
     attention:  auto | reference | cudnn | pallas
     scheduler:  {chunk_size: 256, max_prefill_tokens: 2048, max_decode_batch: 64, prefix_caching: true,
-                 decode_steps_per_dispatch: 8, overlap: false}
+                 decode_steps_per_dispatch: 8, overlap: false, prefill_batch_sizes: null,
+                 prefill_chunk_sizes: null, decode_batch_sizes: null}
     serving:    {router: {host: 127.0.0.1, port: 50051}, transport: grpc, ...}   # `jaxpd serve`
     seed: 0
 
@@ -108,7 +109,34 @@ class SchedulerSection(_Strict):
         "stop strings trail the device by one call. For accelerators: on CPU the 'device' is the "
         "host's own cores and it measured slower")
 
+    prefill_batch_sizes: list[int] | None = Field(
+        None, description="sequences per prefill step that get a compiled program (ascending); "
+        "a step is padded up to the next one and holds at most the last. null = 1, 2, 4, 8, 16")
+    prefill_chunk_sizes: list[int] | None = Field(
+        None, description="chunk lengths that get a compiled program (ascending, the last equal "
+        "to chunk_size). null = powers of two from 16 to chunk_size")
+    decode_batch_sizes: list[int] | None = Field(
+        None, description="decode batch sizes that get a compiled program (ascending, the last "
+        "at least max_decode_batch). null = powers of two up to max_decode_batch")
+
     _pow2 = field_validator("chunk_size")(classmethod(lambda cls, v: _power_of_two(v)))
+
+    @field_validator("prefill_batch_sizes", "prefill_chunk_sizes", "decode_batch_sizes")
+    @classmethod
+    def _ascending(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or v[0] < 1 or any(a >= b for a, b in zip(v, v[1:]))):
+            raise ValueError(f"must be positive sizes in ascending order, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _buckets_reach_the_limits(self) -> SchedulerSection:
+        if self.prefill_chunk_sizes and self.prefill_chunk_sizes[-1] != self.chunk_size:
+            raise ValueError(f"prefill_chunk_sizes: the last must be chunk_size="
+                             f"{self.chunk_size}, got {self.prefill_chunk_sizes[-1]}")
+        if self.decode_batch_sizes and self.decode_batch_sizes[-1] < self.max_decode_batch:
+            raise ValueError(f"decode_batch_sizes: the last must be at least max_decode_batch="
+                             f"{self.max_decode_batch}, got {self.decode_batch_sizes[-1]}")
+        return self
 
 
 class RouterSection(_Strict):

@@ -1,26 +1,84 @@
 """Test set-up: 8 host CPU devices so meshes, TP and resharding are real; shared fixtures."""
 
 import os
+import shutil
+import tempfile
 
 # Must precede the first `import jax` anywhere in the test session.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# Hermetic: no persistent compilation cache in ~/.cache (tests/test_compile_cache.py sets its own).
-os.environ["JAXPD_CACHE_DIR"] = "off"
+# One persistent compilation cache for the whole session: the xdist workers and every process
+# the tests start (`jaxpd serve`, `jaxpd generate`) inherit this variable, so a program compiled
+# by one of them is loaded by the others. A fresh temporary directory per session keeps runs
+# hermetic (nothing from ~/.cache; tests/test_compile_cache.py sets its own); the process that
+# made it removes it at the end.
+if "JAXPD_TEST_CACHE_DIR" not in os.environ:
+    os.environ["JAXPD_TEST_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxpd-test-xla-")
+    _SESSION_CACHE_OWNER = True
+else:
+    _SESSION_CACHE_OWNER = False
+os.environ["JAXPD_CACHE_DIR"] = os.environ["JAXPD_TEST_CACHE_DIR"]
 # Fast worker starts: `jaxpd serve` workers compile only their first shapes, not every bucket
 # (tests/test_engine.py checks precompilation itself).
 os.environ["JAXPD_PRECOMPILE"] = "off"
 
+import contextlib  # noqa: E402
 import json  # noqa: E402
+import threading  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from jaxpd import compile_cache  # noqa: E402
+
+compile_cache.enable()
+
+
+def pytest_unconfigure(config):
+    if _SESSION_CACHE_OWNER:
+        shutil.rmtree(os.environ["JAXPD_TEST_CACHE_DIR"], ignore_errors=True)
+
+
+_COMPILE_WATCHERS: list[tuple[int, list[str]]] = []
+
+
+def _on_duration(event: str, duration: float, **kwargs) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+        for thread, names in _COMPILE_WATCHERS:
+            if thread == threading.get_ident():
+                names.append(str(kwargs.get("fun_name", "?")))
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_duration)
+
+
+@contextlib.contextmanager
+def count_compilations():
+    """The names of the functions XLA compiled on this thread inside the block, as JAX's own
+    compile hook reports them (a persistent-cache hit counts too: it would still be a
+    compilation on the request path without the cache)."""
+    names: list[str] = []
+    watcher = (threading.get_ident(), names)
+    _COMPILE_WATCHERS.append(watcher)
+    try:
+        yield names
+    finally:
+        _COMPILE_WATCHERS.remove(watcher)
+
+
 FIXTURES = Path(__file__).parent / "fixtures"
 HF_FIXTURES = FIXTURES / "hf"
 HF_MODELS = ("llama", "qwen2", "mistral", "mistral_window")
+
+
+@pytest.fixture(scope="session")
+def llama():
+    """The tiny random Llama fixture (Llama-3 rope scaling, GQA), loaded once per process."""
+    from jaxpd.model.checkpoint import load_model
+
+    return load_model(HF_FIXTURES / "llama")
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +95,8 @@ def expected(name: str) -> dict:
 _KNOB_SECTIONS = {"page_size": "kv", "num_pages": "kv", "chunk_size": "scheduler",
                   "max_prefill_tokens": "scheduler", "max_decode_batch": "scheduler",
                   "prefix_caching": "scheduler", "decode_steps_per_dispatch": "scheduler",
-                  "overlap": "scheduler"}
+                  "overlap": "scheduler", "prefill_batch_sizes": "scheduler",
+                  "prefill_chunk_sizes": "scheduler", "decode_batch_sizes": "scheduler"}
 
 
 def deployment(*, devices=(0,), tp=1, decode_devices=None, decode_tp=1, **knobs):

@@ -22,11 +22,6 @@ REPO = Path(__file__).resolve().parents[1]
 SMALL_POOL = parse_config({"kv": {"page_size": 4, "num_pages": 64}, "scheduler": {"chunk_size": 16}})
 
 
-@pytest.fixture(scope="module")
-def llama():
-    return load_model(HF_FIXTURES / "llama")
-
-
 def write_jsonl(path, lines):
     path.write_text("".join((l if isinstance(l, str) else json.dumps(l)) + "\n" for l in lines))
 

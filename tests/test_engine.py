@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import HF_FIXTURES, deployment, expected
+from conftest import HF_FIXTURES, count_compilations, deployment, expected
 from jaxpd.engine.builder import build_engine
 from jaxpd.engine.request import Request
 from jaxpd.engine.sampling import SamplingParams
@@ -16,11 +16,6 @@ from jaxpd.model.checkpoint import load_model
 
 SMALL = dict(page_size=4, num_pages=64, chunk_size=16, max_prefill_tokens=32)
 DISAGG = dict(devices=(0, 1, 2, 3), tp=4, decode_devices=(4, 5), decode_tp=2)
-
-
-@pytest.fixture(scope="module")
-def llama():
-    return load_model(HF_FIXTURES / "llama")
 
 
 def naive_greedy(model, prompt, n):
@@ -65,7 +60,7 @@ def test_engine_matches_naive_recompute(llama, mode):
         assert list(final[f"r{i}"].token_ids) == naive_greedy(llama, p, 6 + i), f"request r{i}"
         assert final[f"r{i}"].finish_reason == "length"
     assert engine.prefill.manager.all_free and engine.decode.manager.all_free
-    assert len(engine.prefill.runner.shapes_seen) <= 8  # bucketed: compilations stay bounded
+    assert len(engine.prefill.runner.programs) <= 8  # bucketed: compilations stay bounded
 
 
 def test_embedded_model_disaggregated_matches_naive():
@@ -286,26 +281,25 @@ def test_sliding_window_matches_transformers_and_frees_pages(attention, layout):
 
 
 def test_precompile_covers_every_shape_requests_use(llama):
-    """After `Engine.precompile`, a mixed workload (long and short prompts, decode batches of
-    every size up to the cap, multi-step calls with every budget) compiles nothing more."""
+    """After `Engine.precompile`, a mixed workload (long and short prompts, a prefix hit that
+    leaves one token, decode batches of every size up to the cap, multi-step calls with every
+    budget) compiles nothing more: JAX's own compile hook sees no compilation."""
     engine = build_engine(llama.config, llama.params,
                           deployment(devices=(0, 1), tp=2, page_size=4, num_pages=128,
                                      chunk_size=32, max_prefill_tokens=64, max_decode_batch=2,
-                                     decode_steps_per_dispatch=4))
-    engine.prefill.max_seqs = 2  # fewer buckets: a shorter test
+                                     decode_steps_per_dispatch=4,
+                                     prefill_batch_sizes=[1, 2]))  # fewer buckets: shorter
     compiled = engine.precompile()
-
-    def shapes():
-        p, d = engine.prefill.runner, engine.decode.runner
-        return p.shapes_seen | p.multistep_shapes_seen, d.shapes_seen | d.multistep_shapes_seen
-
-    seen = shapes()
-    assert compiled == len(seen[0])  # colocated: one runner
-    assert {s[:2] for s in engine.decode.runner.multistep_shapes_seen} == {(1, 4), (2, 4)}
+    runner = engine.prefill.runner  # colocated: one runner
+    ready = set(runner.programs.ready())
+    assert compiled == len(ready)
+    assert {(s.batch, s.tokens) for s in ready if s.kind == "steps"} == {(1, 4), (2, 4)}
     assert engine.precompile() == 0  # idempotent
-    ps = prompts(6, seed=21) + [prompts(1, seed=22)[0] * 5]
-    final = engine.run_to_completion([Request(f"q{i}", p, SamplingParams(
-        max_tokens=3 + i, ignore_eos=True)) for i, p in enumerate(ps)])
+    ps = prompts(6, seed=21) + [prompts(1, seed=22)[0] * 5] * 2
+    with count_compilations() as compiles:
+        final = engine.run_to_completion([Request(f"q{i}", p, SamplingParams(
+            max_tokens=3 + i, ignore_eos=True)) for i, p in enumerate(ps)])
     assert len(final) == len(ps)
-    assert shapes() == seen
+    assert set(runner.programs.ready()) == ready and runner.request_path_compiles == 0
+    assert [name for name in compiles if "step" in name] == []
     assert engine.prefill.manager.all_free and engine.decode.manager.all_free

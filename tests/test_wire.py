@@ -18,11 +18,6 @@ from jaxpd.v1 import worker_pb2
 from test_transfer import _side
 
 
-@pytest.fixture(scope="module")
-def llama():
-    return load_model(HF_FIXTURES / "llama")  # 2 KV heads: TP 4 replicates them
-
-
 def _prefilled(runner, prompt):
     seq = Sequence(Request("r1", tuple(prompt)), seed=0)
     engine = PrefillEngine(runner, chunk_size=16)

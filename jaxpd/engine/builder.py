@@ -61,11 +61,13 @@ def build_engine(config: ModelConfig, params,
     sched = deployment.scheduler
     prefill_runner = _runner(config, params, deployment.prefill, "prefill", deployment)
     prefill = PrefillEngine(prefill_runner, chunk_size=sched.chunk_size,
-                            max_batch_tokens=sched.max_prefill_tokens)
+                            max_batch_tokens=sched.max_prefill_tokens,
+                            batch_sizes=sched.prefill_batch_sizes,
+                            chunk_sizes=sched.prefill_chunk_sizes)
     if deployment.mode == "colocated":
         decode = DecodeEngine(prefill_runner, max_batch=sched.max_decode_batch,
                               steps_per_dispatch=sched.decode_steps_per_dispatch,
-                              overlap=sched.overlap)
+                              overlap=sched.overlap, batch_sizes=sched.decode_batch_sizes)
         return Engine(prefill, decode, seed=deployment.seed)
     if deployment.mode != "disaggregated":
         raise ConfigError(f"mode {deployment.mode!r} is not 'colocated' or 'disaggregated'")

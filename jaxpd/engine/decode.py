@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import collections
 
-from jaxpd.engine.buckets import pow2_bucket
+from jaxpd.engine.buckets import pow2_sizes
+from jaxpd.engine.programs import StepShape
 from jaxpd.engine.request import Sequence
 from jaxpd.engine.runner import LaunchedSteps, ModelRunner, Slice
 from jaxpd.kv.manager import KVCacheManager
@@ -41,7 +42,9 @@ class CollectFirst(Exception):
 
 class DecodeEngine:
     def __init__(self, runner: ModelRunner, *, max_batch: int = 64, steps_per_dispatch: int = 8,
-                 overlap: bool = False):
+                 overlap: bool = False, batch_sizes: list[int] | None = None):
+        """`batch_sizes`: the decode batch buckets that get compiled programs (default: powers of
+        two up to `max_batch`)."""
         if steps_per_dispatch < 1:
             raise ValueError(f"{steps_per_dispatch=} must be >= 1")
         self.overlap = overlap
@@ -50,17 +53,22 @@ class DecodeEngine:
         self.runner = runner
         self.manager: KVCacheManager = runner.manager
         self.max_batch = max_batch
+        runner.decode_batch_sizes = list(batch_sizes or pow2_sizes(max_batch))
+        if runner.decode_batch_sizes[-1] < max_batch:
+            raise ValueError(f"the largest decode batch size {runner.decode_batch_sizes[-1]} "
+                             f"must hold {max_batch=}")
         self.steps_per_dispatch = steps_per_dispatch
         self.eos_ids = tuple(runner.config.eos_token_ids)
         self.window = runner.config.sliding_window
 
-    def precompile(self) -> int:
-        """Compile every decode program shape this engine can use (each batch bucket up to
-        `max_batch`). Returns how many were new."""
-        batches = sorted({pow2_bucket(n) for n in range(1, self.max_batch + 1)})
+    def shapes(self) -> list[StepShape]:
+        """Every program a decode dispatch can use, likeliest first (small batches first: a
+        service starts with few requests). Until a batch's program is ready, a dispatch runs as
+        many sequences as the widest ready one holds (`ModelRunner.decode_rows`)."""
+        batches = self.runner.decode_batch_sizes
         if self._single_step:
-            return sum(self.runner.precompile(b, 1) for b in batches)
-        return sum(self.runner.precompile_steps(b, self.steps_per_dispatch) for b in batches)
+            return self.runner.step_shapes(batches, [1])
+        return self.runner.decode_shapes(batches, self.steps_per_dispatch)
 
     @property
     def _single_step(self) -> bool:
@@ -132,6 +140,8 @@ class DecodeEngine:
         if self._single_step:
             self._step_once(batch)
             return True
+        rows = self.runner.decode_rows(batch, self.steps_per_dispatch, self.eos_ids)
+        batch, budgets = batch[:rows], budgets[:rows]
         # always k steps: the loop ends once every row has used its budget, so one program per
         # batch bucket serves every budget, and a smaller k would buy nothing but compilations
         previous = self.pending[-1] if self.pending else None
@@ -173,9 +183,9 @@ class DecodeEngine:
 
     def _step_once(self, batch: list[Sequence]) -> None:
         """One token per sequence through the single-step program, collected at once."""
-        slices = [Slice(seq, seq.num_computed, 1) for seq in batch]
-        tokens, logprobs = self.runner.run(slices)
-        for seq, tok, lp in zip(batch, tokens, logprobs):
-            seq.num_computed += 1
-            seq.append(int(tok), float(lp), self.eos_ids)
-        self._stepped.extend(batch)
+        slices = self.runner.fit([Slice(seq, seq.num_computed, 1) for seq in batch], decode=True)
+        tokens, logprobs = self.runner.run(slices, decode=True)
+        for s, tok, lp in zip(slices, tokens, logprobs):
+            s.seq.num_computed += 1
+            s.seq.append(int(tok), float(lp), self.eos_ids)
+            self._stepped.append(s.seq)

@@ -12,11 +12,14 @@ Every path that ends a sequence (finish, abort, preemption) releases its pages.
 from __future__ import annotations
 
 import collections
+import itertools
 import random
 
 from jaxpd.engine.decode import CollectFirst, DecodeEngine
 from jaxpd.engine.prefill import PrefillEngine
+from jaxpd.engine.programs import StepShape
 from jaxpd.engine.request import FinishReason, Request, RequestOutput, Sequence
+from jaxpd.engine.runner import ModelRunner
 from jaxpd.errors import CapacityError, ConfigError
 from jaxpd.kv.manager import KVCacheManager
 from jaxpd.transfer.base import KVTransport
@@ -182,11 +185,24 @@ class Engine:
         if not self.running:
             self.decode.discard_pending()
 
+    def shapes(self) -> list[tuple[ModelRunner, list[StepShape]]]:
+        """Each runner with the programs it may use, likeliest first (one runner colocated:
+        prefill and decode shapes interleaved, so the first few cover a first request)."""
+        prefill, decode = self.prefill.shapes(), self.decode.shapes()
+        if self.colocated:
+            merged = [s for pair in itertools.zip_longest(prefill, decode) for s in pair if s]
+            return [(self.prefill.runner, merged)]
+        return [(self.prefill.runner, prefill), (self.decode.runner, decode)]
+
     def precompile(self) -> int:
-        """Compile every program shape either engine can use, so no request pays a compilation
-        (with the persistent compilation cache, a restart loads them instead). Returns how many
-        shapes were compiled."""
-        return self.prefill.precompile() + self.decode.precompile()
+        """Compile every program either engine can use, so no request pays a compilation
+        (with the persistent compilation cache, a restart loads them instead); from then on a
+        step never compiles (`ModelRunner.compile_on_demand` off). Returns how many were new."""
+        new = 0
+        for runner, shapes in self.shapes():
+            new += runner.programs.compile_all(shapes)
+            runner.compile_on_demand = False
+        return new
 
     def run_to_completion(self, requests: list[Request]) -> dict[str, RequestOutput]:
         for r in requests:

@@ -7,7 +7,8 @@ Blocks already in the prefix cache are skipped; full blocks are entered into it 
 
 from __future__ import annotations
 
-from jaxpd.engine.buckets import pow2_bucket
+from jaxpd.engine.buckets import bucket_for, pow2_sizes
+from jaxpd.engine.programs import StepShape
 from jaxpd.engine.request import Sequence
 from jaxpd.engine.runner import ModelRunner, Slice
 from jaxpd.kv.manager import KVCacheManager
@@ -15,12 +16,19 @@ from jaxpd.kv.manager import KVCacheManager
 
 class PrefillEngine:
     def __init__(self, runner: ModelRunner, *, chunk_size: int = 256, max_batch_tokens: int = 2048,
-                 max_seqs: int = 16):
-        if chunk_size & (chunk_size - 1):
-            raise ValueError(f"{chunk_size=} must be a power of two (it is a shape bucket)")
+                 batch_sizes: list[int] | None = None, chunk_sizes: list[int] | None = None):
+        """`batch_sizes` and `chunk_sizes` are the bucket sizes that get compiled programs
+        (default: powers of two up to 16 sequences, and from the runner's smallest chunk to
+        `chunk_size`); a step holds at most the largest batch size."""
+        chunks = list(chunk_sizes or pow2_sizes(chunk_size, min(runner.min_chunk, chunk_size)))
+        if chunks[-1] != chunk_size:
+            raise ValueError(f"the largest chunk size {chunks[-1]} must be {chunk_size=}")
         self.runner = runner
         self.manager: KVCacheManager = runner.manager
-        self.chunk_size, self.max_batch_tokens, self.max_seqs = chunk_size, max_batch_tokens, max_seqs
+        self.chunk_size, self.max_batch_tokens = chunk_size, max_batch_tokens
+        runner.prefill_batch_sizes = list(batch_sizes or pow2_sizes(16))
+        runner.chunk_sizes = chunks
+        self.max_seqs = runner.prefill_batch_sizes[-1]
         self.eos_ids = tuple(runner.config.eos_token_ids)
 
     def admit(self, seq: Sequence, *, keep_free: int = 0) -> bool:
@@ -34,14 +42,16 @@ class PrefillEngine:
         seq.prompt_tokens_cached = max(seq.prompt_tokens_cached, pages.num_cached)
         return True
 
-    def precompile(self) -> int:
-        """Compile every (batch, chunk) bucket a step can use: batches up to `max_seqs`, chunks
-        from the runner's minimum to `chunk_size`, and chunk 1 (a batch whose chunks are all one
-        token runs as a decode-shaped step). Returns how many shapes were new."""
-        batches = sorted({pow2_bucket(n) for n in range(1, self.max_seqs + 1)})
-        longest = min(self.chunk_size, self.max_batch_tokens)
-        chunks = sorted({1} | {pow2_bucket(n, self.runner.min_chunk) for n in range(2, longest + 1)})
-        return sum(self.runner.precompile(b, c) for b in batches for c in chunks)
+    def shapes(self) -> list[StepShape]:
+        """Every program a prefill step can use, likeliest first: one sequence at each chunk
+        bucket (short prompts first), then larger batches. The first is what a worker compiles
+        before it serves; the rest can come in the background (`ModelRunner.fit` trims a step
+        to the ready ones meanwhile). A step whose chunks are all one token pads up to the
+        smallest chunk rather than having programs of its own."""
+        runner = self.runner
+        longest = bucket_for(min(self.chunk_size, self.max_batch_tokens), runner.chunk_sizes)
+        return runner.step_shapes(runner.prefill_batch_sizes,
+                                  [c for c in runner.chunk_sizes if c <= longest])
 
     def step(self, seqs: list[Sequence]) -> list[Sequence]:
         """Run one chunk batch over admitted sequences; return those whose prefill completed."""
@@ -53,6 +63,7 @@ class PrefillEngine:
                 break
             slices.append(Slice(seq, seq.num_computed, length))
             budget -= length
+        slices = self.runner.fit(slices)
         if not slices:
             return []
         tokens, logprobs = self.runner.run(slices)

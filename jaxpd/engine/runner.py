@@ -1,30 +1,44 @@
-"""Runs the jitted paged step for a batch of sequence slices on one mesh.
+"""Runs the compiled paged step for a batch of sequence slices on one mesh.
 
 Turns Python-side sequences into padded device arrays (batch, chunk and page-table widths all
-bucketed), calls `model_step.step` (or `multistep.decode_steps` for several decode steps in one
-call), and hands back host tokens and logprobs. The page pool is threaded through (donated), so
+bucketed), calls the step program compiled for that shape (`model_step.step`, or
+`multistep.decode_steps` for several decode steps in one call; `programs.StepPrograms` holds
+them), and hands back host tokens and logprobs. The page pool is threaded through (donated), so
 it stays on device and is updated in place.
+
+Two ways to meet a shape that is not compiled yet:
+- `compile_on_demand` (the default, for in-process use): compile it on the spot, as jit would;
+- otherwise (a serving worker, whose remaining shapes compile in the background): never
+  compile on the request path. `fit` trims a step to what a ready program can run (fewer
+  sequences, shorter chunks: chunked prefill finishes the rest next step), and a step runs
+  padded up to the smallest ready shape that covers it, while the shape it wanted is moved to
+  the front of the background queue.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from jaxpd.engine import attention as attention_lib
 from jaxpd.engine import model_step, multistep
-from jaxpd.engine.buckets import pow2_bucket
+from jaxpd.engine.buckets import bucket_for, pow2_bucket, pow2_sizes
+from jaxpd.engine.programs import StepPrograms, StepShape
 from jaxpd.engine.request import Sequence
-from jaxpd.engine.sampling import sampling_arrays
+from jaxpd.engine.sampling import SamplingArrays, sampling_arrays
+from jaxpd.kv.pool import KVPages, page_sharding
 from jaxpd.kv.manager import KVCacheManager
 from jaxpd.model.config import ModelConfig
 
 STOP_ID_WIDTH = 8  # stop-id columns of a multi-step call (more only for requests with more)
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -36,7 +50,6 @@ class LaunchedSteps:
     outputs: tuple  # device arrays: tokens [b, k], logprobs [b, k], valid [b]
     last: jax.Array  # i32[b] each row's newest token, for the next call
     stopped: jax.Array  # bool[b] the row ended on a stop id
-    first_call: bool  # its shape was compiled by this call
     times: tuple[float, float, float]  # entered, started the call, call returned
 
 
@@ -58,97 +71,175 @@ class ModelRunner:
         capacity = (manager.allocator.num_blocks - 1) * manager.page_size
         max_len = min(config.max_position_embeddings, capacity)
         self.max_pages_per_seq = pow2_bucket(manager.layout.pages_for(max_len))
-        self.shapes_seen: set[tuple[int, int, int]] = set()  # (batch, chunk, pages) compiled
-        # (batch, steps, pages, stop ids) compiled for multi-step decode
-        self.multistep_shapes_seen: set[tuple[int, int, int, int]] = set()
+        # the sizes that get programs; the prefill and decode engines set their own
+        self.prefill_batch_sizes, self.decode_batch_sizes = pow2_sizes(16), pow2_sizes(64)
+        self.chunk_sizes = pow2_sizes(256, min_chunk)
+        self.programs = StepPrograms(self._lower)
+        # False once a worker serves: shapes that are not ready are padded or split, never
+        # compiled on the request path (`fit`, `_program`)
+        self.compile_on_demand = True
+        self.request_path_compiles = 0  # programs compiled inside run/launch_steps
         self.tokens_computed = 0
-        self.seconds = {"prefill": 0.0, "decode": 0.0, "first_calls": 0.0}  # wall time in steps
-        # where decode time goes (calls whose shape was already compiled): building the host
-        # arrays, the jitted call returning (dispatch), waiting for and fetching results; a
-        # multi-step call is one dispatch of several steps
+        self.seconds = {"prefill": 0.0, "decode": 0.0, "compile": 0.0}  # wall time in steps
+        # where decode time goes: building the host arrays, the call returning (dispatch),
+        # waiting for and fetching results; a multi-step call is one dispatch of several steps
         self.decode_breakdown = {"dispatches": 0, "steps": 0, "host_s": 0.0, "dispatch_s": 0.0,
                                  "device_s": 0.0}
 
     def table_widths(self) -> list[int]:
-        """Page-table widths a step can have: one when the backend's cost follows the pages used,
-        else every power of two up to the widest."""
+        """Page-table widths a step can have, widest first: one when the backend's cost follows
+        the pages used, else every power of two up to the widest."""
         if self.backend.fixed_table_width:
             return [self.max_pages_per_seq]
-        return [1 << i for i in range(self.max_pages_per_seq.bit_length())]
+        return [1 << i for i in reversed(range(self.max_pages_per_seq.bit_length()))]
 
-    def precompile(self, batch: int, chunk: int) -> int:
-        """Compile (by running) every single-step shape with this batch and chunk bucket: all
-        rows are padding, so only the null page is written. Returns how many shapes were new."""
-        new = 0
-        for pps in self.table_widths():
-            shape = (batch, chunk, pps)
-            if shape in self.shapes_seen:
+    # -- compiling ----------------------------------------------------------------------------
+    def _lower(self, shape: StepShape) -> jax.stages.Lowered:
+        """Trace and lower one step program from shapes alone (nothing runs, the pool is not
+        touched), so a background thread can compile while this runner serves."""
+        replicated = (SingleDeviceSharding(jax.devices()[0]) if self.mesh is None
+                      else NamedSharding(self.mesh, PartitionSpec()))
+
+        def arg(shape_, dtype):
+            return jax.ShapeDtypeStruct(shape_, dtype, sharding=replicated)
+
+        def spec(x):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+
+        pool = self.manager.kv
+        pool_sharding = page_sharding(self.mesh) or replicated
+        kv = KVPages(*(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=pool_sharding) for x in pool))
+        params = jax.tree.map(spec, self.params)
+        b, i32 = shape.batch, jnp.int32
+        sampling = SamplingArrays(arg((b,), jnp.float32), arg((b,), i32), arg((b,), jnp.float32),
+                                  arg((b, 2), jnp.uint32), arg((b,), i32))
+        table = arg((b, shape.pages), i32)
+        if shape.kind == "step":
+            attention = self.backend.decode if shape.tokens == 1 else self.backend.prefill
+            tokens = arg((b, shape.tokens), i32)
+            return model_step.step.lower(params, kv, tokens, tokens, table, sampling,
+                                         config=self.config, mesh=self.mesh, attention=attention)
+        row = arg((b,), i32)
+        return multistep.decode_steps.lower(
+            params, kv, row, row, table, sampling, row, arg((b, shape.stops), i32),
+            config=self.config, mesh=self.mesh, attention=self.backend.decode,
+            num_steps=shape.tokens)
+
+    def _program(self, shape: StepShape) -> jax.stages.Compiled:
+        """The ready program for `shape`. One that is not ready is compiled here, on the request
+        path: expected with `compile_on_demand`; otherwise only for a shape that no ready
+        program covers (`fit` makes that rare) and logged."""
+        program = self.programs.get(shape)
+        if program is not None:
+            return program
+        if not self.compile_on_demand:
+            log.warning("compiling %s on the request path: no ready program covers it", shape)
+        started = time.perf_counter()
+        program = self.programs.compile(shape)
+        self.seconds["compile"] += time.perf_counter() - started
+        self.request_path_compiles += 1
+        return program
+
+    def _choose(self, wanted: StepShape) -> StepShape:
+        """The shape to run `wanted`'s work with: itself when ready (or compiled on demand),
+        else the ready shape that covers it with the least padding, else itself."""
+        if self.compile_on_demand or wanted in self.programs:
+            return wanted
+        covering = [s for s in self.programs.ready() if s.covers(wanted)]
+        self.programs.prefer(wanted)
+        if not covering:
+            return wanted
+        return min(covering, key=lambda s: (s.area, s.pages, s.stops, s.batch))
+
+    def step_shape(self, slices: list[Slice], *, decode: bool = False) -> StepShape:
+        """The bucketed shape a single-step call over `slices` wants: a decode step (one token
+        per row, `decode_batch_sizes`) or a prefill chunk batch (`prefill_batch_sizes` x
+        `chunk_sizes`; a batch of one-token slices runs as the smallest chunk)."""
+        width = self._table_width(max(len(s.seq.pages.pages) for s in slices))
+        if decode:
+            return StepShape("step", bucket_for(len(slices), self.decode_batch_sizes), 1, width)
+        return StepShape("step", bucket_for(len(slices), self.prefill_batch_sizes),
+                         bucket_for(max(s.length for s in slices), self.chunk_sizes), width)
+
+    def fit(self, slices: list[Slice], *, decode: bool = False) -> list[Slice]:
+        """`slices` trimmed to what one ready program can run without compiling (all of them
+        when some ready program covers them, or when compiling on demand): the ready shape
+        that computes the most of their tokens, taking sequences in order and cutting each to
+        its chunk length. Trimmed prompts finish in later steps, as chunked prefill does."""
+        if not slices or self.compile_on_demand:
+            return slices
+        wanted = self.step_shape(slices, decode=decode)
+        if self._choose(wanted) in self.programs:  # ready, or padded up to a ready one
+            return slices
+        best, best_tokens = None, 0
+        for shape in self.programs.ready():
+            if shape.kind != "step" or shape.pages < wanted.pages:
                 continue
-            start = time.perf_counter()
-            attention = self.backend.decode if chunk == 1 else self.backend.prefill
-            out = model_step.step(
-                self.params, self.manager.kv, jnp.zeros((batch, chunk), jnp.int32),
-                jnp.full((batch, chunk), -1, jnp.int32), jnp.zeros((batch, pps), jnp.int32),
-                sampling_arrays([], [], [], batch), config=self.config, mesh=self.mesh,
-                attention=attention)
-            self.manager.kv = out[2]
-            jax.block_until_ready(out[0])
-            self.seconds["first_calls"] += time.perf_counter() - start
-            self.shapes_seen.add(shape)
-            new += 1
-        return new
+            tokens = sum(min(s.length, shape.tokens) for s in slices[:shape.batch])
+            if best is None or (tokens, -shape.area) > (best_tokens, -best.area):
+                best, best_tokens = shape, tokens
+        if best is None:
+            return slices  # nothing fits: `run` compiles (logged)
+        return [Slice(s.seq, s.start, min(s.length, best.tokens)) for s in slices[:best.batch]]
 
-    def precompile_steps(self, batch: int, num_steps: int) -> int:
-        """`precompile` for the multi-step decode program (requests with up to STOP_ID_WIDTH
-        stop ids, EOS included); every row has budget 0, so the loop runs no step."""
-        new = 0
-        for pps in self.table_widths():
-            shape = (batch, num_steps, pps, STOP_ID_WIDTH)
-            if shape in self.multistep_shapes_seen:
-                continue
-            start = time.perf_counter()
-            zeros = jnp.zeros(batch, jnp.int32)
-            out = multistep.decode_steps(
-                self.params, self.manager.kv, zeros, zeros, jnp.zeros((batch, pps), jnp.int32),
-                sampling_arrays([], [], [], batch), zeros,
-                jnp.full((batch, STOP_ID_WIDTH), -1, jnp.int32), config=self.config,
-                mesh=self.mesh, attention=self.backend.decode, num_steps=num_steps)
-            self.manager.kv = out[3]
-            jax.block_until_ready(out[0])
-            self.seconds["first_calls"] += time.perf_counter() - start
-            self.multistep_shapes_seen.add(shape)
-            new += 1
-        return new
+    def decode_rows(self, seqs: list[Sequence], num_steps: int, eos_ids: tuple[int, ...]) -> int:
+        """How many of `seqs` (in order) one multi-step call can run on a ready program: all of
+        them when compiling on demand or when a ready program covers them, else as many as the
+        widest ready batch holds."""
+        if self.compile_on_demand:
+            return len(seqs)
+        wanted = self._steps_shape(seqs, num_steps, eos_ids)
+        ready = [s for s in self.programs.ready() if s.covers(dataclasses.replace(wanted, batch=1))]
+        if any(s.batch >= wanted.batch for s in ready):
+            return len(seqs)
+        self.programs.prefer(wanted)
+        return max((s.batch for s in ready), default=len(seqs))
 
-    def run(self, slices: list[Slice], *, batch_bucket_max: int | None = None):
-        """(next tokens, logprobs) as host arrays, one per slice (sampled at each slice's end)."""
+    def _steps_shape(self, seqs: list[Sequence], num_steps: int,
+                     eos_ids: tuple[int, ...]) -> StepShape:
+        stops = max(len(seq.stop_ids(eos_ids)) for seq in seqs)
+        return StepShape("steps", bucket_for(len(seqs), self.decode_batch_sizes), num_steps,
+                         self._table_width(max(len(seq.pages.pages) for seq in seqs)),
+                         pow2_bucket(stops, STOP_ID_WIDTH))
+
+    def step_shapes(self, batches: list[int], chunks: list[int]) -> list[StepShape]:
+        """Single-step programs for every (batch, chunk) and page-table width, in that order."""
+        return [StepShape("step", b, c, w) for b in batches for c in chunks
+                for w in self.table_widths()]
+
+    def decode_shapes(self, batches: list[int], num_steps: int) -> list[StepShape]:
+        """Multi-step decode programs for every batch and page-table width (requests with up to
+        STOP_ID_WIDTH stop ids, EOS included)."""
+        return [StepShape("steps", b, num_steps, w, STOP_ID_WIDTH) for b in batches
+                for w in self.table_widths()]
+
+    def _table_width(self, widest: int) -> int:
+        return self.max_pages_per_seq if self.backend.fixed_table_width else pow2_bucket(widest, 1)
+
+    def run(self, slices: list[Slice], *, decode: bool = False):
+        """(next tokens, logprobs) as host arrays, one per slice (sampled at each slice's end);
+        `decode`: every slice is one token of a decoding sequence (a decode-shaped program)."""
+        shape = self._choose(self.step_shape(slices, decode=decode))
+        program = self._program(shape)
         entered = time.perf_counter()
-        batch = pow2_bucket(len(slices), 1, batch_bucket_max)
-        decode = all(s.length == 1 for s in slices)
-        chunk = 1 if decode else pow2_bucket(max(s.length for s in slices), self.min_chunk)
+        batch, chunk = shape.batch, shape.tokens
         tokens = np.zeros((batch, chunk), np.int32)
         positions = np.full((batch, chunk), -1, np.int32)
         for i, s in enumerate(slices):
             tokens[i, :s.length] = s.seq.tokens[s.start:s.start + s.length]
             positions[i, :s.length] = np.arange(s.start, s.start + s.length)
-        table = self._page_table([(s.seq, s.start + s.length) for s in slices], batch)
+        table = self._page_table([(s.seq, s.start + s.length) for s in slices], shape)
         sampling = sampling_arrays([s.seq.request.sampling for s in slices],
                                    [s.seq.seed for s in slices],
                                    [len(s.seq.output_ids) for s in slices], batch)
-        shape = (batch, chunk, table.shape[1])
-        first_call = shape not in self.shapes_seen
-        self.shapes_seen.add(shape)
         self.tokens_computed += sum(s.length for s in slices)
         start = time.perf_counter()
-        next_tokens, logprobs, self.manager.kv = model_step.step(
-            self.params, self.manager.kv, jnp.asarray(tokens), jnp.asarray(positions),
-            jnp.asarray(table), sampling, config=self.config, mesh=self.mesh,
-            attention=self.backend.decode if decode else self.backend.prefill)
+        next_tokens, logprobs, self.manager.kv = program(
+            self.params, self.manager.kv, tokens, positions, table, sampling)
         dispatched = time.perf_counter()
         next_tokens, logprobs = jax.device_get((next_tokens, logprobs))
         end = time.perf_counter()
-        kind = "first_calls" if first_call else ("decode" if decode else "prefill")
-        self._account(kind, (entered, start, dispatched, end), steps=1)
+        self._account("decode" if decode else "prefill", (entered, start, dispatched, end), steps=1)
         return next_tokens[:len(slices)], logprobs[:len(slices)]
 
     def run_steps(self, seqs: list[Sequence], budgets: list[int], num_steps: int,
@@ -165,15 +256,16 @@ class ModelRunner:
         """Dispatch `run_steps`'s call without waiting for it. Each sequence starts from its
         `expected_computed` position; one that was in `previous` (still in flight) takes its
         input token from that call's results on device (`multistep.feed_forward`)."""
+        shape = self._choose(self._steps_shape(seqs, num_steps, eos_ids))
+        program = self._program(shape)
         entered = time.perf_counter()
-        batch = pow2_bucket(len(seqs), 1)
-        stops = [seq.stop_ids(eos_ids) for seq in seqs]
+        batch = shape.batch
         tokens = np.zeros(batch, np.int32)
         positions = np.zeros(batch, np.int32)
         budget = np.zeros(batch, np.int32)
         rows = np.full(batch, -1, np.int32)
         earlier = {id(seq): i for i, seq in enumerate(previous.seqs)} if previous else {}
-        stop_ids = np.full((batch, pow2_bucket(max(map(len, stops)), STOP_ID_WIDTH)), -1, np.int32)
+        stop_ids = np.full((batch, shape.stops), -1, np.int32)
         for i, (seq, n) in enumerate(zip(seqs, budgets)):
             at = seq.expected_computed
             if seq.in_flight:
@@ -181,26 +273,23 @@ class ModelRunner:
             else:
                 tokens[i] = seq.tokens[at]
             positions[i], budget[i] = at, n
-            stop_ids[i, :len(stops[i])] = stops[i]
+            stops = seq.stop_ids(eos_ids)
+            stop_ids[i, :len(stops)] = stops
         table = self._page_table([(seq, seq.expected_computed + n)
-                                  for seq, n in zip(seqs, budgets)], batch)
+                                  for seq, n in zip(seqs, budgets)], shape)
         sampling = sampling_arrays([seq.request.sampling for seq in seqs], [seq.seed for seq in seqs],
                                    [len(seq.output_ids) + seq.in_flight for seq in seqs], batch)
-        shape = (batch, num_steps, table.shape[1], stop_ids.shape[1])
-        first_call = shape not in self.multistep_shapes_seen
-        self.multistep_shapes_seen.add(shape)
         start = time.perf_counter()
-        tokens_in, budget_in = jnp.asarray(tokens), jnp.asarray(budget)
+        tokens_in, budget_in = tokens, budget
         if previous is not None and (rows >= 0).any():
             tokens_in, budget_in = multistep.feed_forward(
-                previous.last, previous.stopped, jnp.asarray(rows), tokens_in, budget_in)
-        out_tokens, logprobs, valid, self.manager.kv, last, stopped = multistep.decode_steps(
-            self.params, self.manager.kv, tokens_in, jnp.asarray(positions),
-            jnp.asarray(table), sampling, budget_in, jnp.asarray(stop_ids),
-            config=self.config, mesh=self.mesh, attention=self.backend.decode,
-            num_steps=num_steps)
+                previous.last, previous.stopped, jnp.asarray(rows), jnp.asarray(tokens),
+                jnp.asarray(budget))
+        out_tokens, logprobs, valid, self.manager.kv, last, stopped = program(
+            self.params, self.manager.kv, tokens_in, positions, table, sampling, budget_in,
+            stop_ids)
         return LaunchedSteps(list(seqs), list(budgets), (out_tokens, logprobs, valid), last,
-                             stopped, first_call, (entered, start, time.perf_counter()))
+                             stopped, (entered, start, time.perf_counter()))
 
     def collect_steps(self, launched: LaunchedSteps):
         """Wait for a launched call: (tokens, logprobs, valid) as host arrays, one row per
@@ -210,17 +299,14 @@ class ModelRunner:
         end = time.perf_counter()
         n = len(launched.seqs)
         self.tokens_computed += int(valid[:n].sum())
-        kind = "first_calls" if launched.first_call else "decode"
-        self._account(kind, (entered, start, dispatched, max(end, dispatched)),
+        self._account("decode", (entered, start, dispatched, max(end, dispatched)),
                       steps=int(valid.max()))
         return out_tokens[:n], logprobs[:n], valid[:n]
 
-    def _page_table(self, needs: list[tuple[Sequence, int]], batch: int) -> np.ndarray:
-        """i32[batch, width] page table for (sequence, tokens its pages must hold) pairs; the
-        width is bucketed unless the backend's cost ignores it."""
-        widest = max(len(seq.pages.pages) for seq, _ in needs)
-        pps = self.max_pages_per_seq if self.backend.fixed_table_width else pow2_bucket(widest, 1)
-        table = np.zeros((batch, pps), np.int32)
+    def _page_table(self, needs: list[tuple[Sequence, int]], shape: StepShape) -> np.ndarray:
+        """i32[batch, width] page table of `shape` for (sequence, tokens its pages must hold)
+        pairs."""
+        table = np.zeros((shape.batch, shape.pages), np.int32)
         for i, (seq, num_tokens) in enumerate(needs):
             pages = seq.pages.pages
             assert len(pages) * self.manager.page_size >= num_tokens, "pages not reserved"
@@ -228,9 +314,9 @@ class ModelRunner:
         return table
 
     def _account(self, kind: str, times: tuple[float, float, float, float], *, steps: int) -> None:
-        """Add a call's wall time to `seconds[kind]`; a compiled decode call's split (host,
-        dispatch, device + fetch) also goes to `decode_breakdown`, `steps` being the decode
-        steps it ran."""
+        """Add a call's wall time (its compilation, if it had one, is in `seconds["compile"]`
+        instead) to `seconds[kind]`; a decode call's split (host, dispatch, device + fetch)
+        also goes to `decode_breakdown`, `steps` being the decode steps it ran."""
         entered, start, dispatched, end = times
         self.seconds[kind] += end - start
         if kind == "decode":

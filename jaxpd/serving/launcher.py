@@ -44,7 +44,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Iterable, Iterator, Mapping, TextIO
+from typing import Callable, Iterable, Iterator, Mapping, TextIO
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -53,6 +53,7 @@ from jaxpd.errors import ConfigError, JaxpdError
 from jaxpd.serving import deathsig
 
 READY_PREFIX = "JAXPD_READY "  # must match jaxpd.serving.process.READY_PREFIX
+PROGRESS_PREFIX = "JAXPD_PROGRESS "  # must match jaxpd.serving.process.PROGRESS_PREFIX
 LOG_LINES = 40
 DEFAULT_GRACE_S = 10.0
 _MAX_LINE_BYTES = 64 << 10
@@ -238,6 +239,7 @@ class _Child:
     ready: dict | None = None  # the parsed JAXPD_READY line
     bad_ready: str | None = None  # a JAXPD_READY line that did not parse, with why
     serving: bool = False  # the health check confirmed SERVING
+    progress: dict | None = None  # the last JAXPD_PROGRESS line (compile progress), parsed
     health_note: str = ""  # why it is not confirmed yet
     channel: grpc.Channel | None = None
 
@@ -289,11 +291,12 @@ class Launcher:
         child.reader.start()
         return proc.pid
 
-    def wait_ready(self, names: Iterable[str] | None = None,
-                   timeout_s: float = 600.0) -> dict[str, dict]:
+    def wait_ready(self, names: Iterable[str] | None = None, timeout_s: float = 600.0,
+                   on_tick: Callable[[], None] | None = None) -> dict[str, dict]:
         """Block until every named child (default: all started) printed its JAXPD_READY line and
         its health check says SERVING; returns {name: ready dict}. Any child dying, a timeout, or
-        a stop request stops everything and raises."""
+        a stop request stops everything and raises. `on_tick` runs on every poll (a progress
+        display)."""
         pending = self._names(names)
         deadline = time.monotonic() + timeout_s
         try:
@@ -307,12 +310,14 @@ class Launcher:
                     return {n: dict(self._children[n].ready) for n in pending}
                 if time.monotonic() >= deadline:
                     raise self._stopped(self._timeout_error(pending, timeout_s))
+                if on_tick is not None:
+                    on_tick()
                 self._sleep()
         finally:
             for name in pending:
                 self._close_channel(self._children[name])
 
-    def serve_forever(self) -> int | None:
+    def serve_forever(self, on_tick: Callable[[], None] | None = None) -> int | None:
         """Supervise until a stop is requested (returns the signal number, or None for a plain
         `request_stop()`) or a child dies (raises ChildExitedError). Stops every child first."""
         while True:
@@ -320,6 +325,8 @@ class Launcher:
                 self.stop_all()
                 return self._stop_signal
             self._check_exits("serving")
+            if on_tick is not None:
+                on_tick()
             self._sleep()
 
     def request_stop(self, signum: int | None = None) -> None:
@@ -354,6 +361,11 @@ class Launcher:
         with self._lock:
             return list(self._children[name].lines)
 
+    def compile_progress(self) -> dict[str, dict]:
+        """{name: last JAXPD_PROGRESS dict} of the children that reported compile progress."""
+        with self._lock:
+            return {name: dict(c.progress) for name, c in self._children.items() if c.progress}
+
     def returncodes(self) -> dict[str, int | None]:
         return {name: c.proc.poll() for name, c in self._children.items()}
 
@@ -366,13 +378,23 @@ class Launcher:
             for raw in iter(lambda: stream.readline(_MAX_LINE_BYTES), b""):
                 line = raw.decode("utf-8", "replace").rstrip("\r\n")
                 self._take_line(child, line)
-                self._echo_line(child.spec.name, line)
+                if not line.startswith(PROGRESS_PREFIX):
+                    self._echo_line(child.spec.name, line)
         except (OSError, ValueError):
             pass  # the pipe was closed under us during teardown
         finally:
             self._wake.set()
 
     def _take_line(self, child: _Child, line: str) -> None:
+        if line.startswith(PROGRESS_PREFIX):  # not kept among the last lines: it is no log
+            try:
+                progress = json.loads(line[len(PROGRESS_PREFIX):])
+            except json.JSONDecodeError:
+                progress = None
+            if isinstance(progress, dict):
+                with self._lock:
+                    child.progress = progress
+                return
         ready = bad = None
         if line.startswith(READY_PREFIX) and child.ready is None and child.bad_ready is None:
             ready, bad = parse_ready_line(line)

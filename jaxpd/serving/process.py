@@ -24,6 +24,7 @@ log = logging.getLogger("jaxpd.serve")
 
 ROLES = ("router", "prefill", "decode", "colocated")
 READY_PREFIX = "JAXPD_READY "
+PROGRESS_PREFIX = "JAXPD_PROGRESS "  # compile progress, shown by the launcher
 
 
 def worker_group(deployment: DeploymentConfig, role: str) -> tuple[MeshSection, str]:
@@ -80,28 +81,86 @@ def _load_worker(deployment: DeploymentConfig, tp: int):
     return engine, config, wire
 
 
-def _warm_up(role: str, scheduler) -> str:
-    """Before the port opens: compile every step shape this role runs (prefill buckets on a
-    prefill worker, decode buckets on a decode worker, both on a colocated one), or with JAXPD_PRECOMPILE=off only the
-    first prefill and decode shapes. Returns what was done, for the log."""
-    from jaxpd.engine.request import Request
-    from jaxpd.engine.sampling import SamplingParams
+def _role_shapes(role: str, engine) -> tuple[object, list, list]:
+    """(runner, the programs this role runs likeliest first, those it needs before serving)."""
+    if role == "colocated":
+        (runner, shapes), = engine.shapes()
+        return runner, shapes, [engine.prefill.shapes()[0], engine.decode.shapes()[0]]
+    stage = engine.prefill if role == "prefill" else engine.decode
+    shapes = stage.shapes()
+    return stage.runner, shapes, shapes[:1]
+
+
+def precompile_mode() -> str:
+    """JAXPD_PRECOMPILE: `background` (default), `all` or `off` (see `jaxpd serve --help`)."""
     from jaxpd.serving.serve_cli import PRECOMPILE_ENV
 
-    if os.environ.get(PRECOMPILE_ENV, "").lower() not in ("off", "0", "false", "no"):
-        if role == "colocated":
-            return f"all {scheduler.engine.precompile()} step shapes compiled"
-        stage = scheduler.prefill if role == "prefill" else scheduler.engine.decode
-        return f"all {stage.precompile()} step shapes compiled"
-    warm = Request("__warmup__", (1, 2, 3), SamplingParams(max_tokens=2, ignore_eos=True))
-    if role == "prefill":
-        scheduler.add(warm, 0, lambda ev: None)
-        while scheduler.has_work():
-            scheduler.step()
-        scheduler.release(warm.id)
-    else:
-        scheduler.engine.run_to_completion([warm])
-    return "first prefill and decode shapes compiled"
+    value = os.environ.get(PRECOMPILE_ENV, "background").strip().lower()
+    if value in ("off", "0", "false", "no"):
+        return "off"
+    return "all" if value == "all" else "background"
+
+
+class _Progress:
+    """Prints `JAXPD_PROGRESS {json}` lines (compile progress) for the launcher to display."""
+
+    def __init__(self, role: str, replica: int):
+        self.role, self.replica = role, replica
+        self.started = time.perf_counter()
+
+    def __call__(self, progress, phase: str) -> None:
+        print(PROGRESS_PREFIX + json.dumps({
+            "role": self.role, "replica": self.replica, "phase": phase, "done": progress.done,
+            "total": progress.total, "seconds": round(time.perf_counter() - self.started, 2),
+            "compile_seconds": round(progress.seconds, 2), "cache_hits": progress.cache_hits}),
+            flush=True)
+
+
+def _log_request_path_compiles() -> None:
+    """Log every XLA compilation that happens on an engine thread (the request path), with
+    JAX's own compile hook: with `--precompile background` or `all` the step programs never
+    should; small helper programs (KV gathers and writes) may, once per bucket."""
+    import threading
+
+    import jax
+
+    def listener(event: str, duration: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration" and \
+                threading.current_thread().name.startswith("engine-"):
+            log.info("compiled %s on the request path in %.2f s", kwargs.get("fun_name", "?"),
+                     duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+
+
+def _warm_up(role: str, replica: int, engine) -> tuple[str, object]:
+    """Before the port opens: compile the programs first requests need (the smallest prefill
+    and decode shapes of this role). Then, by `precompile_mode()`: `background` leaves the rest
+    to a compile thread started once serving (until a shape is ready, steps run padded up to a
+    ready one or trimmed to fit it: never a compilation on the request path); `all` compiles
+    every shape now; `off` compiles the rest on first use, on the request path. Returns (what
+    was done, for the log; a callable that starts the background compiles)."""
+    runner, shapes, first = _role_shapes(role, engine)
+    mode = precompile_mode()
+    progress = _Progress(role, replica)
+    if mode == "background":
+        runner.programs.plan(shapes)  # progress counts every program, not just the first
+    runner.programs.compile_all(shapes if mode == "all" else first,
+                                lambda p: progress(p, "startup"))
+    done = runner.programs.progress()
+    warm = " from the persistent cache" if done.cache_hits == done.done else ""
+    runner.compile_on_demand = mode == "off"
+
+    def start_background() -> None:
+        if mode == "background":
+            runner.programs.compile_in_background(
+                shapes, lambda p: progress(p, "background"), name=f"compile-{role}-{replica}")
+
+    what = {"all": f"all {done.done} step programs compiled{warm}",
+            "off": f"{done.done} first step programs compiled{warm} (the rest on first use)",
+            "background": f"{done.done} first step programs compiled{warm}; "
+                          f"{len(set(shapes) - set(first))} more in the background"}[mode]
+    return what, start_background
 
 
 async def _serve_worker(role: str, replica: int, deployment: DeploymentConfig, where: str) -> None:
@@ -114,6 +173,7 @@ async def _serve_worker(role: str, replica: int, deployment: DeploymentConfig, w
 
     group, key = worker_group(deployment, role)
     loop = asyncio.get_running_loop()
+    _log_request_path_compiles()
     engine, config, wire = await loop.run_in_executor(None, _load_worker, deployment, group.tp)
     state = WorkerState(role, replica, deployment, engine, config, wire)
     digests = deployment.serving.record_kv_digests
@@ -122,7 +182,7 @@ async def _serve_worker(role: str, replica: int, deployment: DeploymentConfig, w
     else:
         scheduler = DecodeScheduler(engine, wire, record_digests=digests)
     started = time.perf_counter()
-    done = await loop.run_in_executor(None, _warm_up, role, scheduler)
+    done, start_background = await loop.run_in_executor(None, _warm_up, role, replica, engine)
     log.info("%s-%d: %s in %.1f s (compilation cache: %s)", role, replica, done,
              time.perf_counter() - started, os.environ.get("JAXPD_CACHE_DIR", "off"))
     thread = EngineThread(f"engine-{role}-{replica}", scheduler.has_work, scheduler.step,
@@ -147,11 +207,13 @@ async def _serve_worker(role: str, replica: int, deployment: DeploymentConfig, w
     await server.set_serving()
     log.info("%s-%d serving on %s (tp=%d)", role, replica, server.address, group.tp)
     announce(role, replica, server.address)
+    start_background()
     try:
         await _until_signalled()
     finally:
         await server.stop()
         thread.stop()
+        engine.prefill.runner.programs.stop(timeout=0)
 
 
 # -- the router -------------------------------------------------------------------------------------

@@ -54,15 +54,20 @@ def add_parser(subparsers) -> None:
     p.add_argument("--compile-cache", metavar="DIR|off",
                    help="JAX's persistent compilation cache for every process (default: "
                         "$JAXPD_CACHE_DIR, else ~/.cache/jaxpd/xla): a restart skips compiling")
-    p.add_argument("--no-precompile", action="store_true",
-                   help="compile step shapes on first use instead of at start (a faster start, "
-                        "but the first requests of each shape pay the compilation; also "
-                        "JAXPD_PRECOMPILE=off)")
+    p.add_argument("--precompile", choices=("background", "all", "off"),
+                   help="when workers compile their step programs. background (default): the "
+                        "smallest prefill and decode shapes before serving, the rest on a "
+                        "background thread while serving (a step whose shape is not ready yet "
+                        "runs padded up to a ready one, never waiting for a compilation); all: "
+                        "every shape before serving; off: the rest on first use, on the request "
+                        "path. Also JAXPD_PRECOMPILE")
+    p.add_argument("--no-precompile", action="store_const", const="off", dest="precompile",
+                   help="same as --precompile off")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="echo every process's log lines, prefixed with its name")
 
 
-PRECOMPILE_ENV = "JAXPD_PRECOMPILE"  # "off": workers compile shapes on first use
+PRECOMPILE_ENV = "JAXPD_PRECOMPILE"  # background | all | off: see --precompile
 
 
 def run(args) -> int:
@@ -71,8 +76,8 @@ def run(args) -> int:
     deployment = load_config(args.config)
     if args.compile_cache is not None:  # the roles read it from the environment
         os.environ[compile_cache.ENV] = args.compile_cache
-    if args.no_precompile:
-        os.environ[PRECOMPILE_ENV] = "off"
+    if args.precompile is not None:
+        os.environ[PRECOMPILE_ENV] = args.precompile
     if args.role is None:
         return launch(deployment, args.config, verbose=args.verbose)
     from jaxpd.serving.devices import router_env, visible_devices_env
@@ -109,6 +114,7 @@ def _check_ports(deployment: DeploymentConfig, where: str, roles) -> None:
 
 def launch(deployment: DeploymentConfig, where: str, *, verbose: bool = False) -> int:
     """Start every process, serve until a signal, stop everything. Returns the exit status."""
+    from jaxpd.serving.compile_view import CompileView
     from jaxpd.serving.launcher import (LaunchInterrupted, Launcher, handle_stop_signals,
                                         role_spec)
 
@@ -117,13 +123,16 @@ def launch(deployment: DeploymentConfig, where: str, *, verbose: bool = False) -
     env = dict(os.environ)  # each role narrows its own devices (serve_cli.run)
     started = time.monotonic()
     timeout = deployment.serving.startup_timeout_s
+    launcher = Launcher(echo=sys.stderr if verbose else None)
+    view = CompileView(launcher.compile_progress, expect=[f"{r}-{i}" for r, i in roles])
     try:
-        with Launcher(echo=sys.stderr if verbose else None) as launcher, handle_stop_signals(launcher):
+        with launcher, handle_stop_signals(launcher):
             specs = [role_spec(role, i, where, env) for role, i in roles]
             for spec in specs:
                 launcher.start(spec)
             print(f"jaxpd: starting {', '.join(s.name for s in specs)} ...", file=sys.stderr, flush=True)
-            ready = launcher.wait_ready([s.name for s in specs], timeout)
+            ready = launcher.wait_ready([s.name for s in specs], timeout, on_tick=view.tick)
+            view.tick()
             by_role: dict[str, list[str]] = {}
             for (role, _), spec in zip(roles, specs):
                 by_role.setdefault(role, []).append(ready[spec.name]["address"])
@@ -137,10 +146,14 @@ def launch(deployment: DeploymentConfig, where: str, *, verbose: bool = False) -
             summary = ", ".join(f"{role} x{len(a)}" for role, a in by_role.items())
             print(f"jaxpd serving on {address} ({deployment.mode}: {summary}; ready in "
                   f"{time.monotonic() - started:.1f} s). Ctrl-C stops every process.", flush=True)
-            launcher.serve_forever()
+            launcher.serve_forever(on_tick=view.tick)
+            view.close()
             print("jaxpd: stopping every process", file=sys.stderr, flush=True)
     except LaunchInterrupted:
+        view.close()
         print("jaxpd: interrupted while starting; stopped every process", file=sys.stderr)
         return 130
+    finally:
+        view.close()
     return 0
 

@@ -1,0 +1,135 @@
+"""Step programs compiled ahead of time: the table, the background thread, and an engine that
+serves shapes it never compiled by padding up or trimming to ready programs."""
+
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import count_compilations, deployment
+from jaxpd.engine.builder import build_engine
+from jaxpd.engine.programs import StepPrograms, StepShape
+from jaxpd.engine.request import Request
+from jaxpd.engine.sampling import SamplingParams
+
+
+def _toy_lowerer(calls: list):
+    """Lowers a tiny program whose shape follows the StepShape (cheap to compile)."""
+    def lower(shape: StepShape):
+        calls.append(shape)
+        x = jax.ShapeDtypeStruct((shape.batch, shape.tokens), jnp.float32)
+        return jax.jit(lambda a: a * 2 + 1).lower(x)
+    return lower
+
+
+def test_covers_needs_every_dimension_and_the_same_kind():
+    s = StepShape("step", 4, 64, 8)
+    assert s.covers(StepShape("step", 1, 16, 8)) and s.covers(s)
+    assert not s.covers(StepShape("step", 8, 16, 8))
+    assert not s.covers(StepShape("step", 1, 128, 8))
+    assert not s.covers(StepShape("step", 1, 16, 16))
+    d = StepShape("steps", 4, 8, 8, 8)
+    assert d.covers(StepShape("steps", 2, 8, 8, 8))
+    assert not d.covers(StepShape("steps", 2, 4, 8, 8))  # steps per call is not padded
+    assert not d.covers(StepShape("steps", 2, 8, 8, 16))  # more stop ids than columns
+    assert not s.covers(StepShape("steps", 1, 1, 8, 8)) and not d.covers(StepShape("step", 1, 8, 8))
+
+
+def test_a_shape_compiles_once_even_when_two_threads_want_it():
+    calls = []
+    programs = StepPrograms(_toy_lowerer(calls))
+    shape = StepShape("step", 2, 3, 1)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(programs.compile(shape)))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == [shape] and len({id(r) for r in results}) == 1
+    np.testing.assert_array_equal(results[0](np.ones((2, 3), np.float32)), np.full((2, 3), 3.0))
+    assert programs.compile_all([shape, StepShape("step", 1, 1, 1)]) == 1
+
+
+def test_background_compiles_in_order_and_a_preferred_shape_jumps_the_queue():
+    calls = []
+    gate = threading.Event()
+    lower = _toy_lowerer(calls)
+
+    def slow_first(shape):
+        if not calls:
+            gate.wait(10)  # hold the thread on the first shape while the queue is reordered
+        return lower(shape)
+
+    programs = StepPrograms(slow_first)
+    shapes = [StepShape("step", b, 1, 1) for b in (1, 2, 4, 8)]
+    seen = []
+    programs.compile_in_background(shapes, on_progress=seen.append)
+    programs.prefer(shapes[3])
+    gate.set()
+    assert programs.wait(30)
+    assert calls == [shapes[0], shapes[3], shapes[1], shapes[2]]
+    assert [p.done for p in seen] == [1, 2, 3, 4] and seen[-1].total == 4
+    assert not programs.progress().compiling and programs.progress().seconds > 0
+
+
+SMALL = dict(page_size=4, num_pages=96, chunk_size=32, max_prefill_tokens=64,
+             max_decode_batch=4, decode_steps_per_dispatch=4)
+
+
+def _greedy(engine, prompts, max_tokens=5):
+    return {k: list(v.token_ids) for k, v in engine.run_to_completion(
+        [Request(f"r{i}", p, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+         for i, p in enumerate(prompts)]).items()}
+
+
+@pytest.fixture(scope="module")
+def prompts(llama):
+    rng = np.random.default_rng(5)
+    return [tuple(int(t) for t in rng.integers(3, llama.config.vocab_size, n))
+            for n in (40, 7, 23)]
+
+
+@pytest.mark.parametrize("mode", ["colocated", "disaggregated"])
+def test_an_engine_serves_shapes_it_never_compiled_without_compiling(llama, prompts, mode):
+    """Only the first prefill and decode programs are compiled (batch 1, the smallest chunk),
+    as a worker has them when it opens its port; three prompts of up to 40 tokens arrive at
+    once. Prefill is trimmed to one 16-token chunk per step and decode to one row per call;
+    no step program is compiled on this (the request) thread, the tokens equal an engine that
+    compiles every shape it wants, and every page comes back."""
+    extra = dict(devices=(0, 1), tp=2, decode_devices=(4,), decode_tp=1) \
+        if mode == "disaggregated" else dict(devices=(0, 1), tp=2)
+    reference = _greedy(build_engine(llama.config, llama.params, deployment(**SMALL, **extra)),
+                        prompts)
+    engine = build_engine(llama.config, llama.params, deployment(**SMALL, **extra))
+    for stage in (engine.prefill, engine.decode):
+        stage.runner.programs.compile(stage.shapes()[0])
+        stage.runner.compile_on_demand = False
+    first = {runner: set(runner.programs.ready()) for runner, _ in engine.shapes()}
+    assert all(len(shapes) <= 2 for shapes in first.values())
+    with count_compilations() as compiles:
+        assert _greedy(engine, prompts) == reference
+    assert [n for n in compiles if "step" in n] == []
+    for runner, ready in first.items():
+        assert set(runner.programs.ready()) == ready and runner.request_path_compiles == 0
+    assert engine.prefill.manager.all_free and engine.decode.manager.all_free
+
+
+def test_a_step_pads_up_to_the_smallest_ready_program_that_covers_it(llama, prompts):
+    reference = _greedy(build_engine(llama.config, llama.params, deployment(**SMALL, devices=(0,))),
+                        prompts[1:2], max_tokens=1)
+    engine = build_engine(llama.config, llama.params, deployment(**SMALL, devices=(0,)))
+    runner = engine.prefill.runner
+    width = runner.table_widths()[0]
+    big, bigger = StepShape("step", 4, 32, width), StepShape("step", 4, 64, width)
+    runner.programs.compile_all([big, bigger])
+    runner.compile_on_demand = False
+    wanted = StepShape("step", 2, 16, width)
+    assert runner._choose(wanted) == big  # the least padding
+    runner.programs.compile_in_background([wanted])  # a planned shape: the wanted one jumps
+    assert runner.programs.wait(60) and runner._choose(wanted) == wanted
+    with count_compilations() as compiles:
+        out = _greedy(engine, prompts[1:2], max_tokens=1)  # a 7-token prompt: [1, 16] padded
+    assert [n for n in compiles if "step" in n] == [] and out == reference
