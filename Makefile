@@ -1,5 +1,6 @@
 # jaxpd: `make test` and `make demo` each set everything up on a fresh machine by themselves.
 #   make test   create .venv with Python 3.12+, install jaxpd[test] with constraints.txt, run pytest
+#   make test-fast  the same set-up, then the tests not marked slow (the edit loop, under 90 s)
 #   make demo   same set-up, then serve configs/local.yaml (router, prefill and decode worker
 #               processes), stream a few prompts with their TTFT/TPOT, and shut it all down
 
@@ -17,7 +18,7 @@ find_python = $(shell for c in $$PYTHON python3.12 python3 python3.13 python3.14
   command -v $$c >/dev/null 2>&1 && $$c -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null \
   && { command -v $$c; break; }; done)
 
-.PHONY: test demo venv clean protos fixtures train-default
+.PHONY: test test-fast demo venv clean protos fixtures train-default
 
 venv: $(STAMP)
 
@@ -33,8 +34,12 @@ $(STAMP): pyproject.toml constraints.txt
 test: venv
 	$(PY) -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
 
-demo: venv
-	$(PY) tools/demo.py --config configs/local.yaml
+test-fast: venv
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow" $(PYTEST_ARGS)
+
+demo:
+	@began=$$(date +%s.%N); $(MAKE) --no-print-directory venv && \
+	$(PY) tools/demo.py --config configs/local.yaml --setup-began $$began
 
 # Regenerate the committed gRPC/protobuf code in jaxpd/v1 from protos/ (tests/test_protos.py
 # fails when it is stale).

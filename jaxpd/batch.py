@@ -23,6 +23,7 @@ from typing import Any, Callable, TextIO
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from tqdm import tqdm
 
+from jaxpd.compile_status import CompileStatus
 from jaxpd.engine.orchestrator import Engine
 from jaxpd.engine.output import TextStream, drive_engine
 from jaxpd.engine.request import Request, RequestOutput
@@ -86,10 +87,13 @@ class BatchSummary:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     seconds: float = 0.0
+    compile_seconds: float = 0.0  # compiling step programs, inside `seconds`
+    programs_compiled: int = 0
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["output_tokens_per_s"] = round(self.completion_tokens / self.seconds, 2) if self.seconds else None
+        d["compile_share"] = round(self.compile_seconds / self.seconds, 4) if self.seconds else None
         return d
 
 
@@ -228,13 +232,23 @@ def run_batch(input_path: str | Path, output_path: str | Path, engine: Engine,
         line_of[rec.id] = number
 
     start = time.perf_counter()
-    bar = tqdm(total=len(wanted_logprobs), unit="req", desc="generate", disable=not progress,
-               file=err, dynamic_ncols=True)
+    # the bar starts with the first output; until then a status line says what is compiling
+    status = CompileStatus((runner for runner, _ in engine.shapes()), err)
+    bars: list[tqdm] = []
+
+    def bar() -> tqdm:
+        status.first_token()
+        if not bars:
+            bars.append(tqdm(total=len(wanted_logprobs), unit="req", desc="generate",
+                             disable=not progress, file=err, dynamic_ncols=True))
+        return bars[0]
+
     produced: dict[str, int] = {}  # tokens so far per request, for the live tok/s figure
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(output_path, "a", encoding="utf-8") as out:
+    with open(output_path, "a", encoding="utf-8") as out, status:
 
         def on_output(o: RequestOutput, stream: TextStream | None, text: str) -> None:
+            bar()
             summary.completion_tokens += len(o.token_ids) - produced.get(o.id, 0)
             produced[o.id] = len(o.token_ids)
             if o.finished:
@@ -242,18 +256,21 @@ def run_batch(input_path: str | Path, output_path: str | Path, engine: Engine,
                 _write(out, o, stream, wanted_logprobs[o.id])
                 summary.completed += 1
                 summary.prompt_tokens += len(o.prompt_ids)
-                bar.update()
+                bar().update()
             elapsed = time.perf_counter() - start
-            bar.set_postfix_str(f"{summary.completion_tokens / max(elapsed, 1e-9):.1f} tok/s", refresh=False)
+            bar().set_postfix_str(f"{summary.completion_tokens / max(elapsed, 1e-9):.1f} tok/s", refresh=False)
 
         def on_capacity_error(request_id: str, e: CapacityError) -> None:
             report(f"{input_path}:{line_of[request_id]}: {e}")
             summary.bad_records += 1
-            bar.update()
+            bar().update()
 
         drive_engine(engine, streams, on_output, on_capacity_error=on_capacity_error)
-    bar.close()
+    bar().close()
     summary.seconds = time.perf_counter() - start
+    for runner, _ in engine.shapes():
+        summary.compile_seconds += runner.seconds["compile"]
+        summary.programs_compiled += runner.request_path_compiles
     return summary
 
 

@@ -197,6 +197,7 @@ def cmd_generate(args) -> int:
 
 def _generate_prompts(args, engine, tokenizer, folder, defaults) -> int:
     """--prompt / --prompt-ids: live text for one prompt, else one line (or JSON) per prompt."""
+    from jaxpd.compile_status import CompileStatus
     from jaxpd.engine.output import TextStream, drive_engine
     from jaxpd.engine.request import Request
 
@@ -212,18 +213,23 @@ def _generate_prompts(args, engine, tokenizer, folder, defaults) -> int:
         if tokenizer is not None:
             streams[str(i)] = TextStream(tokenizer, prompt, defaults.stop)
     live = not args.json and tokenizer is not None and len(prompts) == 1
-    if live and args.prompt is not None:
-        print(args.prompt[0], end="", flush=True)
     final = {}
+    status = CompileStatus(runner for runner, _ in engine.shapes())
 
     def on_output(o, stream, text: str) -> None:
+        if live and not status.done:  # the prompt goes out once the status line is gone
+            status.first_token()
+            if args.prompt is not None:
+                print(args.prompt[0], end="", flush=True)
+        status.first_token()
         if live and text:
             print(text, end="", flush=True)
         if o.finished:
             final[o.id] = o
 
     start = time.perf_counter()
-    drive_engine(engine, streams, on_output)
+    with status:
+        drive_engine(engine, streams, on_output)
     elapsed = time.perf_counter() - start
     if live:
         print(flush=True)

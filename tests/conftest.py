@@ -19,9 +19,10 @@ if "JAXPD_TEST_CACHE_DIR" not in os.environ:
 else:
     _SESSION_CACHE_OWNER = False
 os.environ["JAXPD_CACHE_DIR"] = os.environ["JAXPD_TEST_CACHE_DIR"]
-# Fast worker starts: `jaxpd serve` workers compile only their first shapes, not every bucket
-# (tests/test_engine.py checks precompilation itself).
-os.environ["JAXPD_PRECOMPILE"] = "off"
+# Fast worker starts and few compilations: `jaxpd serve` workers compile only their first step
+# programs and fit every step to them (tests/test_serve_modes.py runs the default background
+# mode; tests/test_programs.py and tests/test_engine.py check the compiled programs themselves).
+os.environ["JAXPD_PRECOMPILE"] = "first"
 
 import contextlib  # noqa: E402
 import json  # noqa: E402
@@ -99,6 +100,12 @@ _KNOB_SECTIONS = {"page_size": "kv", "num_pages": "kv", "chunk_size": "scheduler
                   "prefill_chunk_sizes": "scheduler", "decode_batch_sizes": "scheduler"}
 
 
+# Every step padded to 4 rows: one prefill and one decode program per runner (with chunk_size
+# 16), for tests about tokens rather than shapes; batching is still real (rows of different
+# lengths share a call).
+ONE_SHAPE = dict(prefill_batch_sizes=[4], decode_batch_sizes=[4], max_decode_batch=4)
+
+
 def deployment(*, devices=(0,), tp=1, decode_devices=None, decode_tp=1, **knobs):
     """A DeploymentConfig from flat knobs (page_size=4, chunk_size=16, attention="reference"),
     so a test names only what it varies. `decode_devices` makes it disaggregated."""
@@ -114,6 +121,16 @@ def deployment(*, devices=(0,), tp=1, decode_devices=None, decode_tp=1, **knobs)
         else:
             data.setdefault(section, {})[key] = value
     return parse_config(data, "test deployment")
+
+
+def first_programs_only(engine):
+    """Compile each stage's first step program (batch 1, smallest chunk; one decode row) and fit
+    every later step to ready programs, as a `--precompile first` worker does: two compilations
+    per engine, for tests whose subject is not the shapes themselves."""
+    for stage in (engine.prefill, engine.decode):
+        stage.runner.programs.compile(stage.shapes()[0])
+        stage.runner.compile_on_demand = False
+    return engine
 
 
 def checkpoint_with_tokenizer_eos(folder: Path, eos_id: int) -> Path:

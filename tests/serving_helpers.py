@@ -52,10 +52,23 @@ class Deployment(ServeProcess):
         return generation_pb2_grpc.GenerationStub(self.channel())
 
 
-def start(config: Path, timeout: float = 240) -> Deployment:
-    d = Deployment(config, env=child_env(), cwd=REPO)
+def start(config: Path, timeout: float = 240, *, precompile: str | None = None,
+          verbose: bool = False) -> Deployment:
+    """`jaxpd serve --config config`; `precompile` overrides the tests' JAXPD_PRECOMPILE=first,
+    `verbose` (-v) keeps every process's log lines in `lines`."""
+    env = child_env()
+    if precompile is not None:
+        env["JAXPD_PRECOMPILE"] = precompile
+    d = Deployment(config, env=env, cwd=REPO, extra_args=("-v",) if verbose else ())
     d.address = d.wait_serving(timeout)
     return d
+
+
+def step_compiles_on_request_path(lines: list[str]) -> list[str]:
+    """Worker log lines (`-v`) where JAX's compile hook saw a step program compile on an engine
+    thread, that is on the request path."""
+    return [line for line in lines if "on the request path" in line
+            and ("jit(step)" in line or "jit(decode_steps)" in line)]
 
 
 def pages_in_use(stub) -> dict[str, int]:

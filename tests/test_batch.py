@@ -30,6 +30,7 @@ def read_jsonl(path):
     return [json.loads(l) for l in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_batch_outputs_bad_records_and_pages(llama, tmp_path):
     exp = expected("llama")
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
@@ -63,6 +64,7 @@ def test_batch_outputs_bad_records_and_pages(llama, tmp_path):
     assert engine.prefill.manager.all_free
 
 
+@pytest.mark.slow
 def test_resume_skips_done_ids_and_repairs_a_torn_line(llama, tmp_path):
     exp = expected("llama")
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
@@ -78,6 +80,7 @@ def test_resume_skips_done_ids_and_repairs_a_torn_line(llama, tmp_path):
     assert {r["id"]: r["token_ids"] for r in read_jsonl(out)}["r2"] == exp["greedy"][2]
 
 
+@pytest.mark.slow
 def test_stop_strings_cut_the_text_and_end_the_request(tmp_path):
     model = load_model()
     tok = load_tokenizer(model.folder)
@@ -96,6 +99,7 @@ def test_stop_strings_cut_the_text_and_end_the_request(tmp_path):
     assert engine.prefill.manager.all_free
 
 
+@pytest.mark.slow
 def test_cli_batch_on_the_embedded_default_disaggregated(tmp_path, capsys):
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_jsonl(src, [{"id": "a1", "prompt": "Mr. Darcy"}, {"id": "a2", "prompt_token_ids": [5, 6, 7]},
@@ -196,6 +200,7 @@ def eos_checkpoint(tmp_path_factory):
     return folder, greedy, k
 
 
+@pytest.mark.slow
 def test_record_stop_token_ids_add_to_the_tokenizers_eos(eos_checkpoint, tmp_path):
     folder, greedy, k = eos_checkpoint
     unused = next(t for t in range(2, 4096) if t not in greedy)
@@ -211,6 +216,7 @@ def test_record_stop_token_ids_add_to_the_tokenizers_eos(eos_checkpoint, tmp_pat
     assert records["ignore"]["token_ids"] == greedy and records["ignore"]["finish_reason"] == "length"
 
 
+@pytest.mark.slow
 def test_cli_batch_with_pallas_attention_equals_reference(tmp_path, capsys):
     """`--attention pallas` (the TPU kernel, interpreted on CPU) gives the reference's greedy
     tokens for a batch of mixed lengths with a shared prefix, disaggregated TP 4 -> 2."""

@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_bench_kernels_smoke():
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "bench_kernels.py"), "--smoke"],
                           capture_output=True, text=True, timeout=600)

@@ -38,6 +38,7 @@ def test_generate_json_matches_transformers_greedy(capsys):
     assert all(isinstance(r["text"], str) for r in records)
 
 
+@pytest.mark.slow
 def test_convert_then_generate_from_orbax(capsys, tmp_path):
     exp = expected("qwen2")
     assert main(["convert", "--checkpoint", str(HF_FIXTURES / "qwen2"), "--tp", "2",
@@ -48,6 +49,7 @@ def test_convert_then_generate_from_orbax(capsys, tmp_path):
     assert records[0]["token_ids"] == exp["greedy"][1]
 
 
+@pytest.mark.slow
 def test_sampling_is_reproducible_with_a_seed(capsys):
     args = ["generate", "--checkpoint", str(HF_FIXTURES / "mistral"), "--prompt-ids", "5,6,7",
             "--max-tokens", "8", "--temperature", "1.0", "--json"]
@@ -88,6 +90,7 @@ def test_help_reads_well():
         assert flag in out
 
 
+@pytest.mark.slow
 def test_console_script_on_the_embedded_default():
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run([str(Path(sys.executable).parent / "jaxpd"), "generate", "--prompt",
@@ -123,6 +126,7 @@ def test_tokenizer_for_checkpoint_and_eos_merging():
     assert merge_tokenizer_eos(config.replace(eos_token_ids=(5,)), ByteTokenizer()).eos_token_ids == (5, 257)
 
 
+@pytest.mark.slow
 def test_the_tokenizers_eos_ends_generation_unless_ignored(capsys, tmp_path):
     prompt = "It is a truth universally acknowledged, that"
     args = ["generate", "--prompt", prompt, "--max-tokens", "12", "--json"]

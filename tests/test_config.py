@@ -37,6 +37,12 @@ def test_defaults_are_colocated_on_one_device():
 @pytest.mark.parametrize("data, message", [
     ({"prefil": {"devices": [0]}}, "prefil: unknown key"),
     ({"kv": {"page_size": 12}}, "kv.page_size: must be a power of two, got 12"),
+    ({"scheduler": {"decode_batch_sizes": [4, 2]}},
+     "scheduler.decode_batch_sizes: must be positive sizes in ascending order, got [4, 2]"),
+    ({"scheduler": {"prefill_chunk_sizes": [16, 64]}},
+     "scheduler: prefill_chunk_sizes: the last must be chunk_size=256, got 64"),
+    ({"scheduler": {"max_decode_batch": 48, "decode_batch_sizes": [8, 32]}},
+     "scheduler: decode_batch_sizes: the last must be at least max_decode_batch=48, got 32"),
     ({"prefill": {"devices": [0, 1, 2], "tp": 2}}, "prefill: tp=2 must divide the number of devices (3)"),
     ({"prefill": {"devices": [0, 0]}}, "prefill.devices: device indices must be distinct"),
     ({"prefill": {"devices": [0, 1], "tp": 1}}, "prefill: 1 replica(s) of tp=1 need 1 devices, got 2"),

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import HF_FIXTURES, count_compilations, deployment, expected
+from conftest import HF_FIXTURES, ONE_SHAPE, count_compilations, deployment, expected
 from jaxpd.engine.builder import build_engine
 from jaxpd.engine.request import Request
 from jaxpd.engine.sampling import SamplingParams
@@ -48,6 +48,7 @@ def run_staggered(engine, requests, every=2):
     return final
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["colocated", "disaggregated"])
 def test_engine_matches_naive_recompute(llama, mode):
     engine = build_engine(llama.config, llama.params,
@@ -63,9 +64,10 @@ def test_engine_matches_naive_recompute(llama, mode):
     assert len(engine.prefill.runner.programs) <= 8  # bucketed: compilations stay bounded
 
 
+@pytest.mark.slow
 def test_embedded_model_disaggregated_matches_naive():
     model = load_model()
-    engine = build_engine(model.config, model.params, deployment(**SMALL, **DISAGG))
+    engine = build_engine(model.config, model.params, deployment(**SMALL, **DISAGG, **ONE_SHAPE))
     ps = prompts(3, seed=9, vocab=4096)
     final = run_staggered(engine, [Request(f"d{i}", p, SamplingParams(max_tokens=8, ignore_eos=True))
                                    for i, p in enumerate(ps)], every=1)
@@ -74,15 +76,17 @@ def test_embedded_model_disaggregated_matches_naive():
     assert engine.prefill.manager.all_free and engine.decode.manager.all_free
 
 
+@pytest.mark.slow
 def test_engine_matches_transformers_fixture_disaggregated():
     model = load_model(HF_FIXTURES / "qwen2")
     exp = expected("qwen2")
-    engine = build_engine(model.config, model.params, deployment(**SMALL, **DISAGG))
+    engine = build_engine(model.config, model.params, deployment(**SMALL, **DISAGG, **ONE_SHAPE))
     final = engine.run_to_completion([Request(f"r{i}", tuple(p), SamplingParams(max_tokens=12, ignore_eos=True))
                                       for i, p in enumerate(exp["prompts"])])
     assert [list(final[f"r{i}"].token_ids) for i in range(3)] == exp["greedy"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("max_batch", [8, 2])  # 2: more sequences running than one step takes
 def test_preemption_under_page_pressure_keeps_outputs(llama, max_batch):
     engine = build_engine(llama.config, llama.params,
@@ -217,6 +221,7 @@ def _pallas_engine_gives_the_reference_tokens(llama):
     return engine
 
 
+@pytest.mark.slow
 def test_pallas_attention_gives_the_reference_tokens(llama):
     """`attention: pallas` on CPU runs the TPU kernel through Pallas's interpreter."""
     engine = _pallas_engine_gives_the_reference_tokens(llama)
@@ -236,6 +241,7 @@ def test_backend_choice_per_platform(monkeypatch):
     assert attention.resolve("auto", head_dim=64, dtype="bfloat16").name == "pallas"
 
 
+@pytest.mark.slow
 def test_gpu_pallas_wiring_gives_the_reference_tokens(llama, monkeypatch):
     """The GPU backend's engine path (per-TP-shard call on the stacked pool, the model step's
     own KV scatter, page size 8 so one step spans 8 pages) with the kernel's CPU emulation
@@ -250,6 +256,7 @@ def test_gpu_pallas_wiring_gives_the_reference_tokens(llama, monkeypatch):
     assert engine.decode.runner.backend.decode is attention.pallas_gpu_attention
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attention, layout", [("reference", {}), ("pallas", DISAGG)],
                          ids=["reference-colocated", "pallas-disaggregated"])
 def test_sliding_window_matches_transformers_and_frees_pages(attention, layout):
@@ -260,7 +267,8 @@ def test_sliding_window_matches_transformers_and_frees_pages(attention, layout):
     assert model.config.sliding_window == 8 and max(map(len, exp["prompts"])) > 8
     engine = build_engine(model.config, model.params,
                           deployment(page_size=4, num_pages=64, chunk_size=16,
-                                     max_prefill_tokens=32, attention=attention, **layout))
+                                     max_prefill_tokens=32, attention=attention, **layout,
+                                     **ONE_SHAPE))
     n = exp["max_new_tokens"]
     longest = max(range(len(exp["prompts"])), key=lambda i: len(exp["prompts"][i]))
     # the longest prompt alone first: its decode must hold at most the window's pages
@@ -280,6 +288,7 @@ def test_sliding_window_matches_transformers_and_frees_pages(attention, layout):
     assert engine.prefill.manager.all_free and engine.decode.manager.all_free
 
 
+@pytest.mark.slow
 def test_precompile_covers_every_shape_requests_use(llama):
     """After `Engine.precompile`, a mixed workload (long and short prompts, a prefix hit that
     leaves one token, decode batches of every size up to the cap, multi-step calls with every

@@ -45,6 +45,7 @@ def test_fixtures_cover_what_they_claim():
     assert mistral.head_dim * mistral.num_heads != mistral.hidden_size
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, layout", [("llama", "disaggregated"), ("qwen2", "colocated"),
                                           ("mistral", "disaggregated")])
 def test_paged_engine_with_pallas_matches_transformers(name, layout):
@@ -52,7 +53,7 @@ def test_paged_engine_with_pallas_matches_transformers(name, layout):
     transformers' greedy tokens for all prompts batched: colocated TP 2, and disaggregated TP
     4 -> 2 (each layout on a fixture of its own, to keep the suite short; the window fixture
     has its own test in test_engine.py)."""
-    from conftest import deployment
+    from conftest import ONE_SHAPE, deployment
     from jaxpd.engine.builder import build_engine
     from jaxpd.engine.request import Request
     from jaxpd.engine.sampling import SamplingParams as EngineSampling
@@ -63,7 +64,8 @@ def test_paged_engine_with_pallas_matches_transformers(name, layout):
             dict(devices=(0, 1, 2, 3), tp=4, decode_devices=(4, 5), decode_tp=2))
     engine = build_engine(model.config, model.params,
                           deployment(page_size=4, num_pages=96, chunk_size=16,
-                                     max_prefill_tokens=32, attention="pallas", **mesh))
+                                     max_prefill_tokens=32, attention="pallas", **mesh,
+                                     **ONE_SHAPE))
     n = exp["max_new_tokens"]
     final = engine.run_to_completion([Request(f"r{i}", tuple(p), EngineSampling(
         max_tokens=n, ignore_eos=True)) for i, p in enumerate(exp["prompts"])])

@@ -56,6 +56,7 @@ def test_shared_prefix_page_and_lengths_off_the_page_grid():
     _check(args)
 
 
+@pytest.mark.slow
 def test_sliding_window_and_soft_cap():
     rng = np.random.default_rng(11)
     args = paged_batch(rng, kv_heads=2, group=2, dim=64, dtype=jnp.float32,
@@ -150,6 +151,7 @@ def test_block_sizes_per_generation():
     assert BlockSizes.for_device("cpu", page_bytes=page) == BlockSizes()
 
 
+@pytest.mark.slow
 def test_stacked_pool_reads_and_writes_only_its_layer():
     """The engine hands the kernel the whole stacked pool and a traced layer index: it attends
     over that layer, writes the new K/V into that layer only, and every other layer comes back

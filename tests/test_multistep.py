@@ -33,6 +33,7 @@ def first_new(tokens, start):
     return next(i for i in range(start, len(tokens)) if tokens[i] not in tokens[:i])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode, k, overlap", [
     ("colocated", 1, False), ("colocated", 1, True), ("colocated", 4, True),
     ("colocated", 8, False), ("disaggregated", 8, True), ("disaggregated", 8, False)])
@@ -115,6 +116,7 @@ def test_abort_between_dispatches_frees_every_page(llama, overlap):
     assert all_free(engine) and not engine.has_unfinished()
 
 
+@pytest.mark.slow
 def test_preemption_under_a_tiny_pool_keeps_outputs_and_frees_pages(llama):
     engine = make_engine(llama, 8, page_size=4, num_pages=24, max_decode_batch=8)
     ps = prompts(5, seed=1)
@@ -126,6 +128,7 @@ def test_preemption_under_a_tiny_pool_keeps_outputs_and_frees_pages(llama):
     assert all_free(engine)
 
 
+@pytest.mark.slow
 def test_a_stop_string_matched_mid_block_ends_the_output_there():
     """Tokens arrive 8 at a time; the stream cuts at the token completing the stop string,
     the request is ended (its pages freed) and later tokens of the block are dropped."""
@@ -158,6 +161,7 @@ def test_a_stop_string_matched_mid_block_ends_the_output_there():
     assert all_free(engine) and not engine.has_unfinished()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k", ["1", "4"])
 def test_generate_decode_steps_flag(capsys, k):
     exp = expected("llama")

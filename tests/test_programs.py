@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import count_compilations, deployment
+from conftest import count_compilations, deployment, first_programs_only
 from jaxpd.engine.builder import build_engine
 from jaxpd.engine.programs import StepPrograms, StepShape
 from jaxpd.engine.request import Request
@@ -92,6 +92,7 @@ def prompts(llama):
             for n in (40, 7, 23)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["colocated", "disaggregated"])
 def test_an_engine_serves_shapes_it_never_compiled_without_compiling(llama, prompts, mode):
     """Only the first prefill and decode programs are compiled (batch 1, the smallest chunk),
@@ -103,10 +104,8 @@ def test_an_engine_serves_shapes_it_never_compiled_without_compiling(llama, prom
         if mode == "disaggregated" else dict(devices=(0, 1), tp=2)
     reference = _greedy(build_engine(llama.config, llama.params, deployment(**SMALL, **extra)),
                         prompts)
-    engine = build_engine(llama.config, llama.params, deployment(**SMALL, **extra))
-    for stage in (engine.prefill, engine.decode):
-        stage.runner.programs.compile(stage.shapes()[0])
-        stage.runner.compile_on_demand = False
+    engine = first_programs_only(build_engine(llama.config, llama.params,
+                                              deployment(**SMALL, **extra)))
     first = {runner: set(runner.programs.ready()) for runner, _ in engine.shapes()}
     assert all(len(shapes) <= 2 for shapes in first.values())
     with count_compilations() as compiles:
@@ -117,6 +116,7 @@ def test_an_engine_serves_shapes_it_never_compiled_without_compiling(llama, prom
     assert engine.prefill.manager.all_free and engine.decode.manager.all_free
 
 
+@pytest.mark.slow
 def test_a_step_pads_up_to_the_smallest_ready_program_that_covers_it(llama, prompts):
     reference = _greedy(build_engine(llama.config, llama.params, deployment(**SMALL, devices=(0,))),
                         prompts[1:2], max_tokens=1)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import HF_FIXTURES, deployment
+from conftest import HF_FIXTURES, deployment, first_programs_only
 from jaxpd.engine import model_step
 from jaxpd.engine.attention import paged_attention_jnp
 from jaxpd.engine.builder import build_engine
@@ -24,7 +24,8 @@ MODES = {"colocated": dict(devices=(0, 1), tp=2),
 
 
 def _greedy(model, config, mode, prompts):
-    engine = build_engine(config, model.params, deployment(**SMALL, **MODES[mode]))
+    engine = first_programs_only(build_engine(config, model.params,
+                                              deployment(**SMALL, **MODES[mode])))
     for i, p in enumerate(prompts):
         engine.add_request(Request(f"r{i}", p, SamplingParams(max_tokens=6, ignore_eos=True)))
     final = {}
@@ -48,6 +49,7 @@ def test_scanned_and_unrolled_engines_draw_the_same_tokens(checkpoint, mode):
     assert scanned == unrolled
 
 
+@pytest.mark.slow
 def test_scanned_and_unrolled_prefill_agree():
     cfg = get_preset("tiny").replace(scan_layers=True)
     params = forward.init_params(cfg, jax.random.key(2))
@@ -77,6 +79,7 @@ def _compiled_size(num_layers: int, scan: bool) -> int:
     return len(_compiled_step(num_layers, scan).as_text())
 
 
+@pytest.mark.slow
 def test_compiled_program_does_not_grow_with_depth():
     scanned = _compiled_size(8, True) / _compiled_size(2, True)
     unrolled = _compiled_size(8, False) / _compiled_size(2, False)

@@ -37,7 +37,7 @@ def test_colocated_deployment_serves_the_same_tokens(tmp_path):
     cfg["scheduler"]["chunk_size"] = 32
     config.write_text(yaml.safe_dump(cfg))
     prompts = [[5 + i] * n for i, n in enumerate((3, 40, 90))]
-    d = sh.start(config)
+    d = sh.start(config, precompile="background", verbose=True)  # the default mode
     try:
         stub = d.stub()
         info = stub.GetServerInfo(pb.GetServerInfoRequest())
@@ -53,6 +53,9 @@ def test_colocated_deployment_serves_the_same_tokens(tmp_path):
             served = list(pool.map(generate, prompts))
         ok, used = sh.wait_pages_free(stub, within=1.0)
         assert ok, used
+        # serving began with two programs; requests of other shapes did not wait for one
+        assert any("2 first step programs compiled" in line for line in d.lines), d.lines[-30:]
+        assert sh.step_compiles_on_request_path(d.lines) == []
     finally:
         assert d.stop() == 0, "\n".join(d.lines[-30:])
     model = load_model()

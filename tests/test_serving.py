@@ -14,6 +14,7 @@ from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import serving_helpers as sh
+from conftest import first_programs_only
 from jaxpd.v1 import generation_pb2 as pb, worker_pb2, worker_pb2_grpc
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("serving")]
@@ -28,7 +29,7 @@ def served(tmp_path_factory):
                              kv={"page_size": 16, "num_pages": 256},
                              serving={"router": {"host": "127.0.0.1", "port": 0},
                                       "record_kv_digests": True})
-    d = sh.start(config)
+    d = sh.start(config, verbose=True)  # JAXPD_PRECOMPILE=first: two programs per worker, ever
     yield d
     if d.process.poll() is None:  # the last test kills a worker on purpose
         assert d.stop() == 0, "\n".join(d.lines[-40:])
@@ -50,7 +51,7 @@ def offline():
     model = load_model()
     config = merge_tokenizer_eos(model.config, tokenizer_for_checkpoint(model.folder))
     deployment = parse_config({"kv": {"page_size": 16, "num_pages": 512}})
-    return lambda: build_engine(config, model.params, deployment)
+    return lambda: first_programs_only(build_engine(config, model.params, deployment))
 
 
 def _request(ids=None, prompt=None, rid="", text_mode=0, **sampling) -> pb.GenerateRequest:
@@ -128,6 +129,12 @@ def test_concurrent_streams_equal_the_offline_engine_and_kv_bytes_match(served, 
         assert p.num_tokens == lengths[ids.index(rid)]
     ok, used = sh.wait_pages_free(stub, within=1.0)
     assert ok, used
+    # Every worker compiled one step program before serving (batch 1: a 16-token chunk, a
+    # decode call); 8 concurrent prompts of up to 200 tokens ran in chunks and rows that fit
+    # them, and JAX's compile hook saw no step program compile on the request path.
+    started = [line for line in served.lines if "1 first step programs compiled" in line]
+    assert len(started) == 2, started
+    assert sh.step_compiles_on_request_path(served.lines) == []
 
 
 BAD = [

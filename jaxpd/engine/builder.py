@@ -75,5 +75,5 @@ def build_engine(config: ModelConfig, params,
     decode_runner = _runner(config, params, decode_group, "decode", deployment)
     decode = DecodeEngine(decode_runner, max_batch=sched.max_decode_batch,
                           steps_per_dispatch=sched.decode_steps_per_dispatch,
-                          overlap=sched.overlap)
+                          overlap=sched.overlap, batch_sizes=sched.decode_batch_sizes)
     return Engine(prefill, decode, DeviceTransport(), seed=deployment.seed)

@@ -106,6 +106,11 @@ class StepPrograms:
     def __len__(self) -> int:
         return len(self._ready)
 
+    def compiling(self) -> list[StepShape]:
+        """Shapes some thread is compiling right now."""
+        with self._lock:
+            return list(self._busy)
+
     # -- compiling -----------------------------------------------------------------------------
     def compile(self, shape: StepShape) -> jax.stages.Compiled:
         """The program for `shape`, compiled now unless it is ready (or another thread is

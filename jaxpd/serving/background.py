@@ -13,16 +13,19 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 from jaxpd.errors import JaxpdError
 
-_SERVING = re.compile(r"serving on (\S+)")
+_SERVING = re.compile(r"^jaxpd serving on (\S+)")  # not a worker's echoed log (-v)
 
 
 class ServeProcess:
     def __init__(self, config: str | Path, *, env: Mapping[str, str] | None = None,
-                 cwd: str | Path | None = None, extra_args: tuple[str, ...] = ()):
+                 cwd: str | Path | None = None, extra_args: tuple[str, ...] = (),
+                 on_line: Callable[[str], None] | None = None):
+        """`on_line` sees every output line as it arrives (on the reader thread)."""
+        self.on_line = on_line
         self.process = subprocess.Popen(
             [sys.executable, "-m", "jaxpd.cli", "serve", "--config", str(config), *extra_args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -34,6 +37,8 @@ class ServeProcess:
     def _read(self) -> None:
         for line in self.process.stdout:
             self.lines.append(line.rstrip("\n"))
+            if self.on_line is not None:
+                self.on_line(self.lines[-1])
             match = _SERVING.search(line)
             if match:
                 self._address.put(match.group(1))

@@ -92,13 +92,14 @@ def _role_shapes(role: str, engine) -> tuple[object, list, list]:
 
 
 def precompile_mode() -> str:
-    """JAXPD_PRECOMPILE: `background` (default), `all` or `off` (see `jaxpd serve --help`)."""
+    """JAXPD_PRECOMPILE: `background` (default), `all`, `first` or `off` (`jaxpd serve
+    --help`)."""
     from jaxpd.serving.serve_cli import PRECOMPILE_ENV
 
     value = os.environ.get(PRECOMPILE_ENV, "background").strip().lower()
     if value in ("off", "0", "false", "no"):
         return "off"
-    return "all" if value == "all" else "background"
+    return value if value in ("all", "first") else "background"
 
 
 class _Progress:
@@ -138,8 +139,9 @@ def _warm_up(role: str, replica: int, engine) -> tuple[str, object]:
     and decode shapes of this role). Then, by `precompile_mode()`: `background` leaves the rest
     to a compile thread started once serving (until a shape is ready, steps run padded up to a
     ready one or trimmed to fit it: never a compilation on the request path); `all` compiles
-    every shape now; `off` compiles the rest on first use, on the request path. Returns (what
-    was done, for the log; a callable that starts the background compiles)."""
+    every shape now; `first` never compiles the rest (every step fits the first programs);
+    `off` compiles the rest on first use, on the request path. Returns (what was done, for the
+    log; a callable that starts the background compiles)."""
     runner, shapes, first = _role_shapes(role, engine)
     mode = precompile_mode()
     progress = _Progress(role, replica)
@@ -157,6 +159,7 @@ def _warm_up(role: str, replica: int, engine) -> tuple[str, object]:
                 shapes, lambda p: progress(p, "background"), name=f"compile-{role}-{replica}")
 
     what = {"all": f"all {done.done} step programs compiled{warm}",
+            "first": f"{done.done} first step programs compiled{warm} (no others: steps fit them)",
             "off": f"{done.done} first step programs compiled{warm} (the rest on first use)",
             "background": f"{done.done} first step programs compiled{warm}; "
                           f"{len(set(shapes) - set(first))} more in the background"}[mode]

@@ -54,20 +54,21 @@ def add_parser(subparsers) -> None:
     p.add_argument("--compile-cache", metavar="DIR|off",
                    help="JAX's persistent compilation cache for every process (default: "
                         "$JAXPD_CACHE_DIR, else ~/.cache/jaxpd/xla): a restart skips compiling")
-    p.add_argument("--precompile", choices=("background", "all", "off"),
+    p.add_argument("--precompile", choices=("background", "all", "first", "off"),
                    help="when workers compile their step programs. background (default): the "
                         "smallest prefill and decode shapes before serving, the rest on a "
                         "background thread while serving (a step whose shape is not ready yet "
                         "runs padded up to a ready one, never waiting for a compilation); all: "
-                        "every shape before serving; off: the rest on first use, on the request "
-                        "path. Also JAXPD_PRECOMPILE")
+                        "every shape before serving; first: only the smallest shapes, ever (the "
+                        "fastest start and least memory; larger batches run in several steps); "
+                        "off: the rest on first use, on the request path. Also JAXPD_PRECOMPILE")
     p.add_argument("--no-precompile", action="store_const", const="off", dest="precompile",
                    help="same as --precompile off")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="echo every process's log lines, prefixed with its name")
 
 
-PRECOMPILE_ENV = "JAXPD_PRECOMPILE"  # background | all | off: see --precompile
+PRECOMPILE_ENV = "JAXPD_PRECOMPILE"  # background | all | first | off: see --precompile
 
 
 def run(args) -> int:
