@@ -86,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="print one JSON object per prompt: token_ids (generated only), text, "
                           "finish_reason, usage")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar in batch mode")
+    gen.add_argument("--precompile", choices=("background", "off", "first", "all"),
+                     default="background",
+                     help="when step programs compile. background (default): a shape on the "
+                          "request path only when no compiled program can run the step, every "
+                          "other shape a step wants on a background thread (low CPU priority) "
+                          "while the step runs padded up or trimmed to compiled ones; off: each "
+                          "shape when a step first needs it; first: only the smallest shapes, "
+                          "every step fitted to them; all: every shape before the first step")
 
     conv = sub.add_parser(
         "convert", help="save a checkpoint as a jaxpd orbax checkpoint",
@@ -186,13 +194,17 @@ def cmd_generate(args) -> int:
     if (args.input is None) != (args.output is None):
         raise JaxpdError("--input and --output go together (batch mode)")
     engine, tokenizer, folder = _load_engine(_deployment(args))
+    engine.prepare_programs(args.precompile)
     defaults = _sampling(args)
-    if args.input is not None:
-        summary = run_batch(args.input, args.output, engine, tokenizer, defaults,
-                            progress=not args.no_progress)
-        print(json.dumps(summary.as_dict()), file=sys.stderr)
-        return 0
-    return _generate_prompts(args, engine, tokenizer, folder, defaults)
+    try:
+        if args.input is not None:
+            summary = run_batch(args.input, args.output, engine, tokenizer, defaults,
+                                progress=not args.no_progress)
+            print(json.dumps(summary.as_dict()), file=sys.stderr)
+            return 0
+        return _generate_prompts(args, engine, tokenizer, folder, defaults)
+    finally:
+        engine.stop_compiling()
 
 
 def _generate_prompts(args, engine, tokenizer, folder, defaults) -> int:

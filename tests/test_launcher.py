@@ -68,6 +68,16 @@ CHILD = textwrap.dedent('''
     elif mode == "bad-ready":
         print("JAXPD_READY {not json", flush=True)
         stop.wait()
+    elif mode == "compiling":  # compile progress lines, one of them garbled, then serve
+        for done in (1, 2):
+            print("JAXPD_PROGRESS " + json.dumps({"done": done, "total": 3, "seconds": done * 1.5,
+                                                 "cache_hits": 0}), flush=True)
+        print("JAXPD_PROGRESS {garbled", flush=True)
+        server = serve()
+        print("JAXPD_PROGRESS " + json.dumps({"done": 3, "total": 3, "seconds": 4.0,
+                                             "cache_hits": 3}), flush=True)
+        stop.wait()
+        server.stop(0)
 ''')
 
 # A launcher in its own process, for the kill -9 test: prints its child's pid, then waits.
@@ -358,3 +368,27 @@ def test_router_env_and_host_flags():
     assert with_host_device_count("", 3) == "--xla_force_host_platform_device_count=3"
     assert with_host_device_count("--xla_force_host_platform_device_count=8 --a=1", 2) == \
         "--a=1 --xla_force_host_platform_device_count=2"
+
+
+def test_compile_progress_lines_are_parsed_and_not_kept_as_log(child_script):
+    from jaxpd.serving.compile_view import CompileView
+
+    out = io.StringIO()
+    with Launcher() as launcher:
+        launcher.start(spec(child_script, "prefill-0", "compiling"))
+        view = CompileView(launcher.compile_progress, out, expect=["prefill-0"],
+                           plain_interval_s=0.0)
+        launcher.wait_ready(timeout_s=30, on_tick=view.tick)
+        wait_for_line(launcher, "prefill-0", "JAXPD_READY")
+        deadline = time.monotonic() + 10
+        while launcher.compile_progress()["prefill-0"]["done"] < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        view.tick()
+        lines = launcher.last_lines("prefill-0")
+    assert launcher.compile_progress()["prefill-0"]["cache_hits"] == 3
+    assert "JAXPD_PROGRESS {garbled" in lines  # not progress: kept as a log line
+    assert not [line for line in lines if line.startswith("JAXPD_PROGRESS {\"")]
+    shown = out.getvalue().splitlines()
+    assert shown[-1] == "jaxpd: compiled  prefill-0 3/3 4.0 s (cache warm)" and view.finished
+    assert any(line.startswith("jaxpd: compiling  prefill-0 ") for line in shown[:-1])

@@ -133,3 +133,19 @@ def test_a_step_pads_up_to_the_smallest_ready_program_that_covers_it(llama, prom
     with count_compilations() as compiles:
         out = _greedy(engine, prompts[1:2], max_tokens=1)  # a 7-token prompt: [1, 16] padded
     assert [n for n in compiles if "step" in n] == [] and out == reference
+
+
+def test_trimmed_decode_rows_take_turns(llama, prompts):
+    """With only a one-row decode program, three running sequences share it in turns rather than
+    the oldest running to its end first: each has tokens before any finishes."""
+    engine = first_programs_only(build_engine(llama.config, llama.params,
+                                              deployment(**SMALL, devices=(0,))))
+    for i, p in enumerate(prompts):
+        engine.add_request(Request(f"t{i}", p[:8], SamplingParams(max_tokens=12, ignore_eos=True)))
+    produced = {}
+    while engine.has_work():
+        outs = engine.step()
+        produced.update((o.id, len(o.token_ids)) for o in outs)
+        if any(o.finished for o in outs):
+            break
+    assert len(produced) == 3 and min(produced.values()) > 1, produced

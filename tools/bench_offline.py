@@ -44,26 +44,38 @@ def bucket_sizes(name: str) -> dict:
     raise SystemExit(f"--sizes: unknown family {name!r} (default, pow4, few)")
 
 
-def run_once(work_dir: Path, checkpoint: Path, records: Path, sizes: str, num_pages: int) -> dict:
+def run_once(work_dir: Path, checkpoint: Path, records: Path, sizes: str, num_pages: int,
+             precompile: str, cache_run: str = "cold") -> dict:
+    """One `jaxpd generate --input` run; `cache_run` "cold" starts from an empty persistent
+    compilation cache, "warm" reuses the one the cold run of the same settings filled."""
     config = work_dir / f"deploy-{sizes}.yaml"
     config.write_text(yaml.safe_dump({
         "model": {"checkpoint": str(checkpoint)},
         "kv": {"page_size": 16, "num_pages": num_pages},
         "scheduler": {"chunk_size": CHUNK, "max_prefill_tokens": 2048,
                       "max_decode_batch": MAX_DECODE, **bucket_sizes(sizes)}}))
-    out = work_dir / f"out-{sizes}.jsonl"
-    cache = work_dir / f"xla-{sizes}"  # empty: a cold start
+    out = work_dir / f"out-{sizes}-{precompile}-{cache_run}.jsonl"
+    cache = work_dir / f"xla-{sizes}-{precompile}"  # empty on the cold run
     started = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "jaxpd.cli", "generate", "--config", str(config), "--input",
-         str(records), "--output", str(out), "--no-progress", "--compile-cache", str(cache)],
+         str(records), "--output", str(out), "--no-progress", "--compile-cache", str(cache),
+         "--precompile", precompile],
         capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         raise SystemExit(f"jaxpd generate failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     summary = json.loads(proc.stderr.strip().splitlines()[-1])
-    return {"sizes": sizes, "buckets": bucket_sizes(sizes), "wall_s": round(wall, 2),
-            **summary}
+    return {"sizes": sizes, "precompile": precompile, "cache": cache_run,
+            "buckets": bucket_sizes(sizes), "wall_s": round(wall, 2), **summary}
+
+
+def write_records(path: Path, work: dict) -> Path:
+    """The offline requests as `jaxpd generate --input` records (EOS ignored, as HF's side)."""
+    path.write_text("".join(
+        json.dumps({"id": f"r{i}", "prompt_token_ids": p, "max_tokens": m, "ignore_eos": True})
+        + "\n" for i, (p, m) in enumerate(zip(work["prompts"], work["max_tokens"]))))
+    return path
 
 
 def main(argv=None) -> int:
@@ -71,6 +83,11 @@ def main(argv=None) -> int:
     ap.add_argument("--scale", type=float, default=0.25, help="fraction of the 256 requests")
     ap.add_argument("--sizes", default="default", help="bucket families, comma-separated")
     ap.add_argument("--num-pages", type=int, default=8192)
+    ap.add_argument("--precompile", default="off",
+                    help="jaxpd generate --precompile modes to compare, comma-separated")
+    ap.add_argument("--warm", action="store_true",
+                    help="after each cold run, run again on the cache it filled: cold minus warm "
+                         "wall time is what compiling cost the job")
     ap.add_argument("--out", type=Path, help="also write the JSON here")
     args = ap.parse_args(argv)
 
@@ -87,12 +104,16 @@ def main(argv=None) -> int:
         checkpoint = tmp / "bench-30m"
         cfg = get_preset("bench-30m")
         save_hf_checkpoint(checkpoint, forward.init_params(cfg, jax.random.key(0)), cfg)
-        records = tmp / "offline.jsonl"
-        records.write_text("".join(
-            json.dumps({"id": f"r{i}", "prompt_token_ids": p, "max_tokens": m, "ignore_eos": True})
-            + "\n" for i, (p, m) in enumerate(zip(work["prompts"], work["max_tokens"]))))
-        runs = [run_once(tmp, checkpoint, records, name, args.num_pages)
-                for name in args.sizes.split(",")]
+        records = write_records(tmp / "offline.jsonl", work)
+        runs = []
+        for name in args.sizes.split(","):
+            for mode in args.precompile.split(","):
+                for cache_run in ("cold", "warm") if args.warm else ("cold",):
+                    runs.append(run_once(tmp, checkpoint, records, name, args.num_pages, mode,
+                                         cache_run))
+                    print(json.dumps({k: runs[-1][k] for k in (
+                        "sizes", "precompile", "cache", "wall_s", "seconds", "compile_seconds",
+                        "output_tokens_per_s")}), file=sys.stderr, flush=True)
     result = {"scale": args.scale, "requests": len(work["prompts"]),
               "prompt_tokens": sum(map(len, work["prompts"])),
               "output_tokens": sum(work["max_tokens"]), "runs": runs}

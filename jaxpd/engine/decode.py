@@ -22,6 +22,10 @@ id. Stop checks on the host (stop strings, aborts) run one call behind; the extr
 for a sequence that ended are dropped, and its pages were already given back (the device runs
 calls in order, so a page's next owner writes it only after). Preempting needs every call
 collected first, so `reserve` raises `CollectFirst` when it would preempt with calls pending.
+
+Until a program for the batch's bucket is compiled (a serving worker compiles them in the
+background; `ModelRunner.decode_rows`), a dispatch runs as many sequences as a compiled program
+holds, and the sequences take turns from one dispatch to the next.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ class DecodeEngine:
         self.overlap = overlap
         self.pending: collections.deque[LaunchedSteps] = collections.deque()
         self._stepped: list[Sequence] = []  # updated by a single-step call, for `collect`
+        self._turn = 0  # where the next trimmed dispatch starts (rows take turns)
         self.runner = runner
         self.manager: KVCacheManager = runner.manager
         self.max_batch = max_batch
@@ -138,10 +143,17 @@ class DecodeEngine:
         if not batch:
             return False
         if self._single_step:
+            slices = [Slice(seq, seq.num_computed, 1) for seq in batch]
+            rows = len(self.runner.fit(slices, decode=True))
+        else:
+            rows = self.runner.decode_rows(batch, self.steps_per_dispatch, self.eos_ids)
+        if rows < len(batch):  # no ready program holds them all yet: they take turns
+            start, self._turn = self._turn % len(batch), self._turn + rows
+            chosen = sorted((start + i) % len(batch) for i in range(rows))
+            batch, budgets = [batch[i] for i in chosen], [budgets[i] for i in chosen]
+        if self._single_step:
             self._step_once(batch)
             return True
-        rows = self.runner.decode_rows(batch, self.steps_per_dispatch, self.eos_ids)
-        batch, budgets = batch[:rows], budgets[:rows]
         # always k steps: the loop ends once every row has used its budget, so one program per
         # batch bucket serves every budget, and a smaller k would buy nothing but compilations
         previous = self.pending[-1] if self.pending else None
@@ -183,7 +195,7 @@ class DecodeEngine:
 
     def _step_once(self, batch: list[Sequence]) -> None:
         """One token per sequence through the single-step program, collected at once."""
-        slices = self.runner.fit([Slice(seq, seq.num_computed, 1) for seq in batch], decode=True)
+        slices = [Slice(seq, seq.num_computed, 1) for seq in batch]
         tokens, logprobs = self.runner.run(slices, decode=True)
         for s, tok, lp in zip(slices, tokens, logprobs):
             s.seq.num_computed += 1

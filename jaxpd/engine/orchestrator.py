@@ -194,6 +194,41 @@ class Engine:
             return [(self.prefill.runner, merged)]
         return [(self.prefill.runner, prefill), (self.decode.runner, decode)]
 
+    def first_shapes(self) -> list[tuple[ModelRunner, list[StepShape]]]:
+        """Each runner with the programs a first request needs (batch 1: the smallest prefill
+        chunk, one decode row)."""
+        if self.colocated:
+            return [(self.prefill.runner, [self.prefill.shapes()[0], self.decode.shapes()[0]])]
+        return [(self.prefill.runner, self.prefill.shapes()[:1]),
+                (self.decode.runner, self.decode.shapes()[:1])]
+
+    def prepare_programs(self, mode: str) -> int:
+        """Compile step programs ahead of the work, by `mode` (`jaxpd generate --precompile`):
+        `off` compiles each shape when a step first wants it, on the request path; `first`
+        compiles the first-request programs and fits every step to them; `background` compiles
+        a shape on the request path only when no ready program can run the step, and every
+        other shape a step wants on a background thread, running the step padded up to or
+        trimmed to ready programs meanwhile; `all` compiles every shape now. Returns how many
+        programs were compiled now."""
+        if mode == "off":
+            return 0
+        if mode == "all":
+            return self.precompile()
+        new = 0
+        for runner, first in self.first_shapes():
+            runner.compile_on_demand = False
+            if mode == "first":
+                new += runner.programs.compile_all(first)
+            else:
+                runner.programs.compile_in_background(on_demand=True)
+        return new
+
+    def stop_compiling(self, timeout: float | None = 30.0) -> None:
+        """Stop background compilation and wait for the program being compiled (a process
+        must not exit while XLA compiles on another thread)."""
+        for runner, _ in self.shapes():
+            runner.programs.stop(timeout)
+
     def precompile(self) -> int:
         """Compile every program either engine can use, so no request pays a compilation
         (with the persistent compilation cache, a restart loads them instead); from then on a

@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import os
 import threading
 import time
 from typing import Callable, Iterable, Literal
@@ -88,6 +89,8 @@ class StepPrograms:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._on_progress: Callable[[CompileProgress], None] | None = None
+        self._on_demand = False  # the background thread also takes shapes steps ask for
+        self._name = "compile"
         self.seconds = 0.0  # tracing + lowering + compiling, all threads
         self.cache_hits = 0  # programs loaded from the persistent cache (counted by JAX's hook)
         self.compiled_by: dict[StepShape, str] = {}  # shape -> name of the thread that compiled it
@@ -171,28 +174,43 @@ class StepPrograms:
         return new
 
     # -- in the background -------------------------------------------------------------------------
-    def compile_in_background(self, shapes: Iterable[StepShape],
+    def compile_in_background(self, shapes: Iterable[StepShape] = (),
                               on_progress: Callable[[CompileProgress], None] | None = None,
-                              name: str = "compile") -> None:
+                              name: str = "compile", *, on_demand: bool = False) -> None:
         """Compile `shapes` (likeliest first) on a daemon thread; the engine keeps serving with
-        what is ready. `on_progress` is called on that thread after each program."""
+        what is ready. `on_progress` is called on that thread after each program. With
+        `on_demand`, shapes a step wants later (`prefer`) are added to the queue too."""
         with self._lock:
             for shape in dict.fromkeys(shapes):
                 if shape not in self._ready and shape not in self._planned:
                     self._queue.append(shape)
                 self._planned.add(shape)
             self._on_progress = on_progress
-            if self._thread is not None and self._thread.is_alive():
+            self._on_demand = self._on_demand or on_demand
+            self._name = name
+        self._ensure_thread()
+
+    def _ensure_thread(self) -> None:
+        with self._lock:
+            if not self._queue or self._stop.is_set() or (
+                    self._thread is not None and self._thread.is_alive()):
                 return
-            self._thread = threading.Thread(target=self._work, name=name, daemon=True)
-        self._thread.start()
+            self._thread = threading.Thread(target=self._work, name=self._name, daemon=True)
+            self._thread.start()
 
     def prefer(self, shape: StepShape) -> None:
-        """A request wanted `shape`: compile it next (if it is planned and not ready)."""
+        """A step wanted `shape`: compile it next (if it is planned, or the background thread
+        compiles on demand, and it is not ready or being compiled)."""
         with self._lock:
-            if shape in self._queue and self._queue[0] != shape:
+            if shape in self._ready or shape in self._busy:
+                return
+            if shape in self._queue:
                 self._queue.remove(shape)
-                self._queue.appendleft(shape)
+            elif not self._on_demand:
+                return
+            self._queue.appendleft(shape)
+            self._planned.add(shape)
+        self._ensure_thread()
 
     def stop(self, timeout: float | None = None) -> None:
         """Let the background thread finish its current program and end."""
@@ -215,9 +233,11 @@ class StepPrograms:
                                    self.cache_hits, compiling)
 
     def _work(self) -> None:
+        _lower_priority()
         while not self._stop.is_set():
             with self._lock:
                 if not self._queue:
+                    self._thread = None  # a later `prefer` starts a new one
                     return
                 shape = self._queue.popleft()
             try:
@@ -231,6 +251,15 @@ class StepPrograms:
                     callback(self.progress())
                 except Exception:
                     log.exception("compile progress callback failed")
+
+
+def _lower_priority() -> None:
+    """Run this (compiling) thread at the lowest CPU priority where the OS allows it, so that on
+    a host whose CPUs also run the steps, compiling takes only the time they leave idle."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):  # not Linux, or not permitted: compile at normal priority
+        pass
 
 
 class _CacheHits:

@@ -133,7 +133,7 @@ class ModelRunner:
         if program is not None:
             return program
         if not self.compile_on_demand:
-            log.warning("compiling %s on the request path: no ready program covers it", shape)
+            log.info("compiling %s on the request path: no ready program covers it", shape)
         started = time.perf_counter()
         program = self.programs.compile(shape)
         self.seconds["compile"] += time.perf_counter() - started

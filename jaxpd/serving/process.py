@@ -85,7 +85,8 @@ def _role_shapes(role: str, engine) -> tuple[object, list, list]:
     """(runner, the programs this role runs likeliest first, those it needs before serving)."""
     if role == "colocated":
         (runner, shapes), = engine.shapes()
-        return runner, shapes, [engine.prefill.shapes()[0], engine.decode.shapes()[0]]
+        (_, first), = engine.first_shapes()
+        return runner, shapes, first
     stage = engine.prefill if role == "prefill" else engine.decode
     shapes = stage.shapes()
     return stage.runner, shapes, shapes[:1]
@@ -99,7 +100,9 @@ def precompile_mode() -> str:
     value = os.environ.get(PRECOMPILE_ENV, "background").strip().lower()
     if value in ("off", "0", "false", "no"):
         return "off"
-    return value if value in ("all", "first") else "background"
+    if value not in ("background", "all", "first"):
+        raise ConfigError(f"{PRECOMPILE_ENV}={value!r}: expected background, all, first or off")
+    return value
 
 
 class _Progress:
@@ -216,7 +219,7 @@ async def _serve_worker(role: str, replica: int, deployment: DeploymentConfig, w
     finally:
         await server.stop()
         thread.stop()
-        engine.prefill.runner.programs.stop(timeout=0)
+        engine.stop_compiling()
 
 
 # -- the router -------------------------------------------------------------------------------------
