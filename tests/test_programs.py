@@ -66,6 +66,8 @@ def test_background_compiles_in_order_and_a_preferred_shape_jumps_the_queue():
     programs = StepPrograms(slow_first)
     shapes = [StepShape("step", b, 1, 1) for b in (1, 2, 4, 8)]
     seen = []
+    programs.plan(shapes)  # as a worker does, so its progress counts them all from the start
+    assert programs.progress().total == 4 and programs.progress().done == 0
     programs.compile_in_background(shapes, on_progress=seen.append)
     programs.prefer(shapes[3])
     gate.set()
@@ -149,3 +151,26 @@ def test_trimmed_decode_rows_take_turns(llama, prompts):
         if any(o.finished for o in outs):
             break
     assert len(produced) == 3 and min(produced.values()) > 1, produced
+
+
+def test_generate_says_what_compiling_cost_before_the_first_token():
+    """Off a terminal `CompileStatus` prints one line when the first token arrives, and only
+    when compiling took longer than its delay."""
+    import io
+    import types
+
+    from jaxpd.compile_status import CompileStatus
+
+    table = types.SimpleNamespace(programs=type("P", (), {
+        "seconds": 0.0, "compiling": lambda self: [], "__len__": lambda self: self.n, "n": 0})())
+    out = io.StringIO()
+    with CompileStatus([table], out, delay_s=0.05) as status:
+        table.programs.seconds, table.programs.n = 2.5, 3  # compiling happened meanwhile
+        status.first_token()
+        assert status.done
+    assert out.getvalue() == ("jaxpd: compiled 3 step programs in 2.5 s before the first "
+                              "token\n")
+    quiet = io.StringIO()
+    with CompileStatus([table], quiet, delay_s=5.0):
+        table.programs.seconds += 1.0  # under the delay: nothing to say
+    assert quiet.getvalue() == ""

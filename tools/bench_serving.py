@@ -8,7 +8,8 @@ Both sides get one fixed workload (seeded random prompts of `--prompt-len` token
 - `in_process`: the engine of `jaxpd generate` in this process, on the config's meshes
   (disaggregated: KV moved with device_put), timed from the engine's step outputs;
 - `served`: `jaxpd serve --config` (router, workers and KV over gRPC, each its own process),
-  timed by the client as vLLM's benchmark does (TTFT from sending to the first token; TPOT =
+  measured once every worker has compiled all its step programs (the steady state), timed by
+  the client as vLLM's benchmark does (TTFT from sending to the first token; TPOT =
   (last - first) / (tokens - 1)).
 Prints one JSON object: p50/p90/mean of TTFT and TPOT, wall time and output tokens/s per side.
 
@@ -178,6 +179,11 @@ def run_served(config_path: Path, runs) -> dict:
         env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # roles set their own
         server = ServeProcess(path, env=env, cwd=REPO)
         address = server.wait_serving(300)
+        # steady state: every worker's background compilation done (the launcher says so)
+        deadline = time.monotonic() + 600
+        while not any(line.startswith("jaxpd: compiled ") for line in server.lines) \
+                and server.process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
         try:
             with Client(address, timeout=600) as client:
                 def once(requests) -> dict:

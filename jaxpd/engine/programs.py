@@ -182,7 +182,7 @@ class StepPrograms:
         `on_demand`, shapes a step wants later (`prefer`) are added to the queue too."""
         with self._lock:
             for shape in dict.fromkeys(shapes):
-                if shape not in self._ready and shape not in self._planned:
+                if shape not in self._ready and shape not in self._queue:
                     self._queue.append(shape)
                 self._planned.add(shape)
             self._on_progress = on_progress
@@ -215,14 +215,16 @@ class StepPrograms:
     def stop(self, timeout: float | None = None) -> None:
         """Let the background thread finish its current program and end."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the background thread to finish its list; whether it has."""
-        if self._thread is not None:
-            self._thread.join(timeout)
-            return not self._thread.is_alive()
+        thread = self._thread  # the thread clears the attribute when its queue runs dry
+        if thread is not None:
+            thread.join(timeout)
+            return not thread.is_alive()
         return True
 
     def progress(self) -> CompileProgress:
