@@ -259,7 +259,8 @@ def run_batch(input_path: str | Path, output_path: str | Path, engine: Engine,
                 summary.prompt_tokens += len(o.prompt_ids)
                 bar().update()
             elapsed = time.perf_counter() - start
-            bar().set_postfix_str(f"{summary.completion_tokens / max(elapsed, 1e-9):.1f} tok/s", refresh=False)
+            rate = summary.completion_tokens / max(elapsed, 1e-9)
+            bar().set_postfix_str(f"{rate:.1f} tok/s", refresh=False)
 
         def on_capacity_error(request_id: str, e: CapacityError) -> None:
             report(f"{input_path}:{line_of[request_id]}: {e}")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HF_FIXTURES, checkpoint_with_tokenizer_eos, expected
+from conftest import checkpoint_with_tokenizer_eos, expected
 from jaxpd.batch import completed_ids, run_batch
 from jaxpd.cli import main
 from jaxpd.config import parse_config
@@ -231,7 +231,7 @@ def test_cli_batch_with_pallas_attention_equals_reference(tmp_path, capsys):
         out = tmp_path / f"{attention}.jsonl"
         assert main(["generate", "--config", str(REPO / "configs" / "cpu-disaggregated.yaml"),
                      "--attention", attention, "--input", str(src), "--output", str(out),
-                     "--max-tokens", "6", "--no-progress"]) == 0
+                     "--max-tokens", "6", "--no-progress", "--precompile", "first"]) == 0
         tokens[attention] = {r["id"]: r["token_ids"] for r in read_jsonl(out)}
     capsys.readouterr()
     assert tokens["pallas"] == tokens["reference"] and len(tokens["pallas"]) == 4

@@ -118,6 +118,7 @@ def test_prefix_cache_hit_is_identical_and_cheaper(llama):
     assert cached.prefill.manager.all_free
 
 
+@pytest.mark.slow
 def test_seeded_sampling_is_independent_of_the_batch(llama):
     sp = SamplingParams(max_tokens=8, temperature=0.9, top_k=50, top_p=0.9, seed=1234, ignore_eos=True)
     p = prompts(1, seed=3)[0]
@@ -295,7 +296,7 @@ def test_precompile_covers_every_shape_requests_use(llama):
     budget) compiles nothing more: JAX's own compile hook sees no compilation."""
     engine = build_engine(llama.config, llama.params,
                           deployment(devices=(0, 1), tp=2, page_size=4, num_pages=128,
-                                     chunk_size=32, max_prefill_tokens=64, max_decode_batch=2,
+                                     chunk_size=16, max_prefill_tokens=64, max_decode_batch=2,
                                      decode_steps_per_dispatch=4,
                                      prefill_batch_sizes=[1, 2]))  # fewer buckets: shorter
     compiled = engine.precompile()

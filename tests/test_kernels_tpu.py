@@ -40,8 +40,10 @@ MIXED = [(33, 1), (47, 9), (1, 1), (0, 0), (16, 1), (64, 16)]
 
 
 @pytest.mark.parametrize("group, dim, dtype, pages_per_block", [
-    (1, 64, jnp.float32, 1), (4, 128, jnp.float32, 4), (8, 64, jnp.bfloat16, 4),
-    (4, 128, jnp.bfloat16, 8),  # 8 > the table's 6 columns: clamped to one block per row
+    (1, 64, jnp.float32, 1), (4, 128, jnp.float32, 4),
+    pytest.param(8, 64, jnp.bfloat16, 4, marks=pytest.mark.slow),
+    pytest.param(4, 128, jnp.bfloat16, 8,  # 8 > the table's 6 columns: one block per row
+                 marks=pytest.mark.slow),
 ])
 def test_kernel_matches_reference_on_a_mixedpaged_batch(group, dim, dtype, pages_per_block):
     rng = np.random.default_rng(group * 1000 + dim)
@@ -81,6 +83,7 @@ def test_no_races_in_the_double_buffered_dmas():
     np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_the_hlo_interpreter_agrees():
     """The engine on CPU runs the kernel with `interpret=True` (compiled to XLA loops)."""
     rng = np.random.default_rng(5)

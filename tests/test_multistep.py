@@ -52,6 +52,7 @@ def test_greedy_tokens_match_the_reference_for_any_k(llama, mode, k, overlap):
     assert multistep == (k > 1 or overlap)
 
 
+@pytest.mark.slow
 def test_seeded_sampling_draws_the_same_tokens_for_any_k(llama):
     sp = [SamplingParams(max_tokens=11, temperature=0.9, top_k=50, top_p=0.9, seed=1234 + i,
                          ignore_eos=True, logprobs=True) for i in range(3)]
@@ -67,6 +68,7 @@ def test_seeded_sampling_draws_the_same_tokens_for_any_k(llama):
     assert len({out.token_ids for out in runs[8].values()}) == 3
 
 
+@pytest.mark.slow
 def test_stop_ids_and_eos_end_a_block_at_the_matching_token(llama):
     """A stop token id and an EOS id that first appear mid-block end their requests there; a
     request that ignores EOS runs on to max_tokens in the same batches."""

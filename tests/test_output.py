@@ -164,6 +164,7 @@ def driver_calls(monkeypatch):
     return calls
 
 
+@pytest.mark.slow
 def test_generate_and_batch_share_the_driver_and_agree_on_stop_strings(driver_calls, tmp_path, capsys):
     common = ["generate", "--max-tokens", "24", "--temperature", "0"]
     assert main([*common, "--prompt", PROMPT, "--json"]) == 0

@@ -55,12 +55,13 @@ def test_a_shape_compiles_once_even_when_two_threads_want_it():
 
 def test_background_compiles_in_order_and_a_preferred_shape_jumps_the_queue():
     calls = []
-    gate = threading.Event()
+    entered, gate = threading.Event(), threading.Event()
     lower = _toy_lowerer(calls)
 
     def slow_first(shape):
-        if not calls:
-            gate.wait(10)  # hold the thread on the first shape while the queue is reordered
+        if not entered.is_set():  # hold the thread on the first shape while the queue changes
+            entered.set()
+            gate.wait(10)
         return lower(shape)
 
     programs = StepPrograms(slow_first)
@@ -69,6 +70,7 @@ def test_background_compiles_in_order_and_a_preferred_shape_jumps_the_queue():
     programs.plan(shapes)  # as a worker does, so its progress counts them all from the start
     assert programs.progress().total == 4 and programs.progress().done == 0
     programs.compile_in_background(shapes, on_progress=seen.append)
+    assert entered.wait(10)
     programs.prefer(shapes[3])
     gate.set()
     assert programs.wait(30)

@@ -6,11 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import HF_FIXTURES
 from jaxpd.engine.prefill import PrefillEngine
 from jaxpd.engine.request import Request, Sequence
 from jaxpd.kv.layout import canonical_heads
-from jaxpd.model.checkpoint import load_model
 from jaxpd.model.sharding import make_mesh, shard_params
 from jaxpd.kv.layout import KVLayout
 from jaxpd.transfer import wire
