@@ -2,6 +2,7 @@
 
 import re
 
+import pytest
 
 from jaxpd.generate import Generator, SamplingParams
 from jaxpd.model.checkpoint import default_checkpoint, load_model
@@ -30,6 +31,7 @@ def test_default_checkpoint_matches_its_preset():
     assert model.folder == default_checkpoint()
 
 
+@pytest.mark.slow
 def test_default_model_continues_with_recognisable_words():
     model = load_model()
     tok = load_tokenizer(model.folder)

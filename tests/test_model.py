@@ -91,7 +91,8 @@ def test_rope_rotates_pairs_and_preserves_norm():
                                 4 * math.cos(angle) + 0 * math.sin(angle)], rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "llama3-70b" else n
+                                  for n in sorted(PRESETS)])  # 70b: 80 layers to trace
 def test_presets_have_consistent_shapes(name):
     cfg = PRESETS[name]
     shapes = jax.eval_shape(lambda: forward.init_params(cfg, jax.random.key(0)))

@@ -139,6 +139,7 @@ def test_a_step_pads_up_to_the_smallest_ready_program_that_covers_it(llama, prom
     assert [n for n in compiles if "step" in n] == [] and out == reference
 
 
+@pytest.mark.slow
 def test_trimmed_decode_rows_take_turns(llama, prompts):
     """With only a one-row decode program, three running sequences share it in turns rather than
     the oldest running to its end first: each has tokens before any finishes."""
