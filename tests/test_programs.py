@@ -79,6 +79,25 @@ def test_background_compiles_in_order_and_a_preferred_shape_jumps_the_queue():
     assert not programs.progress().compiling and programs.progress().seconds > 0
 
 
+def test_a_shape_that_fails_to_compile_in_the_background_is_not_retried():
+    calls = []
+    lower = _toy_lowerer(calls)
+    bad = StepShape("step", 3, 1, 1)
+
+    def failing(shape):
+        if shape == bad:
+            calls.append(shape)
+            raise RuntimeError("XLA says no")
+        return lower(shape)
+
+    programs = StepPrograms(failing)
+    programs.compile_in_background([bad, StepShape("step", 1, 1, 1)], on_demand=True)
+    assert programs.wait(30)
+    programs.prefer(bad)  # a step wants it again: the failure stands, nothing is queued
+    assert programs.wait(30)
+    assert calls.count(bad) == 1 and StepShape("step", 1, 1, 1) in programs
+
+
 SMALL = dict(page_size=4, num_pages=96, chunk_size=32, max_prefill_tokens=64,
              max_decode_batch=4, decode_steps_per_dispatch=4)
 

@@ -93,7 +93,7 @@ class StepPrograms:
         self._name = "compile"
         self.seconds = 0.0  # tracing + lowering + compiling, all threads
         self.cache_hits = 0  # programs loaded from the persistent cache (counted by JAX's hook)
-        self.compiled_by: dict[StepShape, str] = {}  # shape -> name of the thread that compiled it
+        self._failed: set[StepShape] = set()  # the background thread does not try these again
 
     # -- lookups -------------------------------------------------------------------------------
     def get(self, shape: StepShape) -> jax.stages.Compiled | None:
@@ -149,7 +149,6 @@ class StepPrograms:
             self._ready[shape] = program
             self.seconds += elapsed
             self.cache_hits += hit
-            self.compiled_by[shape] = threading.current_thread().name
         log.debug("compiled %s in %.2f s%s", shape, elapsed, " (persistent cache)" if hit else "")
         return program
 
@@ -202,7 +201,7 @@ class StepPrograms:
         """A step wanted `shape`: compile it next (if it is planned, or the background thread
         compiles on demand, and it is not ready or being compiled)."""
         with self._lock:
-            if shape in self._ready or shape in self._busy:
+            if shape in self._ready or shape in self._busy or shape in self._failed:
                 return
             if shape in self._queue:
                 self._queue.remove(shape)
@@ -246,6 +245,8 @@ class StepPrograms:
                 self.compile(shape)
             except Exception:  # a shape that cannot compile must not end the others
                 log.exception("background compilation of %s failed", shape)
+                with self._lock:
+                    self._failed.add(shape)
                 continue
             callback = self._on_progress
             if callback is not None:
