@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from tqdm import tqdm
 
 from jaxpd.compile_status import CompileStatus
@@ -29,24 +29,27 @@ from jaxpd.engine.output import TextStream, drive_engine
 from jaxpd.engine.request import Request, RequestOutput
 from jaxpd.engine.sampling import SamplingParams
 from jaxpd.errors import CapacityError, ConfigError, JaxpdError
+from jaxpd.request_check import RawRequest, check_request
 from jaxpd.tokenizer import Tokenizer
 
 
 class BatchRecord(BaseModel):
+    """One input line's shape; its values are checked by `check_request`, as the router's are."""
+
     model_config = ConfigDict(extra="forbid")
 
-    id: str = Field(min_length=1)
+    id: str
     prompt: str | None = None
     prompt_token_ids: list[int] | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0, le=2**31 - 1)
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
     seed: int | None = None
-    stop: list[str] = []
-    stop_token_ids: list[int] = []
-    ignore_eos: bool = False
-    logprobs: bool = False
+    stop: list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool | None = None
+    logprobs: bool | None = None
 
     @field_validator("id", mode="before")
     @classmethod
@@ -58,25 +61,8 @@ class BatchRecord(BaseModel):
     def _stop_list(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
 
-    @model_validator(mode="after")
-    def _one_prompt(self) -> BatchRecord:
-        if (self.prompt is None) == (self.prompt_token_ids is None):
-            raise ValueError("give exactly one of 'prompt' or 'prompt_token_ids'")
-        if self.prompt_token_ids is not None and not self.prompt_token_ids:
-            raise ValueError("'prompt_token_ids' is empty")
-        return self
-
-    def sampling(self, defaults: SamplingParams) -> SamplingParams:
-        d = defaults
-        return SamplingParams(
-            max_tokens=self.max_tokens or d.max_tokens,
-            temperature=d.temperature if self.temperature is None else self.temperature,
-            top_k=d.top_k if self.top_k is None else self.top_k,
-            top_p=d.top_p if self.top_p is None else self.top_p,
-            seed=d.seed if self.seed is None else self.seed,
-            stop_token_ids=tuple(dict.fromkeys((*d.stop_token_ids, *self.stop_token_ids))),
-            stop=tuple(self.stop) or d.stop, ignore_eos=self.ignore_eos or d.ignore_eos,
-            logprobs=self.logprobs or d.logprobs)
+    def raw(self) -> RawRequest:
+        return RawRequest(**self.model_dump(exclude={"id"}), request_id=self.id)
 
 
 @dataclasses.dataclass
@@ -195,14 +181,6 @@ def read_records(path: Path, done: set[str], report: Report):
     return records, bad
 
 
-def _prompt_ids(rec: BatchRecord, tokenizer: Tokenizer | None) -> tuple[int, ...]:
-    if rec.prompt is None:
-        return tuple(rec.prompt_token_ids)
-    if tokenizer is None:
-        raise ConfigError("this checkpoint has no tokenizer.json; use 'prompt_token_ids'")
-    return tuple(tokenizer.encode(rec.prompt))
-
-
 def run_batch(input_path: str | Path, output_path: str | Path, engine: Engine,
               tokenizer: Tokenizer | None, defaults: SamplingParams = SamplingParams(), *,
               progress: bool = True, err: TextIO = sys.stderr) -> BatchSummary:
@@ -218,10 +196,11 @@ def run_batch(input_path: str | Path, output_path: str | Path, engine: Engine,
     streams: dict[str, TextStream] = {}
     wanted_logprobs: dict[str, bool] = {}
     line_of: dict[str, int] = {}
+    limits = engine.limits()
     for number, rec in records:
         try:
-            ids = _prompt_ids(rec, tokenizer)
-            sampling = rec.sampling(defaults)
+            checked = check_request(rec.raw(), limits, tokenizer, defaults, id_required=True)
+            ids, sampling = checked.prompt_ids, checked.sampling
             engine.add_request(Request(rec.id, ids, sampling))
         except JaxpdError as e:
             report(f"{input_path}:{number}: {e}")

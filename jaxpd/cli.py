@@ -70,14 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--input", metavar="JSONL",
                      help='batch input: one {"id", "prompt" | "prompt_token_ids", ...} per line')
     gen.add_argument("--output", metavar="JSONL", help="batch output (with --input); appended to")
-    gen.add_argument("--max-tokens", type=positive_int, default=32, metavar="N",
+    gen.add_argument("--max-tokens", type=int, default=32, metavar="N",
                      help="tokens to generate per prompt (default 32)")
-    gen.add_argument("--temperature", type=float, default=0.0, metavar="T",
+    gen.add_argument("--temperature", type=float, metavar="T",
                      help="0 = greedy (default); > 0 samples from softmax(logits / T)")
-    gen.add_argument("--top-k", type=int, default=0, metavar="K", help="sample among the K likeliest (0 = off)")
-    gen.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (1 = off)")
+    gen.add_argument("--top-k", type=int, metavar="K", help="sample among the K likeliest (0 = off)")
+    gen.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling mass (1 = off)")
     gen.add_argument("--seed", type=int, default=None, help="sampling seed (default: random per request)")
-    gen.add_argument("--stop", action="append", default=[], metavar="TEXT",
+    gen.add_argument("--stop", action="append", metavar="TEXT",
                      help="stop when this text is generated (repeatable; not included in the output)")
     gen.add_argument("--ignore-eos", action="store_true",
                      help="keep generating past end-of-sequence tokens")
@@ -155,14 +155,54 @@ def _deployment(args):
     return cfg.model_copy(update=update)
 
 
-def _sampling(args):
-    """Request defaults from the flags. EOS ids need no listing here: the tokenizer's are merged
-    into the model config at load time (`merge_tokenizer_eos`)."""
-    from jaxpd.engine.sampling import SamplingParams
+_FLAGS = {"prompt_token_ids": "--prompt-ids", "request_id": "request id"}
 
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                          top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                          stop=tuple(args.stop), ignore_eos=args.ignore_eos, logprobs=args.logprobs)
+
+def _flag_error(e) -> JaxpdError:
+    """An InvalidRequest about a flag's value, naming the flag."""
+    return JaxpdError(f"{_FLAGS.get(e.field, '--' + e.field.replace('_', '-'))}: {e.reason}")
+
+
+def _raw_flags(args):
+    """The sampling flags as a RawRequest (unset flags: None, so the defaults apply). EOS ids
+    need no listing here: the tokenizer's are merged into the model config at load time."""
+    from jaxpd.request_check import RawRequest
+
+    return RawRequest(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                      top_p=args.top_p, seed=args.seed, stop=args.stop,
+                      ignore_eos=args.ignore_eos or None, logprobs=args.logprobs or None)
+
+
+def _checked_requests(args, cfg):
+    """(request defaults, prompts as engine requests or None in batch mode) from the flags,
+    through the one request check (`jaxpd.request_check`) and before any weight is loaded, so
+    a bad flag costs no model load."""
+    import dataclasses
+
+    from jaxpd.engine.request import Request
+    from jaxpd.model.checkpoint import default_checkpoint, load_config
+    from jaxpd.request_check import InvalidRequest, Limits, check_request, check_sampling
+    from jaxpd.tokenizer import tokenizer_for_checkpoint
+
+    folder = cfg.model.checkpoint or default_checkpoint()
+    tokenizer = tokenizer_for_checkpoint(folder)
+    limits = Limits.of(load_config(folder), (cfg.kv.num_pages - 1) * cfg.kv.page_size)
+    raw = _raw_flags(args)
+    try:
+        defaults = check_sampling(raw, limits, tokenizer)
+        if args.input is not None:
+            return defaults, None
+        if args.prompt is not None:
+            inputs = [dataclasses.replace(raw, prompt=text) for text in args.prompt]
+        else:
+            inputs = [dataclasses.replace(raw, prompt_token_ids=ids) for ids in args.prompt_ids]
+        requests = []
+        for i, one in enumerate(inputs):
+            checked = check_request(one, limits, tokenizer)
+            requests.append(Request(str(i), checked.prompt_ids, checked.sampling))
+    except InvalidRequest as e:
+        raise _flag_error(e) from None
+    return defaults, requests
 
 
 def _load_engine(cfg):
@@ -193,37 +233,31 @@ def cmd_generate(args) -> int:
 
     if (args.input is None) != (args.output is None):
         raise JaxpdError("--input and --output go together (batch mode)")
-    engine, tokenizer, folder = _load_engine(_deployment(args))
+    deployment = _deployment(args)
+    defaults, requests = _checked_requests(args, deployment)
+    engine, tokenizer, folder = _load_engine(deployment)
     engine.prepare_programs(args.precompile)
-    defaults = _sampling(args)
     try:
         if args.input is not None:
             summary = run_batch(args.input, args.output, engine, tokenizer, defaults,
                                 progress=not args.no_progress)
             print(json.dumps(summary.as_dict()), file=sys.stderr)
             return 0
-        return _generate_prompts(args, engine, tokenizer, folder, defaults)
+        return _generate_prompts(args, engine, tokenizer, requests)
     finally:
         engine.stop_compiling()
 
 
-def _generate_prompts(args, engine, tokenizer, folder, defaults) -> int:
+def _generate_prompts(args, engine, tokenizer, requests) -> int:
     """--prompt / --prompt-ids: live text for one prompt, else one line (or JSON) per prompt."""
     from jaxpd.compile_status import CompileStatus
     from jaxpd.engine.output import TextStream, drive_engine
-    from jaxpd.engine.request import Request
 
-    if args.prompt is not None:
-        if tokenizer is None:
-            raise JaxpdError(f"{folder} has no tokenizer.json; pass --prompt-ids instead of --prompt")
-        prompts = [tokenizer.encode(text) for text in args.prompt]
-    else:
-        prompts = args.prompt_ids
-    streams = {}
-    for i, prompt in enumerate(prompts):
-        engine.add_request(Request(str(i), tuple(prompt), defaults))
+    streams, prompts = {}, [r.prompt_ids for r in requests]
+    for request in requests:
+        engine.add_request(request)
         if tokenizer is not None:
-            streams[str(i)] = TextStream(tokenizer, prompt, defaults.stop)
+            streams[request.id] = TextStream(tokenizer, request.prompt_ids, request.sampling.stop)
     live = not args.json and tokenizer is not None and len(prompts) == 1
     final = {}
     status = CompileStatus(runner for runner, _ in engine.shapes())

@@ -144,6 +144,16 @@ class RouterSection(_Strict):
     port: int = Field(50051, ge=0, le=65535, description="its port; 0 = any free port")
 
 
+class RestartSection(_Strict):
+    """`jaxpd serve` restarts a dead worker (the others keep serving) until `attempts` restarts
+    of it have failed in a row; then it stops everything, as without restarts."""
+
+    attempts: int = Field(5, ge=0, description="restarts per worker in a row; 0 = never restart "
+                                               "(a death stops the deployment)")
+    backoff_s: float = Field(1.0, ge=0, description="wait before the first restart; doubles on "
+                                                    "each failed one (at most 30 s)")
+
+
 class ServingSection(_Strict):
     """How `jaxpd serve` runs the deployment: the router, the KV transport, queues and timeouts."""
 
@@ -162,6 +172,28 @@ class ServingSection(_Strict):
                                                               "every process to report SERVING")
     record_kv_digests: bool = Field(False, description="workers keep a crc32c of each request's "
                                                        "KV, for verification (GetKVDigests)")
+    max_request_bytes: int = Field(4 << 20, ge=4 << 10, le=1 << 30,
+                                   description="largest message the public API accepts (a "
+                                               "GenerateRequest); larger ones get "
+                                               "RESOURCE_EXHAUSTED before they are read")
+    max_queued: int = Field(1024, ge=0, description="requests the router holds while every decode "
+                                                     "pool is full (FCFS); past it new ones get "
+                                                     "RESOURCE_EXHAUSTED")
+    queue_timeout_s: float = Field(30.0, gt=0, description="longest a queued request waits for "
+                                                           "free KV pages when its call has no "
+                                                           "deadline")
+    max_migrations: int = Field(3, ge=0, description="times a request may move to another worker "
+                                                     "after its worker failed, before it fails "
+                                                     "UNAVAILABLE")
+    liveness_timeout_s: float = Field(5.0, gt=0, description="a worker that answers no load "
+                                                             "report for this long is treated as "
+                                                             "dead (frozen, unreachable): its "
+                                                             "requests move to other workers")
+    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long running requests "
+                                                           "may take to finish before every "
+                                                           "process exits")
+    restart: RestartSection = Field(default_factory=lambda: RestartSection(),
+                                    description="how `jaxpd serve` restarts a worker that died")
 
 
 class DeploymentConfig(_Strict):

@@ -56,8 +56,8 @@ def test_batch_outputs_bad_records_and_pages(llama, tmp_path):
     assert records["7"]["usage"] == {"prompt_tokens": 23, "completion_tokens": 12, "total_tokens": 35,
                                      "cached_prompt_tokens": 0}
     reported = err.getvalue().splitlines()
-    for line_no, text in [(2, "Invalid JSON"), (4, "exactly one of 'prompt' or 'prompt_token_ids'"),
-                          (5, "max_tokens: Input should be greater than or equal to 1"),
+    for line_no, text in [(2, "Invalid JSON"), (4, "give exactly one of prompt (text) or prompt_token_ids"),
+                          (5, "max_tokens: must be >= 1"),
                           (6, "duplicate id 'p0'"), (8, "outside the vocabulary"), (9, "no tokenizer.json")]:
         assert any(l.startswith(f"{src}:{line_no}: ") and text in l for l in reported), (line_no, reported)
     assert summary.completed == 3 and summary.bad_records == 6
@@ -156,8 +156,8 @@ def test_records_that_are_not_objects_or_lack_an_id_are_reported(llama, tmp_path
     reported = err.getvalue().splitlines()
     assert reported[0].startswith(f"{out}:1: expected a JSON object")
     for line_no, text in [(1, "expected a JSON object like"), (2, "expected a JSON object like"),
-                          (3, "missing 'id'"), (4, "id: String should have at least 1 character"),
-                          (5, "Invalid JSON"), (6, "top_k: Input should be less than or equal to")]:
+                          (3, "missing 'id'"), (4, "request_id: is required here"),
+                          (5, "Invalid JSON"), (6, "top_k: must be in [0, 2147483647]")]:
         assert any(l.startswith(f"{src}:{line_no}: ") and text in l for l in reported), (line_no, reported)
     assert summary.bad_records == 6 and summary.completed == 1
     assert read_jsonl(out)[1]["token_ids"] == exp["greedy"][0]

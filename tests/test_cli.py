@@ -62,9 +62,10 @@ def test_sampling_is_reproducible_with_a_seed(capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--tp", "3"], "tp=3 must divide num_heads=8"),
     (["--tp", "16"], "the deployment needs 16 devices but only 8 are visible"),
-    (["--prompt", "hello"], "has no tokenizer.json; pass --prompt-ids"),
-    (["--prompt-ids", "1,99999"], "token ids [99999] are outside the vocabulary [0, 320)"),
-    (["--max-tokens", "5000"], "exceeds the model's max_position_embeddings=1024"),
+    (["--prompt", "hello"], "--prompt: this model has no tokenizer.json"),
+    (["--prompt-ids", "1,99999"], "--prompt-ids: token id 99999 (at 1) is outside the vocabulary [0, 320)"),
+    (["--max-tokens", "5000"], "--max-tokens: the prompt (2 tokens) + max_tokens (5000) exceeds the "
+                               "model's context of 1024 tokens"),
 ])
 def test_user_errors_are_one_line(capsys, argv, message):
     base = ["generate", "--checkpoint", str(HF_FIXTURES / "llama"), "--max-tokens", "2"]

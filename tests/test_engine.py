@@ -10,6 +10,7 @@ from jaxpd.engine.builder import build_engine
 from jaxpd.engine.request import Request
 from jaxpd.engine.sampling import SamplingParams
 from jaxpd.config import parse_config
+from jaxpd.request_check import DuplicateRequest, InvalidRequest
 from jaxpd.errors import CapacityError, ConfigError
 from jaxpd.model import forward
 from jaxpd.model.checkpoint import load_model
@@ -159,14 +160,14 @@ def test_stop_token_and_abort_free_pages(llama):
 
 def test_bad_requests_are_refused_clearly(llama):
     engine = build_engine(llama.config, llama.params, deployment(**SMALL))
-    with pytest.raises(ConfigError, match="outside the vocabulary"):
+    with pytest.raises(InvalidRequest, match="outside the vocabulary"):
         engine.add_request(Request("v", (1, 5000)))
-    with pytest.raises(ConfigError, match="the prompt is empty"):
+    with pytest.raises(InvalidRequest, match="prompt_token_ids: is empty"):
         engine.add_request(Request("e", ()))
-    with pytest.raises(ConfigError, match="needs 1006 tokens of KV but a page pool holds 252"):
+    with pytest.raises(InvalidRequest, match="needs 1006 tokens of KV but a page pool here holds at most 252"):
         engine.add_request(Request("big", (1,) * 1000, SamplingParams(max_tokens=6)))
     engine.add_request(Request("dup", (1, 2)))
-    with pytest.raises(ConfigError, match="already in flight"):
+    with pytest.raises(DuplicateRequest, match="already in flight"):
         engine.add_request(Request("dup", (1, 2)))
 
 

@@ -12,6 +12,7 @@ Every path that ends a sequence (finish, abort, preemption) releases its pages.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import random
 
@@ -22,6 +23,7 @@ from jaxpd.engine.request import FinishReason, Request, RequestOutput, Sequence
 from jaxpd.engine.runner import ModelRunner
 from jaxpd.errors import CapacityError, ConfigError
 from jaxpd.kv.manager import KVCacheManager
+from jaxpd.request_check import DuplicateRequest, Limits, RawRequest, check_request
 from jaxpd.transfer.base import KVTransport
 
 
@@ -49,26 +51,24 @@ class Engine:
         self._ids.add(request.id)
         self.waiting.append(Sequence(request, seed))
 
+    def kv_capacity(self) -> int:
+        """The most tokens of KV one request may hold: the smaller page pool's size."""
+        managers = {id(m): m for m in (self.prefill.manager, self.decode.manager)}.values()
+        return min((m.allocator.num_blocks - 1) * m.page_size for m in managers)
+
+    def limits(self) -> Limits:
+        """What `add_request` checks requests against (for front ends that check first)."""
+        return Limits.of(self.prefill.runner.config, self.kv_capacity())
+
     def _validate(self, request: Request) -> None:
-        cfg = self.prefill.runner.config
+        """The one request check (`jaxpd.request_check`), as every front end runs it; stop
+        strings are matched by whoever detokenizes, so they are not the engine's to check."""
         if request.id in self._ids:
-            raise ConfigError(f"request id {request.id!r} is already in flight")
-        if not request.prompt_ids:
-            raise ConfigError(f"request {request.id!r}: the prompt is empty")
-        bad = [t for t in request.prompt_ids if not 0 <= t < cfg.vocab_size]
-        if bad:
-            raise ConfigError(f"request {request.id!r}: token ids {bad[:5]} are outside the "
-                              f"vocabulary [0, {cfg.vocab_size})")
-        total = len(request.prompt_ids) + request.sampling.max_tokens
-        if total > cfg.max_position_embeddings:
-            raise ConfigError(f"request {request.id!r}: prompt ({len(request.prompt_ids)} tokens) + "
-                              f"max_tokens ({request.sampling.max_tokens}) exceeds the model's "
-                              f"max_position_embeddings={cfg.max_position_embeddings}")
-        for manager in {id(m): m for m in (self.prefill.manager, self.decode.manager)}.values():
-            capacity = (manager.allocator.num_blocks - 1) * manager.page_size
-            if total > capacity:
-                raise ConfigError(f"request {request.id!r} needs {total} tokens of KV but a page "
-                                  f"pool holds {capacity}")
+            raise DuplicateRequest("request_id", f"{request.id!r} is already in flight; use a "
+                                                 f"new id")
+        sampling = dataclasses.replace(request.sampling, stop=())
+        check_request(RawRequest.of(request.id, request.prompt_ids, sampling),
+                      self.limits(), None)
 
     # -- requests prefilled elsewhere (a decode worker fed over a KV transport) ----------------
     def reserve_remote(self, request: Request, seed: int) -> Sequence | None:

@@ -16,6 +16,10 @@ class Request:
     id: str
     prompt_ids: tuple[int, ...]
     sampling: SamplingParams = SamplingParams()
+    # Tokens generated before this request moved here (request migration): the prompt ends with
+    # them, and sampling counters start at this value, so a seeded request draws the tokens an
+    # uninterrupted run would have drawn.
+    sample_offset: int = 0
 
 
 @dataclasses.dataclass
@@ -40,6 +44,11 @@ class Sequence:
     @property
     def tokens(self) -> list[int]:
         return [*self.request.prompt_ids, *self.output_ids]
+
+    @property
+    def num_drawn(self) -> int:
+        """Tokens drawn for this request so far, here and before it moved (sampling counter)."""
+        return self.request.sample_offset + len(self.output_ids)
 
     @property
     def prompt_len(self) -> int:

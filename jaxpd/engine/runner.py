@@ -231,7 +231,7 @@ class ModelRunner:
         table = self._page_table([(s.seq, s.start + s.length) for s in slices], shape)
         sampling = sampling_arrays([s.seq.request.sampling for s in slices],
                                    [s.seq.seed for s in slices],
-                                   [len(s.seq.output_ids) for s in slices], batch)
+                                   [s.seq.num_drawn for s in slices], batch)
         self.tokens_computed += sum(s.length for s in slices)
         start = time.perf_counter()
         next_tokens, logprobs, self.manager.kv = program(
@@ -278,7 +278,7 @@ class ModelRunner:
         table = self._page_table([(seq, seq.expected_computed + n)
                                   for seq, n in zip(seqs, budgets)], shape)
         sampling = sampling_arrays([seq.request.sampling for seq in seqs], [seq.seed for seq in seqs],
-                                   [len(seq.output_ids) + seq.in_flight for seq in seqs], batch)
+                                   [seq.num_drawn + seq.in_flight for seq in seqs], batch)
         start = time.perf_counter()
         tokens_in, budget_in = tokens, budget
         if previous is not None and (rows >= 0).any():

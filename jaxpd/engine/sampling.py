@@ -73,6 +73,7 @@ def _filter_top_k_top_p(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -
     probs = jax.nn.softmax(sorted_desc, axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each sorted entry
     keep = (before < top_p[:, None]) & (jnp.arange(vocab)[None, :] < k[:, None])
+    keep = keep.at[:, 0].set(True)  # the likeliest token always stays, however small top_p is
     # Smallest kept logit is the threshold (the top entry is always kept).
     threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
     threshold = jnp.maximum(threshold, kth)

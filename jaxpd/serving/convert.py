@@ -15,16 +15,8 @@ def sampling_to_pb(sp: SamplingParams) -> generation_pb2.SamplingParams:
         logprobs=sp.logprobs)
 
 
-def engine_request_to_pb(request: Request, seed: int) -> worker_pb2.EngineRequest:
+def engine_request_to_pb(request: Request, seed: int, token: str = "") -> worker_pb2.EngineRequest:
+    """`token`: the attempt's request token (see EngineRequest.request_token)."""
     return worker_pb2.EngineRequest(request_id=request.id, prompt_ids=list(request.prompt_ids),
-                                    sampling=sampling_to_pb(request.sampling), seed=seed)
-
-
-def engine_request_from_pb(pb: worker_pb2.EngineRequest) -> tuple[Request, int]:
-    """(request, seed). Raises ConfigError (from SamplingParams) on values out of range."""
-    s = pb.sampling
-    sampling = SamplingParams(
-        max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-        seed=pb.seed, stop_token_ids=tuple(s.stop_token_ids), stop=tuple(s.stop),
-        ignore_eos=s.ignore_eos, logprobs=s.logprobs)
-    return Request(pb.request_id, tuple(pb.prompt_ids), sampling), pb.seed
+                                    sampling=sampling_to_pb(request.sampling), seed=seed,
+                                    sample_offset=request.sample_offset, request_token=token)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hmac
 import time
 from typing import Callable
 
@@ -22,8 +23,10 @@ import numpy as np
 from jaxpd.engine.orchestrator import Engine
 from jaxpd.engine.request import Request, RequestOutput
 from jaxpd.errors import JaxpdError
+from jaxpd.request_check import InvalidRequest
 from jaxpd.serving.engine_thread import EngineThread
-from jaxpd.serving.worker_common import WorkerServicer, WorkerState
+from jaxpd.serving.validate import status_of
+from jaxpd.serving.worker_common import WorkerServicer, WorkerState, pool_counts
 from jaxpd.transfer import wire
 from jaxpd.v1 import worker_pb2, worker_pb2_grpc
 
@@ -51,17 +54,21 @@ class _Sub:
     local: bool = True
     started: float | None = None  # local prefill: first step that worked on it
     coverage: np.ndarray | None = None  # remote: bool[layers, prompt tokens] written
+    token: str = ""  # the request token KV frames must carry
+    pushing: bool = False  # a PushKV call holds the lease on this reservation
 
 
 class DecodeScheduler:
     """The engine thread's side of a decode worker."""
 
-    def __init__(self, engine: Engine, ctx: wire.WireContext, *, record_digests: bool = False):
-        self.engine, self.ctx = engine, ctx
+    def __init__(self, engine: Engine, ctx: wire.WireContext, *, record_digests: bool = False,
+                 kv_timeout_s: float = 120.0, name: str = "decode"):
+        self.engine, self.ctx, self.name = engine, ctx, name
         self.manager = engine.decode.manager
         self.subs: dict[str, _Sub] = {}
         self.record_digests = record_digests
         self.digests: dict[str, tuple[int, int, int]] = {}
+        self.kv_timeout_s = kv_timeout_s
 
     def has_work(self) -> bool:
         return self.engine.has_work()
@@ -72,21 +79,47 @@ class DecodeScheduler:
             request, sampling=dataclasses.replace(request.sampling, seed=seed)))
         self.subs[request.id] = _Sub(emit, time.monotonic())
 
-    def reserve(self, request: Request, seed: int, emit) -> int | None:
-        """Pages reserved for the prompt's KV, or None when the pool cannot hold it now."""
+    def reserve(self, request: Request, seed: int, emit, token: str) -> int | None:
+        """Pages reserved for the prompt's KV, or None when the pool cannot hold it now. The
+        reservation expires after `kv_timeout_s` unless all of the KV arrived (`tick`)."""
         seq = self.engine.reserve_remote(request, seed)
         if seq is None:
             return None
         coverage = np.zeros((self.ctx.layout.num_layers, len(request.prompt_ids)), bool)
-        self.subs[request.id] = _Sub(emit, time.monotonic(), local=False, coverage=coverage)
+        self.subs[request.id] = _Sub(emit, time.monotonic(), local=False, coverage=coverage,
+                                     token=token)
         return len(seq.pages.pages)
+
+    def authorize(self, request_id: str, token: str) -> None:
+        """Before a PushKV writes anything: the request must hold a reservation here and the
+        frames must carry its token, and only one push at a time holds the lease."""
+        sub = self.subs.get(request_id)
+        if sub is None or request_id not in self.engine.receiving:
+            raise TransferError(grpc.StatusCode.NOT_FOUND, f"request {request_id!r} has no pages "
+                                f"reserved on {self.name} (aborted, expired, or never reserved)")
+        if not token or not hmac.compare_digest(token, sub.token):
+            raise TransferError(grpc.StatusCode.PERMISSION_DENIED, f"request {request_id!r}: the "
+                                f"KV frames carry the wrong request token")
+        if sub.pushing:
+            raise TransferError(grpc.StatusCode.ALREADY_EXISTS, f"request {request_id!r}: another "
+                                f"KV push for it is in progress")
+        sub.pushing = True
+
+    def tick(self) -> None:
+        """Expire reservations whose KV did not arrive within `kv_timeout_s`."""
+        now = time.monotonic()
+        for rid, sub in list(self.subs.items()):
+            if not sub.local and rid in self.engine.receiving and now - sub.arrived > self.kv_timeout_s:
+                self.fail(rid, grpc.StatusCode.DEADLINE_EXCEEDED, f"request {rid!r}: its KV did "
+                          f"not arrive within {self.kv_timeout_s:g} s (serving.kv_timeout_s); "
+                          f"pages freed")
 
     def write(self, piece: wire.KVPiece) -> None:
         h = piece.header
         seq = self.engine.receiving.get(h.request_id)
         if seq is None:
             raise TransferError(grpc.StatusCode.NOT_FOUND, f"request {h.request_id!r} has no pages "
-                                f"reserved on this decode worker (aborted, or never reserved)")
+                                f"reserved on {self.name} (aborted, or never reserved)")
         if h.token_end > seq.prompt_len:
             raise TransferError(grpc.StatusCode.INVALID_ARGUMENT, f"request {h.request_id!r}: KV for "
                                 f"tokens up to {h.token_end} but the prompt has {seq.prompt_len}")
@@ -122,9 +155,11 @@ class DecodeScheduler:
         self.subs.pop(request_id, None)
         self.engine.abort(request_id)
 
-    def fail_all(self, error: Exception) -> None:
+    def fail_all(self, error: Exception | str, code: grpc.StatusCode = grpc.StatusCode.INTERNAL) -> None:
+        """End every request here with `code` (the router moves them to other workers)."""
+        message = error if isinstance(error, str) else f"{self.name}: engine step failed: {error!r}"
         for rid in list(self.subs):
-            self.fail(rid, grpc.StatusCode.INTERNAL, f"decode step failed: {error}")
+            self.fail(rid, code, message)
 
     # -- the step ------------------------------------------------------------------------------
     def step(self) -> None:
@@ -159,50 +194,43 @@ class DecodeScheduler:
             self.subs.pop(out.id, None)
 
     def load(self) -> dict:
+        """The load snapshot the engine thread publishes."""
         e = self.engine
         return {"running": len(e.running) + len(e.prefilling) + len(e.handoff),
-                "waiting": len(e.waiting), "transferring": len(e.receiving)}
+                "waiting": len(e.waiting), "transferring": len(e.receiving),
+                "requests": len(self.subs), **pool_counts(self.manager)}
 
 
 class DecodeServicer(WorkerServicer, worker_pb2_grpc.DecodeWorkerServicer):
     def __init__(self, state: WorkerState, scheduler: DecodeScheduler, thread: EngineThread):
         self.state, self.scheduler, self.thread = state, scheduler, thread
+        self.limits = state.engine.limits()
 
     async def Decode(self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext):
-        serving = self.state.deployment.serving
-        req, seed, events, emit = await self._accept(request.request,
-                                                     len(self.scheduler.engine.waiting), context)
-        try:
-            if request.local_prefill:
-                await self.thread.call(lambda: self.scheduler.add_local(req, seed, emit))
-            else:
-                pages = await self.thread.call(lambda: self.scheduler.reserve(req, seed, emit))
-                if pages is None:
-                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode worker "
-                                        f"{self.state.name} has no free KV pages for "
-                                        f"{len(req.prompt_ids) + 1} tokens right now")
-        except JaxpdError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        req, seed, events, emit = await self._accept(request.request, context)
+        token = request.request.request_token
         finished = False
-        try:
-            if not request.local_prefill:
-                yield worker_pb2.DecodeEvent(reserved=worker_pb2.Reserved(pages=pages))
-            waiting_kv = not request.local_prefill
+        try:  # from here on, every way out frees whatever the engine thread reserved
+            try:
+                if request.local_prefill:
+                    await self.thread.call(lambda: self.scheduler.add_local(req, seed, emit))
+                    pages = 0
+                else:
+                    pages = await self.thread.call(
+                        lambda: self.scheduler.reserve(req, seed, emit, token))
+            except InvalidRequest as e:
+                finished = True
+                await context.abort(*status_of(e))
+            if pages is None:
+                finished = True
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.state.name} has "
+                                    f"no free KV pages for {len(req.prompt_ids) + 1} tokens right now")
+            yield worker_pb2.DecodeEvent(reserved=worker_pb2.Reserved(pages=pages))
             while True:
-                try:
-                    ev = await asyncio.wait_for(events.get(), serving.kv_timeout_s if waiting_kv else None)
-                except TimeoutError:
-                    # free the pages before answering, so "pages freed" is already true
-                    finished = True
-                    await self.thread.call(lambda: self.scheduler.abort(req.id))
-                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                        f"request {req.id!r}: its KV did not arrive within "
-                                        f"{serving.kv_timeout_s} s (serving.kv_timeout_s); pages freed")
+                ev = await events.get()
                 if isinstance(ev, Failed):
                     finished = True  # the scheduler already dropped it
                     await context.abort(ev.code, ev.message)
-                if ev.HasField("kv_received"):
-                    waiting_kv = False
                 yield ev
                 if ev.HasField("tokens") and ev.tokens.finish_reason:
                     finished = True
@@ -212,14 +240,19 @@ class DecodeServicer(WorkerServicer, worker_pb2_grpc.DecodeWorkerServicer):
                 self.thread.post(lambda: self.scheduler.abort(req.id))
 
     async def PushKV(self, frames, context: grpc.aio.ServicerContext):
-        """KVTransfer.PushKV; `frames` are raw KVChunk encodings (see transfer/wire.py)."""
-        request_id, received, count, pending = None, 0, 0, []
+        """KVTransfer.PushKV; `frames` are raw KVChunk encodings (see transfer/wire.py). Nothing
+        is written before the first frame's request id and token are authorized, and a push
+        that is refused (unknown request, wrong token) never harms the request it names."""
+        request_id, token, received, count, pending = None, None, 0, 0, []
+        authorized = False
         try:
             async for raw in frames:
                 header, payload = wire.parse_frame(raw)
                 if request_id is None:
-                    request_id = header.request_id
-                elif header.request_id != request_id:
+                    request_id, token = header.request_id, header.request_token
+                    await self.thread.call(lambda: self.scheduler.authorize(request_id, token))
+                    authorized = True
+                elif header.request_id != request_id or header.request_token != token:
                     raise wire.WireError("invalid", f"one PushKV call carries one request: got "
                                          f"{header.request_id!r} after {request_id!r}")
                 piece = wire.check_piece(self.state.wire, header, payload)
@@ -237,12 +270,12 @@ class DecodeServicer(WorkerServicer, worker_pb2_grpc.DecodeWorkerServicer):
         except (wire.WireError, TransferError) as e:
             code = _STATUS[e.kind] if isinstance(e, wire.WireError) else e.code
             message = str(e)
-            if request_id is not None:
+            if authorized:  # the request's own push failed: the request cannot go on here
                 self.thread.post(lambda: self.scheduler.fail(request_id, code,
                                                              f"KV transfer failed: {message}"))
             await context.abort(code, message)
         except asyncio.CancelledError:
-            if request_id is not None:
+            if authorized:
                 self.thread.post(lambda: self.scheduler.fail(
                     request_id, grpc.StatusCode.ABORTED, "the prefill worker cancelled the KV transfer"))
             raise

@@ -1,9 +1,15 @@
 """The thread that owns an engine: it alone touches the engine and its page pool.
 
-gRPC handlers run on an asyncio loop and never step the engine: they `call` a function on this
-thread (an admission, an abort, a KV write) and await its result, and they receive what the
-engine produces through `deliver`, which hops back onto their loop. Between commands the thread
-runs engine steps while there is work; with none, it sleeps on its inbox.
+gRPC handlers run on an asyncio loop and never step the engine or read its state: they `call`
+a function on this thread (an admission, an abort, a KV write) and await its result, receive
+what the engine produces through `deliver`, which hops back onto their loop, and read loads from
+`snapshot`, which this thread republishes after every command batch and step. Between commands
+the thread runs engine steps while there is work; with none, it sleeps on its inbox, waking every
+`tick_s` to run `tick` (reservations and leases expire there, not in a handler).
+
+A step that raises fails the requests it held (`on_error`) and leaves the thread `broken`: the
+pool may have been donated to the failed call, so the worker must not step it again. The worker
+then reports NOT_SERVING and exits, to be restarted (`on_broken`, on the loop).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import time
 from typing import Any, Callable
 
 log = logging.getLogger(__name__)
@@ -20,14 +27,21 @@ log = logging.getLogger(__name__)
 
 class EngineThread:
     def __init__(self, name: str, has_work: Callable[[], bool], step: Callable[[], None],
-                 on_error: Callable[[Exception], None], loop: asyncio.AbstractEventLoop):
+                 on_error: Callable[[Exception], None], loop: asyncio.AbstractEventLoop, *,
+                 tick: Callable[[], None] = lambda: None,
+                 snapshot: Callable[[], dict] = dict, tick_s: float = 0.25,
+                 on_broken: Callable[[Exception], None] | None = None):
         self._has_work, self._step, self._on_error, self.loop = has_work, step, on_error, loop
+        self._tick, self._snapshot, self.tick_s, self._on_broken = tick, snapshot, tick_s, on_broken
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._live = True
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self.step_errors = 0
+        self.broken: Exception | None = None
+        self.snapshot: dict = {}  # replaced whole (never mutated): safe to read from the loop
+        self.steps = 0
 
     def start(self) -> None:
+        self.snapshot = self._snapshot()
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -68,9 +82,12 @@ class EngineThread:
             future.set_result(result)
 
     def _run(self) -> None:
+        next_tick = time.monotonic() + self.tick_s
         while self._live:
-            try:  # block only when idle
-                item = self._inbox.get(block=not self._has_work())
+            working = self._has_work() and self.broken is None
+            try:  # block only when idle, and never past the next tick
+                item = self._inbox.get(block=not working,
+                                       timeout=max(0.0, next_tick - time.monotonic()))
             except queue.Empty:
                 item = False
             while item is not False:  # drain: commands first, so admissions join this step
@@ -80,10 +97,23 @@ class EngineThread:
                     item = self._inbox.get_nowait()
                 except queue.Empty:
                     item = False
-            if self._live and self._has_work():
-                try:
-                    self._step()
-                except Exception as e:  # the worker fails what was in flight; the thread lives on
-                    self.step_errors += 1
-                    log.exception("engine step failed")
-                    self._on_error(e)
+            if time.monotonic() >= next_tick:
+                next_tick = time.monotonic() + self.tick_s
+                self._guarded(self._tick, "tick")
+            if self._live and self.broken is None and self._has_work():
+                self._guarded(self._step, "step")
+                self.steps += 1
+            self.snapshot = self._snapshot()
+
+    def _guarded(self, fn: Callable[[], None], what: str) -> None:
+        try:
+            fn()
+        except Exception as e:
+            log.exception("engine %s failed; failing its requests and stopping this worker", what)
+            self.broken = e
+            try:
+                self._on_error(e)
+            except Exception:
+                log.exception("failing the requests of a broken engine failed too")
+            if self._on_broken is not None:
+                self.deliver(self._on_broken, e)

@@ -213,6 +213,16 @@ def _probe_bind(family: int, kind: int, proto: int, addr, label: str) -> None:
                               f"address of this machine?)") from None
 
 
+def free_port(host: str) -> int:
+    """A port on `host` nothing listens on now, for a process started next (the launcher fixes
+    every port before starting, so a restarted process binds the same one)."""
+    bare = host.strip("[]") or "127.0.0.1"
+    family = socket.AF_INET6 if ":" in bare else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((bare, 0))
+        return s.getsockname()[1]
+
+
 # -- signals (entry point only) --------------------------------------------------------------------
 @contextlib.contextmanager
 def handle_stop_signals(launcher: Launcher,
@@ -242,6 +252,22 @@ class _Child:
     progress: dict | None = None  # the last JAXPD_PROGRESS line (compile progress), parsed
     health_note: str = ""  # why it is not confirmed yet
     channel: grpc.Channel | None = None
+    failures: int = 0  # restarts in a row that have not reached SERVING yet
+    restart_at: float | None = None  # when a scheduled restart happens
+    exits: list = dataclasses.field(default_factory=list)  # ChildExit of each earlier life
+
+
+@dataclasses.dataclass(frozen=True)
+class RestartPolicy:
+    """Restart a child that died while serving, `attempts` times in a row at most, after
+    `backoff_s` doubling per failed restart (capped at `max_backoff_s`)."""
+
+    attempts: int = 5
+    backoff_s: float = 1.0
+    max_backoff_s: float = 30.0
+
+    def delay(self, failures: int) -> float:
+        return min(self.max_backoff_s, self.backoff_s * (2 ** failures))
 
 
 class Launcher:
@@ -317,17 +343,79 @@ class Launcher:
             for name in pending:
                 self._close_channel(self._children[name])
 
-    def serve_forever(self, on_tick: Callable[[], None] | None = None) -> int | None:
+    def serve_forever(self, on_tick: Callable[[], None] | None = None,
+                      restart: RestartPolicy | None = None,
+                      report: Callable[[str], None] | None = None,
+                      stop_first: Iterable[str] = (), first_grace_s: float = 0.0) -> int | None:
         """Supervise until a stop is requested (returns the signal number, or None for a plain
-        `request_stop()`) or a child dies (raises ChildExitedError). Stops every child first."""
+        `request_stop()`). A child that dies is restarted under `restart` (the others keep
+        running; `report` hears about it), or, without a policy or once its attempts are used
+        up, everything stops and ChildExitedError is raised. On a stop, `stop_first` children
+        (the router, draining) get `first_grace_s` before the rest are stopped."""
         while True:
             if self._stop_requested:
+                self.stop_some(stop_first, first_grace_s)
                 self.stop_all()
                 return self._stop_signal
-            self._check_exits("serving")
+            if restart is None:
+                self._check_exits("serving")
+            else:
+                self._supervise(restart, report or (lambda line: None))
             if on_tick is not None:
                 on_tick()
             self._sleep()
+
+    def _supervise(self, policy: RestartPolicy, report: Callable[[str], None]) -> None:
+        now = time.monotonic()
+        for child in list(self._children.values()):
+            if child.restart_at is None and child.proc.poll() is not None:
+                if self._stop_requested:
+                    return
+                exit_ = ChildExit(child.spec.name, child.spec.role, child.spec.replica,
+                                  child.proc.returncode, tuple(self.last_lines(child.spec.name)))
+                if child.failures >= policy.attempts:
+                    self.stop_all()
+                    tried = f" (restarted {child.failures} times in a row)" if child.failures else ""
+                    raise ChildExitedError([exit_], f"serving{tried}")
+                child.exits.append(exit_)
+                delay = policy.delay(child.failures)
+                child.failures += 1
+                child.restart_at = now + delay
+                report(f"jaxpd: {exit_.describe()}; restarting it in {delay:.1f} s (attempt "
+                       f"{child.failures} of {policy.attempts}); the others keep serving")
+            elif child.restart_at is not None and now >= child.restart_at:
+                pid = self._restart(child)
+                report(f"jaxpd: restarted {child.spec.name} (pid {pid})")
+            elif child.failures and child.restart_at is None and not child.serving:
+                if child.ready is not None:
+                    self._confirm_serving(child, now + 1.0)
+                if child.serving:
+                    report(f"jaxpd: {child.spec.name} serves again (pid {child.proc.pid})")
+                    child.failures = 0
+
+    def _restart(self, child: _Child) -> int:
+        """Start a dead child again with the same spec (same port, same devices); its pid."""
+        self._finish_reader(child)
+        self._close_channel(child)
+        del self._children[child.spec.name]
+        pid = self.start(child.spec)
+        fresh = self._children[child.spec.name]
+        fresh.failures, fresh.exits = child.failures, child.exits
+        return pid
+
+    def stop_some(self, names: Iterable[str], grace_s: float) -> None:
+        """SIGTERM the named live children and give them `grace_s` (and the usual grace) to
+        exit before the rest are stopped: the router drains first."""
+        live = [self._children[n] for n in names
+                if n in self._children and self._children[n].proc.poll() is None]
+        for child in live:
+            _signal(child.proc, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s + self.grace_s
+        for child in live:
+            try:
+                child.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal(child.proc, signal.SIGKILL)
 
     def request_stop(self, signum: int | None = None) -> None:
         """Ask `wait_ready`/`serve_forever` to stop everything. Safe in a signal handler: it only
@@ -356,6 +444,10 @@ class Launcher:
     # -- introspection ----------------------------------------------------------------------------
     def pids(self) -> dict[str, int]:
         return {name: c.proc.pid for name, c in self._children.items()}
+
+    def restarts(self) -> dict[str, int]:
+        """{name: how many times it was restarted} of the children restarted at least once."""
+        return {name: len(c.exits) for name, c in self._children.items() if c.exits}
 
     def last_lines(self, name: str) -> list[str]:
         with self._lock:

@@ -20,8 +20,10 @@ import jax
 from jaxpd.engine.prefill import PrefillEngine
 from jaxpd.engine.request import Request, Sequence
 from jaxpd.errors import CapacityError, JaxpdError
+from jaxpd.request_check import DuplicateRequest, InvalidRequest
 from jaxpd.serving.engine_thread import EngineThread
-from jaxpd.serving.worker_common import WorkerServicer, WorkerState
+from jaxpd.serving.validate import status_of
+from jaxpd.serving.worker_common import WorkerServicer, WorkerState, pool_counts
 from jaxpd.transfer import wire
 from jaxpd.transfer.grpc_stream import GrpcKVSender
 from jaxpd.v1 import worker_pb2, worker_pb2_grpc
@@ -83,7 +85,7 @@ class PrefillScheduler:
 
     def add(self, request: Request, seed: int, emit: Callable[[object], None]) -> None:
         if self._find(request.id) is not None:
-            raise JaxpdError(f"request id {request.id!r} is already in flight on this worker")
+            raise DuplicateRequest("request_id", f"{request.id!r} is already in flight; use a new id")
         self._check_fits(request)
         self.waiting.append(_Job(Sequence(request, seed), emit, time.monotonic()))
 
@@ -145,10 +147,15 @@ class PrefillScheduler:
         self.sending.pop(request_id, None)
         self._release(job.seq)
 
-    def fail_all(self, error: Exception) -> None:
+    def fail_all(self, error: Exception | str, code: grpc.StatusCode = grpc.StatusCode.INTERNAL) -> None:
+        """End every request here with `code` (the router moves them to other workers)."""
+        message = error if isinstance(error, str) else f"prefill step failed: {error!r}"
         for job in [*self.waiting, *self.prefilling, *self.sending.values()]:
-            job.emit(Failed(grpc.StatusCode.INTERNAL, f"prefill step failed: {error}"))
+            job.emit(Failed(code, message))
             self.release(job.seq.id)
+
+    def has_requests(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.sending)
 
     def _release(self, seq: Sequence) -> None:
         if seq.pages is not None:
@@ -162,31 +169,43 @@ class PrefillScheduler:
         return None
 
     def load(self) -> dict:
+        """The load snapshot the engine thread publishes."""
         return {"running": len(self.prefilling), "waiting": len(self.waiting),
-                "transferring": len(self.sending)}
+                "transferring": len(self.sending),
+                "requests": len(self.waiting) + len(self.prefilling) + len(self.sending),
+                **pool_counts(self.manager)}
+
+    def tick(self) -> None:
+        """Nothing expires here: a request's pages go when its handler ends (the KV push has a
+        deadline, serving.kv_timeout_s)."""
 
 
 class PrefillServicer(WorkerServicer, worker_pb2_grpc.PrefillWorkerServicer):
     def __init__(self, state: WorkerState, scheduler: PrefillScheduler, thread: EngineThread):
         self.state, self.scheduler, self.thread = state, scheduler, thread
         self.sender = GrpcKVSender(state.wire, state.deployment.serving.kv_timeout_s)
+        self.limits = dataclasses.replace(state.engine.limits(), kv_capacity=None)
 
     async def Prefill(self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
         if not request.kv_target:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 "kv_target: a decode worker address is required")
-        req, seed, events, emit = await self._accept(request.request, len(self.scheduler.waiting),
-                                                     context)
-        try:
-            await self.thread.call(lambda: self.scheduler.add(req, seed, emit))
-        except JaxpdError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        kv = self.sender.open(request.kv_target, req.id)
-        released, first = False, None
-        try:
+        target = request.kv_target_name or "the decode worker"
+        req, seed, events, emit = await self._accept(request.request, context)
+        released, first, kv = False, None, None
+        try:  # from here on, every way out releases what the engine thread holds for it
+            try:
+                await self.thread.call(lambda: self.scheduler.add(req, seed, emit))
+            except JaxpdError as e:
+                released = True
+                code, message = (status_of(e) if isinstance(e, InvalidRequest)
+                                 else (grpc.StatusCode.INVALID_ARGUMENT, str(e)))
+                await context.abort(code, message)
+            kv = self.sender.open(request.kv_target, req.id, request.request.request_token)
             while True:
                 ev = await events.get()
                 if isinstance(ev, Failed):
+                    released = True
                     await context.abort(ev.code, ev.message)
                 elif isinstance(ev, KVReady):
                     await kv.send_tokens(ev.array, ev.offset, ev.start, ev.end)
@@ -205,10 +224,11 @@ class PrefillServicer(WorkerServicer, worker_pb2_grpc.PrefillWorkerServicer):
             released = True
             yield worker_pb2.PrefillEvent(kv_sent=worker_pb2.KVSent(bytes=kv.bytes,
                                                                     messages=kv.messages))
-        except grpc.aio.AioRpcError as e:
-            await context.abort(e.code(), f"KV push to decode worker {request.kv_target} failed: "
+        except grpc.aio.AioRpcError as e:  # the push failed: its real cause reaches the router
+            await context.abort(e.code(), f"KV push to {target} failed: {e.code().name}: "
                                           f"{e.details()}")
         finally:
             if not released:
-                kv.cancel()
+                if kv is not None:
+                    kv.cancel()
                 self.thread.post(lambda: self.scheduler.release(req.id))

@@ -47,12 +47,16 @@ def announce(role: str, replica: int, address: str) -> None:
           flush=True)
 
 
-async def _until_signalled() -> None:
-    stop = asyncio.Event()
+async def _until_signalled(stop: asyncio.Event | None = None) -> None:
+    """Until SIGTERM/SIGINT (or `stop` is set by the process itself)."""
+    stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+
+
+EXIT_BROKEN = 3  # a worker whose engine step failed exits with this, to be restarted
 
 
 # -- workers ---------------------------------------------------------------------------------------
@@ -74,11 +78,12 @@ def _load_worker(deployment: DeploymentConfig, tp: int):
     mesh = make_mesh(devices[:tp], tp)
     model = load_model(deployment.model.checkpoint, mesh, deployment.model.dtype,
                        deployment.model.scan_layers)
-    config = merge_tokenizer_eos(model.config, tokenizer_for_checkpoint(model.folder))
+    tokenizer = tokenizer_for_checkpoint(model.folder)
+    config = merge_tokenizer_eos(model.config, tokenizer)
     engine = build_engine(config, model.params, local_deployment(deployment, tp))
     wire = WireContext(model_fingerprint(config, model.params), engine.prefill.manager.layout,
                        deployment.serving.kv_message_bytes)
-    return engine, config, wire
+    return engine, config, wire, tokenizer
 
 
 def _role_shapes(role: str, engine) -> tuple[object, list, list]:
@@ -169,30 +174,45 @@ def _warm_up(role: str, replica: int, engine) -> tuple[str, object]:
     return what, start_background
 
 
-async def _serve_worker(role: str, replica: int, deployment: DeploymentConfig, where: str) -> None:
+async def _serve_worker(role: str, replica: int, deployment: DeploymentConfig, where: str,
+                        port: int | None = None) -> int:
+    """Serve one worker until SIGTERM (drain: its requests move to other workers, exit 0) or a
+    failed engine step (NOT_SERVING, exit EXIT_BROKEN for the launcher to restart it)."""
+    import grpc
+
     from jaxpd.serving.decode_worker import DecodeScheduler, DecodeServicer, kv_transfer_handler
     from jaxpd.serving.engine_thread import EngineThread
     from jaxpd.serving.grpc_server import start_server
     from jaxpd.serving.prefill_worker import PrefillScheduler, PrefillServicer
-    from jaxpd.serving.worker_common import WorkerState
+    from jaxpd.serving.worker_common import DRAINING, WorkerState
     from jaxpd.v1 import worker_pb2_grpc
 
     group, key = worker_group(deployment, role)
+    serving = deployment.serving
     loop = asyncio.get_running_loop()
     _log_request_path_compiles()
-    engine, config, wire = await loop.run_in_executor(None, _load_worker, deployment, group.tp)
-    state = WorkerState(role, replica, deployment, engine, config, wire)
-    digests = deployment.serving.record_kv_digests
+    engine, config, wire, tokenizer = await loop.run_in_executor(None, _load_worker, deployment,
+                                                                 group.tp)
+    state = WorkerState(role, replica, deployment, engine, config, wire, tokenizer)
+    digests = serving.record_kv_digests
     if role == "prefill":
         scheduler = PrefillScheduler(engine.prefill, record_digests=digests)
     else:
-        scheduler = DecodeScheduler(engine, wire, record_digests=digests)
+        scheduler = DecodeScheduler(engine, wire, record_digests=digests,
+                                    kv_timeout_s=serving.kv_timeout_s, name=state.name)
     started = time.perf_counter()
     done, start_background = await loop.run_in_executor(None, _warm_up, role, replica, engine)
     log.info("%s-%d: %s in %.1f s (compilation cache: %s)", role, replica, done,
              time.perf_counter() - started, os.environ.get("JAXPD_CACHE_DIR", "off"))
+    stop, broken = asyncio.Event(), []
+
+    def on_broken(error: Exception) -> None:
+        broken.append(error)
+        stop.set()
+
     thread = EngineThread(f"engine-{role}-{replica}", scheduler.has_work, scheduler.step,
-                          scheduler.fail_all, loop)
+                          scheduler.fail_all, loop, tick=scheduler.tick, snapshot=scheduler.load,
+                          on_broken=on_broken)
 
     def register(server) -> None:
         if role == "prefill":
@@ -205,9 +225,11 @@ async def _serve_worker(role: str, replica: int, deployment: DeploymentConfig, w
 
     services = (["jaxpd.v1.PrefillWorker"] if role == "prefill"
                 else ["jaxpd.v1.DecodeWorker", "jaxpd.v1.KVTransfer"])
-    port = group.port + replica if group.port else 0
+    if port is None:
+        port = group.port + replica if group.port else 0
     server = await start_server(group.host, port, key=f"{key}.port", where=where,
-                                services=services, register=register)
+                                services=services, register=register, internal=True,
+                                max_message_bytes=serving.kv_message_bytes + (1 << 20))
     state.address = server.address
     thread.start()
     await server.set_serving()
@@ -215,9 +237,22 @@ async def _serve_worker(role: str, replica: int, deployment: DeploymentConfig, w
     announce(role, replica, server.address)
     start_background()
     try:
-        await _until_signalled()
+        await _until_signalled(stop)
+        await server.set_serving(False)
+        if broken:
+            log.error("%s-%d: stopping after a failed engine step (%r); exit %d so it is "
+                      "restarted", role, replica, broken[0], EXIT_BROKEN)
+            return EXIT_BROKEN
+        # drain: the requests here end UNAVAILABLE, and the router moves each one elsewhere
+        state.state = DRAINING
+        thread.post(lambda: scheduler.fail_all(f"{state.name} is draining (SIGTERM)",
+                                               grpc.StatusCode.UNAVAILABLE))
+        deadline = time.monotonic() + 5.0
+        while thread.snapshot.get("requests", 0) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return 0
     finally:
-        await server.stop()
+        await server.stop(1.0)
         thread.stop()
         engine.stop_compiling()
 
@@ -235,13 +270,15 @@ def _addresses(group: MeshSection | None, key: str, given: list[str] | None) -> 
 
 
 async def _serve_router(deployment: DeploymentConfig, where: str, prefill: list[str] | None,
-                        decode: list[str] | None) -> None:
+                        decode: list[str] | None, port: int | None = None) -> int:
     from jaxpd.model.checkpoint import default_checkpoint, load_config
-    from jaxpd.serving.grpc_server import start_server
-    from jaxpd.serving.router import RequestFailed, Router, make_workers
+    from jaxpd.serving.grpc_server import add_lenient, start_server
+    from jaxpd.serving.router import Router
+    from jaxpd.serving.worker_pool import WorkerPool, make_workers
     from jaxpd.tokenizer import merge_tokenizer_eos, tokenizer_for_checkpoint
     from jaxpd.v1 import generation_pb2_grpc
 
+    serving = deployment.serving
     folder = Path(deployment.model.checkpoint) if deployment.model.checkpoint else default_checkpoint()
     tokenizer = tokenizer_for_checkpoint(folder)
     config = merge_tokenizer_eos(load_config(folder), tokenizer)
@@ -250,42 +287,63 @@ async def _serve_router(deployment: DeploymentConfig, where: str, prefill: list[
         decode_addrs = _addresses(deployment.decode, "decode", decode)
     else:
         prefill_addrs, decode_addrs = [], _addresses(deployment.prefill, "prefill", decode)
-    router = Router(deployment, config, tokenizer, deployment.model.checkpoint or "default",
-                    prefill=make_workers("prefill", prefill_addrs),
-                    decode=make_workers("decode" if prefill_addrs else "colocated", decode_addrs))
+    pool = WorkerPool(make_workers("prefill", prefill_addrs),
+                      make_workers("decode" if prefill_addrs else "colocated", decode_addrs),
+                      liveness_timeout_s=serving.liveness_timeout_s)
     try:
-        await router.connect(deployment.serving.startup_timeout_s)
-    except RequestFailed as e:
+        await pool.connect(serving.startup_timeout_s)
+    except ConnectionError as e:
         raise JaxpdError(f"router: {e}") from None
-    r = deployment.serving.router
+    router = Router(deployment, config, tokenizer, deployment.model.checkpoint or "default",
+                    pool=pool)
+    r = serving.router
     server = await start_server(
-        r.host, r.port, key="serving.router.port", where=where, services=["jaxpd.v1.Generation"],
-        register=lambda s: generation_pb2_grpc.add_GenerationServicer_to_server(router, s))
+        r.host, r.port if port is None else port, key="serving.router.port", where=where, services=["jaxpd.v1.Generation"],
+        register=lambda s: add_lenient(generation_pb2_grpc.add_GenerationServicer_to_server,
+                                       router, s),
+        max_message_bytes=serving.max_request_bytes)
     router.address = server.address
-    router.on_health = server.set_serving
-    await server.set_serving()
+    loop = asyncio.get_running_loop()
+
+    def health_changed() -> None:
+        healthy = pool.healthy() and not router.draining
+        log.warning("router is %s", "serving" if healthy else "NOT_SERVING (a role has no "
+                    "serving worker)")
+        loop.create_task(server.set_serving(healthy))
+
+    pool.on_change = health_changed
+    pool.start()
+    await server.set_serving(pool.healthy())
     log.info("router serving on %s (%d prefill, %d decode workers)", server.address,
              len(prefill_addrs), len(decode_addrs))
     announce("router", 0, server.address)
     try:
         await _until_signalled()
+        await server.set_serving(False)
+        left = await router.drain(serving.drain_timeout_s)
+        if left:
+            log.warning("drain: %d requests still running after %g s (serving.drain_timeout_s)",
+                        left, serving.drain_timeout_s)
+        return 0
     finally:
-        await server.stop()
+        await server.stop(1.0)
         await router.close()
 
 
 def run_role(role: str, deployment: DeploymentConfig, where: str, *, replica: int = 0,
              prefill_addresses: list[str] | None = None,
-             decode_addresses: list[str] | None = None) -> None:
-    """Run one role until SIGTERM/SIGINT. Raises JaxpdError for what the user must fix."""
+             decode_addresses: list[str] | None = None, port: int | None = None) -> int:
+    """Run one role until SIGTERM/SIGINT; returns its exit status. Raises JaxpdError for what
+    the user must fix. `port` overrides the group's (the launcher fixes each worker's port, so
+    a restarted worker comes back where the router looks for it)."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s {role}-{replica} %(levelname)s %(message)s")
     # jax logs every accelerator platform it probes and does not find (e.g. libtpu) at INFO
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     if role == "router":
-        asyncio.run(_serve_router(deployment, where, prefill_addresses, decode_addresses))
-        return
+        return asyncio.run(_serve_router(deployment, where, prefill_addresses, decode_addresses,
+                                         port))
     group, key = worker_group(deployment, role)
     if not 0 <= replica < group.replicas:
         raise ConfigError(f"--replica {replica}: {key}.replicas is {group.replicas}")
-    asyncio.run(_serve_worker(role, replica, deployment, where))
+    return asyncio.run(_serve_worker(role, replica, deployment, where, port))

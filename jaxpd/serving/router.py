@@ -1,24 +1,38 @@
 """The router: jaxpd's public Generation service, in front of prefill and decode workers.
 
-For each request it validates and tokenizes, chooses a decode worker first (the most free KV
-pages; the worker's own reservation is the final word), then a prefill worker (the fewest
-requests in flight, preferring one whose prefix cache likely holds the prompt's first blocks),
-and merges the two workers' streams into one: the first token from prefill, the rest from
-decode. Detokenization and stop strings happen here, in the same `TextStream` that `jaxpd
-generate` and batch mode use. Whatever ends the call (completion, a stop string, `Abort`, the
-client cancelling, its deadline) cancels the worker calls, which frees the pages on both sides.
+A request's walk: the one request check runs off the event loop (it tokenizes); a decode worker
+reserves pages for it (the most free pages first, counting what this router sent since the last
+load report; when every pool is full the request waits in a bounded FCFS queue, and only a full
+queue answers RESOURCE_EXHAUSTED); a prefill worker (the least busy, preferring one whose prefix
+cache likely holds the prompt) computes the prompt's KV and pushes it to that decode worker; the
+router merges the two streams into one, the first token from prefill and the rest from decode,
+detokenizing and matching stop strings in the same `TextStream` as `jaxpd generate`.
+
+Each pass through the workers is an *attempt*. When a worker of an attempt dies, freezes past
+the liveness deadline, drains or fails a step, the request moves on (request migration, as NVIDIA
+Dynamo calls it): the next attempt's prompt is the original prompt plus every token already
+generated, its sampling counters start after them (`EngineRequest.sample_offset`), and its
+max_tokens is what is left, so the client's stream continues where it stopped with nothing lost
+or repeated, and greedy or seeded output equals an uninterrupted run. A request migrates at most
+`serving.max_migrations` times, then fails UNAVAILABLE naming the worker. Attempts use their own
+worker-side ids and per-attempt request tokens, so a late message from an abandoned attempt can
+never touch the next one.
+
+Whatever ends the call (completion, a stop string, `Abort`, the client cancelling, its deadline)
+cancels the worker calls, which frees the pages on both sides. Messages name workers by role and
+replica (`decode-1`), never by internal address.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
+import concurrent.futures
 import dataclasses
 import logging
 import random
+import secrets
 import time
 import uuid
-from typing import Awaitable, Callable
 
 import grpc
 
@@ -26,39 +40,23 @@ from jaxpd import __version__
 from jaxpd.config import DeploymentConfig
 from jaxpd.engine.output import TextStream
 from jaxpd.engine.request import Request
-from jaxpd.kv.allocator import block_hashes
 from jaxpd.model.config import ModelConfig
+from jaxpd.request_check import DuplicateRequest, InvalidRequest, Limits
 from jaxpd.serving.convert import engine_request_to_pb
-from jaxpd.serving.grpc_server import new_channel
-from jaxpd.serving.validate import InvalidRequest, ValidRequest, validate
+from jaxpd.serving.grpc_server import internal_metadata
+from jaxpd.serving.validate import ValidRequest, check_generate, status_of
+from jaxpd.serving.worker_pool import WorkerHandle, WorkerPool
 from jaxpd.tokenizer import Tokenizer
-from jaxpd.v1 import generation_pb2, generation_pb2_grpc, worker_pb2, worker_pb2_grpc
+from jaxpd.v1 import generation_pb2, generation_pb2_grpc, worker_pb2
 
 log = logging.getLogger(__name__)
 
-PREFIX_BLOCKS_TRACKED = 8192  # first-block hashes remembered per prefill worker
-LOAD_POLL_S = 0.5
-
-
-@dataclasses.dataclass
-class WorkerHandle:
-    role: str  # prefill | decode | colocated
-    replica: int
-    address: str
-    stub: object
-    info: generation_pb2.WorkerInfo | None = None
-    load: generation_pb2.WorkerLoad | None = None
-    in_flight: int = 0  # requests this router sent and the worker has not finished prefilling
-    recent_blocks: collections.OrderedDict = dataclasses.field(default_factory=collections.OrderedDict)
-
-    @property
-    def name(self) -> str:
-        return f"{self.role}-{self.replica} ({self.address})"
-
-
-def make_workers(role: str, addresses: list[str]) -> list[WorkerHandle]:
-    stub = worker_pb2_grpc.PrefillWorkerStub if role == "prefill" else worker_pb2_grpc.DecodeWorkerStub
-    return [WorkerHandle(role, i, a, stub(new_channel(a))) for i, a in enumerate(addresses)]
+# Codes a worker's call ends with when the worker, not the request, is the problem: the request
+# moves to another worker. Anything else (a bad request, another model) is the client's answer.
+MIGRATE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.ABORTED,
+           grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED,
+           grpc.StatusCode.DATA_LOSS}
+RETRY_PUSHBACK_MS = "1000"
 
 
 class RequestFailed(Exception):
@@ -67,19 +65,29 @@ class RequestFailed(Exception):
         self.code = code
 
 
+class WorkerLost(Exception):
+    """An attempt's worker failed (or stopped serving): the request migrates."""
+
+    def __init__(self, worker: WorkerHandle | None, message: str):
+        super().__init__(message)
+        self.worker = worker
+
+
 @dataclasses.dataclass
 class _Progress:
-    """One request's state in the router: timings and what was streamed so far."""
+    """One request's state in the router, across attempts: timings and what was generated."""
 
     received: float
     prompt_tokens: int
-    completion_tokens: int = 0
+    generated: list[int] = dataclasses.field(default_factory=list)  # every token accepted
+    completion_tokens: int = 0  # tokens streamed to the client
     cached_tokens: int = 0
     queue_s: float = 0.0
     prefill_s: float = 0.0
     first_token_at: float | None = None
     kv_in_at: float | None = None
     worker_queue_from: float = 0.0
+    migrations: int = 0
 
     def timings(self) -> generation_pb2.Timings:
         now = time.monotonic()
@@ -93,132 +101,101 @@ class _Progress:
 
 class Router(generation_pb2_grpc.GenerationServicer):
     def __init__(self, deployment: DeploymentConfig, model_config: ModelConfig,
-                 tokenizer: Tokenizer | None, model_name: str, *, prefill: list[WorkerHandle],
-                 decode: list[WorkerHandle], address: str = ""):
+                 tokenizer: Tokenizer | None, model_name: str, *, pool: WorkerPool,
+                 address: str = ""):
         self.deployment, self.config, self.tokenizer = deployment, model_config, tokenizer
+        self.serving = deployment.serving
         self.model_name, self.address = model_name, address
-        self.prefill_workers, self.decode_workers = prefill, decode
-        self.local_prefill = not prefill  # colocated: decode workers prefill themselves
+        self.pool = pool
+        self.local_prefill = not pool.prefill  # colocated: decode workers prefill themselves
         self.inflight: dict[str, asyncio.Event] = {}
+        self.queue: list[object] = []  # FCFS tickets of requests waiting for KV pages
+        self.draining = False
+        self.metrics_url = ""
         self._rng = random.Random()
-        self._poller: asyncio.Task | None = None
-        self.on_health: Callable[[bool], Awaitable[None]] | None = None  # set by the server
-        self.healthy = True
+        # the request check tokenizes: off the event loop, so one huge prompt stalls no one
+        self._checker = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="check")
 
-    # -- start-up --------------------------------------------------------------------------------
-    async def connect(self, timeout: float) -> None:
-        """Wait until every worker answers, and check they all serve the same model."""
-        deadline = time.monotonic() + timeout
-        for w in [*self.prefill_workers, *self.decode_workers]:
-            while True:
-                try:
-                    w.info = await w.stub.GetWorkerInfo(worker_pb2.GetWorkerInfoRequest(), timeout=5,
-                                                        wait_for_ready=True)
-                    break
-                except grpc.aio.AioRpcError as e:
-                    if time.monotonic() > deadline:
-                        raise RequestFailed(grpc.StatusCode.UNAVAILABLE,
-                                            f"worker {w.name} did not answer: {e.details()}") from None
-                    await asyncio.sleep(0.2)
-        prints = {w.info.model_fingerprint for w in self._workers()}
-        if len(prints) > 1:
-            raise RequestFailed(grpc.StatusCode.FAILED_PRECONDITION,
-                                "the workers serve different models (fingerprints "
-                                f"{sorted(p[:12] for p in prints)}); give them the same model section")
-        await self._poll_loads()
-        self._poller = asyncio.create_task(self._poll_forever())
+    def limits(self) -> Limits:
+        page_size = self.deployment.kv.page_size
+        largest = self.pool.largest_decode_pool()
+        return Limits.of(self.config, largest * page_size if largest else None)
 
     async def close(self) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
-
-    def _workers(self) -> list[WorkerHandle]:
-        return [*self.prefill_workers, *self.decode_workers]
-
-    async def _poll_loads(self) -> list[generation_pb2.WorkerLoad]:
-        async def one(w: WorkerHandle):
-            try:
-                w.load = await w.stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=2)
-            except grpc.aio.AioRpcError:
-                w.load = None
-            return w.load or generation_pb2.WorkerLoad(role=w.role, replica=w.replica, address=w.address)
-        return list(await asyncio.gather(*(one(w) for w in self._workers())))
-
-    async def _poll_forever(self) -> None:
-        """Keep loads fresh; health is NOT_SERVING while every worker of a role is unreachable."""
-        while True:
-            await asyncio.sleep(LOAD_POLL_S)
-            await self._poll_loads()
-            groups = [g for g in (self.prefill_workers, self.decode_workers) if g]
-            healthy = all(any(w.load is not None for w in g) for g in groups)
-            if healthy != self.healthy:
-                self.healthy = healthy
-                log.warning("router is %s", "serving again" if healthy else
-                            "NOT_SERVING: no worker of a role answers")
-                if self.on_health is not None:
-                    await self.on_health(healthy)
-
-    # -- choosing workers ------------------------------------------------------------------------
-    def _decode_order(self, tokens_needed: int) -> list[WorkerHandle]:
-        """Decode workers whose pools fit the request, the most free pages first."""
-        page_size = self.deployment.kv.page_size
-        pages = -(-tokens_needed // page_size)
-        free = lambda w: w.load.kv_pages_free if w.load is not None else 0  # noqa: E731
-        fitting = [w for w in self.decode_workers if w.info is None or w.info.kv_pages >= pages]
-        return sorted(fitting, key=lambda w: (-free(w), w.in_flight))
-
-    def _choose_prefill(self, prompt: tuple[int, ...]) -> WorkerHandle:
-        """The least busy prefill worker, or one nearly as idle that likely holds the prefix."""
-        page_size = self.deployment.kv.page_size
-        hashes = block_hashes(prompt[:min(len(prompt) - 1, 64 * page_size)], page_size)
-
-        def cached_blocks(w: WorkerHandle) -> int:
-            n = 0
-            while n < len(hashes) and hashes[n] in w.recent_blocks:
-                n += 1
-            return n
-
-        least = min(w.in_flight for w in self.prefill_workers)
-        near = [w for w in self.prefill_workers if w.in_flight <= least + 2]
-        chosen = max(near, key=lambda w: (cached_blocks(w), -w.in_flight))
-        for h in hashes:
-            chosen.recent_blocks[h] = None
-            chosen.recent_blocks.move_to_end(h)
-        while len(chosen.recent_blocks) > PREFIX_BLOCKS_TRACKED:
-            chosen.recent_blocks.popitem(last=False)
-        return chosen
+        await self.pool.close()
+        self._checker.shutdown(wait=False, cancel_futures=True)
 
     # -- Generate --------------------------------------------------------------------------------
     async def Generate(self, request: generation_pb2.GenerateRequest, context):
         received = time.monotonic()
+        if self.draining:
+            context.set_trailing_metadata((("grpc-retry-pushback-ms", RETRY_PUSHBACK_MS),))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "this jaxpd deployment is draining "
+                                "(shutting down); retry the request on another replica")
+        loop = asyncio.get_running_loop()
         try:
-            valid = validate(request, self.config, self.tokenizer)
+            valid = await loop.run_in_executor(self._checker, check_generate, request,
+                                               self.limits(), self.tokenizer)
+            rid = request.request_id or uuid.uuid4().hex
+            if rid in self.inflight:
+                raise DuplicateRequest("request_id", f"{rid!r} is already in flight; use a new id")
         except InvalidRequest as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        rid = request.request_id or uuid.uuid4().hex
-        if rid in self.inflight:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {rid!r} is already "
-                                "in flight; use a new id (or leave it empty)")
+            await context.abort(*status_of(e))
         aborted = asyncio.Event()
         self.inflight[rid] = aborted
         try:
-            async for response in self._generate(rid, valid, received, aborted):
+            async for response in self._generate(rid, valid, received, aborted, context):
                 yield response
         except RequestFailed as e:
             await context.abort(e.code, str(e))
         finally:
             self.inflight.pop(rid, None)
+            self.pool.notify()  # its pages are free: wake a queued request
 
-    async def _generate(self, rid: str, valid: ValidRequest, received: float, aborted: asyncio.Event):
+    async def _generate(self, rid: str, valid: ValidRequest, received: float,
+                        aborted: asyncio.Event, context):
         seed = valid.sampling.seed if valid.sampling.seed is not None else self._rng.getrandbits(31)
-        engine_request = engine_request_to_pb(Request(rid, valid.prompt_ids, valid.sampling), seed)
         progress = _Progress(received, len(valid.prompt_ids))
         stream = (TextStream(self.tokenizer, valid.prompt_ids, valid.sampling.stop)
                   if self.tokenizer is not None else None)
-        events: asyncio.Queue = asyncio.Queue()
-        calls, tasks = [], []
+        deadline = self._deadline(context)
+        attempt = 0
+        while True:
+            try:
+                async for out in self._attempt(rid, attempt, valid, seed, progress, stream,
+                                               aborted, deadline):
+                    yield out
+                return
+            except WorkerLost as e:
+                attempt += 1
+                progress.migrations += 1
+                if progress.migrations > self.serving.max_migrations:
+                    raise RequestFailed(grpc.StatusCode.UNAVAILABLE, f"gave up after "
+                                        f"{self.serving.max_migrations} migrations "
+                                        f"(serving.max_migrations): {e}") from None
+                log.warning("request %s moves to another worker (%d generated tokens kept): %s",
+                            rid, len(progress.generated), e)
 
-        def pump(tag: str, call) -> None:
+    def _deadline(self, context) -> float:
+        """When a queued request gives up waiting for pages: the call's deadline, else
+        serving.queue_timeout_s from now."""
+        remaining = context.time_remaining() if context is not None else None
+        limit = self.serving.queue_timeout_s
+        return time.monotonic() + (min(remaining, limit) if remaining is not None else limit)
+
+    async def _attempt(self, rid: str, n: int, valid: ValidRequest, seed: int,
+                       progress: _Progress, stream: TextStream | None, aborted: asyncio.Event,
+                       deadline: float):
+        """One pass through a decode (and a prefill) worker; raises WorkerLost to migrate."""
+        done = len(progress.generated)
+        sampling = dataclasses.replace(valid.sampling, max_tokens=valid.sampling.max_tokens - done)
+        request = Request(rid if n == 0 else f"{rid}@{n}", valid.prompt_ids + tuple(progress.generated),
+                          sampling, sample_offset=done)
+        engine_request = engine_request_to_pb(request, seed, secrets.token_urlsafe(16))
+        events: asyncio.Queue = asyncio.Queue()
+        calls, tasks, unwatch = [], [], []
+
+        def pump(tag: str, worker: WorkerHandle, call) -> None:
             async def run():
                 try:
                     async for ev in call:
@@ -228,37 +205,52 @@ class Router(generation_pb2_grpc.GenerationServicer):
                     events.put_nowait((tag, e))
             calls.append(call)
             tasks.append(asyncio.create_task(run()))
+            unwatch.append(self.pool.watch(worker, lambda why: events.put_nowait(("lost", why))))
 
         abort_task = asyncio.create_task(aborted.wait())
         abort_task.add_done_callback(lambda _: events.put_nowait(("abort", None)))
         prefill_worker = None
+        workers: dict[str, WorkerHandle] = {}
         try:
             progress.worker_queue_from = time.monotonic()
-            decode_worker, decode_call = await self._open_decode(engine_request, valid)
-            pump("decode", decode_call)
-            if not self.local_prefill:
-                prefill_worker = self._choose_prefill(valid.prompt_ids)
+            local = self.local_prefill or not any(w.serving for w in self.pool.prefill)
+            decode_worker, decode_call = await self._reserve(engine_request, len(request.prompt_ids),
+                                                             local, deadline, aborted)
+            if decode_worker is None:  # aborted while queued
+                yield self._complete(rid, "abort", progress)
+                return
+            workers["decode"] = decode_worker
+            pump("decode", decode_worker, decode_call)
+            if not local:
+                prefill_worker = self.pool.choose_prefill(request.prompt_ids,
+                                                          self.deployment.kv.page_size)
+                if prefill_worker is None:
+                    raise WorkerLost(None, "no prefill worker is serving")
+                workers["prefill"] = prefill_worker
                 prefill_worker.in_flight += 1
                 progress.worker_queue_from = time.monotonic()
-                pump("prefill", prefill_worker.stub.Prefill(worker_pb2.PrefillRequest(
-                    request=engine_request, kv_target=decode_worker.address)))
+                pump("prefill", prefill_worker, prefill_worker.stub.Prefill(worker_pb2.PrefillRequest(
+                    request=engine_request, kv_target=decode_worker.address,
+                    kv_target_name=decode_worker.name), metadata=internal_metadata()))
             held: list[worker_pb2.Tokens] = []  # decode tokens that overtook the first token
+            first_seen = False
             while True:
                 tag, ev = await events.get()
                 if tag == "abort":
                     yield self._complete(rid, "abort", progress)
                     return
+                if tag == "lost":
+                    raise WorkerLost(None, ev)
                 if isinstance(ev, grpc.aio.AioRpcError):
-                    worker = prefill_worker if tag == "prefill" else decode_worker
-                    raise RequestFailed(ev.code(), f"{tag} worker {worker.address}: {ev.details()}")
+                    self._failed(workers[tag], ev)
                 if ev is None:
                     if tag == "decode":
-                        raise RequestFailed(grpc.StatusCode.INTERNAL, f"decode worker "
-                                            f"{decode_worker.address} ended the stream early")
+                        raise WorkerLost(decode_worker, f"{decode_worker.name} ended the stream early")
                     continue
                 kind, ready = ev.WhichOneof("event"), []
                 if kind == "first_token":
                     prefill_worker.in_flight -= 1
+                    first_seen = True
                     ready = [self._first_token(ev.first_token, progress, valid), *held]
                     held.clear()
                 elif kind == "prefilled":
@@ -266,7 +258,7 @@ class Router(generation_pb2_grpc.GenerationServicer):
                 elif kind == "kv_received":
                     progress.kv_in_at = time.monotonic()
                 elif kind == "tokens":
-                    waiting = not self.local_prefill and progress.first_token_at is None
+                    waiting = not local and not first_seen
                     (held if waiting else ready).append(ev.tokens)
                 for tokens in ready:
                     for out in self._emit(rid, tokens, progress, stream, valid):
@@ -274,13 +266,95 @@ class Router(generation_pb2_grpc.GenerationServicer):
                         if out.HasField("complete"):
                             return
         finally:
-            if prefill_worker is not None and progress.first_token_at is None:
+            if prefill_worker is not None and not first_seen:
                 prefill_worker.in_flight -= 1
             abort_task.cancel()
+            for fn in unwatch:
+                fn()
             for call in calls:
                 call.cancel()
             for task in tasks:
                 task.cancel()
+
+    def _failed(self, worker: WorkerHandle, e: grpc.aio.AioRpcError) -> None:
+        """A worker call ended with an error: migrate, or fail the request with its status."""
+        if e.code() in MIGRATE:
+            if e.code() == grpc.StatusCode.UNAVAILABLE:
+                asyncio.get_running_loop().create_task(self.pool.probe(worker, timeout=1.0))
+            raise WorkerLost(worker, f"{worker.name}: {e.code().name}: {e.details()}")
+        raise RequestFailed(e.code(), f"{worker.name}: {e.details()}")
+
+    async def _reserve(self, engine_request: worker_pb2.EngineRequest, prompt_len: int,
+                       local: bool, deadline: float, aborted: asyncio.Event):
+        """(decode worker, its Decode call with the Reserved event read) once a worker reserved
+        pages; (None, None) if aborted meanwhile. Requests that find every pool full wait in
+        FCFS order until pages free up or `deadline`; RESOURCE_EXHAUSTED when the queue is full
+        or the deadline passes."""
+        page_size = self.deployment.kv.page_size
+        pages = -(-(prompt_len + 1) // page_size)
+        needed = -(-(prompt_len + engine_request.sampling.max_tokens) // page_size)
+        request = worker_pb2.DecodeRequest(request=engine_request, local_prefill=local)
+        ticket = None
+        tried: set[WorkerHandle] = set()
+        try:
+            while True:
+                if ticket is None or self.queue[0] is ticket:
+                    found = await self._try_reserve(request, pages, needed, tried)
+                    if found is not None:
+                        return found
+                if aborted.is_set():
+                    return None, None
+                if ticket is None:
+                    if len(self.queue) >= self.serving.max_queued:
+                        raise RequestFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, f"every decode "
+                                            f"worker's KV pool is full and {len(self.queue)} "
+                                            f"requests already wait (serving.max_queued); retry "
+                                            f"later")
+                    ticket = object()
+                    self.queue.append(ticket)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise RequestFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, "waited for free KV "
+                                        "pages until the request's deadline (or "
+                                        "serving.queue_timeout_s); every decode pool stayed full")
+                await self.pool.changed(min(left, 0.25))
+                tried.clear()
+        finally:
+            if ticket is not None:
+                self.queue.remove(ticket)
+                self.pool.notify()  # the next in line may try
+
+    async def _try_reserve(self, request: worker_pb2.DecodeRequest, pages: int, needed: int,
+                           tried: set[WorkerHandle]):
+        order = self.pool.decode_order(needed if not request.local_prefill else pages, tried)
+        if not order and not any(w.serving for w in self.pool.decode):
+            states = ", ".join(f"{w.name} is {w.state}" for w in self.pool.decode)
+            raise RequestFailed(grpc.StatusCode.UNAVAILABLE, f"no decode worker is serving "
+                                f"({states}); retry shortly")
+        if not order and needed > self.pool.largest_decode_pool():
+            raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, "sampling.max_tokens: the "
+                                f"request needs {needed} pages of KV but the largest decode pool "
+                                f"holds {self.pool.largest_decode_pool()}")
+        for worker in order:
+            tried.add(worker)
+            sent = worker.record_sent(pages)
+            call = worker.stub.Decode(request, metadata=internal_metadata())
+            try:
+                first = await call.read()
+            except grpc.aio.AioRpcError as e:
+                worker.forget_sent(sent)
+                if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    continue
+                if e.code() in MIGRATE:  # not started: try the next worker, no migration
+                    asyncio.get_running_loop().create_task(self.pool.probe(worker, timeout=1.0))
+                    continue
+                raise RequestFailed(e.code(), f"{worker.name}: {e.details()}") from None
+            if first is grpc.aio.EOF or not first.HasField("reserved"):
+                worker.forget_sent(sent)
+                call.cancel()
+                continue
+            return worker, _Rest(call)
+        return None
 
     @staticmethod
     def _first_token(ft: worker_pb2.FirstToken, progress: _Progress,
@@ -296,42 +370,10 @@ class Router(generation_pb2_grpc.GenerationServicer):
 
     @staticmethod
     def _prefilled(p, progress: _Progress) -> None:
+        if progress.first_token_at is not None:  # a later attempt's prefill: keep the first's
+            return
         progress.cached_tokens, progress.prefill_s = p.cached_tokens, p.prefill_s
         progress.queue_s = progress.worker_queue_from - progress.received + p.queue_s
-
-    async def _open_decode(self, engine_request: worker_pb2.EngineRequest, valid: ValidRequest):
-        """A decode worker that reserved pages for the request (or will prefill it itself)."""
-        needed = len(valid.prompt_ids) + valid.sampling.max_tokens
-        order = self._decode_order(needed)
-        if not order:
-            biggest = max((w.info.kv_pages for w in self.decode_workers if w.info), default=0)
-            raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, f"sampling.max_tokens: the request "
-                                f"needs {needed} tokens of KV but the largest decode pool holds "
-                                f"{biggest * self.deployment.kv.page_size}")
-        request = worker_pb2.DecodeRequest(request=engine_request, local_prefill=self.local_prefill)
-        if self.local_prefill:
-            worker = min(order, key=lambda w: w.in_flight)
-            worker.in_flight += 1
-            call = worker.stub.Decode(request)
-            call.add_done_callback(lambda _: setattr(worker, "in_flight", worker.in_flight - 1))
-            return worker, call
-        last_error = None
-        for worker in order:
-            call = worker.stub.Decode(request)
-            try:
-                first = await call.read()
-            except grpc.aio.AioRpcError as e:
-                if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    last_error = e
-                    continue
-                raise RequestFailed(e.code(), f"decode worker {worker.address}: {e.details()}") from None
-            if first is grpc.aio.EOF or not first.HasField("reserved"):
-                call.cancel()
-                raise RequestFailed(grpc.StatusCode.INTERNAL, f"decode worker {worker.address} did "
-                                    "not reserve pages")
-            return worker, _Rest(call)
-        raise RequestFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, "every decode worker's KV pool is "
-                            f"full right now; retry later ({last_error.details() if last_error else ''})")
 
     def _emit(self, rid: str, tokens: worker_pb2.Tokens, progress: _Progress,
               stream: TextStream | None, valid: ValidRequest):
@@ -339,6 +381,7 @@ class Router(generation_pb2_grpc.GenerationServicer):
         if progress.first_token_at is None and tokens.token_ids:
             progress.first_token_at = time.monotonic()
         ids, logprobs = list(tokens.token_ids), list(tokens.logprobs)
+        progress.generated.extend(ids)
         finish = tokens.finish_reason or None
         text = ""
         if stream is not None:
@@ -361,7 +404,7 @@ class Router(generation_pb2_grpc.GenerationServicer):
     def _complete(self, rid: str, reason: str, progress: _Progress, *, matched_str: str | None = None,
                   matched_id: int | None = None) -> generation_pb2.GenerateResponse:
         complete = generation_pb2.Complete(
-            finish_reason=reason, timings=progress.timings(),
+            finish_reason=reason, timings=progress.timings(), migrations=progress.migrations,
             usage=generation_pb2.Usage(prompt_tokens=progress.prompt_tokens,
                                        completion_tokens=progress.completion_tokens,
                                        cached_tokens=progress.cached_tokens))
@@ -370,6 +413,16 @@ class Router(generation_pb2_grpc.GenerationServicer):
         elif matched_id is not None:
             complete.matched_token_id = matched_id
         return generation_pb2.GenerateResponse(request_id=rid, complete=complete)
+
+    # -- drain -----------------------------------------------------------------------------------
+    async def drain(self, timeout: float) -> int:
+        """Refuse new requests (UNAVAILABLE with a retry hint) and wait up to `timeout` for
+        the running ones to finish; returns how many were still running."""
+        self.draining = True
+        deadline = time.monotonic() + timeout
+        while self.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return len(self.inflight)
 
     # -- the other calls -------------------------------------------------------------------------
     async def Abort(self, request, context):
@@ -385,11 +438,19 @@ class Router(generation_pb2_grpc.GenerationServicer):
         if self.tokenizer is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 "this model has no tokenizer.json; clients must send token ids")
-        return generation_pb2.TokenizeResponse(token_ids=self.tokenizer.encode(request.text))
+        from jaxpd.request_check import prompt_text
+
+        loop = asyncio.get_running_loop()
+        try:
+            text = prompt_text(request.text, self.limits(), self.tokenizer) if request.text else ""
+        except InvalidRequest as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"text: {e.reason}")
+        ids = await loop.run_in_executor(self._checker, self.tokenizer.encode, text) if text else []
+        return generation_pb2.TokenizeResponse(token_ids=ids)
 
     async def GetModelInfo(self, request, context):
         cfg = self.config
-        info = next((w.info for w in self._workers() if w.info is not None), None)
+        info = next((w.info for w in self.pool.workers if w.info is not None), None)
         return generation_pb2.ModelInfo(
             model=self.model_name, architecture="LlamaForCausalLM", vocab_size=cfg.vocab_size,
             max_context=cfg.max_position_embeddings, dtype=info.dtype if info else cfg.dtype,
@@ -401,11 +462,12 @@ class Router(generation_pb2_grpc.GenerationServicer):
     async def GetServerInfo(self, request, context):
         return generation_pb2.ServerInfo(
             version=__version__, mode="colocated" if self.local_prefill else "disaggregated",
-            kv_transport="none" if self.local_prefill else self.deployment.serving.transport,
-            router_address=self.address, workers=[w.info for w in self._workers() if w.info])
+            kv_transport="none" if self.local_prefill else self.serving.transport,
+            router_address=self.address, metrics_url=self.metrics_url,
+            workers=[w.info_with_state() for w in self.pool.workers])
 
     async def GetLoads(self, request, context):
-        return generation_pb2.Loads(workers=await self._poll_loads())
+        return generation_pb2.Loads(workers=[w.load_with_state() for w in self.pool.workers])
 
 
 class _Rest:

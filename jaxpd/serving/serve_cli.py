@@ -47,6 +47,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--config", required=True, metavar="YAML", help="deployment config")
     p.add_argument("--replica", type=int, default=0, metavar="I",
                    help="which replica of the role's worker group (default 0)")
+    p.add_argument("--port", type=int, metavar="P",
+                   help="one role: listen on this port instead of the config's (`jaxpd serve` "
+                        "fixes each worker's port, so a restarted worker comes back there)")
     p.add_argument("--prefill-addresses", type=_address_list, metavar="A,B",
                    help="router only: the prefill workers (default: prefill.host and prefill.port)")
     p.add_argument("--decode-addresses", type=_address_list, metavar="A,B",
@@ -90,9 +93,9 @@ def run(args) -> int:
         group, _ = worker_group(deployment, args.role)
         os.environ.update(visible_devices_env(group.replica_devices(args.replica), os.environ))
     compile_cache.enable()
-    run_role(args.role, deployment, args.config, replica=args.replica,
-             prefill_addresses=args.prefill_addresses, decode_addresses=args.decode_addresses)
-    return 0
+    return run_role(args.role, deployment, args.config, replica=args.replica,
+                    prefill_addresses=args.prefill_addresses,
+                    decode_addresses=args.decode_addresses, port=args.port)
 
 
 def _worker_roles(deployment: DeploymentConfig) -> list[tuple[str, int]]:
@@ -119,16 +122,28 @@ def launch(deployment: DeploymentConfig, where: str, *, verbose: bool = False) -
     from jaxpd.serving.launcher import (LaunchInterrupted, Launcher, handle_stop_signals,
                                         role_spec)
 
+    import secrets
+
+    from jaxpd.serving.grpc_server import SECRET_ENV
+    from jaxpd.serving.launcher import RestartPolicy, free_port
+
     roles = _worker_roles(deployment)
     _check_ports(deployment, where, roles)
     env = dict(os.environ)  # each role narrows its own devices (serve_cli.run)
+    env.setdefault(SECRET_ENV, secrets.token_hex(16))  # internal calls carry it
+    serving = deployment.serving
+    router_port = serving.router.port or free_port(serving.router.host)
     started = time.monotonic()
     timeout = deployment.serving.startup_timeout_s
     launcher = Launcher(echo=sys.stderr if verbose else None)
     view = CompileView(launcher.compile_progress, expect=[f"{r}-{i}" for r, i in roles])
     try:
         with launcher, handle_stop_signals(launcher):
-            specs = [role_spec(role, i, where, env) for role, i in roles]
+            specs = []
+            for role, i in roles:  # fixed ports: a restarted worker comes back at its address
+                group, _ = worker_group(deployment, role)
+                port = group.port + i if group.port else free_port(group.host)
+                specs.append(role_spec(role, i, where, env, extra=["--port", str(port)]))
             for spec in specs:
                 launcher.start(spec)
             print(f"jaxpd: starting {', '.join(s.name for s in specs)} ...", file=sys.stderr, flush=True)
@@ -138,7 +153,7 @@ def launch(deployment: DeploymentConfig, where: str, *, verbose: bool = False) -
             for (role, _), spec in zip(roles, specs):
                 by_role.setdefault(role, []).append(ready[spec.name]["address"])
             workers = by_role.get("decode", by_role.get("colocated", []))
-            extra = ["--decode-addresses", ",".join(workers)]
+            extra = ["--decode-addresses", ",".join(workers), "--port", str(router_port)]
             if "prefill" in by_role:
                 extra += ["--prefill-addresses", ",".join(by_role["prefill"])]
             launcher.start(role_spec("router", 0, where, env, extra=extra))
@@ -147,7 +162,11 @@ def launch(deployment: DeploymentConfig, where: str, *, verbose: bool = False) -
             summary = ", ".join(f"{role} x{len(a)}" for role, a in by_role.items())
             print(f"jaxpd serving on {address} ({deployment.mode}: {summary}; ready in "
                   f"{time.monotonic() - started:.1f} s). Ctrl-C stops every process.", flush=True)
-            launcher.serve_forever(on_tick=view.tick)
+            restart = RestartPolicy(serving.restart.attempts, serving.restart.backoff_s)
+            launcher.serve_forever(
+                on_tick=view.tick, restart=restart if restart.attempts else None,
+                report=lambda line: print(line, file=sys.stderr, flush=True),
+                stop_first=["router-0"], first_grace_s=serving.drain_timeout_s)
             view.close()
             print("jaxpd: stopping every process", file=sys.stderr, flush=True)
     except LaunchInterrupted:

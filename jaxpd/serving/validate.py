@@ -1,25 +1,25 @@
-"""Checks a GenerateRequest before any worker sees it; each error names the field to fix.
+"""GenerateRequest -> the one request check (`jaxpd.request_check`), and its answer as gRPC.
 
-The router answers INVALID_ARGUMENT with these messages, so a client learns what to change
-(`sampling.top_p: must be in (0, 1], got 1.5`) instead of a worker failing later.
+The router runs `check_generate` off its event loop (it tokenizes); a worker runs
+`check_engine_request` on what the router sent. Both end in `check_request`, so a request the
+router accepts is one every worker accepts, and `jaxpd generate` or batch mode answer the same
+input the same way. Messages name fields as the proto spells them (`sampling.top_p`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 
+import grpc
+
+from jaxpd.engine.request import Request
 from jaxpd.engine.sampling import SamplingParams
-from jaxpd.errors import JaxpdError
-from jaxpd.model.config import ModelConfig
+from jaxpd.request_check import (DuplicateRequest, InvalidRequest, Limits, RawRequest,
+                                 check_request)
 from jaxpd.tokenizer import Tokenizer
-from jaxpd.v1 import generation_pb2
+from jaxpd.v1 import generation_pb2, worker_pb2
 
-DEFAULT_MAX_TOKENS = 16
-
-
-class InvalidRequest(JaxpdError):
-    """A request field is wrong; the message starts with the field's name."""
+_SAMPLING_FIELDS = {f.name for f in generation_pb2.SamplingParams.DESCRIPTOR.fields}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,65 +29,55 @@ class ValidRequest:
     text: bool  # chunks carry text
 
 
-def _ids_in_vocab(ids, vocab: int, field: str) -> None:
-    for i, t in enumerate(ids):
-        if not 0 <= t < vocab:
-            raise InvalidRequest(f"{field}[{i}]: token id {t} is outside the vocabulary [0, {vocab})")
+def proto_field(field: str) -> str:
+    """A `RawRequest` field as the proto spells it."""
+    base = field.split("[")[0]
+    return f"sampling.{field}" if base in _SAMPLING_FIELDS else field
 
 
-def _sampling(s: generation_pb2.SamplingParams, vocab: int) -> SamplingParams:
-    max_tokens = s.max_tokens if s.HasField("max_tokens") else DEFAULT_MAX_TOKENS
-    if max_tokens < 1:
-        raise InvalidRequest(f"sampling.max_tokens: must be >= 1, got {max_tokens}")
-    temperature = s.temperature if s.HasField("temperature") else 0.0
-    if not (temperature >= 0 and math.isfinite(temperature)):
-        raise InvalidRequest(f"sampling.temperature: must be >= 0 (0 = greedy), got {temperature}")
-    top_p = s.top_p if s.HasField("top_p") else 1.0
-    if not 0 < top_p <= 1:
-        raise InvalidRequest(f"sampling.top_p: must be in (0, 1] (1 = off), got {top_p}")
-    top_k = s.top_k if s.HasField("top_k") else 0
-    if top_k < 0:
-        raise InvalidRequest(f"sampling.top_k: must be >= 0 (0 = off), got {top_k}")
-    _ids_in_vocab(s.stop_token_ids, vocab, "sampling.stop_token_ids")
-    if any(not x for x in s.stop):
-        raise InvalidRequest("sampling.stop: stop strings must not be empty")
-    return SamplingParams(
-        max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        seed=s.seed if s.HasField("seed") else None, stop_token_ids=tuple(s.stop_token_ids),
-        stop=tuple(s.stop), ignore_eos=s.ignore_eos, logprobs=s.logprobs)
+def status_of(e: InvalidRequest) -> tuple[grpc.StatusCode, str]:
+    """(status code, message) for a refused request: ALREADY_EXISTS for a reused id."""
+    code = (grpc.StatusCode.ALREADY_EXISTS if isinstance(e, DuplicateRequest)
+            else grpc.StatusCode.INVALID_ARGUMENT)
+    return code, f"{proto_field(e.field)}: {e.reason}"
 
 
-def validate(request: generation_pb2.GenerateRequest, config: ModelConfig,
-             tokenizer: Tokenizer | None) -> ValidRequest:
-    """Raises InvalidRequest naming the field; returns the request in engine terms."""
+def _opt(message, field: str):
+    return getattr(message, field) if message.HasField(field) else None
+
+
+def raw_from_generate(request: generation_pb2.GenerateRequest) -> RawRequest:
+    s, which = request.sampling, request.WhichOneof("input")
+    return RawRequest(
+        request_id=request.request_id or None,
+        prompt=request.prompt if which == "prompt" else None,
+        prompt_token_ids=list(request.prompt_token_ids.ids) if which == "prompt_token_ids" else None,
+        max_tokens=_opt(s, "max_tokens"), temperature=_opt(s, "temperature"),
+        top_p=_opt(s, "top_p"), top_k=_opt(s, "top_k"), seed=_opt(s, "seed"),
+        stop=list(s.stop) or None, stop_token_ids=list(s.stop_token_ids) or None,
+        ignore_eos=s.ignore_eos, logprobs=s.logprobs)
+
+
+def check_generate(request: generation_pb2.GenerateRequest, limits: Limits,
+                   tokenizer: Tokenizer | None) -> ValidRequest:
+    """Raises InvalidRequest; tokenizes a text prompt, so run it off the event loop."""
     if request.text_mode not in generation_pb2.TextMode.values():
         names = ", ".join(n for n in generation_pb2.TextMode.keys() if n != "TEXT_MODE_UNSPECIFIED")
-        raise InvalidRequest(f"text_mode: unknown value {request.text_mode} (use {names})")
-    which = request.WhichOneof("input")
-    if which is None:
-        raise InvalidRequest("input: give either 'prompt' (text) or 'prompt_token_ids'")
-    if which == "prompt":
-        if not request.prompt:
-            raise InvalidRequest("prompt: is empty")
-        if tokenizer is None:
-            raise InvalidRequest("prompt: this model has no tokenizer.json; send "
-                                 "'prompt_token_ids' instead")
-        ids = tuple(tokenizer.encode(request.prompt))
-        if not ids:
-            raise InvalidRequest("prompt: encodes to no tokens")
-    else:
-        ids = tuple(request.prompt_token_ids.ids)
-        if not ids:
-            raise InvalidRequest("prompt_token_ids.ids: is empty")
-        _ids_in_vocab(ids, config.vocab_size, "prompt_token_ids.ids")
-    sampling = _sampling(request.sampling, config.vocab_size)
-    if sampling.stop and tokenizer is None:
-        raise InvalidRequest("sampling.stop: this model has no tokenizer, so stop strings cannot be "
-                             "matched; use sampling.stop_token_ids")
-    if len(ids) + sampling.max_tokens > config.max_position_embeddings:
-        raise InvalidRequest(
-            f"sampling.max_tokens: the prompt ({len(ids)} tokens) + max_tokens "
-            f"({sampling.max_tokens}) exceeds the model's context of "
-            f"{config.max_position_embeddings} tokens")
+        raise InvalidRequest("text_mode", f"unknown value {request.text_mode} (use {names})")
+    checked = check_request(raw_from_generate(request), limits, tokenizer)
     text = request.text_mode != generation_pb2.TEXT_MODE_NONE and tokenizer is not None
-    return ValidRequest(ids, sampling, text)
+    return ValidRequest(checked.prompt_ids, checked.sampling, text)
+
+
+def check_engine_request(pb: worker_pb2.EngineRequest, limits: Limits,
+                         tokenizer: Tokenizer | None) -> tuple[Request, int]:
+    """(request, seed) from the router's EngineRequest, through the same check."""
+    s = pb.sampling
+    raw = RawRequest(request_id=pb.request_id, prompt_token_ids=list(pb.prompt_ids),
+                     max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
+                     top_k=s.top_k, seed=pb.seed, stop=list(s.stop),
+                     stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos,
+                     logprobs=s.logprobs)
+    checked = check_request(raw, limits, tokenizer, id_required=True)
+    return Request(pb.request_id, checked.prompt_ids, checked.sampling,
+                   sample_offset=pb.sample_offset), pb.seed

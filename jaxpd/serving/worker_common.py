@@ -1,5 +1,7 @@
-"""What both worker roles share: loading the model onto the process's own mesh, the engine
-built on it, and the WorkerInfo / WorkerLoad / KV digest answers."""
+"""What both worker roles share: the model on the process's own mesh, the engine built on it,
+the request check a worker runs on what the router sends, and the WorkerInfo / WorkerLoad / KV
+digest answers (loads come from the engine thread's published snapshot, never from engine
+state read on the event loop)."""
 
 from __future__ import annotations
 
@@ -12,11 +14,14 @@ import grpc
 
 from jaxpd.config import DeploymentConfig, MeshSection
 from jaxpd.engine.orchestrator import Engine
-from jaxpd.errors import JaxpdError
 from jaxpd.model.config import ModelConfig
-from jaxpd.serving.convert import engine_request_from_pb
+from jaxpd.request_check import InvalidRequest
+from jaxpd.serving.validate import check_engine_request, status_of
+from jaxpd.tokenizer import Tokenizer
 from jaxpd.transfer.wire import WireContext
 from jaxpd.v1 import generation_pb2, worker_pb2
+
+SERVING, DRAINING = "serving", "draining"
 
 
 @dataclasses.dataclass
@@ -27,7 +32,10 @@ class WorkerState:
     engine: Engine  # colocated on this process's mesh; a prefill worker uses its prefill half
     model_config: ModelConfig
     wire: WireContext
+    tokenizer: Tokenizer | None = None
     address: str = ""
+    metrics_url: str = ""
+    state: str = SERVING  # draining once SIGTERM arrived: new requests are refused
 
     @property
     def name(self) -> str:
@@ -46,15 +54,15 @@ class WorkerState:
             mesh={k: int(v) for k, v in (mesh.shape.items() if mesh is not None else [])},
             kv_pages=manager.allocator.num_blocks - 1, page_size=manager.page_size,
             attention=runner.backend.name, pid=os.getpid(),
-            model_fingerprint=self.wire.fingerprint.hex(), dtype=self.model_config.dtype)
+            model_fingerprint=self.wire.fingerprint.hex(), dtype=self.model_config.dtype,
+            state=self.state, metrics_url=self.metrics_url)
 
-    def worker_load(self, counts: dict) -> generation_pb2.WorkerLoad:
-        allocator = self.engine.prefill.manager.allocator
-        total = allocator.num_blocks - 1
-        return generation_pb2.WorkerLoad(
-            role=self.role, replica=self.replica, address=self.address,
-            kv_pages_used=allocator.num_used, kv_pages_free=allocator.num_free,
-            kv_pages_total=total, **counts)
+    def worker_load(self, snapshot: dict) -> generation_pb2.WorkerLoad:
+        counts = {k: snapshot.get(k, 0) for k in ("running", "waiting", "transferring",
+                                                   "kv_pages_used", "kv_pages_free",
+                                                   "kv_pages_total")}
+        return generation_pb2.WorkerLoad(role=self.role, replica=self.replica,
+                                         address=self.address, state=self.state, **counts)
 
     @staticmethod
     def digests(recorded: dict[str, tuple[int, int, int]],
@@ -65,6 +73,13 @@ class WorkerState:
                 crc, size, tokens = recorded[rid]
                 out.digests[rid].CopyFrom(worker_pb2.KVDigest(crc32c=crc, bytes=size, num_tokens=tokens))
         return out
+
+
+def pool_counts(manager) -> dict:
+    """KV page counts of a pool (engine thread: part of a load snapshot)."""
+    allocator = manager.allocator
+    return {"kv_pages_used": allocator.num_used, "kv_pages_free": allocator.num_free,
+            "kv_pages_total": allocator.num_blocks - 1}
 
 
 def local_deployment(deployment: DeploymentConfig, tp: int) -> DeploymentConfig:
@@ -78,19 +93,22 @@ class WorkerServicer:
     """What both worker services share (subclasses set `state`, `scheduler`, `thread`): the
     admission checks before a request reaches the engine thread, and the read-only calls."""
 
-    async def _accept(self, request: worker_pb2.EngineRequest, waiting: int, context):
+    async def _accept(self, request: worker_pb2.EngineRequest, context):
         """(request, seed, events queue, emit) for a new request, or abort the call:
-        RESOURCE_EXHAUSTED when the worker's queue is full, INVALID_ARGUMENT for bad values.
-        `emit` is called on the engine thread and delivers onto this call's event loop."""
-        limit = self.state.deployment.serving.max_waiting
+        UNAVAILABLE while draining or broken, RESOURCE_EXHAUSTED when the worker's queue is
+        full, INVALID_ARGUMENT for what the request check refuses. `emit` is called on the
+        engine thread and delivers onto this call's event loop."""
+        if self.state.state != SERVING or self.thread.broken is not None:
+            why = "is draining" if self.state.state == DRAINING else "failed a step and restarts"
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.state.name} {why}")
+        waiting, limit = self.thread.snapshot.get("waiting", 0), self.state.deployment.serving.max_waiting
         if waiting >= limit:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.state.role} worker "
-                                f"{self.state.name}: {waiting} requests already waiting "
-                                f"(serving.max_waiting={limit})")
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.state.name}: "
+                                f"{waiting} requests already waiting (serving.max_waiting={limit})")
         try:
-            req, seed = engine_request_from_pb(request)
-        except JaxpdError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            req, seed = check_engine_request(request, self.limits, self.state.tokenizer)
+        except InvalidRequest as e:
+            await context.abort(*status_of(e))
         events: asyncio.Queue = asyncio.Queue()
         return req, seed, events, lambda ev: self.thread.deliver(events.put_nowait, ev)
 
@@ -98,7 +116,9 @@ class WorkerServicer:
         return self.state.worker_info()
 
     async def GetLoad(self, request, context):
-        return self.state.worker_load(self.scheduler.load())
+        return self.state.worker_load(self.thread.snapshot)
 
     async def GetKVDigests(self, request, context):
         return self.state.digests(self.scheduler.digests, request.request_ids)
+
+

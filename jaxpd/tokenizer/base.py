@@ -34,6 +34,12 @@ class Tokenizer(Protocol):
         """Id used to pad batches, if the tokenizer defines one."""
         ...
 
+    @property
+    def max_token_bytes(self) -> int:
+        """An upper bound on the UTF-8 bytes one token covers: a text longer than the context
+        times this cannot fit, and is refused before it is tokenized."""
+        ...
+
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; with `add_special_tokens` the model's BOS comes first, once."""
         ...

@@ -48,6 +48,10 @@ class ByteTokenizer(Tokenizer):
     def pad_token_id(self) -> int | None:
         return PAD_ID
 
+    @property
+    def max_token_bytes(self) -> int:
+        return 1  # specials are never parsed out of text
+
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         """UTF-8 bytes of `text`, after <bos> when `add_special_tokens`."""
         ids = list(text.encode("utf-8"))

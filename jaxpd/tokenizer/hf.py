@@ -7,6 +7,7 @@ leave BOS to the Python tokenizer class rather than the tokenizer.json post-proc
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -67,6 +68,13 @@ class HFTokenizer(Tokenizer):
     @property
     def pad_token_id(self) -> int | None:
         return self._pad
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """The longest vocabulary entry in UTF-8 bytes (byte-level and SentencePiece spellings
+        are at least as long as the text they stand for, so this bounds it from above)."""
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        return max((len(t.encode("utf-8")) for t in vocab), default=1)
 
     def token_to_id(self, token: str) -> int | None:
         """Id of one vocabulary entry (e.g. a stop token named in a request), or None."""

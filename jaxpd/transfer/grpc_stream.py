@@ -15,7 +15,7 @@ import grpc
 import jax
 import numpy as np
 
-from jaxpd.serving.grpc_server import new_channel
+from jaxpd.serving.grpc_server import internal_metadata, new_channel
 from jaxpd.transfer import wire
 from jaxpd.v1 import worker_pb2
 
@@ -29,21 +29,23 @@ class GrpcKVSender:  # implements transfer.base.KVSender
         self.ctx, self.timeout_s = ctx, timeout_s
         self._channels: dict[str, grpc.aio.Channel] = {}
 
-    def open(self, target: str, request_id: str) -> GrpcKVStream:
+    def open(self, target: str, request_id: str, token: str = "") -> GrpcKVStream:
+        """`token`: the request's EngineRequest.request_token, stamped on every frame."""
         if target not in self._channels:
             self._channels[target] = new_channel(target)
         call = self._channels[target].stream_unary(
             PUSH_KV, request_serializer=None,
-            response_deserializer=worker_pb2.KVAck.FromString)(timeout=self.timeout_s)
-        return GrpcKVStream(self.ctx, call, request_id)
+            response_deserializer=worker_pb2.KVAck.FromString)(
+                timeout=self.timeout_s, metadata=internal_metadata())
+        return GrpcKVStream(self.ctx, call, request_id, token)
 
 
 class GrpcKVStream:
     """One request's KV stream. Errors surface as `grpc.aio.AioRpcError` with the receiver's
     status (FAILED_PRECONDITION for another model, DATA_LOSS for a bad checksum...)."""
 
-    def __init__(self, ctx: wire.WireContext, call, request_id: str):
-        self.ctx, self._call, self.request_id = ctx, call, request_id
+    def __init__(self, ctx: wire.WireContext, call, request_id: str, token: str = ""):
+        self.ctx, self._call, self.request_id, self.token = ctx, call, request_id, token
         self.bytes = self.messages = 0
 
     async def send_tokens(self, array: jax.Array, offset: int, start: int, end: int) -> None:
@@ -54,7 +56,7 @@ class GrpcKVStream:
         reused instead of faulting in fresh pages for every frame)."""
         loop = asyncio.get_running_loop()
         host = await loop.run_in_executor(None, lambda: np.asarray(jax.device_get(array)))
-        frames = wire.encode_tokens(self.ctx, self.request_id, host, offset, start, end)
+        frames = wire.encode_tokens(self.ctx, self.request_id, host, offset, start, end, self.token)
         pending = loop.run_in_executor(None, next, frames, None)
         while (f := await pending) is not None:
             pending = loop.run_in_executor(None, next, frames, None)
@@ -66,7 +68,7 @@ class GrpcKVStream:
     async def finish(self, num_tokens: int, first_token: int, first_logprob: float) -> worker_pb2.KVAck:
         """Send the finish message; returns once the receiver holds all of the KV."""
         await self._call.write(wire.finish_frame(self.ctx, self.request_id, num_tokens,
-                                                 first_token, first_logprob))
+                                                 first_token, first_logprob, self.token))
         self.messages += 1
         await self._call.done_writing()
         return await self._call

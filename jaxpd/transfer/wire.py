@@ -145,8 +145,9 @@ class WireContext:
 
 
 def encode_tokens(ctx: WireContext, request_id: str, host: np.ndarray, offset: int,
-                  start: int, end: int) -> Iterator[bytes]:
-    """Frames for tokens [start, end) of `host` (a `gather_tokens` result on the host)."""
+                  start: int, end: int, token: str = "") -> Iterator[bytes]:
+    """Frames for tokens [start, end) of `host` (a `gather_tokens` result on the host);
+    `token` is the request's EngineRequest.request_token."""
     layout = ctx.layout
     pieces = split_ranges(layout.num_layers, end - start, ctx.bytes_per_layer_token(),
                           ctx.max_message_bytes)
@@ -158,15 +159,15 @@ def encode_tokens(ctx: WireContext, request_id: str, host: np.ndarray, offset: i
             request_id=request_id, layer_start=l0, layer_end=l1, token_start=start + t0,
             token_end=start + t1, head_start=0, head_end=layout.model_kv_heads,
             dtype=layout.dtype, shape=block.shape, model_fingerprint=ctx.fingerprint,
-            crc32c=crc32c(payload))
+            crc32c=crc32c(payload), request_token=token)
         yield frame(header, payload)
 
 
 def finish_frame(ctx: WireContext, request_id: str, num_tokens: int, first_token: int,
-                 first_logprob: float) -> bytes:
+                 first_logprob: float, token: str = "") -> bytes:
     header = worker_pb2.KVHeader(
         request_id=request_id, dtype=ctx.layout.dtype, model_fingerprint=ctx.fingerprint,
-        crc32c=crc32c(b""),
+        crc32c=crc32c(b""), request_token=token,
         finish=worker_pb2.KVFinish(num_tokens=num_tokens, first_token=first_token,
                                    first_logprob=first_logprob))
     return frame(header)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19jaxpd/v1/generation.proto\x12\x08jaxpd.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x86\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\rH\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\xc3\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12.\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x12.jaxpd.v1.TokenIdsH\x00\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.jaxpd.v1.SamplingParams\x12%\n\ttext_mode\x18\x05 \x01(\x0e\x32\x12.jaxpd.v1.TextModeB\x07\n\x05input\":\n\x05\x43hunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"b\n\x07Timings\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x11\n\tprefill_s\x18\x02 \x01(\x01\x12\x12\n\ntransfer_s\x18\x03 \x01(\x01\x12\x0e\n\x06ttft_s\x18\x04 \x01(\x01\x12\x0f\n\x07total_s\x18\x05 \x01(\x01\"\xad\x01\n\x08\x43omplete\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x1a\n\x10matched_token_id\x18\x02 \x01(\x05H\x00\x12\x1a\n\x10matched_stop_str\x18\x03 \x01(\tH\x00\x12\x1e\n\x05usage\x18\x04 \x01(\x0b\x32\x0f.jaxpd.v1.Usage\x12\"\n\x07timings\x18\x05 \x01(\x0b\x32\x11.jaxpd.v1.TimingsB\x0e\n\x0cmatched_stop\"|\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12 \n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x0f.jaxpd.v1.ChunkH\x00\x12&\n\x08\x63omplete\x18\x03 \x01(\x0b\x32\x12.jaxpd.v1.CompleteH\x00\x42\n\n\x08response\"#\n\x0c\x41\x62ortRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x03(\t\"\x1f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\x15\n\x13GetModelInfoRequest\"\xe7\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x13\n\x0bmax_context\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x15\n\reos_token_ids\x18\x06 \x03(\x05\x12\x12\n\nnum_layers\x18\x07 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x08 \x01(\r\x12\x10\n\x08head_dim\x18\t \x01(\r\x12\x15\n\rhas_tokenizer\x18\n \x01(\x08\x12\x13\n\x0b\x66ingerprint\x18\x0b \x01(\t\"\x16\n\x14GetServerInfoRequest\"\xce\x02\n\nWorkerInfo\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07replica\x18\x02 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x10\n\x08platform\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65vice_kind\x18\x05 \x01(\t\x12\x13\n\x0bnum_devices\x18\x06 \x01(\r\x12\n\n\x02tp\x18\x07 \x01(\r\x12,\n\x04mesh\x18\x08 \x03(\x0b\x32\x1e.jaxpd.v1.WorkerInfo.MeshEntry\x12\x10\n\x08kv_pages\x18\t \x01(\r\x12\x11\n\tpage_size\x18\n \x01(\r\x12\x11\n\tattention\x18\x0b \x01(\t\x12\x0b\n\x03pid\x18\x0c \x01(\r\x12\x19\n\x11model_fingerprint\x18\r \x01(\t\x12\r\n\x05\x64type\x18\x0e \x01(\t\x1a+\n\tMeshEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\x80\x01\n\nServerInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x14\n\x0ckv_transport\x18\x03 \x01(\t\x12\x16\n\x0erouter_address\x18\x04 \x01(\t\x12%\n\x07workers\x18\x05 \x03(\x0b\x32\x14.jaxpd.v1.WorkerInfo\"\x11\n\x0fGetLoadsRequest\"\xba\x01\n\nWorkerLoad\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07replica\x18\x02 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0f\n\x07running\x18\x04 \x01(\r\x12\x0f\n\x07waiting\x18\x05 \x01(\r\x12\x15\n\rkv_pages_used\x18\x06 \x01(\r\x12\x15\n\rkv_pages_free\x18\x07 \x01(\r\x12\x16\n\x0ekv_pages_total\x18\x08 \x01(\r\x12\x14\n\x0ctransferring\x18\t \x01(\r\".\n\x05Loads\x12%\n\x07workers\x18\x01 \x03(\x0b\x32\x14.jaxpd.v1.WorkerLoad*N\n\x08TextMode\x12\x19\n\x15TEXT_MODE_UNSPECIFIED\x10\x00\x12\x13\n\x0fTEXT_MODE_DELTA\x10\x01\x12\x12\n\x0eTEXT_MODE_NONE\x10\x02\x32\x91\x03\n\nGeneration\x12\x43\n\x08Generate\x12\x19.jaxpd.v1.GenerateRequest\x1a\x1a.jaxpd.v1.GenerateResponse0\x01\x12\x38\n\x05\x41\x62ort\x12\x16.jaxpd.v1.AbortRequest\x1a\x17.jaxpd.v1.AbortResponse\x12\x41\n\x08Tokenize\x12\x19.jaxpd.v1.TokenizeRequest\x1a\x1a.jaxpd.v1.TokenizeResponse\x12\x42\n\x0cGetModelInfo\x12\x1d.jaxpd.v1.GetModelInfoRequest\x1a\x13.jaxpd.v1.ModelInfo\x12\x45\n\rGetServerInfo\x12\x1e.jaxpd.v1.GetServerInfoRequest\x1a\x14.jaxpd.v1.ServerInfo\x12\x36\n\x08GetLoads\x12\x19.jaxpd.v1.GetLoadsRequest\x1a\x0f.jaxpd.v1.Loadsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19jaxpd/v1/generation.proto\x12\x08jaxpd.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x86\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\rH\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\xc3\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12.\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x12.jaxpd.v1.TokenIdsH\x00\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.jaxpd.v1.SamplingParams\x12%\n\ttext_mode\x18\x05 \x01(\x0e\x32\x12.jaxpd.v1.TextModeB\x07\n\x05input\":\n\x05\x43hunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"b\n\x07Timings\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x11\n\tprefill_s\x18\x02 \x01(\x01\x12\x12\n\ntransfer_s\x18\x03 \x01(\x01\x12\x0e\n\x06ttft_s\x18\x04 \x01(\x01\x12\x0f\n\x07total_s\x18\x05 \x01(\x01\"\xc1\x01\n\x08\x43omplete\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x1a\n\x10matched_token_id\x18\x02 \x01(\x05H\x00\x12\x1a\n\x10matched_stop_str\x18\x03 \x01(\tH\x00\x12\x1e\n\x05usage\x18\x04 \x01(\x0b\x32\x0f.jaxpd.v1.Usage\x12\"\n\x07timings\x18\x05 \x01(\x0b\x32\x11.jaxpd.v1.Timings\x12\x12\n\nmigrations\x18\x06 \x01(\rB\x0e\n\x0cmatched_stop\"|\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12 \n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x0f.jaxpd.v1.ChunkH\x00\x12&\n\x08\x63omplete\x18\x03 \x01(\x0b\x32\x12.jaxpd.v1.CompleteH\x00\x42\n\n\x08response\"#\n\x0c\x41\x62ortRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x03(\t\"\x1f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\x15\n\x13GetModelInfoRequest\"\xe7\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x13\n\x0bmax_context\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x15\n\reos_token_ids\x18\x06 \x03(\x05\x12\x12\n\nnum_layers\x18\x07 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x08 \x01(\r\x12\x10\n\x08head_dim\x18\t \x01(\r\x12\x15\n\rhas_tokenizer\x18\n \x01(\x08\x12\x13\n\x0b\x66ingerprint\x18\x0b \x01(\t\"\x16\n\x14GetServerInfoRequest\"\xf2\x02\n\nWorkerInfo\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07replica\x18\x02 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x10\n\x08platform\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65vice_kind\x18\x05 \x01(\t\x12\x13\n\x0bnum_devices\x18\x06 \x01(\r\x12\n\n\x02tp\x18\x07 \x01(\r\x12,\n\x04mesh\x18\x08 \x03(\x0b\x32\x1e.jaxpd.v1.WorkerInfo.MeshEntry\x12\x10\n\x08kv_pages\x18\t \x01(\r\x12\x11\n\tpage_size\x18\n \x01(\r\x12\x11\n\tattention\x18\x0b \x01(\t\x12\x0b\n\x03pid\x18\x0c \x01(\r\x12\x19\n\x11model_fingerprint\x18\r \x01(\t\x12\r\n\x05\x64type\x18\x0e \x01(\t\x12\r\n\x05state\x18\x0f \x01(\t\x12\x13\n\x0bmetrics_url\x18\x10 \x01(\t\x1a+\n\tMeshEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\x95\x01\n\nServerInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x14\n\x0ckv_transport\x18\x03 \x01(\t\x12\x16\n\x0erouter_address\x18\x04 \x01(\t\x12%\n\x07workers\x18\x05 \x03(\x0b\x32\x14.jaxpd.v1.WorkerInfo\x12\x13\n\x0bmetrics_url\x18\x06 \x01(\t\"\x11\n\x0fGetLoadsRequest\"\xc9\x01\n\nWorkerLoad\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07replica\x18\x02 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0f\n\x07running\x18\x04 \x01(\r\x12\x0f\n\x07waiting\x18\x05 \x01(\r\x12\x15\n\rkv_pages_used\x18\x06 \x01(\r\x12\x15\n\rkv_pages_free\x18\x07 \x01(\r\x12\x16\n\x0ekv_pages_total\x18\x08 \x01(\r\x12\x14\n\x0ctransferring\x18\t \x01(\r\x12\r\n\x05state\x18\n \x01(\t\".\n\x05Loads\x12%\n\x07workers\x18\x01 \x03(\x0b\x32\x14.jaxpd.v1.WorkerLoad*N\n\x08TextMode\x12\x19\n\x15TEXT_MODE_UNSPECIFIED\x10\x00\x12\x13\n\x0fTEXT_MODE_DELTA\x10\x01\x12\x12\n\x0eTEXT_MODE_NONE\x10\x02\x32\x91\x03\n\nGeneration\x12\x43\n\x08Generate\x12\x19.jaxpd.v1.GenerateRequest\x1a\x1a.jaxpd.v1.GenerateResponse0\x01\x12\x38\n\x05\x41\x62ort\x12\x16.jaxpd.v1.AbortRequest\x1a\x17.jaxpd.v1.AbortResponse\x12\x41\n\x08Tokenize\x12\x19.jaxpd.v1.TokenizeRequest\x1a\x1a.jaxpd.v1.TokenizeResponse\x12\x42\n\x0cGetModelInfo\x12\x1d.jaxpd.v1.GetModelInfoRequest\x1a\x13.jaxpd.v1.ModelInfo\x12\x45\n\rGetServerInfo\x12\x1e.jaxpd.v1.GetServerInfoRequest\x1a\x14.jaxpd.v1.ServerInfo\x12\x36\n\x08GetLoads\x12\x19.jaxpd.v1.GetLoadsRequest\x1a\x0f.jaxpd.v1.Loadsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_WORKERINFO_MESHENTRY']._loaded_options = None
   _globals['_WORKERINFO_MESHENTRY']._serialized_options = b'8\001'
-  _globals['_TEXTMODE']._serialized_start=2219
-  _globals['_TEXTMODE']._serialized_end=2297
+  _globals['_TEXTMODE']._serialized_start=2311
+  _globals['_TEXTMODE']._serialized_end=2389
   _globals['_TOKENIDS']._serialized_start=39
   _globals['_TOKENIDS']._serialized_end=62
   _globals['_SAMPLINGPARAMS']._serialized_start=65
@@ -48,35 +48,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TIMINGS']._serialized_start=669
   _globals['_TIMINGS']._serialized_end=767
   _globals['_COMPLETE']._serialized_start=770
-  _globals['_COMPLETE']._serialized_end=943
-  _globals['_GENERATERESPONSE']._serialized_start=945
-  _globals['_GENERATERESPONSE']._serialized_end=1069
-  _globals['_ABORTREQUEST']._serialized_start=1071
-  _globals['_ABORTREQUEST']._serialized_end=1106
-  _globals['_ABORTRESPONSE']._serialized_start=1108
-  _globals['_ABORTRESPONSE']._serialized_end=1140
-  _globals['_TOKENIZEREQUEST']._serialized_start=1142
-  _globals['_TOKENIZEREQUEST']._serialized_end=1173
-  _globals['_TOKENIZERESPONSE']._serialized_start=1175
-  _globals['_TOKENIZERESPONSE']._serialized_end=1212
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1214
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1235
-  _globals['_MODELINFO']._serialized_start=1238
-  _globals['_MODELINFO']._serialized_end=1469
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=1471
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=1493
-  _globals['_WORKERINFO']._serialized_start=1496
-  _globals['_WORKERINFO']._serialized_end=1830
-  _globals['_WORKERINFO_MESHENTRY']._serialized_start=1787
-  _globals['_WORKERINFO_MESHENTRY']._serialized_end=1830
-  _globals['_SERVERINFO']._serialized_start=1833
-  _globals['_SERVERINFO']._serialized_end=1961
-  _globals['_GETLOADSREQUEST']._serialized_start=1963
-  _globals['_GETLOADSREQUEST']._serialized_end=1980
-  _globals['_WORKERLOAD']._serialized_start=1983
-  _globals['_WORKERLOAD']._serialized_end=2169
-  _globals['_LOADS']._serialized_start=2171
-  _globals['_LOADS']._serialized_end=2217
-  _globals['_GENERATION']._serialized_start=2300
-  _globals['_GENERATION']._serialized_end=2701
+  _globals['_COMPLETE']._serialized_end=963
+  _globals['_GENERATERESPONSE']._serialized_start=965
+  _globals['_GENERATERESPONSE']._serialized_end=1089
+  _globals['_ABORTREQUEST']._serialized_start=1091
+  _globals['_ABORTREQUEST']._serialized_end=1126
+  _globals['_ABORTRESPONSE']._serialized_start=1128
+  _globals['_ABORTRESPONSE']._serialized_end=1160
+  _globals['_TOKENIZEREQUEST']._serialized_start=1162
+  _globals['_TOKENIZEREQUEST']._serialized_end=1193
+  _globals['_TOKENIZERESPONSE']._serialized_start=1195
+  _globals['_TOKENIZERESPONSE']._serialized_end=1232
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1234
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1255
+  _globals['_MODELINFO']._serialized_start=1258
+  _globals['_MODELINFO']._serialized_end=1489
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=1491
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=1513
+  _globals['_WORKERINFO']._serialized_start=1516
+  _globals['_WORKERINFO']._serialized_end=1886
+  _globals['_WORKERINFO_MESHENTRY']._serialized_start=1843
+  _globals['_WORKERINFO_MESHENTRY']._serialized_end=1886
+  _globals['_SERVERINFO']._serialized_start=1889
+  _globals['_SERVERINFO']._serialized_end=2038
+  _globals['_GETLOADSREQUEST']._serialized_start=2040
+  _globals['_GETLOADSREQUEST']._serialized_end=2057
+  _globals['_WORKERLOAD']._serialized_start=2060
+  _globals['_WORKERLOAD']._serialized_end=2261
+  _globals['_LOADS']._serialized_start=2263
+  _globals['_LOADS']._serialized_end=2309
+  _globals['_GENERATION']._serialized_start=2392
+  _globals['_GENERATION']._serialized_end=2793
 # @@protoc_insertion_point(module_scope)

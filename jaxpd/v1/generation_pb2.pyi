@@ -93,18 +93,20 @@ class Timings(_message.Message):
     def __init__(self, queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., transfer_s: _Optional[float] = ..., ttft_s: _Optional[float] = ..., total_s: _Optional[float] = ...) -> None: ...
 
 class Complete(_message.Message):
-    __slots__ = ("finish_reason", "matched_token_id", "matched_stop_str", "usage", "timings")
+    __slots__ = ("finish_reason", "matched_token_id", "matched_stop_str", "usage", "timings", "migrations")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     MATCHED_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     MATCHED_STOP_STR_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    MIGRATIONS_FIELD_NUMBER: _ClassVar[int]
     finish_reason: str
     matched_token_id: int
     matched_stop_str: str
     usage: Usage
     timings: Timings
-    def __init__(self, finish_reason: _Optional[str] = ..., matched_token_id: _Optional[int] = ..., matched_stop_str: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
+    migrations: int
+    def __init__(self, finish_reason: _Optional[str] = ..., matched_token_id: _Optional[int] = ..., matched_stop_str: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., migrations: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "chunk", "complete")
@@ -175,7 +177,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("role", "replica", "address", "platform", "device_kind", "num_devices", "tp", "mesh", "kv_pages", "page_size", "attention", "pid", "model_fingerprint", "dtype")
+    __slots__ = ("role", "replica", "address", "platform", "device_kind", "num_devices", "tp", "mesh", "kv_pages", "page_size", "attention", "pid", "model_fingerprint", "dtype", "state", "metrics_url")
     class MeshEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -197,6 +199,8 @@ class WorkerInfo(_message.Message):
     PID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    METRICS_URL_FIELD_NUMBER: _ClassVar[int]
     role: str
     replica: int
     address: str
@@ -211,28 +215,32 @@ class WorkerInfo(_message.Message):
     pid: int
     model_fingerprint: str
     dtype: str
-    def __init__(self, role: _Optional[str] = ..., replica: _Optional[int] = ..., address: _Optional[str] = ..., platform: _Optional[str] = ..., device_kind: _Optional[str] = ..., num_devices: _Optional[int] = ..., tp: _Optional[int] = ..., mesh: _Optional[_Mapping[str, int]] = ..., kv_pages: _Optional[int] = ..., page_size: _Optional[int] = ..., attention: _Optional[str] = ..., pid: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., dtype: _Optional[str] = ...) -> None: ...
+    state: str
+    metrics_url: str
+    def __init__(self, role: _Optional[str] = ..., replica: _Optional[int] = ..., address: _Optional[str] = ..., platform: _Optional[str] = ..., device_kind: _Optional[str] = ..., num_devices: _Optional[int] = ..., tp: _Optional[int] = ..., mesh: _Optional[_Mapping[str, int]] = ..., kv_pages: _Optional[int] = ..., page_size: _Optional[int] = ..., attention: _Optional[str] = ..., pid: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., dtype: _Optional[str] = ..., state: _Optional[str] = ..., metrics_url: _Optional[str] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "mode", "kv_transport", "router_address", "workers")
+    __slots__ = ("version", "mode", "kv_transport", "router_address", "workers", "metrics_url")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     ROUTER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_URL_FIELD_NUMBER: _ClassVar[int]
     version: str
     mode: str
     kv_transport: str
     router_address: str
     workers: _containers.RepeatedCompositeFieldContainer[WorkerInfo]
-    def __init__(self, version: _Optional[str] = ..., mode: _Optional[str] = ..., kv_transport: _Optional[str] = ..., router_address: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ...) -> None: ...
+    metrics_url: str
+    def __init__(self, version: _Optional[str] = ..., mode: _Optional[str] = ..., kv_transport: _Optional[str] = ..., router_address: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., metrics_url: _Optional[str] = ...) -> None: ...
 
 class GetLoadsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("role", "replica", "address", "running", "waiting", "kv_pages_used", "kv_pages_free", "kv_pages_total", "transferring")
+    __slots__ = ("role", "replica", "address", "running", "waiting", "kv_pages_used", "kv_pages_free", "kv_pages_total", "transferring", "state")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -242,6 +250,7 @@ class WorkerLoad(_message.Message):
     KV_PAGES_FREE_FIELD_NUMBER: _ClassVar[int]
     KV_PAGES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     TRANSFERRING_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
     role: str
     replica: int
     address: str
@@ -251,7 +260,8 @@ class WorkerLoad(_message.Message):
     kv_pages_free: int
     kv_pages_total: int
     transferring: int
-    def __init__(self, role: _Optional[str] = ..., replica: _Optional[int] = ..., address: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_pages_used: _Optional[int] = ..., kv_pages_free: _Optional[int] = ..., kv_pages_total: _Optional[int] = ..., transferring: _Optional[int] = ...) -> None: ...
+    state: str
+    def __init__(self, role: _Optional[str] = ..., replica: _Optional[int] = ..., address: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_pages_used: _Optional[int] = ..., kv_pages_free: _Optional[int] = ..., kv_pages_total: _Optional[int] = ..., transferring: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...
 
 class Loads(_message.Message):
     __slots__ = ("workers",)

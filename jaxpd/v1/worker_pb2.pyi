@@ -8,24 +8,30 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class EngineRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_ids", "sampling", "seed")
+    __slots__ = ("request_id", "prompt_ids", "sampling", "seed", "sample_offset", "request_token")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _generation_pb2.SamplingParams
     seed: int
-    def __init__(self, request_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_generation_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ...) -> None: ...
+    sample_offset: int
+    request_token: str
+    def __init__(self, request_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_generation_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., sample_offset: _Optional[int] = ..., request_token: _Optional[str] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request", "kv_target")
+    __slots__ = ("request", "kv_target", "kv_target_name")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     KV_TARGET_FIELD_NUMBER: _ClassVar[int]
+    KV_TARGET_NAME_FIELD_NUMBER: _ClassVar[int]
     request: EngineRequest
     kv_target: str
-    def __init__(self, request: _Optional[_Union[EngineRequest, _Mapping]] = ..., kv_target: _Optional[str] = ...) -> None: ...
+    kv_target_name: str
+    def __init__(self, request: _Optional[_Union[EngineRequest, _Mapping]] = ..., kv_target: _Optional[str] = ..., kv_target_name: _Optional[str] = ...) -> None: ...
 
 class FirstToken(_message.Message):
     __slots__ = ("token_id", "logprob", "finish_reason", "cached_tokens", "queue_s", "prefill_s")
@@ -114,7 +120,7 @@ class DecodeEvent(_message.Message):
     def __init__(self, reserved: _Optional[_Union[Reserved, _Mapping]] = ..., prefilled: _Optional[_Union[Prefilled, _Mapping]] = ..., kv_received: _Optional[_Union[KVReceived, _Mapping]] = ..., tokens: _Optional[_Union[Tokens, _Mapping]] = ...) -> None: ...
 
 class KVHeader(_message.Message):
-    __slots__ = ("request_id", "layer_start", "layer_end", "token_start", "token_end", "head_start", "head_end", "dtype", "shape", "model_fingerprint", "crc32c", "finish")
+    __slots__ = ("request_id", "layer_start", "layer_end", "token_start", "token_end", "head_start", "head_end", "dtype", "shape", "model_fingerprint", "crc32c", "finish", "request_token")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +133,7 @@ class KVHeader(_message.Message):
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     CRC32C_FIELD_NUMBER: _ClassVar[int]
     FINISH_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     layer_start: int
     layer_end: int
@@ -139,7 +146,8 @@ class KVHeader(_message.Message):
     model_fingerprint: bytes
     crc32c: int
     finish: KVFinish
-    def __init__(self, request_id: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., head_start: _Optional[int] = ..., head_end: _Optional[int] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., model_fingerprint: _Optional[bytes] = ..., crc32c: _Optional[int] = ..., finish: _Optional[_Union[KVFinish, _Mapping]] = ...) -> None: ...
+    request_token: str
+    def __init__(self, request_id: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., head_start: _Optional[int] = ..., head_end: _Optional[int] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., model_fingerprint: _Optional[bytes] = ..., crc32c: _Optional[int] = ..., finish: _Optional[_Union[KVFinish, _Mapping]] = ..., request_token: _Optional[str] = ...) -> None: ...
 
 class KVFinish(_message.Message):
     __slots__ = ("num_tokens", "first_token", "first_logprob")
