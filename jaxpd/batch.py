@@ -165,8 +165,13 @@ def read_records(path: Path, done: set[str], report: Report):
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        try:
-            record = BatchRecord.model_validate_json(line)
+        try:  # bytes that are not UTF-8 survive as surrogates: the request check names them
+            record = BatchRecord.model_validate(
+                json.loads(line.decode("utf-8", "surrogateescape")))
+        except json.JSONDecodeError as e:
+            report(f"{path}:{number}: Invalid JSON: {e.msg} at column {e.colno}")
+            bad += 1
+            continue
         except ValidationError as e:
             report(f"{path}:{number}: {_record_problem(e)}")
             bad += 1

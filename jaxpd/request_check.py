@@ -144,6 +144,7 @@ def check_request_id(request_id: str | None, *, required: bool = False) -> None:
     if len(request_id) > MAX_REQUEST_ID_CHARS:
         raise InvalidRequest("request_id", f"at most {MAX_REQUEST_ID_CHARS} characters, got "
                                            f"{len(request_id)}")
+    _utf8(request_id, "request_id")
     if not request_id.isprintable():
         raise InvalidRequest("request_id", "must be printable text (no control characters)")
 
@@ -197,15 +198,32 @@ def _stop_strings(stop) -> tuple[str, ...]:
         stop = [stop]
     if len(stop) > MAX_STOP_STRINGS:
         raise InvalidRequest("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
+    out = []
     for i, s in enumerate(stop):
+        if isinstance(s, bytes):
+            try:
+                s = s.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidRequest("stop", f"is not valid UTF-8 (at {i})") from None
         if not isinstance(s, str):
             raise InvalidRequest("stop", f"stop strings must be text, got {s!r} (at {i})")
+        _utf8(s, "stop", f", at {i}")
         if not s:
             raise InvalidRequest("stop", f"stop strings must not be empty (at {i})")
         if len(s) > MAX_STOP_CHARS:
             raise InvalidRequest("stop", f"a stop string has at most {MAX_STOP_CHARS} characters, "
                                          f"got {len(s)} (at {i})")
-    return tuple(stop)
+        out.append(s)
+    return tuple(out)
+
+
+def _utf8(text: str, field: str, where: str = "") -> None:
+    """Text whose characters UTF-8 can encode (bytes that were not UTF-8 arrive as lone
+    surrogates from JSON escapes, command lines and lenient decoders)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidRequest(field, f"is not valid UTF-8 (character {e.start}{where})") from None
 
 
 def prompt_text(prompt: str | bytes, limits: Limits, tokenizer: Tokenizer | None) -> str:
@@ -220,10 +238,11 @@ def prompt_text(prompt: str | bytes, limits: Limits, tokenizer: Tokenizer | None
         raise InvalidRequest("prompt", f"must be text, got {type(prompt).__name__}")
     if not prompt:
         raise InvalidRequest("prompt", "is empty")
+    _utf8(prompt, "prompt")
     if tokenizer is None:
         raise InvalidRequest("prompt", "this model has no tokenizer.json; send prompt_token_ids "
                                        "instead")
-    size = len(prompt.encode("utf-8", "surrogatepass"))
+    size = len(prompt.encode("utf-8"))
     most = limits.max_context * max(1, tokenizer.max_token_bytes)
     if size > most:
         raise InvalidRequest("prompt", f"is {size} bytes: no text that long fits the model's "

@@ -11,6 +11,7 @@ import grpc
 import yaml
 
 from jaxpd.serving.background import ServeProcess
+from jaxpd.serving.grpc_server import SECRET_ENV
 from jaxpd.v1 import generation_pb2, generation_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,7 +25,12 @@ def child_env() -> dict[str, str]:
                               env.get("XLA_FLAGS", "")).strip()
     env.setdefault("JAX_PLATFORMS", "cpu")
     env["PYTHONUNBUFFERED"] = "1"
+    env[SECRET_ENV] = SECRET  # so tests can make internal calls the way the router does
     return env
+
+
+SECRET = "test-deployment-secret"
+INTERNAL = (("x-jaxpd-internal", SECRET),)
 
 
 def write_config(path: Path, **overrides) -> Path:
@@ -93,3 +99,44 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def workers(stub) -> dict:
+    """{"decode-0": WorkerInfo, ...} from GetServerInfo."""
+    return {f"{w.role}-{w.replica}": w
+            for w in stub.GetServerInfo(generation_pb2.GetServerInfoRequest(), timeout=5).workers}
+
+
+def wait_all_serving(stub, within: float) -> dict:
+    """Every worker's WorkerInfo once all report serving (restarted ones with new pids)."""
+    deadline = time.monotonic() + within
+    while True:
+        info = workers(stub)
+        if all(w.state == "serving" for w in info.values()):
+            return info
+        if time.monotonic() > deadline:
+            raise AssertionError({k: w.state for k, w in info.items()})
+        time.sleep(0.1)
+
+
+def child_pids(parent: int) -> dict[int, str]:
+    """{pid: command line} of the processes whose parent is `parent` (Linux /proc)."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid == parent:
+                out[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")

@@ -157,7 +157,7 @@ def test_records_that_are_not_objects_or_lack_an_id_are_reported(llama, tmp_path
     assert reported[0].startswith(f"{out}:1: expected a JSON object")
     for line_no, text in [(1, "expected a JSON object like"), (2, "expected a JSON object like"),
                           (3, "missing 'id'"), (4, "request_id: is required here"),
-                          (5, "Invalid JSON"), (6, "top_k: must be in [0, 2147483647]")]:
+                          (5, "prompt: is not valid UTF-8"), (6, "top_k: must be in [0, 2147483647]")]:
         assert any(l.startswith(f"{src}:{line_no}: ") and text in l for l in reported), (line_no, reported)
     assert summary.bad_records == 6 and summary.completed == 1
     assert read_jsonl(out)[1]["token_ids"] == exp["greedy"][0]

@@ -46,9 +46,11 @@ class DecodeWorker:
 
     async def _start(self, model, deployment):
         state = WorkerState("decode", 0, deployment, self.engine, model.config, self.ctx)
-        scheduler = DecodeScheduler(self.engine, self.ctx, record_digests=True)
+        scheduler = DecodeScheduler(self.engine, self.ctx, record_digests=True,
+                                    kv_timeout_s=deployment.serving.kv_timeout_s)
         self.thread = EngineThread("decode", scheduler.has_work, scheduler.step,
-                                   scheduler.fail_all, asyncio.get_running_loop())
+                                   scheduler.fail_all, asyncio.get_running_loop(),
+                                   tick=scheduler.tick, snapshot=scheduler.load, tick_s=0.05)
         servicer = DecodeServicer(state, scheduler, self.thread)
 
         def register(server):
@@ -92,15 +94,17 @@ def _stubs(address):
 
 
 def _reserve(stub, rid):
-    req = engine_request_to_pb(Request(rid, PROMPT, SamplingParams(max_tokens=4, ignore_eos=True)), 0)
+    req = engine_request_to_pb(Request(rid, PROMPT, SamplingParams(max_tokens=4, ignore_eos=True)), 0,
+                               token=f"token-{rid}")
     call = stub.Decode(worker_pb2.DecodeRequest(request=req), timeout=30)
     assert next(call).HasField("reserved")
     return call
 
 
-def _frames(ctx, rid, kv):
-    frames = list(wire.encode_tokens(ctx, rid, kv, 0, 0, len(PROMPT)))
-    return frames + [wire.finish_frame(ctx, rid, len(PROMPT), 7, -0.5)]
+def _frames(ctx, rid, kv, token=None):
+    token = f"token-{rid}" if token is None else token
+    frames = list(wire.encode_tokens(ctx, rid, kv, 0, 0, len(PROMPT), token))
+    return frames + [wire.finish_frame(ctx, rid, len(PROMPT), 7, -0.5, token)]
 
 
 def _kv(layout, seed=0):
@@ -156,6 +160,23 @@ def test_good_kv_is_written_byte_exact_then_decoding_streams(worker):
     digest = worker_pb2_grpc.DecodeWorkerStub(grpc.insecure_channel(worker.address)).GetKVDigests(
         worker_pb2.KVDigestsRequest(request_ids=["good"])).digests["good"]
     assert digest.crc32c == wire.crc32c(np.ascontiguousarray(kv).tobytes())
+    assert _pages_used(stub) == 0
+
+
+def test_kv_with_a_wrong_token_is_refused_and_the_request_goes_on(worker):
+    """A forged push (another request's id, a guessed token) writes nothing and does not end
+    the request it names; the real push then succeeds."""
+    stub, push = _stubs(worker.address)
+    call = _reserve(stub, "target")
+    before = [np.asarray(pages).copy() for pages in worker.engine.decode.manager.kv]
+    with pytest.raises(grpc.RpcError) as e:
+        push(iter(_frames(worker.ctx, "target", _kv(worker.layout, seed=5), token="guess")), timeout=30)
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    after = [np.asarray(pages) for pages in worker.engine.decode.manager.kv]
+    assert all((a == b).all() for a, b in zip(before, after)) and _pages_used(stub) > 0
+    ack = push(iter(_frames(worker.ctx, "target", _kv(worker.layout, seed=2))), timeout=30)
+    assert ack.request_id == "target"
+    assert len([t for ev in call for t in ev.tokens.token_ids]) == 3
     assert _pages_used(stub) == 0
 
 

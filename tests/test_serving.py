@@ -1,11 +1,18 @@
-"""The gRPC service end to end: `jaxpd serve` starts a router, a prefill worker (TP=2) and a
-decode worker (TP=1) as separate processes on loopback; clients talk to the router only."""
+"""The gRPC service end to end: `jaxpd serve` starts a router, two prefill workers (TP=2) and two
+decode workers (TP=1) as separate processes on loopback; clients talk to the router only. The
+module shares one deployment: the happy path and bad input first, then hostile input, then
+faults (a worker SIGKILLed, SIGSTOPped or drained mid-stream: every stream still equals an
+uninterrupted run, no page stays used, the restarted worker serves again), then the drain of
+the whole deployment, last."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 import random
+import signal
+import threading
 import time
 
 import grpc
@@ -14,24 +21,31 @@ from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import serving_helpers as sh
+from bad_requests import raw_fields, rows_for
 from conftest import first_programs_only
 from jaxpd.v1 import generation_pb2 as pb, worker_pb2, worker_pb2_grpc
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("serving")]
 
 CHUNK = 32  # prefill chunk: longer prompts stream their KV in several pieces
+LIVENESS_S = 2.0
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     config = sh.write_config(tmp_path_factory.mktemp("serve") / "deploy.yaml",
+                             prefill={"devices": [0, 1, 2, 3], "tp": 2, "replicas": 2},
+                             decode={"devices": [4, 5], "tp": 1, "replicas": 2},
                              scheduler={"chunk_size": CHUNK, "max_prefill_tokens": 256},
                              kv={"page_size": 16, "num_pages": 256},
                              serving={"router": {"host": "127.0.0.1", "port": 0},
-                                      "record_kv_digests": True})
+                                      "record_kv_digests": True,
+                                      "liveness_timeout_s": LIVENESS_S,
+                                      "restart": {"attempts": 3, "backoff_s": 0.2},
+                                      "drain_timeout_s": 20})
     d = sh.start(config, verbose=True)  # JAXPD_PRECOMPILE=first: two programs per worker, ever
     yield d
-    if d.process.poll() is None:  # the last test kills a worker on purpose
+    if d.process.poll() is None:  # the last test drains it on purpose
         assert d.stop() == 0, "\n".join(d.lines[-40:])
 
 
@@ -65,6 +79,7 @@ def _request(ids=None, prompt=None, rid="", text_mode=0, **sampling) -> pb.Gener
 
 
 def _collect(stub, req, timeout=120):
+    """(tokens, text, Complete) of one Generate call."""
     tokens, text, complete = [], "", None
     for resp in stub.Generate(req, timeout=timeout):
         if resp.HasField("chunk"):
@@ -75,18 +90,16 @@ def _collect(stub, req, timeout=120):
     return tokens, text, complete
 
 
-def _workers(stub):
-    return {f"{w.role}-{w.replica}": w for w in stub.GetServerInfo(pb.GetServerInfoRequest()).workers}
-
-
 def test_health_and_server_info(served, stub):
     health = health_pb2_grpc.HealthStub(served.channel())
     assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
     info = stub.GetServerInfo(pb.GetServerInfoRequest())
     assert info.mode == "disaggregated" and info.kv_transport == "grpc"
-    workers = _workers(stub)
-    assert workers["prefill-0"].tp == 2 and workers["decode-0"].tp == 1
-    assert workers["prefill-0"].pid != workers["decode-0"].pid
+    workers = sh.workers(stub)
+    assert sorted(workers) == ["decode-0", "decode-1", "prefill-0", "prefill-1"]
+    assert workers["prefill-1"].tp == 2 and workers["decode-1"].tp == 1
+    assert all(w.state == "serving" for w in workers.values())
+    assert len({w.pid for w in workers.values()}) == 4
     model = stub.GetModelInfo(pb.GetModelInfoRequest())
     assert model.vocab_size == 4096 and model.has_tokenizer and model.fingerprint
     assert stub.Tokenize(pb.TokenizeRequest(text="Mr. Darcy")).token_ids
@@ -114,17 +127,17 @@ def test_concurrent_streams_equal_the_offline_engine_and_kv_bytes_match(served, 
         t = complete.timings
         assert 0 <= t.queue_s < t.ttft_s and 0 < t.prefill_s < t.ttft_s <= t.total_s, t
         assert t.transfer_s >= 0
-    # The KV bytes the decode worker holds equal the bytes the prefill worker computed.
-    workers = _workers(stub)
-    digests = {}
-    for role in ("prefill-0", "decode-0"):
-        worker = worker_pb2_grpc.PrefillWorkerStub if role.startswith("prefill") else worker_pb2_grpc.DecodeWorkerStub
-        channel = grpc.insecure_channel(workers[role].address)
-        digests[role] = worker(channel).GetKVDigests(worker_pb2.KVDigestsRequest(request_ids=ids)).digests
+    # The KV bytes a decode worker holds equal the bytes a prefill worker computed.
+    digests = {"prefill": {}, "decode": {}}
+    for name, w in sh.workers(stub).items():
+        worker = worker_pb2_grpc.PrefillWorkerStub if w.role == "prefill" else worker_pb2_grpc.DecodeWorkerStub
+        got = worker(grpc.insecure_channel(w.address)).GetKVDigests(
+            worker_pb2.KVDigestsRequest(request_ids=ids), metadata=sh.INTERNAL).digests
+        digests[w.role].update(got)
     transferred = [rid for rid, m in zip(ids, max_tokens) if m > 1 and len(results[ids.index(rid)][0]) > 1]
     assert len(transferred) >= 6
     for rid in transferred:
-        p, d = digests["prefill-0"][rid], digests["decode-0"][rid]
+        p, d = digests["prefill"][rid], digests["decode"][rid]
         assert (p.crc32c, p.bytes, p.num_tokens) == (d.crc32c, d.bytes, d.num_tokens), rid
         assert p.num_tokens == lengths[ids.index(rid)]
     ok, used = sh.wait_pages_free(stub, within=1.0)
@@ -133,39 +146,69 @@ def test_concurrent_streams_equal_the_offline_engine_and_kv_bytes_match(served, 
     # decode call); 8 concurrent prompts of up to 200 tokens ran in chunks and rows that fit
     # them, and JAX's compile hook saw no step program compile on the request path.
     started = [line for line in served.lines if "1 first step programs compiled" in line]
-    assert len(started) == 2, started
+    assert len(started) == 4, started
     assert sh.step_compiles_on_request_path(served.lines) == []
 
 
-BAD = [
-    (dict(ids=[]), "prompt_token_ids.ids: is empty"),
-    (dict(prompt=""), "prompt: is empty"),
-    (dict(), "input: give either"),
-    (dict(ids=[5], max_tokens=1024), "sampling.max_tokens: the prompt (1 tokens) + max_tokens (1024) exceeds"),
-    (dict(ids=[5], max_tokens=0), "sampling.max_tokens: must be >= 1"),
-    (dict(ids=[5], temperature=-0.5), "sampling.temperature: must be >= 0"),
-    (dict(ids=[5], top_p=0.0), "sampling.top_p: must be in (0, 1]"),
-    (dict(ids=[5], top_p=1.5), "sampling.top_p: must be in (0, 1]"),
-    (dict(ids=[5], top_k=-1), "sampling.top_k: must be >= 0"),
-    (dict(ids=[5, 4096]), "prompt_token_ids.ids[1]: token id 4096 is outside the vocabulary"),
-    (dict(ids=[-3]), "prompt_token_ids.ids[0]: token id -3 is outside the vocabulary"),
-    (dict(ids=[5], stop_token_ids=[99999]), "sampling.stop_token_ids[0]"),
-    (dict(ids=[5], text_mode=7), "text_mode: unknown value 7"),
-]
+def _generate_request(fields: dict) -> pb.GenerateRequest:
+    """A RawRequest row of the bad-input table as the router's GenerateRequest."""
+    req = pb.GenerateRequest(request_id=fields.get("request_id", ""))
+    if "prompt" in fields:
+        req.prompt = fields["prompt"]
+    if "prompt_token_ids" in fields:
+        req.prompt_token_ids.ids.extend(fields["prompt_token_ids"])
+    for key in ("max_tokens", "temperature", "top_p", "top_k", "seed"):
+        if key in fields:
+            setattr(req.sampling, key, fields[key])
+    req.sampling.stop.extend(fields.get("stop", []))
+    req.sampling.stop_token_ids.extend(fields.get("stop_token_ids", []))
+    return req
 
 
-@pytest.mark.parametrize("fields, message", BAD, ids=[m.split(":")[0] + f"-{i}" for i, (_, m) in enumerate(BAD)])
-def test_bad_input_is_invalid_argument_naming_the_field(stub, fields, message):
+ROUTER_ROWS = rows_for("router")
+
+
+@pytest.mark.parametrize("row", ROUTER_ROWS, ids=[r[0] for r in ROUTER_ROWS])
+def test_the_router_gives_the_tables_answer(stub, row):
+    _, _, field, reason, _ = row
     with pytest.raises(grpc.RpcError) as e:
-        _collect(stub, _request(**fields), timeout=30)
+        _collect(stub, _generate_request(raw_fields(row)), timeout=30)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert message in e.value.details()
+    proto_field = f"sampling.{field}" if field in pb.SamplingParams.DESCRIPTOR.fields_by_name else field
+    assert e.value.details().startswith(f"{proto_field}: ") and reason in e.value.details()
+
+
+def test_a_worker_gives_the_tables_answer(served, stub):
+    """The same table sent straight to a decode worker, as the router's EngineRequest."""
+    decode = worker_pb2_grpc.DecodeWorkerStub(grpc.insecure_channel(sh.workers(stub)["decode-0"].address))
+    for i, row in enumerate(rows_for("worker")):
+        label, _, field, reason, _ = row
+        fields = raw_fields(row)
+        sampling = pb.SamplingParams(max_tokens=fields.get("max_tokens", 4),
+                                     temperature=fields.get("temperature", 0.0),
+                                     top_p=fields.get("top_p", 1.0), top_k=fields.get("top_k", 0),
+                                     stop=fields.get("stop", []),
+                                     stop_token_ids=fields.get("stop_token_ids", []))
+        er = worker_pb2.EngineRequest(request_id=fields.get("request_id", f"bad-{i}"),
+                                      prompt_ids=fields.get("prompt_token_ids", []), sampling=sampling)
+        with pytest.raises(grpc.RpcError) as e:
+            list(decode.Decode(worker_pb2.DecodeRequest(request=er), timeout=10, metadata=sh.INTERNAL))
+        proto_field = f"sampling.{field}" if field in pb.SamplingParams.DESCRIPTOR.fields_by_name else field
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, label
+        assert e.value.details().startswith(f"{proto_field}: ") and reason in e.value.details(), label
+
+
+def test_undecodable_utf8_is_invalid_argument(served):
+    generate = served.channel().unary_stream("/jaxpd.v1.Generation/Generate")
+    with pytest.raises(grpc.RpcError) as e:
+        list(generate(b"\x12\x02\xff\xfe", timeout=10))  # prompt = b"\xff\xfe"
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not UTF-8" in e.value.details()
 
 
 def test_server_keeps_serving_after_bad_input(stub):
-    for fields, _ in BAD:
+    for row in ROUTER_ROWS[:8]:
         with pytest.raises(grpc.RpcError):
-            _collect(stub, _request(**fields), timeout=30)
+            _collect(stub, _generate_request(raw_fields(row)), timeout=30)
     tokens, text, complete = _collect(stub, _request(prompt="Mr. Darcy", max_tokens=5))
     assert complete.finish_reason in ("length", "stop") and tokens
 
@@ -248,21 +291,192 @@ def test_stock_reflection_client_matches_offline_generate(served, capsys):
 
 def test_loads_report_every_worker(stub):
     loads = stub.GetLoads(pb.GetLoadsRequest()).workers
-    assert sorted(f"{w.role}-{w.replica}" for w in loads) == ["decode-0", "prefill-0"]
+    assert sorted(f"{w.role}-{w.replica}" for w in loads) == ["decode-0", "decode-1", "prefill-0", "prefill-1"]
     assert all(w.kv_pages_total == 255 and w.kv_pages_free + w.kv_pages_used == 255 for w in loads)
+    assert all(w.state == "serving" for w in loads)
 
 
-def test_a_dead_worker_stops_the_deployment_and_is_named(served, stub):
-    """Runs last: kills the decode worker; the launcher reports it and stops the rest."""
-    workers = _workers(stub)
-    pids = [w.pid for w in workers.values()]
-    import os
-    import signal
+# -- hostile input -------------------------------------------------------------------------------
+def test_internal_calls_need_the_deployments_secret(stub):
+    """A client that learns a worker's address can neither reserve pages nor push KV."""
+    decode = sh.workers(stub)["decode-0"].address
+    er = worker_pb2.EngineRequest(request_id="flood", prompt_ids=[5, 6, 7],
+                                  sampling=pb.SamplingParams(max_tokens=4, top_p=1.0))
+    flood = worker_pb2_grpc.DecodeWorkerStub(grpc.insecure_channel(decode))
+    for _ in range(20):
+        with pytest.raises(grpc.RpcError) as e:
+            list(flood.Decode(worker_pb2.DecodeRequest(request=er), timeout=5))
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    push = grpc.insecure_channel(decode).stream_unary("/jaxpd.v1.KVTransfer/PushKV")
+    with pytest.raises(grpc.RpcError) as e:
+        push(iter([b"\x0a\x00"]), timeout=5)
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert sh.wait_pages_free(stub, within=1.0)[0]
 
-    os.kill(workers["decode-0"].pid, signal.SIGKILL)
-    code = served.process.wait(60)
-    assert code != 0
-    out = "\n".join(served.lines)
-    assert "decode-0" in out and "SIGKILL" in out
+
+def test_a_forged_kv_push_is_refused_and_the_request_it_names_is_unharmed(stub):
+    """Even with the secret, KV for a request must carry that request's token."""
+    from jaxpd.transfer import wire
+
+    req = _request(list(range(20, 60)), rid="victim", max_tokens=48, ignore_eos=True)
+    reference = _collect(stub, req)[0]
+    call = stub.Generate(_request(list(range(20, 60)), rid="victim", max_tokens=48, ignore_eos=True))
+    next(call)
+    forged = wire.frame(worker_pb2.KVHeader(request_id="victim", request_token="guessed",
+                                            finish=worker_pb2.KVFinish(num_tokens=40)))
+    codes = set()
+    for w in sh.workers(stub).values():
+        if w.role == "decode":
+            push = grpc.insecure_channel(w.address).stream_unary("/jaxpd.v1.KVTransfer/PushKV")
+            with pytest.raises(grpc.RpcError) as e:
+                push(iter([forged]), timeout=5, metadata=sh.INTERNAL)
+            codes.add(e.value.code())
+    assert codes <= {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED}
+    rest = [t for r in call for t in r.chunk.token_ids]
+    assert len(rest) >= 40 and reference[-len(rest):] == rest
+
+
+def test_a_huge_prompt_does_not_stall_small_streams(served, stub):
+    """A 10 MB prompt is refused by the message limit, a 3 MB one by its size before it is
+    tokenized; small streams beside them keep their TTFT and the router its memory."""
+    router = next(pid for pid, cmd in sh.child_pids(served.process.pid).items() if "serve router" in cmd)
+
+    def ttft(i: int) -> float:
+        began = time.monotonic()
+        call = stub.Generate(_request([30 + i, 31, 32], max_tokens=4), timeout=60)
+        next(call)
+        took = time.monotonic() - began
+        list(call)
+        return took
+
+    def small_streams() -> float:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            return sorted(pool.map(ttft, range(4)))[2]
+
+    small_streams()  # warm
+    baseline, rss_before = small_streams(), sh.rss_bytes(router)
+    codes = []
+
+    def huge(size: int) -> None:
+        try:
+            _collect(stub, _request(prompt="x" * size, max_tokens=4), timeout=60)
+        except grpc.RpcError as e:
+            codes.append(e.code())
+
+    hostile = [threading.Thread(target=huge, args=(n,)) for n in (10 << 20, 3 << 20, 10 << 20)]
+    for t in hostile:
+        t.start()
+    beside = small_streams()
+    for t in hostile:
+        t.join()
+    assert sorted(c.name for c in codes) == ["INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "RESOURCE_EXHAUSTED"]
+    assert beside <= 2 * baseline + 0.25, (beside, baseline)
+    assert sh.rss_bytes(router) <= rss_before * 1.10, (sh.rss_bytes(router), rss_before)
+
+
+# -- faults --------------------------------------------------------------------------------------
+def _mixed_requests(tag: str, n: int = 8, max_tokens: int = 48, prompt_len: int = 20):
+    """Greedy and seeded requests, each with its own prompt."""
+    reqs = []
+    for i in range(n):
+        sampling = dict(max_tokens=max_tokens, ignore_eos=True)
+        if i % 2:
+            sampling.update(temperature=0.9, seed=100 + i)
+        reqs.append(_request([(37 * i + k) % 4000 + 2 for k in range(prompt_len)],
+                             rid=f"{tag}-{i}", **sampling))
+    return reqs
+
+
+def _run_with_fault(stub, requests, fault, after: float):
+    """Every request's (tokens, Complete) streamed concurrently, `fault()` called `after`
+    seconds in."""
+    def one(req):
+        tokens, _, complete = _collect(stub, req, timeout=120)
+        return tokens, complete
+    with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+        futures = [pool.submit(one, r) for r in requests]
+        time.sleep(after)
+        fault()
+        return [f.result() for f in futures]
+
+
+def _reference(stub, requests):
+    return _run_with_fault(stub, requests, lambda: None, 0.0)
+
+
+def _after_fault(stub, victim: str, old_pid: int):
+    """Pages all free once idle, and every worker serving, the victim with a new pid."""
+    ok, used = sh.wait_pages_free(stub, within=3.0)
+    assert ok, used
+    info = sh.wait_all_serving(stub, within=60)
+    assert info[victim].pid != old_pid and sh.pid_alive(info[victim].pid)
+
+
+@pytest.mark.parametrize("victim", ["decode-0", "prefill-1"])
+def test_a_worker_killed_mid_stream_loses_nothing(stub, victim):
+    """SIGKILL: the decode worker's requests continue on the other decode worker, the prefill
+    worker's are prefilled again elsewhere; greedy and seeded streams equal an uninterrupted
+    run; the launcher restarts the worker and the router takes it back."""
+    prompt_len = 20 if victim.startswith("decode") else 150  # long prompts: killed mid-prefill
+    requests = _mixed_requests(victim, prompt_len=prompt_len)
+    reference = _reference(stub, requests)
+    pid = sh.workers(stub)[victim].pid
+    results = _run_with_fault(stub, requests, lambda: os.kill(pid, signal.SIGKILL),
+                              after=0.4 if victim.startswith("decode") else 0.05)
+    assert [r[0] for r in results] == [r[0] for r in reference]
+    assert all(c.finish_reason == "length" for _, c in results)
+    if victim.startswith("decode"):
+        assert any(c.migrations for _, c in results)
+    _after_fault(stub, victim, pid)
+
+
+def test_a_frozen_worker_is_treated_as_dead_within_the_liveness_deadline(stub):
+    requests = _mixed_requests("frozen")
+    reference = _reference(stub, requests)
+    pid = sh.workers(stub)["decode-1"].pid
+    began = time.monotonic()
+    try:
+        results = _run_with_fault(stub, requests, lambda: os.kill(pid, signal.SIGSTOP), after=0.4)
+        took = time.monotonic() - began
+        assert [r[0] for r in results] == [r[0] for r in reference]
+        assert took < 0.4 + LIVENESS_S + 8.0, took
+        assert sh.workers(stub)["decode-1"].state == "down"
+        loads = {f"{w.role}-{w.replica}": w for w in stub.GetLoads(pb.GetLoadsRequest()).workers}
+        assert loads["decode-1"].state == "down" and loads["decode-1"].kv_pages_total == 0
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    ok, used = sh.wait_pages_free(stub, within=5.0)
+    assert ok, used  # the thawed worker freed the pages of the requests that left it
+    sh.wait_all_serving(stub, within=30)
+
+
+def test_a_drained_worker_hands_its_requests_over(stub):
+    """SIGTERM to one worker: its requests end UNAVAILABLE there and continue elsewhere."""
+    requests = _mixed_requests("drain-one")
+    reference = _reference(stub, requests)
+    pid = sh.workers(stub)["decode-0"].pid
+    results = _run_with_fault(stub, requests, lambda: os.kill(pid, signal.SIGTERM), after=0.4)
+    assert [r[0] for r in results] == [r[0] for r in reference]
+    _after_fault(stub, "decode-0", pid)
+
+
+def test_sigterm_drains_the_deployment_and_every_process_exits_0(served, stub):
+    """Runs last: running streams finish, new requests get UNAVAILABLE, every process exits."""
+    pids = [w.pid for w in sh.workers(stub).values()]
+    requests = _mixed_requests("final", n=4, max_tokens=64)
+    refused = []
+
+    def stop():
+        served.process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        try:
+            _collect(stub, _request([5, 6], max_tokens=2), timeout=10)
+        except grpc.RpcError as e:
+            refused.append(e.code())
+
+    results = _run_with_fault(stub, requests, stop, after=0.3)
+    assert all(len(t) == 64 and c.finish_reason == "length" for t, c in results)
+    assert refused == [grpc.StatusCode.UNAVAILABLE]
+    assert served.process.wait(60) == 0, "\n".join(served.lines[-30:])
     time.sleep(0.2)
     assert not any(sh.pid_alive(pid) for pid in pids)

@@ -70,7 +70,7 @@ class WorkerLost(Exception):
 
     def __init__(self, worker: WorkerHandle | None, message: str):
         super().__init__(message)
-        self.worker = worker
+        self.workers = {worker} if worker is not None else set()
 
 
 @dataclasses.dataclass
@@ -159,15 +159,16 @@ class Router(generation_pb2_grpc.GenerationServicer):
         stream = (TextStream(self.tokenizer, valid.prompt_ids, valid.sampling.stop)
                   if self.tokenizer is not None else None)
         deadline = self._deadline(context)
-        attempt = 0
+        attempt, avoid = 0, set()  # workers that failed this request: others first next time
         while True:
             try:
                 async for out in self._attempt(rid, attempt, valid, seed, progress, stream,
-                                               aborted, deadline):
+                                               aborted, deadline, avoid):
                     yield out
                 return
             except WorkerLost as e:
                 attempt += 1
+                avoid.update(e.workers)
                 progress.migrations += 1
                 if progress.migrations > self.serving.max_migrations:
                     raise RequestFailed(grpc.StatusCode.UNAVAILABLE, f"gave up after "
@@ -185,7 +186,7 @@ class Router(generation_pb2_grpc.GenerationServicer):
 
     async def _attempt(self, rid: str, n: int, valid: ValidRequest, seed: int,
                        progress: _Progress, stream: TextStream | None, aborted: asyncio.Event,
-                       deadline: float):
+                       deadline: float, avoid: set[WorkerHandle]):
         """One pass through a decode (and a prefill) worker; raises WorkerLost to migrate."""
         done = len(progress.generated)
         sampling = dataclasses.replace(valid.sampling, max_tokens=valid.sampling.max_tokens - done)
@@ -215,15 +216,16 @@ class Router(generation_pb2_grpc.GenerationServicer):
             progress.worker_queue_from = time.monotonic()
             local = self.local_prefill or not any(w.serving for w in self.pool.prefill)
             decode_worker, decode_call = await self._reserve(engine_request, len(request.prompt_ids),
-                                                             local, deadline, aborted)
+                                                             local, deadline, aborted, avoid)
             if decode_worker is None:  # aborted while queued
                 yield self._complete(rid, "abort", progress)
                 return
             workers["decode"] = decode_worker
             pump("decode", decode_worker, decode_call)
             if not local:
-                prefill_worker = self.pool.choose_prefill(request.prompt_ids,
-                                                          self.deployment.kv.page_size)
+                page_size = self.deployment.kv.page_size
+                prefill_worker = (self.pool.choose_prefill(request.prompt_ids, page_size, avoid)
+                                  or self.pool.choose_prefill(request.prompt_ids, page_size))
                 if prefill_worker is None:
                     raise WorkerLost(None, "no prefill worker is serving")
                 workers["prefill"] = prefill_worker
@@ -240,7 +242,9 @@ class Router(generation_pb2_grpc.GenerationServicer):
                     yield self._complete(rid, "abort", progress)
                     return
                 if tag == "lost":
-                    raise WorkerLost(None, ev)
+                    lost = WorkerLost(None, ev)
+                    lost.workers = {w for w in workers.values() if not w.serving}
+                    raise lost
                 if isinstance(ev, grpc.aio.AioRpcError):
                     self._failed(workers[tag], ev)
                 if ev is None:
@@ -285,7 +289,8 @@ class Router(generation_pb2_grpc.GenerationServicer):
         raise RequestFailed(e.code(), f"{worker.name}: {e.details()}")
 
     async def _reserve(self, engine_request: worker_pb2.EngineRequest, prompt_len: int,
-                       local: bool, deadline: float, aborted: asyncio.Event):
+                       local: bool, deadline: float, aborted: asyncio.Event,
+                       avoid: set[WorkerHandle] = frozenset()):
         """(decode worker, its Decode call with the Reserved event read) once a worker reserved
         pages; (None, None) if aborted meanwhile. Requests that find every pool full wait in
         FCFS order until pages free up or `deadline`; RESOURCE_EXHAUSTED when the queue is full
@@ -299,7 +304,9 @@ class Router(generation_pb2_grpc.GenerationServicer):
         try:
             while True:
                 if ticket is None or self.queue[0] is ticket:
-                    found = await self._try_reserve(request, pages, needed, tried)
+                    found = await self._try_reserve(request, pages, needed, tried | avoid)
+                    if found is None and avoid:  # only workers that failed it before have room
+                        found = await self._try_reserve(request, pages, needed, tried)
                     if found is not None:
                         return found
                 if aborted.is_set():
@@ -467,6 +474,9 @@ class Router(generation_pb2_grpc.GenerationServicer):
             workers=[w.info_with_state() for w in self.pool.workers])
 
     async def GetLoads(self, request, context):
+        """Fresh reports (each worker asked now, for at most a second); a worker that does not
+        answer shows its state with zeros, never as an idle worker."""
+        await asyncio.gather(*(self.pool.probe(w, timeout=1.0) for w in self.pool.workers))
         return generation_pb2.Loads(workers=[w.load_with_state() for w in self.pool.workers])
 
 
