@@ -144,6 +144,16 @@ class RouterSection(_Strict):
     port: int = Field(50051, ge=0, le=65535, description="its port; 0 = any free port")
 
 
+class MetricsSection(_Strict):
+    """Prometheus metrics over HTTP, one endpoint per process (URLs in GetServerInfo)."""
+
+    enabled: bool = Field(True, description="serve /metrics from every process")
+    host: str = Field("127.0.0.1", description="address the metrics endpoints listen on")
+    port: int = Field(0, ge=0, le=65535, description="the router's metrics port; worker i (in "
+                                                     "start order) uses port + 1 + i; 0 = any "
+                                                     "free port")
+
+
 class RestartSection(_Strict):
     """`jaxpd serve` restarts a dead worker (the others keep serving) until `attempts` restarts
     of it have failed in a row; then it stops everything, as without restarts."""
@@ -192,6 +202,8 @@ class ServingSection(_Strict):
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long running requests "
                                                            "may take to finish before every "
                                                            "process exits")
+    metrics: MetricsSection = Field(default_factory=lambda: MetricsSection(),
+                                    description="Prometheus metrics of every process")
     restart: RestartSection = Field(default_factory=lambda: RestartSection(),
                                     description="how `jaxpd serve` restarts a worker that died")
 

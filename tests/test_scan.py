@@ -35,8 +35,7 @@ def _greedy(model, config, mode, prompts):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", sorted(MODES))
-@pytest.mark.parametrize("checkpoint", ["embedded", "llama"])
+@pytest.mark.parametrize("checkpoint, mode", [("embedded", "colocated"), ("llama", "disaggregated")])
 def test_scanned_and_unrolled_engines_draw_the_same_tokens(checkpoint, mode):
     model = load_model(None if checkpoint == "embedded" else HF_FIXTURES / checkpoint)
     assert not model.config.scan_layers  # the default

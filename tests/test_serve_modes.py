@@ -17,6 +17,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import serving_helpers as sh
+from conftest import first_programs_only
 from jaxpd.v1 import generation_pb2 as pb, generation_pb2_grpc
 
 pytestmark = pytest.mark.xdist_group("serving-colocated")
@@ -59,8 +60,9 @@ def test_colocated_deployment_serves_the_same_tokens(tmp_path):
     finally:
         assert d.stop() == 0, "\n".join(d.lines[-30:])
     model = load_model()
-    engine = build_engine(merge_tokenizer_eos(model.config, tokenizer_for_checkpoint(model.folder)),
-                          model.params, parse_config({"kv": {"num_pages": 256}}))
+    engine = first_programs_only(build_engine(
+        merge_tokenizer_eos(model.config, tokenizer_for_checkpoint(model.folder)), model.params,
+        parse_config({"kv": {"num_pages": 256}})))
     expected = engine.run_to_completion(
         [Request(str(i), tuple(p), SamplingParams(max_tokens=12)) for i, p in enumerate(prompts)])
     assert served == [list(expected[str(i)].token_ids) for i in range(len(prompts))]
@@ -131,10 +133,10 @@ def _ready(proc: subprocess.Popen, timeout: float = 180) -> str:
 
 
 @pytest.mark.slow
-def test_roles_started_one_by_one_and_a_restarted_worker_rejoins(tmp_path):
+def test_roles_started_one_by_one_and_the_router_notices_a_worker_down(tmp_path):
     """Multi-host style: each role its own `jaxpd serve ROLE`, found through the config's ports.
-    The router reports NOT_SERVING while the decode worker is down and recovers without a
-    restart when it comes back."""
+    The router reports NOT_SERVING while its only decode worker is down (a restarted worker's
+    return is tested on the full deployment, tests/test_serving.py)."""
     config = sh.write_config(tmp_path / "roles.yaml",
                              prefill={"devices": [0, 1], "tp": 2, "port": _free_port()},
                              decode={"devices": [2], "tp": 1, "port": _free_port()},
@@ -164,11 +166,7 @@ def test_roles_started_one_by_one_and_a_restarted_worker_rejoins(tmp_path):
         with pytest.raises(grpc.RpcError) as e:
             generate()
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
-        procs["decode"] = _role("decode", config)
-        _ready(procs["decode"])
-        # reconnect backoff is capped at 2 s; the margin is for a loaded CI machine
-        assert _eventually(lambda: status() == health_pb2.HealthCheckResponse.SERVING, 30.0)
-        assert generate() == first
+        assert "no decode worker is serving (decode-0 is down)" in e.value.details()
     finally:
         for proc in procs.values():
             proc.terminate()

@@ -55,6 +55,11 @@ def stub(served):
 
 
 @pytest.fixture(scope="module")
+def router_metrics_at_start(stub):
+    return _scrape(stub.GetServerInfo(pb.GetServerInfoRequest()).metrics_url)
+
+
+@pytest.fixture(scope="module")
 def offline():
     """The in-process engine on the same model: what every stream must equal."""
     from jaxpd.config import parse_config
@@ -90,7 +95,7 @@ def _collect(stub, req, timeout=120):
     return tokens, text, complete
 
 
-def test_health_and_server_info(served, stub):
+def test_health_and_server_info(served, stub, router_metrics_at_start):
     health = health_pb2_grpc.HealthStub(served.channel())
     assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
     info = stub.GetServerInfo(pb.GetServerInfoRequest())
@@ -458,6 +463,71 @@ def test_a_drained_worker_hands_its_requests_over(stub):
     results = _run_with_fault(stub, requests, lambda: os.kill(pid, signal.SIGTERM), after=0.4)
     assert [r[0] for r in results] == [r[0] for r in reference]
     _after_fault(stub, "decode-0", pid)
+
+
+def _scrape(url: str) -> dict[str, float]:
+    """{"name{label=value}": value} of a Prometheus endpoint."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return out
+
+
+def test_metrics_of_every_process_move(served, stub, router_metrics_at_start):
+    info = stub.GetServerInfo(pb.GetServerInfoRequest())
+    urls = {f"{w.role}-{w.replica}": w.metrics_url for w in info.workers}
+    assert info.metrics_url and all(u.startswith("http://127.0.0.1:") for u in urls.values())
+    before = {name: _scrape(url) for name, url in [("router", info.metrics_url), *urls.items()]}
+    call = stub.Generate(_request(list(range(40, 90)), max_tokens=200, ignore_eos=True))
+    next(call)
+    during = _scrape(info.metrics_url)
+    call.cancel()
+    with pytest.raises(grpc.RpcError):
+        _collect(stub, _request([5], max_tokens=0))
+    for req in _mixed_requests("metrics", n=4, prompt_len=60, max_tokens=12):
+        _collect(stub, req)
+    time.sleep(0.2)
+    after = {name: _scrape(url) for name, url in [("router", info.metrics_url), *urls.items()]}
+
+    def moved(process: str, metric: str) -> bool:
+        return after[process].get(metric, 0) > before[process].get(metric, 0)
+
+    r = "router"
+    for metric in ["jaxpd:request_success_total{finished_reason=length}",
+                   "jaxpd:request_errors_total{code=INVALID_ARGUMENT}",
+                   "jaxpd:request_errors_total{code=CANCELLED}",
+                   "jaxpd:time_to_first_token_seconds_count", "jaxpd:time_per_output_token_seconds_count",
+                   "jaxpd:inter_token_latency_seconds_count", "jaxpd:e2e_request_latency_seconds_count",
+                   "jaxpd:request_queue_time_seconds_count", "jaxpd:generation_tokens_total"]:
+        assert moved(r, metric), metric
+    assert during["jaxpd:num_requests_running"] >= 1 and after[r]["jaxpd:num_requests_running"] == 0
+    assert "jaxpd:num_requests_waiting" in after[r] and "process_resident_memory_bytes" in after[r]
+    # the faults earlier in this module moved requests between workers
+    assert after[r]["jaxpd:request_migrations_total"] > router_metrics_at_start["jaxpd:request_migrations_total"]
+    roles = {"prefill": [n for n in urls if n.startswith("prefill")],
+             "decode": [n for n in urls if n.startswith("decode")]}
+    for metric, direction in [("jaxpd:kv_transfer_bytes_total{direction=sent}", "prefill"),
+                              ("jaxpd:kv_transfer_seconds_total{direction=sent}", "prefill"),
+                              ("jaxpd:kv_transfer_bytes_total{direction=received}", "decode"),
+                              ("jaxpd:kv_transfer_seconds_total{direction=received}", "decode"),
+                              ("jaxpd:engine_step_seconds_count", "prefill"),
+                              ("jaxpd:engine_step_seconds_count", "decode"),
+                              ("jaxpd:engine_batch_size_count", "decode")]:
+        assert any(moved(n, metric) for n in roles[direction]), (metric, direction)
+    for name in urls:
+        for gauge in ("jaxpd:num_requests_running", "jaxpd:num_requests_waiting",
+                      "jaxpd:kv_pages_used", "jaxpd:kv_pages_free", "jaxpd:compiled_programs",
+                      "jaxpd:num_preemptions_total", "jaxpd:request_path_compilations_total"):
+            assert gauge in after[name], (name, gauge)
+        assert after[name]["jaxpd:kv_pages_free"] + after[name]["jaxpd:kv_pages_used"] == 255
+        assert after[name]["jaxpd:compiled_programs"] >= 1
 
 
 def test_sigterm_drains_the_deployment_and_every_process_exits_0(served, stub):

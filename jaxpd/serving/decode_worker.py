@@ -198,7 +198,8 @@ class DecodeScheduler:
         e = self.engine
         return {"running": len(e.running) + len(e.prefilling) + len(e.handoff),
                 "waiting": len(e.waiting), "transferring": len(e.receiving),
-                "requests": len(self.subs), **pool_counts(self.manager)}
+                "requests": len(self.subs), "preemptions": e.num_preemptions,
+                **pool_counts(self.manager)}
 
 
 class DecodeServicer(WorkerServicer, worker_pb2_grpc.DecodeWorkerServicer):
@@ -244,7 +245,7 @@ class DecodeServicer(WorkerServicer, worker_pb2_grpc.DecodeWorkerServicer):
         is written before the first frame's request id and token are authorized, and a push
         that is refused (unknown request, wrong token) never harms the request it names."""
         request_id, token, received, count, pending = None, None, 0, 0, []
-        authorized = False
+        authorized, began = False, time.monotonic()
         try:
             async for raw in frames:
                 header, payload = wire.parse_frame(raw)
@@ -264,6 +265,8 @@ class DecodeServicer(WorkerServicer, worker_pb2_grpc.DecodeWorkerServicer):
                     await asyncio.gather(*pending)
                     await self.thread.call(
                         lambda: self.scheduler.finish_transfer(request_id, header.finish, received))
+                    if self.state.metrics is not None:
+                        self.state.metrics.kv_moved("received", received, began)
                     return worker_pb2.KVAck(request_id=request_id, bytes=received, messages=count)
             raise wire.WireError("invalid", f"the KV stream for {request_id!r} ended without its "
                                  f"finish message")

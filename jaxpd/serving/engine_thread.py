@@ -30,9 +30,11 @@ class EngineThread:
                  on_error: Callable[[Exception], None], loop: asyncio.AbstractEventLoop, *,
                  tick: Callable[[], None] = lambda: None,
                  snapshot: Callable[[], dict] = dict, tick_s: float = 0.25,
-                 on_broken: Callable[[Exception], None] | None = None):
+                 on_broken: Callable[[Exception], None] | None = None,
+                 on_step: Callable[[float, dict], None] | None = None):
         self._has_work, self._step, self._on_error, self.loop = has_work, step, on_error, loop
         self._tick, self._snapshot, self.tick_s, self._on_broken = tick, snapshot, tick_s, on_broken
+        self._on_step = on_step  # (seconds, snapshot before the step): metrics
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._live = True
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -101,8 +103,11 @@ class EngineThread:
                 next_tick = time.monotonic() + self.tick_s
                 self._guarded(self._tick, "tick")
             if self._live and self.broken is None and self._has_work():
+                before, began = self.snapshot, time.perf_counter()
                 self._guarded(self._step, "step")
                 self.steps += 1
+                if self._on_step is not None:
+                    self._on_step(time.perf_counter() - began, before)
             self.snapshot = self._snapshot()
 
     def _guarded(self, fn: Callable[[], None], what: str) -> None:

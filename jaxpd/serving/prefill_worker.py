@@ -202,6 +202,7 @@ class PrefillServicer(WorkerServicer, worker_pb2_grpc.PrefillWorkerServicer):
                                  else (grpc.StatusCode.INVALID_ARGUMENT, str(e)))
                 await context.abort(code, message)
             kv = self.sender.open(request.kv_target, req.id, request.request.request_token)
+            began = time.monotonic()
             while True:
                 ev = await events.get()
                 if isinstance(ev, Failed):
@@ -220,6 +221,8 @@ class PrefillServicer(WorkerServicer, worker_pb2_grpc.PrefillWorkerServicer):
                 elif isinstance(ev, KVComplete):
                     break
             await kv.finish(len(req.prompt_ids), first.token, first.logprob)
+            if self.state.metrics is not None:
+                self.state.metrics.kv_moved("sent", kv.bytes, began)
             self.thread.post(lambda: self.scheduler.release(req.id))
             released = True
             yield worker_pb2.PrefillEvent(kv_sent=worker_pb2.KVSent(bytes=kv.bytes,

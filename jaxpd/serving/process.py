@@ -125,10 +125,10 @@ class _Progress:
             flush=True)
 
 
-def _log_request_path_compiles() -> None:
+def _log_request_path_compiles(count=lambda: None) -> None:
     """Log every XLA compilation that happens on an engine thread (the request path), with
-    JAX's own compile hook: with `--precompile background` or `all` the step programs never
-    should; small helper programs (KV gathers and writes) may, once per bucket."""
+    JAX's own compile hook, and `count()` it: with `--precompile background` or `all` the step
+    programs never should; small helper programs (KV gathers and writes) may, once per bucket."""
     import threading
 
     import jax
@@ -138,6 +138,7 @@ def _log_request_path_compiles() -> None:
                 threading.current_thread().name.startswith("engine-"):
             log.info("compiled %s on the request path in %.2f s", kwargs.get("fun_name", "?"),
                      duration)
+            count()
 
     jax.monitoring.register_event_duration_secs_listener(listener)
 
@@ -175,7 +176,7 @@ def _warm_up(role: str, replica: int, engine) -> tuple[str, object]:
 
 
 async def _serve_worker(role: str, replica: int, deployment: DeploymentConfig, where: str,
-                        port: int | None = None) -> int:
+                        port: int | None = None, metrics_port: int | None = None) -> int:
     """Serve one worker until SIGTERM (drain: its requests move to other workers, exit 0) or a
     failed engine step (NOT_SERVING, exit EXIT_BROKEN for the launcher to restart it)."""
     import grpc
@@ -187,10 +188,13 @@ async def _serve_worker(role: str, replica: int, deployment: DeploymentConfig, w
     from jaxpd.serving.worker_common import DRAINING, WorkerState
     from jaxpd.v1 import worker_pb2_grpc
 
+    from jaxpd.serving import metrics as prom
+
     group, key = worker_group(deployment, role)
     serving = deployment.serving
     loop = asyncio.get_running_loop()
-    _log_request_path_compiles()
+    compiles: list = []
+    _log_request_path_compiles(lambda: compiles and compiles[0].inc())
     engine, config, wire, tokenizer = await loop.run_in_executor(None, _load_worker, deployment,
                                                                  group.tp)
     state = WorkerState(role, replica, deployment, engine, config, wire, tokenizer)
@@ -205,6 +209,16 @@ async def _serve_worker(role: str, replica: int, deployment: DeploymentConfig, w
     log.info("%s-%d: %s in %.1f s (compilation cache: %s)", role, replica, done,
              time.perf_counter() - started, os.environ.get("JAXPD_CACHE_DIR", "off"))
     stop, broken = asyncio.Event(), []
+    runner = (engine.prefill if role == "prefill" else engine.decode).runner
+    snapshot = lambda: thread.snapshot  # noqa: E731
+    if serving.metrics.enabled:
+        state.metrics = prom.WorkerMetrics(snapshot, lambda: len(runner.programs))
+        compiles.append(state.metrics.request_path_compiles)
+
+    def on_step(seconds: float, before: dict) -> None:
+        if state.metrics is not None:
+            state.metrics.step.observe(seconds)
+            state.metrics.batch.observe(before.get("running", 0))
 
     def on_broken(error: Exception) -> None:
         broken.append(error)
@@ -212,7 +226,10 @@ async def _serve_worker(role: str, replica: int, deployment: DeploymentConfig, w
 
     thread = EngineThread(f"engine-{role}-{replica}", scheduler.has_work, scheduler.step,
                           scheduler.fail_all, loop, tick=scheduler.tick, snapshot=scheduler.load,
-                          on_broken=on_broken)
+                          on_broken=on_broken, on_step=on_step)
+    if state.metrics is not None:
+        state.metrics_url = prom.serve(state.metrics.registry, serving.metrics.host,
+                                       metrics_port if metrics_port is not None else serving.metrics.port)
 
     def register(server) -> None:
         if role == "prefill":
@@ -270,7 +287,8 @@ def _addresses(group: MeshSection | None, key: str, given: list[str] | None) -> 
 
 
 async def _serve_router(deployment: DeploymentConfig, where: str, prefill: list[str] | None,
-                        decode: list[str] | None, port: int | None = None) -> int:
+                        decode: list[str] | None, port: int | None = None,
+                        metrics_port: int | None = None) -> int:
     from jaxpd.model.checkpoint import default_checkpoint, load_config
     from jaxpd.serving.grpc_server import add_lenient, start_server
     from jaxpd.serving.router import Router
@@ -296,6 +314,11 @@ async def _serve_router(deployment: DeploymentConfig, where: str, prefill: list[
         raise JaxpdError(f"router: {e}") from None
     router = Router(deployment, config, tokenizer, deployment.model.checkpoint or "default",
                     pool=pool)
+    if serving.metrics.enabled:
+        from jaxpd.serving.metrics import serve
+
+        router.metrics_url = serve(router.metrics.registry, serving.metrics.host,
+                                   metrics_port if metrics_port is not None else serving.metrics.port)
     r = serving.router
     server = await start_server(
         r.host, r.port if port is None else port, key="serving.router.port", where=where, services=["jaxpd.v1.Generation"],
@@ -332,7 +355,8 @@ async def _serve_router(deployment: DeploymentConfig, where: str, prefill: list[
 
 def run_role(role: str, deployment: DeploymentConfig, where: str, *, replica: int = 0,
              prefill_addresses: list[str] | None = None,
-             decode_addresses: list[str] | None = None, port: int | None = None) -> int:
+             decode_addresses: list[str] | None = None, port: int | None = None,
+             metrics_port: int | None = None) -> int:
     """Run one role until SIGTERM/SIGINT; returns its exit status. Raises JaxpdError for what
     the user must fix. `port` overrides the group's (the launcher fixes each worker's port, so
     a restarted worker comes back where the router looks for it)."""
@@ -342,8 +366,8 @@ def run_role(role: str, deployment: DeploymentConfig, where: str, *, replica: in
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     if role == "router":
         return asyncio.run(_serve_router(deployment, where, prefill_addresses, decode_addresses,
-                                         port))
+                                         port, metrics_port))
     group, key = worker_group(deployment, role)
     if not 0 <= replica < group.replicas:
         raise ConfigError(f"--replica {replica}: {key}.replicas is {group.replicas}")
-    return asyncio.run(_serve_worker(role, replica, deployment, where, port))
+    return asyncio.run(_serve_worker(role, replica, deployment, where, port, metrics_port))

@@ -44,6 +44,7 @@ from jaxpd.model.config import ModelConfig
 from jaxpd.request_check import DuplicateRequest, InvalidRequest, Limits
 from jaxpd.serving.convert import engine_request_to_pb
 from jaxpd.serving.grpc_server import internal_metadata
+from jaxpd.serving.metrics import RouterMetrics
 from jaxpd.serving.validate import ValidRequest, check_generate, status_of
 from jaxpd.serving.worker_pool import WorkerHandle, WorkerPool
 from jaxpd.tokenizer import Tokenizer
@@ -88,6 +89,7 @@ class _Progress:
     kv_in_at: float | None = None
     worker_queue_from: float = 0.0
     migrations: int = 0
+    last_chunk_at: float | None = None
 
     def timings(self) -> generation_pb2.Timings:
         now = time.monotonic()
@@ -112,6 +114,7 @@ class Router(generation_pb2_grpc.GenerationServicer):
         self.queue: list[object] = []  # FCFS tickets of requests waiting for KV pages
         self.draining = False
         self.metrics_url = ""
+        self.metrics = RouterMetrics(lambda: len(self.inflight), lambda: len(self.queue))
         self._rng = random.Random()
         # the request check tokenizes: off the event loop, so one huge prompt stalls no one
         self._checker = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="check")
@@ -129,6 +132,7 @@ class Router(generation_pb2_grpc.GenerationServicer):
     async def Generate(self, request: generation_pb2.GenerateRequest, context):
         received = time.monotonic()
         if self.draining:
+            self.metrics.errors.labels("UNAVAILABLE").inc()
             context.set_trailing_metadata((("grpc-retry-pushback-ms", RETRY_PUSHBACK_MS),))
             await context.abort(grpc.StatusCode.UNAVAILABLE, "this jaxpd deployment is draining "
                                 "(shutting down); retry the request on another replica")
@@ -140,15 +144,23 @@ class Router(generation_pb2_grpc.GenerationServicer):
             if rid in self.inflight:
                 raise DuplicateRequest("request_id", f"{rid!r} is already in flight; use a new id")
         except InvalidRequest as e:
-            await context.abort(*status_of(e))
+            code, message = status_of(e)
+            self.metrics.errors.labels(code.name).inc()
+            await context.abort(code, message)
         aborted = asyncio.Event()
         self.inflight[rid] = aborted
+        ended = False
         try:
             async for response in self._generate(rid, valid, received, aborted, context):
+                ended = response.HasField("complete")
                 yield response
         except RequestFailed as e:
+            ended = True
+            self.metrics.errors.labels(e.code.name).inc()
             await context.abort(e.code, str(e))
         finally:
+            if not ended:  # the client cancelled, or its deadline passed
+                self.metrics.errors.labels("CANCELLED").inc()
             self.inflight.pop(rid, None)
             self.pool.notify()  # its pages are free: wake a queued request
 
@@ -385,8 +397,15 @@ class Router(generation_pb2_grpc.GenerationServicer):
     def _emit(self, rid: str, tokens: worker_pb2.Tokens, progress: _Progress,
               stream: TextStream | None, valid: ValidRequest):
         """Chunk (and Complete) responses for new tokens, after detokenizing and stop strings."""
+        now = time.monotonic()
         if progress.first_token_at is None and tokens.token_ids:
-            progress.first_token_at = time.monotonic()
+            progress.first_token_at = now
+        elif tokens.token_ids and progress.last_chunk_at is not None:
+            gap = (now - progress.last_chunk_at) / len(tokens.token_ids)
+            for _ in tokens.token_ids:
+                self.metrics.itl.observe(gap)
+        if tokens.token_ids:
+            progress.last_chunk_at = now
         ids, logprobs = list(tokens.token_ids), list(tokens.logprobs)
         progress.generated.extend(ids)
         finish = tokens.finish_reason or None
@@ -410,6 +429,7 @@ class Router(generation_pb2_grpc.GenerationServicer):
 
     def _complete(self, rid: str, reason: str, progress: _Progress, *, matched_str: str | None = None,
                   matched_id: int | None = None) -> generation_pb2.GenerateResponse:
+        self._record(reason, progress)
         complete = generation_pb2.Complete(
             finish_reason=reason, timings=progress.timings(), migrations=progress.migrations,
             usage=generation_pb2.Usage(prompt_tokens=progress.prompt_tokens,
@@ -420,6 +440,19 @@ class Router(generation_pb2_grpc.GenerationServicer):
         elif matched_id is not None:
             complete.matched_token_id = matched_id
         return generation_pb2.GenerateResponse(request_id=rid, complete=complete)
+
+    def _record(self, reason: str, progress: _Progress) -> None:
+        m, now = self.metrics, time.monotonic()
+        m.success.labels(reason).inc()
+        m.e2e.observe(now - progress.received)
+        m.queue.observe(progress.queue_s)
+        m.migrations.inc(progress.migrations)
+        m.prompt_tokens.inc(progress.prompt_tokens)
+        m.generation_tokens.inc(progress.completion_tokens)
+        if progress.first_token_at is not None:
+            m.ttft.observe(progress.first_token_at - progress.received)
+            if progress.completion_tokens > 1:
+                m.tpot.observe((now - progress.first_token_at) / (progress.completion_tokens - 1))
 
     # -- drain -----------------------------------------------------------------------------------
     async def drain(self, timeout: float) -> int:

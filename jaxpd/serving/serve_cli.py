@@ -50,6 +50,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--port", type=int, metavar="P",
                    help="one role: listen on this port instead of the config's (`jaxpd serve` "
                         "fixes each worker's port, so a restarted worker comes back there)")
+    p.add_argument("--metrics-port", type=int, metavar="P",
+                   help="one role: serve Prometheus metrics on this port instead of the config's")
     p.add_argument("--prefill-addresses", type=_address_list, metavar="A,B",
                    help="router only: the prefill workers (default: prefill.host and prefill.port)")
     p.add_argument("--decode-addresses", type=_address_list, metavar="A,B",
@@ -95,7 +97,8 @@ def run(args) -> int:
     compile_cache.enable()
     return run_role(args.role, deployment, args.config, replica=args.replica,
                     prefill_addresses=args.prefill_addresses,
-                    decode_addresses=args.decode_addresses, port=args.port)
+                    decode_addresses=args.decode_addresses, port=args.port,
+                    metrics_port=args.metrics_port)
 
 
 def _worker_roles(deployment: DeploymentConfig) -> list[tuple[str, int]]:
@@ -133,6 +136,10 @@ def launch(deployment: DeploymentConfig, where: str, *, verbose: bool = False) -
     env.setdefault(SECRET_ENV, secrets.token_hex(16))  # internal calls carry it
     serving = deployment.serving
     router_port = serving.router.port or free_port(serving.router.host)
+
+    def metrics_port(index: int) -> int:
+        m = serving.metrics
+        return m.port + index if m.port else free_port(m.host)
     started = time.monotonic()
     timeout = deployment.serving.startup_timeout_s
     launcher = Launcher(echo=sys.stderr if verbose else None)
@@ -140,10 +147,11 @@ def launch(deployment: DeploymentConfig, where: str, *, verbose: bool = False) -
     try:
         with launcher, handle_stop_signals(launcher):
             specs = []
-            for role, i in roles:  # fixed ports: a restarted worker comes back at its address
+            for n, (role, i) in enumerate(roles):  # fixed ports: a restart comes back there
                 group, _ = worker_group(deployment, role)
                 port = group.port + i if group.port else free_port(group.host)
-                specs.append(role_spec(role, i, where, env, extra=["--port", str(port)]))
+                specs.append(role_spec(role, i, where, env, extra=[
+                    "--port", str(port), "--metrics-port", str(metrics_port(1 + n))]))
             for spec in specs:
                 launcher.start(spec)
             print(f"jaxpd: starting {', '.join(s.name for s in specs)} ...", file=sys.stderr, flush=True)
@@ -153,7 +161,8 @@ def launch(deployment: DeploymentConfig, where: str, *, verbose: bool = False) -
             for (role, _), spec in zip(roles, specs):
                 by_role.setdefault(role, []).append(ready[spec.name]["address"])
             workers = by_role.get("decode", by_role.get("colocated", []))
-            extra = ["--decode-addresses", ",".join(workers), "--port", str(router_port)]
+            extra = ["--decode-addresses", ",".join(workers), "--port", str(router_port),
+                     "--metrics-port", str(metrics_port(0))]
             if "prefill" in by_role:
                 extra += ["--prefill-addresses", ",".join(by_role["prefill"])]
             launcher.start(role_spec("router", 0, where, env, extra=extra))

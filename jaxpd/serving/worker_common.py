@@ -36,6 +36,7 @@ class WorkerState:
     address: str = ""
     metrics_url: str = ""
     state: str = SERVING  # draining once SIGTERM arrived: new requests are refused
+    metrics: object | None = None  # jaxpd.serving.metrics.WorkerMetrics
 
     @property
     def name(self) -> str:
