@@ -144,6 +144,32 @@ class RouterSection(_Strict):
     port: int = Field(50051, ge=0, le=65535, description="its port; 0 = any free port")
 
 
+class TLSFiles(_Strict):
+    """PEM files. Public API: `cert_file` and `key_file` (and `ca_file`, the CA that signed
+    them, for jaxpd's own clients to verify with). Internal (mutual) TLS: all three, one CA for
+    the deployment; a worker takes internal calls only from peers with a certificate it signed."""
+
+    cert_file: str = Field(description="this side's certificate chain (PEM)")
+    key_file: str = Field(description="its private key (PEM)")
+    ca_file: str | None = Field(None, description="the CA certificate (PEM) peers are checked "
+                                                  "against")
+
+    def read(self, key: str) -> tuple[bytes, bytes, bytes | None]:
+        """(certificate chain, private key, CA or None), or ConfigError naming `key`."""
+        def one(field: str, path: str | None) -> bytes | None:
+            if path is None:
+                return None
+            try:
+                data = Path(path).read_bytes()
+            except OSError as e:
+                raise ConfigError(f"{key}.{field}: cannot read {path} ({e.strerror})") from None
+            if b"-----BEGIN" not in data:
+                raise ConfigError(f"{key}.{field}: {path} is not a PEM file")
+            return data
+        return one("cert_file", self.cert_file), one("key_file", self.key_file), \
+            one("ca_file", self.ca_file)
+
+
 class MetricsSection(_Strict):
     """Prometheus metrics over HTTP, one endpoint per process (URLs in GetServerInfo)."""
 
@@ -202,8 +228,22 @@ class ServingSection(_Strict):
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long running requests "
                                                            "may take to finish before every "
                                                            "process exits")
+    tls: TLSFiles | None = Field(None, description="TLS on the public API (the router's port)")
+    internal_tls: TLSFiles | None = Field(None, description="mutual TLS between the router and "
+                                                            "workers and between workers (needs "
+                                                            "ca_file)")
+    auth_token_file: str | None = Field(None, description="a file holding the bearer token every "
+                                                          "public call must carry (authorization: "
+                                                          "Bearer TOKEN); also JAXPD_API_TOKEN")
     metrics: MetricsSection = Field(default_factory=lambda: MetricsSection(),
                                     description="Prometheus metrics of every process")
+
+    @model_validator(mode="after")
+    def _mutual_tls_needs_a_ca(self) -> ServingSection:
+        if self.internal_tls is not None and self.internal_tls.ca_file is None:
+            raise ValueError("internal_tls.ca_file: mutual TLS needs the deployment's CA "
+                             "certificate")
+        return self
     restart: RestartSection = Field(default_factory=lambda: RestartSection(),
                                     description="how `jaxpd serve` restarts a worker that died")
 

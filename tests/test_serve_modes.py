@@ -24,36 +24,59 @@ pytestmark = pytest.mark.xdist_group("serving-colocated")
 
 
 @pytest.mark.slow
-def test_colocated_deployment_serves_the_same_tokens(tmp_path):
+def test_colocated_deployment_with_tls_mtls_and_a_token_serves_the_same_tokens(tmp_path):
+    """The colocated mode behind TLS on the public port, mutual TLS between router and worker,
+    and a bearer token: a client with the CA and the token gets the offline tokens; without the
+    token it gets UNAUTHENTICATED; without TLS, or with a certificate of another CA on the
+    worker's port, it gets nothing at all."""
+    from certs import CA
     from jaxpd.config import parse_config
     from jaxpd.engine.builder import build_engine
     from jaxpd.engine.request import Request
     from jaxpd.engine.sampling import SamplingParams
     from jaxpd.model.checkpoint import load_model
+    from jaxpd.serving.client import Client, ClientError
     from jaxpd.tokenizer import merge_tokenizer_eos, tokenizer_for_checkpoint
+    from jaxpd.v1 import worker_pb2, worker_pb2_grpc
 
+    ca, rogue = CA("jaxpd-test"), CA("someone-else")
+    (tmp_path / "token").write_text("s3cret-token\n")
     config = tmp_path / "colocated.yaml"
     cfg = yaml.safe_load((sh.REPO / "configs" / "local-colocated.yaml").read_text())
     cfg["serving"]["router"]["port"] = 0
+    cfg["serving"].update(tls=ca.write(tmp_path, "router"), internal_tls=ca.write(tmp_path, "node"),
+                          auth_token_file=str(tmp_path / "token"))
     cfg["scheduler"]["chunk_size"] = 32
     config.write_text(yaml.safe_dump(cfg))
     prompts = [[5 + i] * n for i, n in enumerate((3, 40, 90))]
     d = sh.start(config, precompile="background", verbose=True)  # the default mode
     try:
-        stub = d.stub()
-        info = stub.GetServerInfo(pb.GetServerInfoRequest())
-        assert info.mode == "colocated" and info.kv_transport == "none"
-        assert [(w.role, w.tp) for w in info.workers] == [("colocated", 2)]
-
-        def generate(prompt):
-            req = pb.GenerateRequest(sampling=pb.SamplingParams(max_tokens=12))
-            req.prompt_token_ids.ids.extend(prompt)
-            return [t for r in stub.Generate(req, timeout=120) for t in r.chunk.token_ids]
-
-        with concurrent.futures.ThreadPoolExecutor(3) as pool:
-            served = list(pool.map(generate, prompts))
-        ok, used = sh.wait_pages_free(stub, within=1.0)
-        assert ok, used
+        with Client(d.address, tls_ca=ca.pem(), token="s3cret-token", timeout=120) as client:
+            info = client.server_info()
+            assert info.mode == "colocated" and info.kv_transport == "none"
+            assert [(w.role, w.tp) for w in info.workers] == [("colocated", 2)]
+            with concurrent.futures.ThreadPoolExecutor(3) as pool:
+                served = list(pool.map(
+                    lambda p: list(client.complete(prompt_token_ids=p, max_tokens=12).token_ids), prompts))
+            deadline = time.monotonic() + 2.0
+            while any(w.kv_pages_used for w in client.loads().workers):
+                assert time.monotonic() < deadline, client.loads()
+                time.sleep(0.05)
+        for token in (None, "wrong"):
+            with Client(d.address, tls_ca=ca.pem(), token=token, timeout=10) as client:
+                with pytest.raises(ClientError) as e:
+                    client.complete(prompt_token_ids=[5], max_tokens=2)
+                assert e.value.code == grpc.StatusCode.UNAUTHENTICATED and "bearer token" in str(e.value)
+        with Client(d.address, timeout=5) as plain, pytest.raises(ClientError) as e:
+            plain.complete(prompt_token_ids=[5], max_tokens=2)
+        assert e.value.code == grpc.StatusCode.UNAVAILABLE
+        worker = info.workers[0].address
+        for cert, key in (rogue.issue("intruder"), (None, None)):
+            creds = grpc.ssl_channel_credentials(ca.pem(), key, cert)
+            stub = worker_pb2_grpc.DecodeWorkerStub(grpc.secure_channel(worker, creds))
+            with pytest.raises(grpc.RpcError) as e:
+                stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=5, metadata=sh.INTERNAL)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE  # the handshake fails
         # serving began with two programs; requests of other shapes did not wait for one
         assert any("2 first step programs compiled" in line for line in d.lines), d.lines[-30:]
         assert sh.step_compiles_on_request_path(d.lines) == []

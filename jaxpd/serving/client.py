@@ -218,12 +218,20 @@ class Client:
     share between threads: gRPC multiplexes concurrent calls over one channel.
     """
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = None):
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = None,
+                 tls_ca: str | bytes | None = None, tls: bool = False, token: str | None = None):
+        """`tls` (or `tls_ca`: a CA certificate, PEM path or bytes, for a private CA) talks TLS;
+        `token` is sent as `authorization: Bearer TOKEN` on every call."""
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address, options=[
-            ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES)])
+        options = [("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES)]
+        if tls or tls_ca is not None:
+            ca = tls_ca if isinstance(tls_ca, (bytes, type(None))) else open(tls_ca, "rb").read()
+            self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(ca), options)
+        else:
+            self._channel = grpc.insecure_channel(address, options=options)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._stub = generation_pb2_grpc.GenerationStub(self._channel)
 
     def __enter__(self) -> Client:
@@ -248,7 +256,7 @@ class Client:
 
     def _unary(self, method, request, timeout: float | None):
         try:
-            return method(request, timeout=self._deadline(timeout))
+            return method(request, timeout=self._deadline(timeout), metadata=self._metadata)
         except grpc.RpcError as e:
             raise _status(e) from None
 
@@ -275,7 +283,7 @@ class Client:
                timeout: float | None = None) -> Iterator[StreamEvent]:
         """`generate` for a ready-made GenerateRequest."""
         start = time.perf_counter()
-        call = self._stub.Generate(request, timeout=self._deadline(timeout))
+        call = self._stub.Generate(request, timeout=self._deadline(timeout), metadata=self._metadata)
         try:
             for response in call:
                 yield to_event(response, time.perf_counter() - start)

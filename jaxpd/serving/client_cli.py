@@ -8,6 +8,7 @@ that is not there) print one `error: ...` line and exit 2.
 from __future__ import annotations
 
 import argparse
+import os
 import concurrent.futures
 import json
 import sys
@@ -73,6 +74,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "client", help="send prompts to a running `jaxpd serve` over gRPC",
         description=DESCRIPTION, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tls", action="store_true",
+                   help="talk TLS to the router (a certificate from a public CA)")
+    p.add_argument("--tls-ca", metavar="PEM",
+                   help="talk TLS, trusting this CA certificate (serving.tls.ca_file)")
+    p.add_argument("--token", metavar="TOKEN",
+                   help="bearer token (serving.auth_token_file); also $JAXPD_API_TOKEN")
     p.add_argument("--address", default=DEFAULT_ADDRESS, metavar="HOST:PORT",
                    help=f"the router's address (default {DEFAULT_ADDRESS})")
     src = p.add_mutually_exclusive_group(required=True)
@@ -208,7 +215,8 @@ def run(args: argparse.Namespace) -> int:
     """Run `jaxpd client`; returns the exit status."""
     requests = _requests(args)
     try:
-        with Client(args.address) as client:
+        token = args.token or os.environ.get("JAXPD_API_TOKEN") or None
+        with Client(args.address, tls=args.tls, tls_ca=args.tls_ca, token=token) as client:
             client.wait_ready(args.connect_timeout)
             if args.json or len(requests) > 1:
                 return _run_concurrent(client, args, requests)

@@ -44,8 +44,54 @@ def channel_options(max_message_bytes: int = INTERNAL_MESSAGE_BYTES) -> list[tup
             ("grpc.max_reconnect_backoff_ms", 2000)]
 
 
+# -- TLS: set once per process from the deployment (`configure`) -------------------------------
+class _Credentials:
+    internal_server: grpc.ServerCredentials | None = None  # workers: mutual TLS
+    internal_channel: grpc.ChannelCredentials | None = None  # router, workers, launcher
+    public_server: grpc.ServerCredentials | None = None  # the router's public port
+    public_channel: grpc.ChannelCredentials | None = None  # the launcher's check of the router
+    token: str | None = None  # the public API's bearer token
+
+
+CREDENTIALS = _Credentials()
+TOKEN_ENV = "JAXPD_API_TOKEN"
+
+
+def configure(serving) -> None:
+    """Read `serving.tls`, `serving.internal_tls` and the token once, at process start;
+    ConfigError names the key of a file that cannot be read."""
+    c = CREDENTIALS
+    if serving.internal_tls is not None:
+        cert, key, ca = serving.internal_tls.read("serving.internal_tls")
+        c.internal_server = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
+                                                        require_client_auth=True)
+        c.internal_channel = grpc.ssl_channel_credentials(ca, key, cert)
+    if serving.tls is not None:
+        cert, key, ca = serving.tls.read("serving.tls")
+        c.public_server = grpc.ssl_server_credentials([(key, cert)])
+        c.public_channel = grpc.ssl_channel_credentials(ca)
+    c.token = os.environ.get(TOKEN_ENV) or None
+    if serving.auth_token_file is not None:
+        try:
+            c.token = open(serving.auth_token_file).read().strip()
+        except OSError as e:
+            raise ConfigError(f"serving.auth_token_file: cannot read {serving.auth_token_file} "
+                              f"({e.strerror})") from None
+        if not c.token:
+            raise ConfigError(f"serving.auth_token_file: {serving.auth_token_file} is empty")
+
+
 def new_channel(address: str) -> grpc.aio.Channel:
+    """An internal channel (router to worker, worker to worker): mutual TLS when configured."""
+    if CREDENTIALS.internal_channel is not None:
+        return grpc.aio.secure_channel(address, CREDENTIALS.internal_channel, channel_options())
     return grpc.aio.insecure_channel(address, options=channel_options())
+
+
+def check_channel(address: str, public: bool) -> grpc.Channel:
+    """A blocking channel for the launcher's health checks (the router's port is public)."""
+    creds = CREDENTIALS.public_channel if public else CREDENTIALS.internal_channel
+    return grpc.secure_channel(address, creds) if creds is not None else grpc.insecure_channel(address)
 
 
 def internal_secret() -> str:
@@ -58,26 +104,25 @@ def internal_metadata() -> tuple[tuple[str, str], ...]:
     return ((SECRET_KEY, secret),) if secret else ()
 
 
-class _InternalAuth(grpc.aio.ServerInterceptor):
-    """Refuses calls to `services` that lack the deployment's secret (UNAUTHENTICATED)."""
+class _MetadataAuth(grpc.aio.ServerInterceptor):
+    """Refuses calls to `services` whose metadata `key` is not `expected` (UNAUTHENTICATED);
+    health and reflection stay open (probes, tools)."""
 
-    def __init__(self, services: Iterable[str], secret: str):
+    def __init__(self, services: Iterable[str], key: str, expected: str, message: str):
         self.prefixes = tuple(f"/{s}/" for s in services)
-        self.secret = secret.encode()
+        self.key, self.expected, self.message = key, expected.encode(), message
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         if not details.method.startswith(self.prefixes):
             return await continuation(details)
-        given = dict(details.invocation_metadata or ()).get(SECRET_KEY, "")
-        if hmac.compare_digest(given.encode() if isinstance(given, str) else given, self.secret):
+        given = dict(details.invocation_metadata or ()).get(self.key, "")
+        if hmac.compare_digest(given.encode() if isinstance(given, str) else given, self.expected):
             return await continuation(details)
         handler = await continuation(details)
-        return _refusing(handler)
+        return _refusing(handler, self.message)
 
 
-def _refusing(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
-    message = ("internal call without this deployment's secret: only jaxpd's own router and "
-               "workers may call it")
+def _refusing(handler: grpc.RpcMethodHandler | None, message: str) -> grpc.RpcMethodHandler:
 
     async def unary(request, context):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
@@ -203,10 +248,20 @@ async def start_server(host: str, port: int, *, key: str, where: str,
     if internal:
         secret = internal_secret()
         if secret:
-            interceptors.append(_InternalAuth(services, secret))
-        else:
+            interceptors.append(_MetadataAuth(services, SECRET_KEY, secret, (
+                "internal call without this deployment's secret: only jaxpd's own router and "
+                "workers may call it")))
+        elif CREDENTIALS.internal_server is None:
             log.warning("%s is not set: internal calls are not authenticated (`jaxpd serve` sets "
                         "it; set the same value on every role started by hand)", SECRET_ENV)
+        credentials = CREDENTIALS.internal_server
+    else:
+        credentials = CREDENTIALS.public_server
+        if CREDENTIALS.token:
+            interceptors.append(_MetadataAuth(services, "authorization", f"Bearer {CREDENTIALS.token}",
+                                              "missing or wrong bearer token: send metadata "
+                                              "'authorization: Bearer TOKEN' (jaxpd client "
+                                              "--token)"))
     options = [("grpc.so_reuseport", 0), *channel_options(max_message_bytes)]
     server = grpc.aio.server(options=options, interceptors=interceptors)
     register(server)
@@ -216,7 +271,8 @@ async def start_server(host: str, port: int, *, key: str, where: str,
     reflection.enable_server_reflection([*services, health.SERVICE_NAME, reflection.SERVICE_NAME],
                                         server)
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        bound = (server.add_secure_port(f"{host}:{port}", credentials) if credentials is not None
+                 else server.add_insecure_port(f"{host}:{port}"))
     except RuntimeError:
         bound = 0
     if not bound:

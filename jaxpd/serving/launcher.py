@@ -51,6 +51,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from jaxpd.errors import ConfigError, JaxpdError
 from jaxpd.serving import deathsig
+from jaxpd.serving.grpc_server import check_channel
 
 READY_PREFIX = "JAXPD_READY "  # must match jaxpd.serving.process.READY_PREFIX
 PROGRESS_PREFIX = "JAXPD_PROGRESS "  # must match jaxpd.serving.process.PROGRESS_PREFIX
@@ -530,7 +531,7 @@ class Launcher:
             return
         address = dialable(child.ready["address"])
         if child.channel is None:
-            child.channel = grpc.insecure_channel(address)
+            child.channel = check_channel(address, public=child.spec.role == "router")
         stub = health_pb2_grpc.HealthStub(child.channel)
         timeout = max(0.05, min(1.0, deadline - time.monotonic()))
         try:

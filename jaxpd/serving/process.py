@@ -364,6 +364,9 @@ def run_role(role: str, deployment: DeploymentConfig, where: str, *, replica: in
                         format=f"%(asctime)s {role}-{replica} %(levelname)s %(message)s")
     # jax logs every accelerator platform it probes and does not find (e.g. libtpu) at INFO
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    from jaxpd.serving.grpc_server import configure
+
+    configure(deployment.serving)  # TLS files and the token, read once
     if role == "router":
         return asyncio.run(_serve_router(deployment, where, prefill_addresses, decode_addresses,
                                          port, metrics_port))

@@ -130,8 +130,11 @@ def launch(deployment: DeploymentConfig, where: str, *, verbose: bool = False) -
     from jaxpd.serving.grpc_server import SECRET_ENV
     from jaxpd.serving.launcher import RestartPolicy, free_port
 
+    from jaxpd.serving.grpc_server import configure
+
     roles = _worker_roles(deployment)
     _check_ports(deployment, where, roles)
+    configure(deployment.serving)  # a bad TLS file or token fails before any process starts
     env = dict(os.environ)  # each role narrows its own devices (serve_cli.run)
     env.setdefault(SECRET_ENV, secrets.token_hex(16))  # internal calls carry it
     serving = deployment.serving

@@ -185,7 +185,8 @@ class WorkerPool:
         if w.state == state:
             return
         previous, w.state = w.state, state
-        log.warning("%s is now %s (was %s): %s", w.name, state, previous, why)
+        level = logging.INFO if state == SERVING else logging.WARNING
+        log.log(level, "%s is now %s (was %s): %s", w.name, state, previous, why)
         if state != SERVING:
             w.sent.clear()
             for callback in list(w.watchers):
