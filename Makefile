@@ -32,10 +32,10 @@ $(STAMP): pyproject.toml constraints.txt
 	@touch $(STAMP)
 
 test: venv
-	$(PY) -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
 
 test-fast: venv
-	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" $(PYTEST_ARGS)
 
 demo:
 	@began=$$(date +%s.%N); $(MAKE) --no-print-directory venv && \

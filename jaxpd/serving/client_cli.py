@@ -83,6 +83,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--address", default=DEFAULT_ADDRESS, metavar="HOST:PORT",
                    help=f"the router's address (default {DEFAULT_ADDRESS})")
     src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--info", action="store_true",
+                     help="print the deployment (every worker's role, state, pid, metrics URL) "
+                          "and its loads as JSON, and exit")
     src.add_argument("--prompt", action="append", metavar="TEXT",
                      help="prompt text, tokenized by the server (repeat to send several)")
     src.add_argument("--prompt-ids", action="append", type=prompt_ids, metavar="IDS",
@@ -213,11 +216,17 @@ def _run_concurrent(client: Client, args: argparse.Namespace,
 
 def run(args: argparse.Namespace) -> int:
     """Run `jaxpd client`; returns the exit status."""
-    requests = _requests(args)
+    requests = [] if args.info else _requests(args)
     try:
         token = args.token or os.environ.get("JAXPD_API_TOKEN") or None
         with Client(args.address, tls=args.tls, tls_ca=args.tls_ca, token=token) as client:
             client.wait_ready(args.connect_timeout)
+            if args.info:
+                from google.protobuf import json_format
+
+                print(json.dumps({"server": json_format.MessageToDict(client.server_info()),
+                                  "loads": json_format.MessageToDict(client.loads())}, indent=2))
+                return 0
             if args.json or len(requests) > 1:
                 return _run_concurrent(client, args, requests)
             return _run_live(client, args, requests[0])
