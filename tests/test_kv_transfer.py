@@ -116,6 +116,14 @@ def _pages_used(stub):
     return stub.GetLoad(worker_pb2.GetLoadRequest()).kv_pages_used
 
 
+def _wait_pages_free(stub, within: float = 2.0) -> int:
+    """Pages in use once the load snapshot caught up (it is published after each step)."""
+    deadline = time.monotonic() + within
+    while _pages_used(stub) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return _pages_used(stub)
+
+
 def _pool_is_zero(worker):
     return all(not np.asarray(pages).any() for pages in worker.engine.decode.manager.kv)
 
@@ -145,7 +153,7 @@ def test_refused_kv_is_never_written_and_frees_the_reservation(worker, corrupt, 
     with pytest.raises(grpc.RpcError) as e:  # the Decode stream ends with the same status
         list(call)
     assert e.value.code() == code
-    assert _pages_used(stub) == 0 and _pool_is_zero(worker)
+    assert _wait_pages_free(stub) == 0 and _pool_is_zero(worker)
 
 
 def test_good_kv_is_written_byte_exact_then_decoding_streams(worker):
@@ -160,7 +168,7 @@ def test_good_kv_is_written_byte_exact_then_decoding_streams(worker):
     digest = worker_pb2_grpc.DecodeWorkerStub(grpc.insecure_channel(worker.address)).GetKVDigests(
         worker_pb2.KVDigestsRequest(request_ids=["good"])).digests["good"]
     assert digest.crc32c == wire.crc32c(np.ascontiguousarray(kv).tobytes())
-    assert _pages_used(stub) == 0
+    assert _wait_pages_free(stub) == 0
 
 
 def test_kv_with_a_wrong_token_is_refused_and_the_request_goes_on(worker):
@@ -177,10 +185,7 @@ def test_kv_with_a_wrong_token_is_refused_and_the_request_goes_on(worker):
     ack = push(iter(_frames(worker.ctx, "target", _kv(worker.layout, seed=2))), timeout=30)
     assert ack.request_id == "target"
     assert len([t for ev in call for t in ev.tokens.token_ids]) == 3
-    deadline = time.monotonic() + 2
-    while _pages_used(stub) and time.monotonic() < deadline:  # the load snapshot trails a step
-        time.sleep(0.02)
-    assert _pages_used(stub) == 0
+    assert _wait_pages_free(stub) == 0
 
 
 def test_kv_for_an_unknown_request_is_not_found(worker):
@@ -198,7 +203,7 @@ def test_a_stream_without_its_finish_message_is_refused(worker):
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     with pytest.raises(grpc.RpcError):
         list(call)
-    assert _pages_used(stub) == 0
+    assert _wait_pages_free(stub) == 0
 
 
 def test_kv_that_never_arrives_times_out_and_frees_pages(model):
@@ -210,7 +215,7 @@ def test_kv_that_never_arrives_times_out_and_frees_pages(model):
             list(call)
         assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert "serving.kv_timeout_s" in e.value.details()
-        assert _pages_used(stub) == 0
+        assert _wait_pages_free(stub) == 0
     finally:
         w.stop()
 
@@ -233,7 +238,7 @@ def test_a_full_pool_is_resource_exhausted_and_the_worker_keeps_serving(worker):
     deadline = time.monotonic() + 2
     while _pages_used(stub) and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert _pages_used(stub) == 0
+    assert _wait_pages_free(stub) == 0
     third = decode("third")
     assert next(third).HasField("reserved")  # room again
     third.cancel()

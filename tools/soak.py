@@ -177,6 +177,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "soak.yaml"
         config.write_text(yaml.safe_dump(cfg))
+        # every program compiled before serving (restarts load them from the persistent cache), so
+        # RSS growth measures leaks, not programs compiled in the background
         env = {**os.environ, "JAXPD_PRECOMPILE": os.environ.get("JAXPD_PRECOMPILE", "all")}
         with ServeProcess(config, env=env, cwd=REPO) as served:
             address = served.wait_serving(600)

@@ -19,7 +19,7 @@ import random
 from jaxpd.engine.decode import CollectFirst, DecodeEngine
 from jaxpd.engine.prefill import PrefillEngine
 from jaxpd.engine.programs import StepShape
-from jaxpd.engine.request import FinishReason, Request, RequestOutput, Sequence
+from jaxpd.engine.request import FinishReason, Request, RequestOutput, RequestStatus, Sequence
 from jaxpd.engine.runner import ModelRunner
 from jaxpd.errors import CapacityError, ConfigError
 from jaxpd.kv.manager import KVCacheManager
@@ -41,6 +41,10 @@ class Engine:
         self.handoff: list[Sequence] = []  # prefilled, waiting for decode-side pages
         self.running: list[Sequence] = []
         self.receiving: dict[str, Sequence] = {}  # decode pages reserved, KV coming from elsewhere
+        # A prefill worker's engine (`send_prefilled`): prefilled sequences keep their pages here
+        # until their KV reached the decode worker (`release_sent`), instead of decoding.
+        self.send_prefilled = False
+        self.sending: dict[str, Sequence] = {}
         self._ids: set[str] = set()
         self.num_preemptions = 0
 
@@ -62,13 +66,20 @@ class Engine:
 
     def _validate(self, request: Request) -> None:
         """The one request check (`jaxpd.request_check`), as every front end runs it; stop
-        strings are matched by whoever detokenizes, so they are not the engine's to check."""
+        strings are matched by whoever detokenizes, so they are not the engine's to check. A
+        prefill worker's engine only holds the prompt."""
         if request.id in self._ids:
             raise DuplicateRequest("request_id", f"{request.id!r} is already in flight; use a "
                                                  f"new id")
         sampling = dataclasses.replace(request.sampling, stop=())
-        check_request(RawRequest.of(request.id, request.prompt_ids, sampling),
-                      self.limits(), None)
+        limits = self.limits()
+        if self.send_prefilled:
+            limits = dataclasses.replace(limits, kv_capacity=None)
+            if len(request.prompt_ids) + 1 > self.kv_capacity():
+                raise CapacityError(f"request {request.id!r}: a {len(request.prompt_ids)}-token "
+                                    f"prompt does not fit this prefill worker's pool "
+                                    f"({self.kv_capacity()} tokens)", request_id=request.id)
+        check_request(RawRequest.of(request.id, request.prompt_ids, sampling), limits, None)
 
     # -- requests prefilled elsewhere (a decode worker fed over a KV transport) ----------------
     def reserve_remote(self, request: Request, seed: int) -> Sequence | None:
@@ -78,7 +89,7 @@ class Engine:
         pages = self.decode.manager.allocate(len(request.prompt_ids) + 1)
         if pages is None:
             return None
-        seq = Sequence(request, seed, pages=pages)
+        seq = Sequence(request, seed, pages=pages, status=RequestStatus.WAITING_FOR_REMOTE_KV)
         self._ids.add(request.id)
         self.receiving[request.id] = seq
         return seq
@@ -89,6 +100,7 @@ class Engine:
         seq.num_computed = seq.prompt_len
         seq.append(first_token, logprob, self.decode.eos_ids)
         if seq.finish_reason is None:
+            seq.status = RequestStatus.RUNNING
             self.running.append(seq)
         else:
             self._finish(seq, self.decode.manager)
@@ -104,18 +116,30 @@ class Engine:
             seq.finish_reason = reason
             self._finish(seq, self.decode.manager)
             return _output(seq)
+        if request_id in self.sending:
+            seq = self.sending.pop(request_id)
+            seq.finish_reason = reason
+            self._finish(seq, self.prefill.manager)
+            return _output(seq)
         for queue in (self.waiting, self.prefilling, self.handoff, self.running):
             for seq in queue:
                 if seq.id == request_id:
                     queue.remove(seq)
                     seq.finish_reason = reason
-                    self._release(seq, self._manager_of(seq, queue))
-                    self._ids.discard(request_id)
+                    self._finish(seq, self._manager_of(seq, queue))
                     return _output(seq)
         return None
 
+    def release_sent(self, request_id: str) -> None:
+        """A prefill worker's request whose KV the decode worker holds: free its pages (full
+        blocks stay in the prefix cache). The request is finished here."""
+        seq = self.sending.pop(request_id, None)
+        if seq is not None:
+            self._finish(seq, self.prefill.manager)
+
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.prefilling or self.handoff or self.running or self.receiving)
+        return bool(self.waiting or self.prefilling or self.handoff or self.running
+                    or self.receiving or self.sending)
 
     def has_work(self) -> bool:
         """Whether `step` would compute anything (sequences awaiting remote KV need no step)."""
@@ -150,10 +174,13 @@ class Engine:
         for seq in self.prefill.step(self.prefilling):
             self.prefilling.remove(seq)
             changed[seq.id] = seq
-            if seq.finish_reason is None:
-                self.handoff.append(seq)
-            else:
+            if seq.finish_reason is not None:
                 self._finish(seq, self.prefill.manager)
+            elif self.send_prefilled:
+                seq.status = RequestStatus.SENDING_KV
+                self.sending[seq.id] = seq
+            else:
+                self.handoff.append(seq)
 
     def _dispatch_decode(self, changed: dict[str, Sequence]) -> bool:
         """Reserve pages and start a decode call; whether one was started."""
@@ -168,6 +195,7 @@ class Engine:
             batch, preempted = self.decode.reserve(self.running)
         for victim in preempted:  # newest first: re-queue so the oldest is admitted first
             self.running.remove(victim)
+            victim.status = RequestStatus.PREEMPTED
             self.waiting.appendleft(victim)
             self.num_preemptions += 1
         # prompts waiting for their prefill: one decode step per iteration, so each prefill
@@ -258,12 +286,14 @@ class Engine:
             in_flight = len(self.running) + len(self.prefilling) + len(self.handoff)
             keep_free = in_flight if self.colocated else 0
             if not self.prefill.admit(seq, keep_free=keep_free):
-                if not (self.prefilling or self.handoff or self.running or self.receiving):
+                if not (self.prefilling or self.handoff or self.running or self.receiving
+                        or self.sending):
                     raise CapacityError(f"request {seq.id!r} ({len(seq.tokens)} tokens) does not fit in the "
                                         f"prefill page pool even with nothing else running; raise "
                                         f"kv.num_pages or shorten the prompt", request_id=seq.id)
                 break
             self.waiting.popleft()
+            seq.status = RequestStatus.RUNNING
             self.prefilling.append(seq)
 
     def _hand_off(self) -> None:
@@ -295,6 +325,7 @@ class Engine:
 
     def _finish(self, seq: Sequence, manager) -> None:
         self._release(seq, manager)
+        seq.status = RequestStatus.FINISHED
         self._ids.discard(seq.id)
 
 

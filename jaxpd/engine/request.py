@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 from typing import Literal
 
 from jaxpd.engine.sampling import SamplingParams
 from jaxpd.kv.manager import SeqPages
 
 FinishReason = Literal["stop", "length", "abort"]
+
+
+class RequestStatus(str, enum.Enum):
+    """Where a request is in a scheduler (vLLM v1's `RequestStatus`, with the disaggregated
+    states): each state says who holds the request's pages, and every way out of a state that
+    holds pages frees them."""
+
+    WAITING = "waiting"  # queued for admission; no pages
+    WAITING_FOR_REMOTE_KV = "waiting_for_remote_kv"  # decode pages reserved; KV coming from a prefill worker
+    RUNNING = "running"  # prefilling or decoding; holds pages
+    PREEMPTED = "preempted"  # pages taken back under pressure; queued to be recomputed
+    SENDING_KV = "sending_kv"  # prefilled on a prefill worker; pages held until the KV is acknowledged
+    FINISHED = "finished"  # `finish_reason` says why; no pages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +50,7 @@ class Sequence:
     prompt_tokens_cached: int = 0  # prompt tokens found in the prefix cache at admission
     matched_token_id: int | None = None  # the stop token / EOS that ended it, if one did
     in_flight: int = 0  # tokens budgeted in decode calls dispatched but not yet collected
+    status: RequestStatus = RequestStatus.WAITING
 
     @property
     def id(self) -> str:

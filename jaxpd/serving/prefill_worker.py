@@ -9,7 +9,6 @@ the scheduler releases the request's pages.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import time
 from typing import Callable
@@ -17,10 +16,10 @@ from typing import Callable
 import grpc
 import jax
 
-from jaxpd.engine.prefill import PrefillEngine
+from jaxpd.engine.orchestrator import Engine
 from jaxpd.engine.request import Request, Sequence
-from jaxpd.errors import CapacityError, JaxpdError
-from jaxpd.request_check import DuplicateRequest, InvalidRequest
+from jaxpd.errors import JaxpdError
+from jaxpd.request_check import InvalidRequest
 from jaxpd.serving.engine_thread import EngineThread
 from jaxpd.serving.validate import status_of
 from jaxpd.serving.worker_common import WorkerServicer, WorkerState, pool_counts
@@ -61,7 +60,6 @@ class Failed:
 
 @dataclasses.dataclass
 class _Job:
-    seq: Sequence
     emit: Callable[[object], None]  # called on the engine thread; hops to the handler's loop
     arrived: float
     started: float | None = None
@@ -69,111 +67,88 @@ class _Job:
 
 
 class PrefillScheduler:
-    """Admission, chunk batches and KV hand-out for one prefill mesh (engine thread only)."""
+    """The engine thread's side of a prefill worker: the one `Engine` (as every worker and
+    `jaxpd generate` use it) in its `send_prefilled` mode, where a prefilled request keeps its
+    pages in the SENDING_KV state until the decode worker holds its KV. This adapter only turns
+    the engine's progress into events for the request's handler: each chunk's KV as it is
+    computed, the first token, the end of the KV."""
 
-    def __init__(self, prefill: PrefillEngine, *, record_digests: bool = False):
-        self.prefill = prefill
-        self.manager = prefill.manager
-        self.waiting: collections.deque[_Job] = collections.deque()
-        self.prefilling: list[_Job] = []
-        self.sending: dict[str, _Job] = {}  # prefilled; pages held until decode acknowledges
+    def __init__(self, engine: Engine, *, record_digests: bool = False):
+        self.engine = engine
+        engine.send_prefilled = True
+        self.manager = engine.prefill.manager
+        self.jobs: dict[str, _Job] = {}
         self.record_digests = record_digests
         self.digests: dict[str, tuple[int, int, int]] = {}
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.prefilling)
+        return self.engine.has_work()
 
     def add(self, request: Request, seed: int, emit: Callable[[object], None]) -> None:
-        if self._find(request.id) is not None:
-            raise DuplicateRequest("request_id", f"{request.id!r} is already in flight; use a new id")
-        self._check_fits(request)
-        self.waiting.append(_Job(Sequence(request, seed), emit, time.monotonic()))
-
-    def _check_fits(self, request: Request) -> None:
-        cfg, capacity = self.prefill.runner.config, (self.manager.allocator.num_blocks - 1) * self.manager.page_size
-        bad = [t for t in request.prompt_ids if not 0 <= t < cfg.vocab_size]
-        if bad or not request.prompt_ids:
-            raise JaxpdError(f"request {request.id!r}: prompt is empty or has ids outside [0, {cfg.vocab_size})")
-        if len(request.prompt_ids) > capacity:
-            raise CapacityError(f"request {request.id!r}: a {len(request.prompt_ids)}-token prompt "
-                                f"does not fit this prefill worker's pool ({capacity} tokens)")
+        """Raises InvalidRequest (DuplicateRequest for an id in flight) or CapacityError."""
+        self.engine.add_request(dataclasses.replace(
+            request, sampling=dataclasses.replace(request.sampling, seed=seed)))
+        self.jobs[request.id] = _Job(emit, time.monotonic())
 
     def step(self) -> None:
         now = time.monotonic()
-        while self.waiting and self.prefill.admit(self.waiting[0].seq):
-            self.prefilling.append(self.waiting.popleft())
-        if not self.prefilling:  # the head does not fit even an empty pool (checked at add)
-            return
-        for job in self.prefilling[:self.prefill.max_seqs]:
-            job.started = job.started or now
-        done = {s.id for s in self.prefill.step([j.seq for j in self.prefilling])}
-        for job in list(self.prefilling):
-            seq = job.seq
-            if seq.id in done:  # the first token goes out before the last chunk's KV
-                self.prefilling.remove(job)
-                self._prefilled(job)
-                if seq.finish_reason is not None:
-                    continue
-            if seq.num_computed > job.sent_upto:
-                array, offset = wire.gather_tokens(self.manager.kv, self.manager.layout,
-                                                   seq.pages.pages, job.sent_upto, seq.num_computed)
-                job.emit(KVReady(array, offset, job.sent_upto, seq.num_computed))
-                job.sent_upto = seq.num_computed
-            if seq.id in done:
+        engine = self.engine
+        outputs = engine.step()
+        for seq in [*engine.prefilling, *engine.sending.values()]:
+            job = self.jobs.get(seq.id)
+            if job is not None and job.started is None:
+                job.started = now
+        for out in outputs:  # the first token ended it (stop or length): nothing to send
+            job = self.jobs.get(out.id) if out.finished else None
+            if job is not None:
+                del self.jobs[out.id]
+                started = job.started or now
+                job.emit(Prefilled(out.token_ids[0], out.logprobs[0] if out.logprobs else 0.0,
+                                   out.finish_reason, out.prompt_tokens_cached,
+                                   started - job.arrived, time.monotonic() - started))
+        for seq in [*engine.prefilling, *engine.sending.values()]:
+            job = self.jobs.get(seq.id)
+            if job is None or job.sent_upto >= seq.num_computed:
+                continue
+            done = seq.id in engine.sending  # prefilled this step: its last chunk is unsent
+            if done:  # the first token goes out before the last chunk's KV
+                self._prefilled(seq, job)
+            array, offset = wire.gather_tokens(self.manager.kv, self.manager.layout,
+                                               seq.pages.pages, job.sent_upto, seq.num_computed)
+            job.emit(KVReady(array, offset, job.sent_upto, seq.num_computed))
+            job.sent_upto = seq.num_computed
+            if done:
                 job.emit(KVComplete())
 
-    def _prefilled(self, job: _Job) -> None:
-        seq, now = job.seq, time.monotonic()
-        job.emit(Prefilled(seq.output_ids[0], seq.logprobs[0], seq.finish_reason,
-                           seq.prompt_tokens_cached,
-                           job.started - job.arrived, now - job.started))
-        if seq.finish_reason is not None:  # nothing for a decode worker to continue
-            self._release(seq)
-            return
+    def _prefilled(self, seq: Sequence, job: _Job) -> None:
+        job.emit(Prefilled(seq.output_ids[0], seq.logprobs[0], None, seq.prompt_tokens_cached,
+                           job.started - job.arrived, time.monotonic() - job.started))
         if self.record_digests:
             crc, size = wire.prompt_kv_digest(self.manager.kv, self.manager.layout,
                                               seq.pages.pages, seq.prompt_len)
             self.digests[seq.id] = (crc, size, seq.prompt_len)
-        self.sending[seq.id] = job
 
     def release(self, request_id: str) -> None:
         """Decode acknowledged, or the request ended: free its pages (cached blocks stay cached)."""
-        job = self._find(request_id)
-        if job is None:
-            return
-        for queue in (self.waiting, self.prefilling):
-            if job in queue:
-                queue.remove(job)
-        self.sending.pop(request_id, None)
-        self._release(job.seq)
+        self.jobs.pop(request_id, None)
+        if request_id in self.engine.sending:
+            self.engine.release_sent(request_id)
+        else:
+            self.engine.abort(request_id)
 
     def fail_all(self, error: Exception | str, code: grpc.StatusCode = grpc.StatusCode.INTERNAL) -> None:
         """End every request here with `code` (the router moves them to other workers)."""
         message = error if isinstance(error, str) else f"prefill step failed: {error!r}"
-        for job in [*self.waiting, *self.prefilling, *self.sending.values()]:
+        for rid, job in list(self.jobs.items()):
             job.emit(Failed(code, message))
-            self.release(job.seq.id)
-
-    def has_requests(self) -> bool:
-        return bool(self.waiting or self.prefilling or self.sending)
-
-    def _release(self, seq: Sequence) -> None:
-        if seq.pages is not None:
-            self.manager.release(seq.pages)
-            seq.pages = None
-
-    def _find(self, request_id: str) -> _Job | None:
-        for job in [*self.waiting, *self.prefilling, *self.sending.values()]:
-            if job.seq.id == request_id:
-                return job
-        return None
+            self.release(rid)
 
     def load(self) -> dict:
         """The load snapshot the engine thread publishes."""
-        return {"running": len(self.prefilling), "waiting": len(self.waiting),
-                "transferring": len(self.sending),
-                "requests": len(self.waiting) + len(self.prefilling) + len(self.sending),
-                **pool_counts(self.manager)}
+        e = self.engine
+        return {"running": len(e.prefilling), "waiting": len(e.waiting),
+                "transferring": len(e.sending), "requests": len(self.jobs),
+                "preemptions": e.num_preemptions, **pool_counts(self.manager)}
 
     def tick(self) -> None:
         """Nothing expires here: a request's pages go when its handler ends (the KV push has a

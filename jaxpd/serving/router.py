@@ -312,13 +312,12 @@ class Router(generation_pb2_grpc.GenerationServicer):
         needed = -(-(prompt_len + engine_request.sampling.max_tokens) // page_size)
         request = worker_pb2.DecodeRequest(request=engine_request, local_prefill=local)
         ticket = None
-        tried: set[WorkerHandle] = set()
         try:
             while True:
                 if ticket is None or self.queue[0] is ticket:
-                    found = await self._try_reserve(request, pages, needed, tried | avoid)
+                    found = await self._try_reserve(request, pages, needed, avoid)
                     if found is None and avoid:  # only workers that failed it before have room
-                        found = await self._try_reserve(request, pages, needed, tried)
+                        found = await self._try_reserve(request, pages, needed, set())
                     if found is not None:
                         return found
                 if aborted.is_set():
@@ -337,15 +336,15 @@ class Router(generation_pb2_grpc.GenerationServicer):
                                         "pages until the request's deadline (or "
                                         "serving.queue_timeout_s); every decode pool stayed full")
                 await self.pool.changed(min(left, 0.25))
-                tried.clear()
         finally:
             if ticket is not None:
                 self.queue.remove(ticket)
                 self.pool.notify()  # the next in line may try
 
     async def _try_reserve(self, request: worker_pb2.DecodeRequest, pages: int, needed: int,
-                           tried: set[WorkerHandle]):
-        order = self.pool.decode_order(needed if not request.local_prefill else pages, tried)
+                           exclude: set[WorkerHandle]):
+        """Ask each serving decode worker in turn (the emptiest first) to reserve pages."""
+        order = self.pool.decode_order(needed if not request.local_prefill else pages, exclude)
         if not order and not any(w.serving for w in self.pool.decode):
             states = ", ".join(f"{w.name} is {w.state}" for w in self.pool.decode)
             raise RequestFailed(grpc.StatusCode.UNAVAILABLE, f"no decode worker is serving "
@@ -355,7 +354,6 @@ class Router(generation_pb2_grpc.GenerationServicer):
                                 f"request needs {needed} pages of KV but the largest decode pool "
                                 f"holds {self.pool.largest_decode_pool()}")
         for worker in order:
-            tried.add(worker)
             sent = worker.record_sent(pages)
             call = worker.stub.Decode(request, metadata=internal_metadata())
             try:
