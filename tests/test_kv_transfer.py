@@ -242,3 +242,19 @@ def test_a_full_pool_is_resource_exhausted_and_the_worker_keeps_serving(worker):
     third = decode("third")
     assert next(third).HasField("reserved")  # room again
     third.cancel()
+
+
+def test_calls_cancelled_while_reserving_keep_no_pages(worker):
+    """A Decode call cancelled at any moment around its reservation (before, during or right
+    after the engine thread reserved) leaves no page behind."""
+    stub, _ = _stubs(worker.address)
+    calls = []
+    for i in range(40):
+        req = engine_request_to_pb(Request(f"c{i}", PROMPT, SamplingParams(max_tokens=4)), 0,
+                                   token=f"token-c{i}")
+        call = stub.Decode(worker_pb2.DecodeRequest(request=req), timeout=30)
+        if i % 2:
+            time.sleep(0.001 * (i % 7))
+        call.cancel()
+        calls.append(call)
+    assert _wait_pages_free(stub) == 0

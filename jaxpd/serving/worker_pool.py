@@ -50,6 +50,7 @@ class WorkerHandle:
     asked_at: float = 0.0  # when the last answered load report was asked for
     sent: list[_Sent] = dataclasses.field(default_factory=list)  # since that report
     in_flight: int = 0  # prefill: requests sent and not yet prefilled
+    failed_probes: int = 0  # load reports in a row that did not come
     watchers: set = dataclasses.field(default_factory=set)  # callbacks(reason) when it goes down
     recent_blocks: collections.OrderedDict = dataclasses.field(default_factory=collections.OrderedDict)
 
@@ -168,10 +169,14 @@ class WorkerPool:
             load = await w.stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=timeout,
                                         metadata=internal_metadata())
         except grpc.aio.AioRpcError as e:
+            # twice unreachable (a refused connection: the process is gone; once could be a
+            # connection being replaced), or silent past the liveness deadline (frozen)
+            w.failed_probes += 1
             if time.monotonic() - w.last_answer >= self.liveness_timeout_s or \
-                    e.code() == grpc.StatusCode.UNAVAILABLE:
+                    (e.code() == grpc.StatusCode.UNAVAILABLE and w.failed_probes >= 2):
                 self._set_state(w, DOWN, f"it does not answer ({e.code().name})")
             return False
+        w.failed_probes = 0
         w.report(load, asked)
         state = SERVING if load.state in ("", SERVING) else STARTING
         if state == SERVING and w.state != SERVING:
