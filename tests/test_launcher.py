@@ -392,3 +392,65 @@ def test_compile_progress_lines_are_parsed_and_not_kept_as_log(child_script):
     shown = out.getvalue().splitlines()
     assert shown[-1] == "jaxpd: compiled  prefill-0 3/3 4.0 s (cache warm)" and view.finished
     assert any(line.startswith("jaxpd: compiling  prefill-0 ") for line in shown[:-1])
+
+
+# -- restarts ------------------------------------------------------------------------------------
+def _serve_in_thread(launcher: Launcher, **kwargs):
+    """serve_forever on a helper thread, so the test's thread is free to kill children;
+    (thread, result dict)."""
+    result: dict = {}
+
+    def run():
+        try:
+            result["signal"] = launcher.serve_forever(**kwargs)
+        except Exception as e:  # noqa: BLE001 - handed to the test
+            result["error"] = e
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, result
+
+
+def test_a_dead_child_is_restarted_and_serves_again_while_the_others_keep_running(child_script):
+    from jaxpd.serving.launcher import RestartPolicy
+
+    launcher = Launcher(poll_s=0.02)
+    lines: list[str] = []
+    with launcher:
+        launcher.start(spec(child_script, "decode-0", "serve"))
+        launcher.start(spec(child_script, "decode-1", "serve"))
+        launcher.wait_ready(timeout_s=30)
+        first, other = launcher.pids()["decode-0"], launcher.pids()["decode-1"]
+        thread, result = _serve_in_thread(launcher, restart=RestartPolicy(attempts=2, backoff_s=0.05),
+                                          report=lines.append)
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while not any("serves again" in line for line in lines):
+            assert time.monotonic() < deadline, lines
+            time.sleep(0.05)
+        assert launcher.pids()["decode-0"] != first and alive(launcher.pids()["decode-0"])
+        assert launcher.pids()["decode-1"] == other and alive(other)
+        assert launcher.restarts() == {"decode-0": 1}
+        assert "killed by signal SIGKILL; restarting it" in lines[0]
+        launcher.request_stop(signal.SIGTERM)
+        thread.join(15)
+        assert result == {"signal": signal.SIGTERM}
+
+
+def test_when_restarts_run_out_everything_stops_and_the_child_is_named(child_script):
+    from jaxpd.serving.launcher import RestartPolicy
+
+    launcher = Launcher(poll_s=0.02)
+    with launcher:
+        launcher.start(spec(child_script, "prefill-0", "serve"))
+        launcher.start(spec(child_script, "router-0", "serve"))
+        launcher.wait_ready(timeout_s=30)
+        router = launcher.pids()["router-0"]
+        # every restart of prefill-0 fails at once: its spec now runs the failing mode
+        launcher._children["prefill-0"].spec = spec(child_script, "prefill-0", "fail")
+        thread, result = _serve_in_thread(launcher, restart=RestartPolicy(attempts=2, backoff_s=0.05))
+        os.kill(launcher.pids()["prefill-0"], signal.SIGKILL)
+        thread.join(30)
+        error = result["error"]
+        assert isinstance(error, ChildExitedError) and error.name == "prefill-0"
+        assert "exited with status 3" in str(error) and "restarted 2 times in a row" in str(error)
+        assert wait_gone(router)
