@@ -20,7 +20,6 @@ import serving_helpers as sh
 from conftest import first_programs_only
 from jaxpd.v1 import generation_pb2 as pb, generation_pb2_grpc
 
-pytestmark = pytest.mark.xdist_group("serving-colocated")
 
 
 @pytest.mark.slow

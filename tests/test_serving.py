@@ -25,7 +25,7 @@ from bad_requests import raw_fields, rows_for
 from conftest import first_programs_only
 from jaxpd.v1 import generation_pb2 as pb, worker_pb2, worker_pb2_grpc
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("serving")]
+pytestmark = pytest.mark.slow  # one deployment for the file: `make test` runs a file on one worker
 
 CHUNK = 32  # prefill chunk: longer prompts stream their KV in several pieces
 LIVENESS_S = 2.0
@@ -408,13 +408,25 @@ def _run_with_fault(stub, requests, fault, after: float):
 _REFERENCES: dict = {}
 
 
-def _reference(stub, requests):
-    """The uninterrupted run's results (requests differ by id only from one fault to the next,
-    and ids do not change tokens: computed once per prompt set)."""
-    key = tuple((tuple(r.prompt_token_ids.ids), r.sampling.SerializeToString()) for r in requests)
-    if key not in _REFERENCES:
-        _REFERENCES[key] = _run_with_fault(stub, requests, lambda: None, 0.0)
-    return _REFERENCES[key]
+@pytest.fixture(scope="module")
+def reference(offline):
+    """What the in-process engine generates for `requests` (greedy and seeded alike: sampling
+    is keyed by seed and position, so no batch or worker changes it); once per prompt set."""
+    from jaxpd.engine.request import Request
+    from jaxpd.engine.sampling import SamplingParams
+
+    def tokens(requests) -> list[list[int]]:
+        key = tuple((tuple(r.prompt_token_ids.ids), r.sampling.SerializeToString()) for r in requests)
+        if key not in _REFERENCES:
+            engine = offline()
+            final = engine.run_to_completion([Request(
+                str(i), tuple(r.prompt_token_ids.ids), SamplingParams(
+                    max_tokens=r.sampling.max_tokens, temperature=r.sampling.temperature,
+                    seed=r.sampling.seed if r.sampling.HasField("seed") else None,
+                    ignore_eos=r.sampling.ignore_eos)) for i, r in enumerate(requests)])
+            _REFERENCES[key] = [list(final[str(i)].token_ids) for i in range(len(requests))]
+        return _REFERENCES[key]
+    return tokens
 
 
 def _after_fault(stub, victim: str, old_pid: int):
@@ -426,32 +438,30 @@ def _after_fault(stub, victim: str, old_pid: int):
 
 
 @pytest.mark.parametrize("victim", ["decode-0", "prefill-1"])
-def test_a_worker_killed_mid_stream_loses_nothing(stub, victim):
+def test_a_worker_killed_mid_stream_loses_nothing(stub, reference, victim):
     """SIGKILL: the decode worker's requests continue on the other decode worker, the prefill
     worker's are prefilled again elsewhere; greedy and seeded streams equal an uninterrupted
     run; the launcher restarts the worker and the router takes it back."""
     prompt_len = 20 if victim.startswith("decode") else 150  # long prompts: killed mid-prefill
     requests = _mixed_requests(victim, prompt_len=prompt_len)
-    reference = _reference(stub, requests)
     pid = sh.workers(stub)[victim].pid
     results = _run_with_fault(stub, requests, lambda: os.kill(pid, signal.SIGKILL),
                               after=0.4 if victim.startswith("decode") else 0.05)
-    assert [r[0] for r in results] == [r[0] for r in reference]
+    assert [r[0] for r in results] == reference(requests)
     assert all(c.finish_reason == "length" for _, c in results)
     if victim.startswith("decode"):
         assert any(c.migrations for _, c in results)
     _after_fault(stub, victim, pid)
 
 
-def test_a_frozen_worker_is_treated_as_dead_within_the_liveness_deadline(stub):
+def test_a_frozen_worker_is_treated_as_dead_within_the_liveness_deadline(stub, reference):
     requests = _mixed_requests("frozen")
-    reference = _reference(stub, requests)
     pid = sh.workers(stub)["decode-1"].pid
     began = time.monotonic()
     try:
         results = _run_with_fault(stub, requests, lambda: os.kill(pid, signal.SIGSTOP), after=0.4)
         took = time.monotonic() - began
-        assert [r[0] for r in results] == [r[0] for r in reference]
+        assert [r[0] for r in results] == reference(requests)
         assert took < 0.4 + LIVENESS_S + 8.0, took
         deadline = time.monotonic() + LIVENESS_S + 3.0
         while sh.workers(stub)["decode-1"].state != "down":
@@ -466,13 +476,12 @@ def test_a_frozen_worker_is_treated_as_dead_within_the_liveness_deadline(stub):
     sh.wait_all_serving(stub, within=30)
 
 
-def test_a_drained_worker_hands_its_requests_over(stub):
+def test_a_drained_worker_hands_its_requests_over(stub, reference):
     """SIGTERM to one worker: its requests end UNAVAILABLE there and continue elsewhere."""
     requests = _mixed_requests("drain-one")
-    reference = _reference(stub, requests)
     pid = sh.workers(stub)["decode-0"].pid
     results = _run_with_fault(stub, requests, lambda: os.kill(pid, signal.SIGTERM), after=0.4)
-    assert [r[0] for r in results] == [r[0] for r in reference]
+    assert [r[0] for r in results] == reference(requests)
     _after_fault(stub, "decode-0", pid)
 
 
