@@ -279,3 +279,24 @@ def test_a_frozen_worker_is_declared_down_and_its_requests_move():
     assert tokens == expected([9, 9], 5) and complete.migrations == 1
     assert took < 2.0 and states == ["down", "serving"]
     # GetLoads shows the frozen worker as down with zeros, not as an idle worker
+
+
+def test_a_worker_that_freezes_before_reserving_does_not_hold_new_requests():
+    async def main():
+        class Silent(FakeDecode):
+            def Decode(self, request, metadata=None):
+                async def never():
+                    await asyncio.sleep(3600)
+                    yield None
+                return FakeCall(never())
+        frozen, healthy = Silent(free=90), FakeDecode(free=10)
+        router = make_router([frozen, healthy], liveness_timeout_s=0.3)
+        await router.pool.connect(5)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        out = await generate(router, [4, 4], max_tokens=3)
+        took = loop.time() - began
+        await router.close()
+        return out, took
+    (tokens, complete), took = run(main())
+    assert tokens == expected([4, 4], 3) and took < 1.5

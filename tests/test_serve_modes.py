@@ -21,7 +21,6 @@ from conftest import first_programs_only
 from jaxpd.v1 import generation_pb2 as pb, generation_pb2_grpc
 
 
-
 @pytest.mark.slow
 def test_colocated_deployment_with_tls_mtls_and_a_token_serves_the_same_tokens(tmp_path):
     """The colocated mode behind TLS on the public port, mutual TLS between router and worker,

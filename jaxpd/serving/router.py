@@ -356,8 +356,13 @@ class Router(generation_pb2_grpc.GenerationServicer):
         for worker in order:
             sent = worker.record_sent(pages)
             call = worker.stub.Decode(request, metadata=internal_metadata())
-            try:
-                first = await call.read()
+            try:  # a frozen worker must not hold the request: wait at most the liveness deadline
+                first = await asyncio.wait_for(call.read(), self.pool.liveness_timeout_s)
+            except TimeoutError:
+                worker.forget_sent(sent)
+                call.cancel()
+                asyncio.get_running_loop().create_task(self.pool.probe(worker, timeout=1.0))
+                continue
             except grpc.aio.AioRpcError as e:
                 worker.forget_sent(sent)
                 if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
