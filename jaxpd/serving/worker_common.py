@@ -120,6 +120,7 @@ class WorkerServicer:
         return self.state.worker_load(self.thread.snapshot)
 
     async def GetKVDigests(self, request, context):
-        return self.state.digests(self.scheduler.digests, request.request_ids)
+        ids = list(request.request_ids)  # the digests live on the engine thread: read them there
+        return await self.thread.call(lambda: self.state.digests(self.scheduler.digests, ids))
 
 
