@@ -63,6 +63,7 @@ class FakeDecode:
         self.gate = asyncio.Event()
         self.gate.set()
         self.answers = True
+        self.local_prefill: list[bool] = []
 
     async def GetWorkerInfo(self, request, timeout=None, metadata=None):
         return pb.WorkerInfo(kv_pages=100, page_size=16, pid=1)
@@ -74,6 +75,7 @@ class FakeDecode:
         return pb.WorkerLoad(kv_pages_free=self.free, kv_pages_total=100, state=SERVING)
 
     def Decode(self, request, metadata=None):
+        self.local_prefill.append(request.local_prefill)
         return FakeCall(self._run(request.request))
 
     async def _run(self, er):
@@ -300,3 +302,20 @@ def test_a_worker_that_freezes_before_reserving_does_not_hold_new_requests():
         return out, took
     (tokens, complete), took = run(main())
     assert tokens == expected([4, 4], 3) and took < 1.5
+
+
+def test_with_no_prefill_worker_serving_the_decode_worker_prefills():
+    async def main():
+        decode = FakeDecode()
+        prefill = WorkerHandle("prefill", 0, "p0", None, state="down")
+        workers = [WorkerHandle("decode", 0, "d0", decode)]
+        pool = WorkerPool([prefill], workers, liveness_timeout_s=5.0)
+        await pool._refresh_info(workers[0], 5)
+        await pool.probe(workers[0])
+        router = Router(parse_config({}), MODEL, None, "default", pool=pool)
+        out = await generate(router, [6, 6, 6], max_tokens=4)
+        await router.close()
+        return out, decode
+    (tokens, complete), decode = run(main())
+    assert tokens == expected([6, 6, 6], 4) and complete.finish_reason == "length"
+    assert decode.local_prefill == [True]

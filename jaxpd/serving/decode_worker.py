@@ -30,8 +30,11 @@ from jaxpd.serving.worker_common import WorkerServicer, WorkerState, pool_counts
 from jaxpd.transfer import wire
 from jaxpd.v1 import worker_pb2, worker_pb2_grpc
 
+# A truncated stream is ABORTED, not INVALID_ARGUMENT: its sender died or gave up mid-transfer,
+# and the router moves the request (it migrates on ABORTED).
 _STATUS = {"precondition": grpc.StatusCode.FAILED_PRECONDITION,
-           "data_loss": grpc.StatusCode.DATA_LOSS, "invalid": grpc.StatusCode.INVALID_ARGUMENT}
+           "data_loss": grpc.StatusCode.DATA_LOSS, "invalid": grpc.StatusCode.INVALID_ARGUMENT,
+           "truncated": grpc.StatusCode.ABORTED}
 
 
 class TransferError(JaxpdError):
@@ -268,8 +271,8 @@ class DecodeServicer(WorkerServicer, worker_pb2_grpc.DecodeWorkerServicer):
                     if self.state.metrics is not None:
                         self.state.metrics.kv_moved("received", received, began)
                     return worker_pb2.KVAck(request_id=request_id, bytes=received, messages=count)
-            raise wire.WireError("invalid", f"the KV stream for {request_id!r} ended without its "
-                                 f"finish message")
+            raise wire.WireError("truncated", f"the KV stream for {request_id!r} ended without "
+                                 f"its finish message (the prefill side stopped sending)")
         except (wire.WireError, TransferError) as e:
             code = _STATUS[e.kind] if isinstance(e, wire.WireError) else e.code
             message = str(e)

@@ -73,8 +73,9 @@ class PrefillScheduler:
     the engine's progress into events for the request's handler: each chunk's KV as it is
     computed, the first token, the end of the KV."""
 
-    def __init__(self, engine: Engine, *, record_digests: bool = False):
-        self.engine = engine
+    def __init__(self, engine: Engine, *, record_digests: bool = False,
+                 kv_timeout_s: float = 120.0):
+        self.engine, self.kv_timeout_s = engine, kv_timeout_s
         engine.send_prefilled = True
         self.manager = engine.prefill.manager
         self.jobs: dict[str, _Job] = {}
@@ -151,8 +152,16 @@ class PrefillScheduler:
                 "preemptions": e.num_preemptions, **pool_counts(self.manager)}
 
     def tick(self) -> None:
-        """Nothing expires here: a request's pages go when its handler ends (the KV push has a
-        deadline, serving.kv_timeout_s)."""
+        """Expire what a handler should have ended already: a request whose KV has not been
+        acknowledged `kv_timeout_s` after it arrived (its push carries that deadline too; this
+        is the scheduler's own backstop, so no page outlives its lease)."""
+        now = time.monotonic()
+        for rid, job in list(self.jobs.items()):
+            if rid in self.engine.sending and now - job.arrived > self.kv_timeout_s + 1.0:
+                job.emit(Failed(grpc.StatusCode.DEADLINE_EXCEEDED, f"request {rid!r}: its KV was "
+                                f"not acknowledged within {self.kv_timeout_s:g} s "
+                                f"(serving.kv_timeout_s); pages freed"))
+                self.release(rid)
 
 
 class PrefillServicer(WorkerServicer, worker_pb2_grpc.PrefillWorkerServicer):

@@ -200,7 +200,8 @@ async def _serve_worker(role: str, replica: int, deployment: DeploymentConfig, w
     state = WorkerState(role, replica, deployment, engine, config, wire, tokenizer)
     digests = serving.record_kv_digests
     if role == "prefill":
-        scheduler = PrefillScheduler(engine, record_digests=digests)
+        scheduler = PrefillScheduler(engine, record_digests=digests,
+                                     kv_timeout_s=serving.kv_timeout_s)
     else:
         scheduler = DecodeScheduler(engine, wire, record_digests=digests,
                                     kv_timeout_s=serving.kv_timeout_s, name=state.name)
