@@ -201,6 +201,9 @@ class Router(generation_pb2_grpc.GenerationServicer):
                        deadline: float, avoid: set[WorkerHandle]):
         """One pass through a decode (and a prefill) worker; raises WorkerLost to migrate."""
         done = len(progress.generated)
+        if done >= valid.sampling.max_tokens:  # every token arrived; only the worker's end did not
+            yield self._complete(rid, "length", progress)
+            return
         sampling = dataclasses.replace(valid.sampling, max_tokens=valid.sampling.max_tokens - done)
         request = Request(rid if n == 0 else f"{rid}@{n}", valid.prompt_ids + tuple(progress.generated),
                           sampling, sample_offset=done)
