@@ -343,7 +343,8 @@ def test_a_forged_kv_push_is_refused_and_the_request_it_names_is_unharmed(stub):
 
 def test_a_huge_prompt_does_not_stall_small_streams(served, stub):
     """A 10 MB prompt is refused by the message limit, a 3 MB one by its size before it is
-    tokenized; small streams beside them keep their TTFT and the router its memory."""
+    tokenized; small streams beside them keep their TTFT (median of four) and the router its
+    memory."""
     router = next(pid for pid, cmd in sh.child_pids(served.process.pid).items() if "serve router" in cmd)
 
     def ttft(i: int) -> float:
@@ -375,7 +376,9 @@ def test_a_huge_prompt_does_not_stall_small_streams(served, stub):
     for t in hostile:
         t.join()
     assert sorted(c.name for c in codes) == ["INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "RESOURCE_EXHAUSTED"]
-    assert beside <= 2 * baseline + 0.25, (beside, baseline)
+    # within 2x, or a second on a loaded machine: the stall this guards against (tokenizing on
+    # the event loop) was 7 s for 10 MB
+    assert beside <= max(2 * baseline, baseline + 1.0), (beside, baseline)
     assert sh.rss_bytes(router) <= rss_before * 1.10, (sh.rss_bytes(router), rss_before)
 
 
