@@ -343,7 +343,7 @@ def test_a_forged_kv_push_is_refused_and_the_request_it_names_is_unharmed(stub):
 
 def test_a_huge_prompt_does_not_stall_small_streams(served, stub):
     """A 10 MB prompt is refused by the message limit, a 3 MB one by its size before it is
-    tokenized; small streams beside them keep their TTFT (median of four) and the router its
+    tokenized; small streams beside them keep their TTFT (the third of four) and the router its
     memory."""
     router = next(pid for pid, cmd in sh.child_pids(served.process.pid).items() if "serve router" in cmd)
 
