@@ -80,6 +80,8 @@ class EngineThread:
             else:
                 future.set_exception(e)
             return
+        finally:  # loads read after a command's answer already count what it did
+            self.snapshot = self._snapshot()
         if future is not None:
             future.set_result(result)
 
