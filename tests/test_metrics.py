@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import urllib.request
 
+import pytest
+
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import deployment, first_programs_only
@@ -16,6 +18,7 @@ from jaxpd.serving.decode_worker import DecodeScheduler
 from jaxpd.transfer import wire
 
 
+@pytest.mark.slow
 def test_preemptions_and_pages_reach_the_metrics_endpoint(llama):
     engine = first_programs_only(build_engine(llama.config, llama.params, deployment(
         page_size=4, num_pages=24, chunk_size=16, max_decode_batch=8)))

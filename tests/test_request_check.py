@@ -57,6 +57,7 @@ def test_jaxpd_generate_gives_the_same_answer(row, capsys):
     assert err.startswith(f"error: {flag}: ") and reason in err and err.count("\n") == 1, err
 
 
+@pytest.mark.slow
 def test_batch_mode_gives_the_same_answers(tmp_path):
     from jaxpd.config import parse_config
     from jaxpd.engine.builder import build_engine
