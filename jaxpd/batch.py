@@ -188,7 +188,8 @@ def read_records(path: Path, done: set[str], report: Report):
 
 def run_batch(input_path: str | Path, output_path: str | Path, engine: Engine,
               tokenizer: Tokenizer | None, defaults: SamplingParams = SamplingParams(), *,
-              progress: bool = True, err: TextIO = sys.stderr) -> BatchSummary:
+              progress: bool = True, err: TextIO | None = None) -> BatchSummary:
+    err = sys.stderr if err is None else err  # as it is now, not at import
     input_path, output_path = Path(input_path), Path(output_path)
     summary = BatchSummary()
 

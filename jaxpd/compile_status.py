@@ -20,8 +20,10 @@ from rich.text import Text
 
 
 class CompileStatus:
-    def __init__(self, runners: Iterable, stream: TextIO = sys.stderr, *, delay_s: float = 1.0):
+    def __init__(self, runners: Iterable, stream: TextIO | None = None, *, delay_s: float = 1.0):
+        """`stream`: where to show it (default: sys.stderr as it is now, not at import)."""
         self.runners = list({id(r): r for r in runners}.values())
+        stream = sys.stderr if stream is None else stream
         self.stream, self.delay_s = stream, delay_s
         self.console = Console(file=stream, highlight=False)
         self._stopped = threading.Event()

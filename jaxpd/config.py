@@ -19,6 +19,8 @@ One file describes both an in-process engine (`jaxpd generate`) and a served dep
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -49,13 +51,30 @@ class ModelSection(_Strict):
                            "fast starts); false unrolls every layer (faster steps)")
 
 
+ACCELERATORS = ("h100-sxm", "h200", "a100-80gb", "l4", "l40s", "tpu-v5e", "tpu-v5p", "tpu-v6e",
+                "cpu")  # the hardware catalog's keys (configs/hardware/), and cpu
+_TOPOLOGY = re.compile(r"^[1-9][0-9]*(x[1-9][0-9]*){1,2}$")
+
+
 class MeshSection(_Strict):
-    """A worker group: `replicas` workers, each a TP mesh over its own `tp` of `devices`."""
+    """A worker group: `replicas` workers, each a TP mesh over its own `tp` devices. A replica
+    runs on `hosts` processes (one per host); with one host, replica i uses
+    devices[i*tp:(i+1)*tp]; with several, every host of every replica uses the local `devices`,
+    and `tp` is hosts times devices per host."""
 
     devices: list[int] = Field(description="device indices (GPU ordinals, TPU chips, or host CPU "
-                                           "devices); replica i uses devices[i*tp:(i+1)*tp]")
-    tp: int = Field(1, ge=1, description="tensor-parallel degree of each replica")
+                                           "devices); replica i uses devices[i*tp:(i+1)*tp], or, "
+                                           "with hosts > 1, these local devices on every host")
+    tp: int = Field(1, ge=1, description="tensor-parallel degree of each replica (all its hosts)")
     replicas: int = Field(1, ge=1, description="worker processes in this group (`jaxpd serve`)")
+    hosts: int = Field(1, ge=1, description="processes (hosts) per replica: a model too big for "
+                                            "one host spans several, as one JAX mesh")
+    accelerator: Literal[ACCELERATORS] | None = Field(
+        None, description="what the group runs on: a hardware catalog key (h100-sxm, h200, "
+                          "a100-80gb, l4, l40s, tpu-v5e, tpu-v5p, tpu-v6e) or cpu")
+    topology: str | None = Field(None, description="a TPU slice's shape, e.g. 4x4 or 2x2x2 (the "
+                                                   "chips of one replica; required for TPU groups "
+                                                   "on Kubernetes)")
     host: str = Field("127.0.0.1", description="address the group's workers listen on")
     port: int = Field(0, ge=0, le=65535, description="replica i listens on port + i; 0 = any free "
                                                      "port (only when one `jaxpd serve` starts all)")
@@ -71,15 +90,38 @@ class MeshSection(_Strict):
 
     @model_validator(mode="after")
     def _tp_divides(self) -> MeshSection:
-        if len(self.devices) % self.tp:
+        if self.hosts > 1:
+            if self.tp != self.hosts * len(self.devices):
+                raise ValueError(f"tp: {self.tp} must be hosts ({self.hosts}) x devices per host "
+                                 f"({len(self.devices)}, the local devices listed) = "
+                                 f"{self.hosts * len(self.devices)}")
+        elif len(self.devices) % self.tp:
             raise ValueError(f"tp={self.tp} must divide the number of devices ({len(self.devices)})")
-        if len(self.devices) != self.tp * self.replicas:
+        elif len(self.devices) != self.tp * self.replicas:
             raise ValueError(f"{self.replicas} replica(s) of tp={self.tp} need "
                              f"{self.tp * self.replicas} devices, got {len(self.devices)} "
                              f"(replica i uses devices[i*tp:(i+1)*tp])")
+        if self.topology is not None:
+            if not _TOPOLOGY.match(self.topology):
+                raise ValueError(f"topology: {self.topology!r} is not a slice shape like 4x4 or "
+                                 f"2x2x2")
+            if self.accelerator is not None and not self.accelerator.startswith("tpu"):
+                raise ValueError(f"topology: only TPU slices have one (accelerator is "
+                                 f"{self.accelerator})")
+            chips = math.prod(int(n) for n in self.topology.split("x"))
+            if chips != self.tp:
+                raise ValueError(f"topology: {self.topology} is {chips} chips but a replica has "
+                                 f"tp={self.tp} (hosts x devices per host)")
         return self
 
+    @property
+    def devices_per_host(self) -> int:
+        return len(self.devices) if self.hosts > 1 else self.tp
+
     def replica_devices(self, replica: int) -> list[int]:
+        """The local device indices each process of `replica` uses."""
+        if self.hosts > 1:
+            return list(self.devices)
         return self.devices[replica * self.tp:(replica + 1) * self.tp]
 
     def address(self, replica: int) -> str | None:
@@ -265,7 +307,8 @@ class DeploymentConfig(_Strict):
             if self.decode is None:
                 raise ValueError("mode 'disaggregated' needs a 'decode' mesh")
             shared = set(self.prefill.devices) & set(self.decode.devices)
-            if shared and self.prefill.host == self.decode.host:  # other hosts: other devices
+            one_host = self.prefill.hosts == self.decode.hosts == 1
+            if shared and one_host and self.prefill.host == self.decode.host:  # other hosts: other devices
                 raise ValueError(f"prefill and decode meshes share devices {sorted(shared)}")
         elif self.decode is not None:
             raise ValueError("'decode' is only used with mode: disaggregated (remove it or change mode)")
@@ -277,6 +320,10 @@ def _format(e: ValidationError, where: str) -> str:
     for err in e.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
+        named = re.match(r"^([a-z_][a-z_.]*): (.*)$", msg, re.S)  # a check naming its own key
+        if named and err["type"] == "value_error":
+            key = named.group(1) if key == "(top level)" else f"{key}.{named.group(1)}"
+            msg = named.group(2)
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check its spelling and indentation)"
         lines.append(f"{where}: {key}: {msg}")

@@ -40,9 +40,9 @@ def test_defaults_are_colocated_on_one_device():
     ({"scheduler": {"decode_batch_sizes": [4, 2]}},
      "scheduler.decode_batch_sizes: must be positive sizes in ascending order, got [4, 2]"),
     ({"scheduler": {"prefill_chunk_sizes": [16, 64]}},
-     "scheduler: prefill_chunk_sizes: the last must be chunk_size=256, got 64"),
+     "scheduler.prefill_chunk_sizes: the last must be chunk_size=256, got 64"),
     ({"scheduler": {"max_decode_batch": 48, "decode_batch_sizes": [8, 32]}},
-     "scheduler: decode_batch_sizes: the last must be at least max_decode_batch=48, got 32"),
+     "scheduler.decode_batch_sizes: the last must be at least max_decode_batch=48, got 32"),
     ({"prefill": {"devices": [0, 1, 2], "tp": 2}}, "prefill: tp=2 must divide the number of devices (3)"),
     ({"prefill": {"devices": [0, 0]}}, "prefill.devices: device indices must be distinct"),
     ({"prefill": {"devices": [0, 1], "tp": 1}}, "prefill: 1 replica(s) of tp=1 need 1 devices, got 2"),
@@ -77,3 +77,38 @@ def test_yaml_file_errors(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="no such config file"):
         load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("group, message", [
+    ({"devices": [0, 1], "tp": 8, "hosts": 2},
+     "prefill.tp: 8 must be hosts (2) x devices per host (2, the local devices listed) = 4"),
+    ({"devices": [0, 1, 2, 3], "tp": 4, "accelerator": "tpu-v5e", "topology": "4x4"},
+     "prefill.topology: 4x4 is 16 chips but a replica has tp=4"),
+    ({"devices": [0], "tp": 1, "accelerator": "h100-sxm", "topology": "1x1"},
+     "prefill.topology: only TPU slices have one (accelerator is h100-sxm)"),
+    ({"devices": [0], "tp": 1, "topology": "4by4"},
+     "prefill.topology: '4by4' is not a slice shape like 4x4 or 2x2x2"),
+    ({"devices": [0], "tp": 1, "accelerator": "h100"}, "prefill.accelerator: Input should be"),
+])
+def test_multi_host_keys_are_checked_and_errors_name_them(group, message):
+    with pytest.raises(ConfigError) as e:
+        parse_config({"prefill": group}, "deploy.yaml")
+    assert str(e.value).startswith(f"deploy.yaml: {message}"), str(e.value)
+
+
+def test_a_multi_host_group_lists_its_local_devices_for_every_host():
+    cfg = parse_config({"mode": "disaggregated",
+                        "prefill": {"devices": [0, 1, 2, 3], "tp": 16, "hosts": 4, "replicas": 2,
+                                    "accelerator": "tpu-v5e", "topology": "4x4"},
+                        "decode": {"devices": [0, 1, 2, 3], "tp": 4, "accelerator": "tpu-v6e",
+                                   "topology": "2x2"}})
+    assert cfg.prefill.replica_devices(1) == [0, 1, 2, 3] and cfg.prefill.devices_per_host == 4
+    assert cfg.decode.replica_devices(0) == [0, 1, 2, 3] and cfg.decode.devices_per_host == 4
+
+
+def test_multi_host_groups_are_refused_where_they_cannot_run_yet(tmp_path):
+    from jaxpd.serving.process import worker_group
+
+    cfg = parse_config({"prefill": {"devices": [0, 1], "tp": 4, "hosts": 2}})
+    with pytest.raises(ConfigError, match="prefill.hosts: 2: a worker group spanning several hosts"):
+        worker_group(cfg, "colocated")

@@ -24,6 +24,9 @@ from jaxpd.transfer.device import DeviceTransport
 
 
 def _mesh(group: MeshSection, what: str):
+    if group.hosts > 1:
+        raise ConfigError(f"{what}.hosts: {group.hosts}: an in-process engine runs on one host; "
+                          f"a group spanning several hosts cannot run here")
     indices, devices = group.replica_devices(0), jax.devices()
     if not indices or max(indices) >= len(devices):
         raise ConfigError(f"{what} devices {indices} are not all among the {len(devices)} visible "

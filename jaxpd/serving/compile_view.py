@@ -36,9 +36,10 @@ def all_compiled(progress: dict[str, dict]) -> bool:
 class CompileView:
     """Draws `read()` (name -> last progress dict) on each `tick`; `close` leaves a final line."""
 
-    def __init__(self, read: Callable[[], dict[str, dict]], stream: TextIO = sys.stderr, *,
+    def __init__(self, read: Callable[[], dict[str, dict]], stream: TextIO | None = None, *,
                  expect: Iterable[str] = (), min_interval_s: float = 0.2,
                  plain_interval_s: float = 5.0):
+        stream = sys.stderr if stream is None else stream  # as it is now, not at import
         self.read, self.stream, self.expect = read, stream, set(expect)
         self.console = Console(file=stream, highlight=False)
         self.live: Live | None = None

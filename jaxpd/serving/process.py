@@ -28,7 +28,17 @@ PROGRESS_PREFIX = "JAXPD_PROGRESS "  # compile progress, shown by the launcher
 
 
 def worker_group(deployment: DeploymentConfig, role: str) -> tuple[MeshSection, str]:
-    """(the worker group a role's replicas belong to, its config key)."""
+    """(the worker group a role's replicas belong to, its config key). Multi-host groups
+    (`hosts` > 1) are described by the config but not served by this version: refused here."""
+    group, key = _worker_group(deployment, role)
+    if group.hosts > 1:
+        raise ConfigError(f"{key}.hosts: {group.hosts}: a worker group spanning several hosts "
+                          f"cannot be served by this version yet; use hosts: 1 (a replica on one "
+                          f"host)")
+    return group, key
+
+
+def _worker_group(deployment: DeploymentConfig, role: str) -> tuple[MeshSection, str]:
     if role == "decode":
         if deployment.mode != "disaggregated":
             raise ConfigError("role 'decode' needs mode: disaggregated (colocated deployments run "
