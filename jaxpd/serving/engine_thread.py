@@ -40,7 +40,6 @@ class EngineThread:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.broken: Exception | None = None
         self.snapshot: dict = {}  # replaced whole (never mutated): safe to read from the loop
-        self.steps = 0
 
     def start(self) -> None:
         self.snapshot = self._snapshot()
@@ -107,7 +106,6 @@ class EngineThread:
             if self._live and self.broken is None and self._has_work():
                 before, began = self.snapshot, time.perf_counter()
                 self._guarded(self._step, "step")
-                self.steps += 1
                 if self._on_step is not None:
                     self._on_step(time.perf_counter() - began, before)
             self.snapshot = self._snapshot()

@@ -299,7 +299,7 @@ class Router(generation_pb2_grpc.GenerationServicer):
         """A worker call ended with an error: migrate, or fail the request with its status."""
         if e.code() in MIGRATE:
             if e.code() == grpc.StatusCode.UNAVAILABLE:
-                asyncio.get_running_loop().create_task(self.pool.probe(worker, timeout=1.0))
+                self.pool.probe_soon(worker)
             raise WorkerLost(worker, f"{worker.name}: {e.code().name}: {e.details()}")
         raise RequestFailed(e.code(), f"{worker.name}: {e.details()}")
 
@@ -364,14 +364,14 @@ class Router(generation_pb2_grpc.GenerationServicer):
             except TimeoutError:
                 worker.forget_sent(sent)
                 call.cancel()
-                asyncio.get_running_loop().create_task(self.pool.probe(worker, timeout=1.0))
+                self.pool.probe_soon(worker)
                 continue
             except grpc.aio.AioRpcError as e:
                 worker.forget_sent(sent)
                 if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     continue
                 if e.code() in MIGRATE:  # not started: try the next worker, no migration
-                    asyncio.get_running_loop().create_task(self.pool.probe(worker, timeout=1.0))
+                    self.pool.probe_soon(worker)
                     continue
                 raise RequestFailed(e.code(), f"{worker.name}: {e.details()}") from None
             if first is grpc.aio.EOF or not first.HasField("reserved"):

@@ -47,7 +47,6 @@ class WorkerHandle:
     load: generation_pb2.WorkerLoad | None = None
     state: str = STARTING
     last_answer: float = dataclasses.field(default_factory=time.monotonic)
-    asked_at: float = 0.0  # when the last answered load report was asked for
     sent: list[_Sent] = dataclasses.field(default_factory=list)  # since that report
     in_flight: int = 0  # prefill: requests sent and not yet prefilled
     failed_probes: int = 0  # load reports in a row that did not come
@@ -85,7 +84,7 @@ class WorkerHandle:
 
     def report(self, load: generation_pb2.WorkerLoad, asked_at: float) -> None:
         """A load report asked for at `asked_at` covers everything sent before then."""
-        self.load, self.asked_at, self.last_answer = load, asked_at, time.monotonic()
+        self.load, self.last_answer = load, time.monotonic()
         self.sent = [s for s in self.sent if s.at >= asked_at]
 
     def info_with_state(self) -> generation_pb2.WorkerInfo:
@@ -120,6 +119,7 @@ class WorkerPool:
         self.on_change = on_change  # called when states change (health)
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        self._probes: set[asyncio.Task] = set()
 
     @property
     def workers(self) -> list[WorkerHandle]:
@@ -160,6 +160,12 @@ class WorkerPool:
 
     async def poll_once(self) -> None:
         await asyncio.gather(*(self.probe(w) for w in self.workers))
+
+    def probe_soon(self, w: WorkerHandle) -> None:
+        """Check `w` now, without waiting (a call to it just failed): it is down the sooner."""
+        task = asyncio.get_running_loop().create_task(self.probe(w, timeout=1.0))
+        self._probes.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._probes.discard)
 
     async def probe(self, w: WorkerHandle, timeout: float | None = None) -> bool:
         """Ask `w` for its load now; update its state. Returns whether it is serving."""
