@@ -78,6 +78,9 @@ class MeshSection(_Strict):
     host: str = Field("127.0.0.1", description="address the group's workers listen on")
     port: int = Field(0, ge=0, le=65535, description="replica i listens on port + i; 0 = any free "
                                                      "port (only when one `jaxpd serve` starts all)")
+    coordinator_port: int = Field(8476, ge=1, le=65534, description=(
+        "hosts > 1: the port of jax.distributed's coordinator on each replica's first host; "
+        "the step stream to the other hosts uses the next port"))
 
     @field_validator("devices")
     @classmethod

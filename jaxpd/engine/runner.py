@@ -18,8 +18,10 @@ Two ways to meet a shape that is not compiled yet:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +37,7 @@ from jaxpd.engine.sampling import SamplingArrays, sampling_arrays
 from jaxpd.kv.pool import KVPages, page_sharding
 from jaxpd.kv.manager import KVCacheManager
 from jaxpd.model.config import ModelConfig
+from jaxpd.transfer import wire
 
 STOP_ID_WIDTH = 8  # stop-id columns of a multi-step call (more only for requests with more)
 
@@ -51,6 +54,7 @@ class LaunchedSteps:
     last: jax.Array  # i32[b] each row's newest token, for the next call
     stopped: jax.Array  # bool[b] the row ended on a stop id
     times: tuple[float, float, float]  # entered, started the call, call returned
+    launch: int = 0  # the runner's count of launches: a later call feeds from it by number
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +89,15 @@ class ModelRunner:
         # waiting for and fetching results; a multi-step call is one dispatch of several steps
         self.decode_breakdown = {"dispatches": 0, "steps": 0, "host_s": 0.0, "dispatch_s": 0.0,
                                  "device_s": 0.0}
+        # A multi-host replica's leader sets this: every device op is published (op, static
+        # values, host arrays) to the other hosts before it runs here, so they run the same
+        # programs in the same order (`jaxpd.serving.multihost`). None on one host.
+        self.lockstep: Callable[[str, dict, dict[str, np.ndarray]], None] | None = None
+        self._launches = 0
+        self._launched: dict[int, tuple[jax.Array, jax.Array]] = {}  # launch -> (last, stopped)
+        spans_processes = mesh is not None and not all(
+            d.process_index == jax.process_index() for d in mesh.devices.flat)
+        self._replicated = NamedSharding(mesh, PartitionSpec()) if spans_processes else None
 
     def table_widths(self) -> list[int]:
         """Page-table widths a step can have, widest first: one when the backend's cost follows
@@ -220,7 +233,7 @@ class ModelRunner:
         """(next tokens, logprobs) as host arrays, one per slice (sampled at each slice's end);
         `decode`: every slice is one token of a decoding sequence (a decode-shaped program)."""
         shape = self._choose(self.step_shape(slices, decode=decode))
-        program = self._program(shape)
+        self._program(shape)  # compiled before the clock starts (and before followers hear of it)
         entered = time.perf_counter()
         batch, chunk = shape.batch, shape.tokens
         tokens = np.zeros((batch, chunk), np.int32)
@@ -234,8 +247,8 @@ class ModelRunner:
                                    [s.seq.num_drawn for s in slices], batch)
         self.tokens_computed += sum(s.length for s in slices)
         start = time.perf_counter()
-        next_tokens, logprobs, self.manager.kv = program(
-            self.params, self.manager.kv, tokens, positions, table, sampling)
+        next_tokens, logprobs = self.call("step", {"shape": _shape_key(shape)}, {
+            "tokens": tokens, "positions": positions, "table": table, **sampling._asdict()})
         dispatched = time.perf_counter()
         next_tokens, logprobs = jax.device_get((next_tokens, logprobs))
         end = time.perf_counter()
@@ -257,7 +270,7 @@ class ModelRunner:
         `expected_computed` position; one that was in `previous` (still in flight) takes its
         input token from that call's results on device (`multistep.feed_forward`)."""
         shape = self._choose(self._steps_shape(seqs, num_steps, eos_ids))
-        program = self._program(shape)
+        self._program(shape)
         entered = time.perf_counter()
         batch = shape.batch
         tokens = np.zeros(batch, np.int32)
@@ -280,16 +293,15 @@ class ModelRunner:
         sampling = sampling_arrays([seq.request.sampling for seq in seqs], [seq.seed for seq in seqs],
                                    [seq.num_drawn + seq.in_flight for seq in seqs], batch)
         start = time.perf_counter()
-        tokens_in, budget_in = tokens, budget
-        if previous is not None and (rows >= 0).any():
-            tokens_in, budget_in = multistep.feed_forward(
-                previous.last, previous.stopped, jnp.asarray(rows), jnp.asarray(tokens),
-                jnp.asarray(budget))
-        out_tokens, logprobs, valid, self.manager.kv, last, stopped = program(
-            self.params, self.manager.kv, tokens_in, positions, table, sampling, budget_in,
-            stop_ids)
+        self._launches += 1
+        feeds = previous is not None and bool((rows >= 0).any())
+        out_tokens, logprobs, valid, last, stopped = self.call("steps", {
+            "shape": _shape_key(shape), "launch": self._launches,
+            "previous": previous.launch if feeds else None}, {
+            "tokens": tokens, "positions": positions, "table": table, "budget": budget,
+            "rows": rows, "stop_ids": stop_ids, **sampling._asdict()})
         return LaunchedSteps(list(seqs), list(budgets), (out_tokens, logprobs, valid), last,
-                             stopped, (entered, start, time.perf_counter()))
+                             stopped, (entered, start, time.perf_counter()), self._launches)
 
     def collect_steps(self, launched: LaunchedSteps):
         """Wait for a launched call: (tokens, logprobs, valid) as host arrays, one row per
@@ -302,6 +314,88 @@ class ModelRunner:
         self._account("decode", (entered, start, dispatched, max(end, dispatched)),
                       steps=int(valid.max()))
         return out_tokens[:n], logprobs[:n], valid[:n]
+
+    # -- device ops: what a multi-host leader publishes and its followers replay -------------
+    def call(self, op: str, static: dict, arrays: dict[str, np.ndarray]):
+        """Run device op `op` here, first publishing it to the other hosts of a multi-host
+        replica (`lockstep`). Followers call `execute` with what was published, so both sides
+        run exactly this code."""
+        if self.lockstep is not None:
+            self.lockstep(op, static, arrays)
+        return self.execute(op, static, arrays)
+
+    def execute(self, op: str, static: dict, arrays: dict[str, np.ndarray]):
+        handler = self._OPS.get(op)
+        if handler is None:
+            raise ValueError(f"unknown device op {op!r}")
+        return handler(self, static, arrays)
+
+    def _global(self, x: np.ndarray):
+        """A host array as this mesh's replicated input (one array over every process's devices
+        when the mesh spans processes; each process passes the same values)."""
+        if self._replicated is None:
+            return x
+        return jax.make_array_from_process_local_data(self._replicated, x)
+
+    def _op_step(self, static: dict, arrays: dict) -> tuple[jax.Array, jax.Array]:
+        program = self._program(StepShape(*static["shape"]))
+        sampling = SamplingArrays(*(arrays[f] for f in SamplingArrays._fields))
+        next_tokens, logprobs, self.manager.kv = program(
+            self.params, self.manager.kv, arrays["tokens"], arrays["positions"], arrays["table"],
+            sampling)
+        return next_tokens, logprobs
+
+    def _op_steps(self, static: dict, arrays: dict):
+        program = self._program(StepShape(*static["shape"]))
+        tokens, budget = arrays["tokens"], arrays["budget"]
+        if static["previous"] is not None:
+            if static["previous"] not in self._launched:
+                raise RuntimeError(f"launch {static['previous']} is not among the recent ones")
+            last, stopped = self._launched[static["previous"]]
+            g = self._global
+            tokens, budget = multistep.feed_forward(last, stopped, g(arrays["rows"]), g(tokens),
+                                                    g(budget))
+        sampling = SamplingArrays(*(arrays[f] for f in SamplingArrays._fields))
+        out_tokens, logprobs, valid, self.manager.kv, last, stopped = program(
+            self.params, self.manager.kv, tokens, arrays["positions"], arrays["table"], sampling,
+            budget, arrays["stop_ids"])
+        self._launched[static["launch"]] = (last, stopped)
+        for old in [k for k in self._launched if k <= static["launch"] - 4]:
+            del self._launched[old]  # a launch only ever feeds the next one
+        return out_tokens, logprobs, valid, last, stopped
+
+    def _op_write_kv(self, static: dict, arrays: dict) -> None:
+        self.manager.kv = wire.scatter_tokens(
+            self.manager.kv, self._global(arrays["update"]), self._global(arrays["pages"]),
+            self._global(arrays["slots"]), layout=self.manager.layout,
+            layer_start=static["layer_start"])
+
+    def _op_gather_kv(self, static: dict, arrays: dict) -> jax.Array:
+        out = wire.gather_pages(self.manager.kv, self._global(arrays["pages"]),
+                                layout=self.manager.layout)
+        if self._replicated is not None:  # every head on every process: the leader reads it all
+            out = _replicate(out, self._replicated)
+        return out
+
+    _OPS = {"step": _op_step, "steps": _op_steps, "write_kv": _op_write_kv,
+            "gather_kv": _op_gather_kv}
+
+    def write_kv(self, seq_pages: list[int], piece: wire.KVPiece) -> None:
+        """Write a checked KV piece (canonical heads) into `seq_pages` of the pool."""
+        update, pages, slots = wire.piece_arrays(self.manager.layout, seq_pages, piece)
+        self.call("write_kv", {"layer_start": piece.header.layer_start},
+                  {"update": update, "pages": pages, "slots": slots})
+
+    def gather_kv(self, seq_pages: list[int], start: int, end: int) -> tuple[jax.Array, int]:
+        """Dispatch the gather of tokens [start, end) in the canonical wire layout; returns
+        (device array every process of the leader can read, offset of `start` in it)."""
+        pages, offset = wire.gather_index(self.manager.layout, seq_pages, start, end)
+        return self.call("gather_kv", {}, {"pages": pages}), offset
+
+    def kv_digest(self, seq_pages: list[int], num_tokens: int) -> tuple[int, int]:
+        """(CRC-32C, bytes) of tokens [0, num_tokens) in the wire layout (`wire.digest`)."""
+        arr, offset = self.gather_kv(seq_pages, 0, num_tokens)
+        return wire.digest(arr, offset, num_tokens, self.manager.layout)
 
     def _page_table(self, needs: list[tuple[Sequence, int]], shape: StepShape) -> np.ndarray:
         """i32[batch, width] page table of `shape` for (sequence, tokens its pages must hold)
@@ -326,3 +420,18 @@ class ModelRunner:
             b["host_s"] += start - entered
             b["dispatch_s"] += dispatched - start
             b["device_s"] += end - dispatched
+
+
+def _shape_key(shape: StepShape) -> list:
+    """A step shape as JSON values (what a multi-host leader publishes)."""
+    return [shape.kind, shape.batch, shape.tokens, shape.pages, shape.stops]
+
+
+@functools.cache
+def _copier(sharding: NamedSharding):
+    return jax.jit(lambda x: x, out_shardings=sharding)
+
+
+def _replicate(x: jax.Array, sharding: NamedSharding) -> jax.Array:
+    """`x` resharded to `sharding` (every process holds all of it)."""
+    return _copier(sharding)(x)

@@ -51,7 +51,7 @@ class SamplingArrays(NamedTuple):
 
 def sampling_arrays(params: Sequence[SamplingParams], seeds: Sequence[int],
                     counters: Sequence[int], batch: int) -> SamplingArrays:
-    """Host-built arrays for a padded batch (rows past len(params) are greedy padding)."""
+    """Host (numpy) arrays for a padded batch (rows past len(params) are greedy padding)."""
     t = np.zeros(batch, np.float32)
     k = np.zeros(batch, np.int32)
     p = np.ones(batch, np.float32)
@@ -61,8 +61,7 @@ def sampling_arrays(params: Sequence[SamplingParams], seeds: Sequence[int],
         t[i], k[i], p[i] = sp.temperature, sp.top_k, sp.top_p
         keys[i] = (0, seeds[i] & 0xFFFFFFFF)
         c[i] = counters[i]
-    return SamplingArrays(jnp.asarray(t), jnp.asarray(k), jnp.asarray(p), jnp.asarray(keys),
-                          jnp.asarray(c))
+    return SamplingArrays(t, k, p, keys, c)  # host arrays: a multi-host leader ships them as is
 
 
 def _filter_top_k_top_p(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:

@@ -68,6 +68,7 @@ class DecodeScheduler:
                  kv_timeout_s: float = 120.0, name: str = "decode"):
         self.engine, self.ctx, self.name = engine, ctx, name
         self.manager = engine.decode.manager
+        self.runner = engine.decode.runner  # device ops go through it (multi-host lockstep)
         self.subs: dict[str, _Sub] = {}
         self.record_digests = record_digests
         self.digests: dict[str, tuple[int, int, int]] = {}
@@ -126,7 +127,7 @@ class DecodeScheduler:
         if h.token_end > seq.prompt_len:
             raise TransferError(grpc.StatusCode.INVALID_ARGUMENT, f"request {h.request_id!r}: KV for "
                                 f"tokens up to {h.token_end} but the prompt has {seq.prompt_len}")
-        self.manager.kv = wire.write_piece(self.manager.kv, self.manager.layout, seq.pages.pages, piece)
+        self.runner.write_kv(seq.pages.pages, piece)
         self.subs[h.request_id].coverage[h.layer_start:h.layer_end, h.token_start:h.token_end] = True
 
     def finish_transfer(self, request_id: str, finish: worker_pb2.KVFinish, received: int) -> None:
@@ -139,8 +140,7 @@ class DecodeScheduler:
             raise TransferError(grpc.StatusCode.DATA_LOSS, f"request {request_id!r}: KV incomplete "
                                 f"({missing} layer-tokens of {sub.coverage.size} never arrived)")
         if self.record_digests:
-            crc, size = wire.prompt_kv_digest(self.manager.kv, self.manager.layout,
-                                              seq.pages.pages, seq.prompt_len)
+            crc, size = self.runner.kv_digest(seq.pages.pages, seq.prompt_len)
             self.digests[request_id] = (crc, size, seq.prompt_len)
         sub.emit(worker_pb2.DecodeEvent(kv_received=worker_pb2.KVReceived(bytes=received)))
         out = self.engine.start_remote(request_id, finish.first_token, finish.first_logprob)

@@ -142,13 +142,17 @@ def describe_status(returncode: int) -> str:
 # -- what to start ---------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class ProcessSpec:
-    """One child: `name` is unique (e.g. "prefill-0"); `env` is its full environment."""
+    """One child: `name` is unique (e.g. "prefill-0"); `env` is its full environment. Children
+    with the same `group` are the hosts of one multi-host replica: they stop and restart
+    together, and only `host` 0 serves (prints the ready line)."""
 
     name: str
     role: str
     replica: int
     argv: list[str]
     env: dict[str, str]
+    group: str = ""
+    host: int = 0
 
     def describe(self) -> str:
         return f"{self.name} (role {self.role}, replica {self.replica})"
@@ -162,11 +166,12 @@ def role_argv(role: str, config_path: str, replica: int = 0,
 
 
 def role_spec(role: str, replica: int, config_path: str, env: Mapping[str, str],
-              extra: Iterable[str] = ()) -> ProcessSpec:
-    """A role process's spec; PYTHONUNBUFFERED so its output reaches the log as it happens."""
-    return ProcessSpec(f"{role}-{replica}", role, replica,
-                       role_argv(role, config_path, replica, extra),
-                       {**env, "PYTHONUNBUFFERED": "1"})
+              extra: Iterable[str] = (), *, group: str = "", host: int = 0) -> ProcessSpec:
+    """A role process's spec (`role-replica`, or `role-replica-hostH` for host H > 0 of a
+    multi-host replica); PYTHONUNBUFFERED so its output reaches the log as it happens."""
+    name = f"{role}-{replica}" + (f"-host{host}" if host else "")
+    return ProcessSpec(name, role, replica, role_argv(role, config_path, replica, extra),
+                       {**env, "PYTHONUNBUFFERED": "1"}, group, host)
 
 
 # -- ports -----------------------------------------------------------------------------------------
@@ -212,6 +217,24 @@ def _probe_bind(family: int, kind: int, proto: int, addr, label: str) -> None:
                                   ) from None
             raise ConfigError(f"{label} cannot be listened on ({e.strerror}; is the host an "
                               f"address of this machine?)") from None
+
+
+def free_port_pair(host: str, tries: int = 50) -> int:
+    """A port P on `host` such that P and P + 1 are both free now (a multi-host replica's
+    coordinator and step stream)."""
+    bare = host.strip("[]") or "127.0.0.1"
+    family = socket.AF_INET6 if ":" in bare else socket.AF_INET
+    for _ in range(tries):
+        port = free_port(host)
+        if port >= 65535:
+            continue
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((bare, port + 1))
+            except OSError:
+                continue
+        return port
+    raise LaunchError(f"found no two consecutive free ports on {host}")
 
 
 def free_port(host: str) -> int:
@@ -372,27 +395,51 @@ class Launcher:
             if child.restart_at is None and child.proc.poll() is not None:
                 if self._stop_requested:
                     return
-                exit_ = ChildExit(child.spec.name, child.spec.role, child.spec.replica,
-                                  child.proc.returncode, tuple(self.last_lines(child.spec.name)))
+                exit_ = self._exit_of(child)
                 if child.failures >= policy.attempts:
                     self.stop_all()
                     tried = f" (restarted {child.failures} times in a row)" if child.failures else ""
                     raise ChildExitedError([exit_], f"serving{tried}")
-                child.exits.append(exit_)
-                delay = policy.delay(child.failures)
-                child.failures += 1
-                child.restart_at = now + delay
-                report(f"jaxpd: {exit_.describe()}; restarting it in {delay:.1f} s (attempt "
-                       f"{child.failures} of {policy.attempts}); the others keep serving")
+                delay, attempt = policy.delay(child.failures), child.failures + 1
+                unit = self._unit(child)
+                for member in unit:  # a multi-host replica restarts as one
+                    if member is not child and member.proc.poll() is None:
+                        _signal(member.proc, signal.SIGKILL)  # it may be stuck in a collective
+                        member.proc.wait()
+                    member.exits.append(exit_ if member is child else self._exit_of(member))
+                    member.failures = child.failures + 1
+                    member.restart_at = now + delay
+                what = exit_.describe()
+                if len(unit) > 1:
+                    what += (f"; stopped the other {len(unit) - 1} host process(es) of replica "
+                             f"{child.spec.group}, which restarts as a unit")
+                report(f"jaxpd: {what}; restarting in {delay:.1f} s (attempt {attempt} "
+                       f"of {policy.attempts}); the others keep serving")
             elif child.restart_at is not None and now >= child.restart_at:
                 pid = self._restart(child)
                 report(f"jaxpd: restarted {child.spec.name} (pid {pid})")
             elif child.failures and child.restart_at is None and not child.serving:
-                if child.ready is not None:
+                if child.spec.host:  # a follower serves when its replica's host 0 does
+                    leader = self._unit(child)[0]
+                    child.serving = leader.spec.host == 0 and leader.serving
+                elif child.ready is not None:
                     self._confirm_serving(child, now + 1.0)
                 if child.serving:
-                    report(f"jaxpd: {child.spec.name} serves again (pid {child.proc.pid})")
+                    if not child.spec.host:
+                        report(f"jaxpd: {child.spec.name} serves again (pid {child.proc.pid})")
                     child.failures = 0
+
+    def _unit(self, child: _Child) -> list[_Child]:
+        """The children that stop and restart with `child` (its multi-host replica), host 0
+        first; just itself otherwise."""
+        if not child.spec.group:
+            return [child]
+        return sorted((c for c in self._children.values() if c.spec.group == child.spec.group),
+                      key=lambda c: c.spec.host)
+
+    def _exit_of(self, child: _Child) -> ChildExit:
+        return ChildExit(child.spec.name, child.spec.role, child.spec.replica,
+                         child.proc.returncode, tuple(self.last_lines(child.spec.name)))
 
     def _restart(self, child: _Child) -> int:
         """Start a dead child again with the same spec (same port, same devices); its pid."""

@@ -23,7 +23,6 @@ from jaxpd.request_check import InvalidRequest
 from jaxpd.serving.engine_thread import EngineThread
 from jaxpd.serving.validate import status_of
 from jaxpd.serving.worker_common import WorkerServicer, WorkerState, pool_counts
-from jaxpd.transfer import wire
 from jaxpd.transfer.grpc_stream import GrpcKVSender
 from jaxpd.v1 import worker_pb2, worker_pb2_grpc
 
@@ -78,6 +77,7 @@ class PrefillScheduler:
         self.engine, self.kv_timeout_s = engine, kv_timeout_s
         engine.send_prefilled = True
         self.manager = engine.prefill.manager
+        self.runner = engine.prefill.runner  # device ops go through it (multi-host lockstep)
         self.jobs: dict[str, _Job] = {}
         self.record_digests = record_digests
         self.digests: dict[str, tuple[int, int, int]] = {}
@@ -114,8 +114,8 @@ class PrefillScheduler:
             done = seq.id in engine.sending  # prefilled this step: its last chunk is unsent
             if done:  # the first token goes out before the last chunk's KV
                 self._prefilled(seq, job)
-            array, offset = wire.gather_tokens(self.manager.kv, self.manager.layout,
-                                               seq.pages.pages, job.sent_upto, seq.num_computed)
+            array, offset = self.runner.gather_kv(seq.pages.pages, job.sent_upto,
+                                                  seq.num_computed)
             job.emit(KVReady(array, offset, job.sent_upto, seq.num_computed))
             job.sent_upto = seq.num_computed
             if done:
@@ -125,8 +125,7 @@ class PrefillScheduler:
         job.emit(Prefilled(seq.output_ids[0], seq.logprobs[0], None, seq.prompt_tokens_cached,
                            job.started - job.arrived, time.monotonic() - job.started))
         if self.record_digests:
-            crc, size = wire.prompt_kv_digest(self.manager.kv, self.manager.layout,
-                                              seq.pages.pages, seq.prompt_len)
+            crc, size = self.runner.kv_digest(seq.pages.pages, seq.prompt_len)
             self.digests[seq.id] = (crc, size, seq.prompt_len)
 
     def release(self, request_id: str) -> None:

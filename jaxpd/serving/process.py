@@ -19,6 +19,7 @@ from pathlib import Path
 
 from jaxpd.config import DeploymentConfig, MeshSection
 from jaxpd.errors import ConfigError, JaxpdError
+from jaxpd.serving import multihost
 
 log = logging.getLogger("jaxpd.serve")
 
@@ -28,17 +29,6 @@ PROGRESS_PREFIX = "JAXPD_PROGRESS "  # compile progress, shown by the launcher
 
 
 def worker_group(deployment: DeploymentConfig, role: str) -> tuple[MeshSection, str]:
-    """(the worker group a role's replicas belong to, its config key). Multi-host groups
-    (`hosts` > 1) are described by the config but not served by this version: refused here."""
-    group, key = _worker_group(deployment, role)
-    if group.hosts > 1:
-        raise ConfigError(f"{key}.hosts: {group.hosts}: a worker group spanning several hosts "
-                          f"cannot be served by this version yet; use hosts: 1 (a replica on one "
-                          f"host)")
-    return group, key
-
-
-def _worker_group(deployment: DeploymentConfig, role: str) -> tuple[MeshSection, str]:
     if role == "decode":
         if deployment.mode != "disaggregated":
             raise ConfigError("role 'decode' needs mode: disaggregated (colocated deployments run "
@@ -185,10 +175,31 @@ def _warm_up(role: str, replica: int, engine) -> tuple[str, object]:
     return what, start_background
 
 
+def _follow_worker(role: str, replica: int, deployment: DeploymentConfig,
+                   member: multihost.HostGroup) -> int:
+    """Another host of a multi-host replica: load and compile exactly what the leader does,
+    then replay its device ops until it stops (0) or dies (EXIT_BROKEN)."""
+    from jaxpd.serving.grpc_server import internal_secret
+
+    group, _ = worker_group(deployment, role)
+    engine, *_ = _load_worker(deployment, group.tp)
+    runner = _role_shapes(role, engine)[0]
+    _, start_background = _warm_up(role, replica, engine)
+    start_background()
+    sock = multihost.connect(member, internal_secret(), deployment.serving.startup_timeout_s)
+    log.info("%s-%d host %d: following the leader's step stream", role, replica, member.index)
+    try:
+        return multihost.follow(sock, runner.execute, member.index)
+    finally:
+        engine.stop_compiling()
+
+
 async def _serve_worker(role: str, replica: int, deployment: DeploymentConfig, where: str,
-                        port: int | None = None, metrics_port: int | None = None) -> int:
+                        port: int | None = None, metrics_port: int | None = None,
+                        member: multihost.HostGroup | None = None) -> int:
     """Serve one worker until SIGTERM (drain: its requests move to other workers, exit 0) or a
-    failed engine step (NOT_SERVING, exit EXIT_BROKEN for the launcher to restart it)."""
+    failed engine step (NOT_SERVING, exit EXIT_BROKEN for the launcher to restart it). With
+    `member` (the leader of a multi-host replica) every device op goes to the other hosts too."""
     import grpc
 
     from jaxpd.serving.decode_worker import DecodeScheduler, DecodeServicer, kv_transfer_handler
@@ -203,6 +214,18 @@ async def _serve_worker(role: str, replica: int, deployment: DeploymentConfig, w
     group, key = worker_group(deployment, role)
     serving = deployment.serving
     loop = asyncio.get_running_loop()
+    steps = None
+    if member is not None:  # bound first: a taken port fails before minutes of loading
+        from jaxpd.serving.grpc_server import internal_secret
+
+        def lost(why: str) -> None:  # the replica stops as a unit: its requests migrate
+            log.error("%s-%d: %s; exiting %d so the whole replica restarts", role, replica, why,
+                      EXIT_BROKEN)
+            logging.shutdown()
+            sys.stdout.flush()
+            os._exit(EXIT_BROKEN)
+
+        steps = multihost.StepLeader(member, internal_secret(), serving.liveness_timeout_s, lost)
     compiles: list = []
     _log_request_path_compiles(lambda: compiles and compiles[0].inc())
     engine, config, wire, tokenizer = await loop.run_in_executor(None, _load_worker, deployment,
@@ -221,6 +244,11 @@ async def _serve_worker(role: str, replica: int, deployment: DeploymentConfig, w
              time.perf_counter() - started, os.environ.get("JAXPD_CACHE_DIR", "off"))
     stop, broken = asyncio.Event(), []
     runner = (engine.prefill if role == "prefill" else engine.decode).runner
+    if steps is not None:
+        await loop.run_in_executor(None, steps.accept, serving.startup_timeout_s)
+        runner.lockstep = steps.publish
+        log.info("%s-%d: every host of the replica follows (tp=%d over %d hosts)", role, replica,
+                 group.tp, group.hosts)
     snapshot = lambda: thread.snapshot  # noqa: E731
     if serving.metrics.enabled:
         state.metrics = prom.WorkerMetrics(snapshot, lambda: len(runner.programs))
@@ -283,6 +311,8 @@ async def _serve_worker(role: str, replica: int, deployment: DeploymentConfig, w
         await server.stop(1.0)
         thread.stop()
         engine.stop_compiling()
+        if steps is not None:
+            steps.close()
 
 
 # -- the router -------------------------------------------------------------------------------------
@@ -367,10 +397,12 @@ async def _serve_router(deployment: DeploymentConfig, where: str, prefill: list[
 def run_role(role: str, deployment: DeploymentConfig, where: str, *, replica: int = 0,
              prefill_addresses: list[str] | None = None,
              decode_addresses: list[str] | None = None, port: int | None = None,
-             metrics_port: int | None = None) -> int:
+             metrics_port: int | None = None,
+             member: multihost.HostGroup | None = None) -> int:
     """Run one role until SIGTERM/SIGINT; returns its exit status. Raises JaxpdError for what
     the user must fix. `port` overrides the group's (the launcher fixes each worker's port, so
-    a restarted worker comes back where the router looks for it)."""
+    a restarted worker comes back where the router looks for it). `member`: this process is
+    one host of a multi-host replica (`multihost.resolve`)."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s {role}-{replica} %(levelname)s %(message)s")
     # jax logs every accelerator platform it probes and does not find (e.g. libtpu) at INFO
@@ -384,4 +416,22 @@ def run_role(role: str, deployment: DeploymentConfig, where: str, *, replica: in
     group, key = worker_group(deployment, role)
     if not 0 <= replica < group.replicas:
         raise ConfigError(f"--replica {replica}: {key}.replicas is {group.replicas}")
-    return asyncio.run(_serve_worker(role, replica, deployment, where, port, metrics_port))
+    if member is None:
+        return asyncio.run(_serve_worker(role, replica, deployment, where, port, metrics_port))
+    multihost.initialize(member, deployment.serving.startup_timeout_s)
+    if member.leader:
+        code = asyncio.run(_serve_worker(role, replica, deployment, where, port, metrics_port,
+                                         member))
+    else:
+        def with_the_leader(signum, frame) -> None:  # a stop reaches every host at once
+            log.info("%s: this host stops when the leader does (its stop, or its end)",
+                     signal.Signals(signum).name)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, with_the_leader)
+        code = _follow_worker(role, replica, deployment, member)
+    # Every process of the replica exits here, skipping jax.distributed's shutdown barrier (it
+    # waits for hosts that may be gone): nothing is left to flush but the logs.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

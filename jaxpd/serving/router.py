@@ -66,6 +66,10 @@ class RequestFailed(Exception):
         self.code = code
 
 
+class _NoneServing(RequestFailed):
+    """No decode worker serves right now (all down or restarting)."""
+
+
 class WorkerLost(Exception):
     """An attempt's worker failed (or stopped serving): the request migrates."""
 
@@ -230,8 +234,9 @@ class Router(generation_pb2_grpc.GenerationServicer):
         try:
             progress.worker_queue_from = time.monotonic()
             local = self.local_prefill or not any(w.serving for w in self.pool.prefill)
-            decode_worker, decode_call = await self._reserve(engine_request, len(request.prompt_ids),
-                                                             local, deadline, aborted, avoid)
+            decode_worker, decode_call = await self._reserve(
+                engine_request, len(request.prompt_ids), local, deadline, aborted, avoid,
+                wait_for_workers=n > 0)
             if decode_worker is None:  # aborted while queued
                 yield self._complete(rid, "abort", progress)
                 return
@@ -305,22 +310,32 @@ class Router(generation_pb2_grpc.GenerationServicer):
 
     async def _reserve(self, engine_request: worker_pb2.EngineRequest, prompt_len: int,
                        local: bool, deadline: float, aborted: asyncio.Event,
-                       avoid: set[WorkerHandle] = frozenset()):
+                       avoid: set[WorkerHandle] = frozenset(), *,
+                       wait_for_workers: bool = False):
         """(decode worker, its Decode call with the Reserved event read) once a worker reserved
         pages; (None, None) if aborted meanwhile. Requests that find every pool full wait in
         FCFS order until pages free up or `deadline`; RESOURCE_EXHAUSTED when the queue is full
-        or the deadline passes."""
+        or the deadline passes. When no decode worker serves, a new request fails at once
+        (UNAVAILABLE: the router reports NOT_SERVING too), but one that is moving from a failed
+        worker (`wait_for_workers`) waits the same way for a worker to come back (restarted)."""
         page_size = self.deployment.kv.page_size
         pages = -(-(prompt_len + 1) // page_size)
         needed = -(-(prompt_len + engine_request.sampling.max_tokens) // page_size)
         request = worker_pb2.DecodeRequest(request=engine_request, local_prefill=local)
-        ticket = None
+        ticket = none_serving = None
         try:
             while True:
                 if ticket is None or self.queue[0] is ticket:
-                    found = await self._try_reserve(request, pages, needed, avoid)
-                    if found is None and avoid:  # only workers that failed it before have room
-                        found = await self._try_reserve(request, pages, needed, set())
+                    try:
+                        found = await self._try_reserve(request, pages, needed, avoid)
+                        if found is None and avoid:  # only workers that failed it have room
+                            found = await self._try_reserve(request, pages, needed, set())
+                    except _NoneServing as e:
+                        if not wait_for_workers or time.monotonic() >= deadline:
+                            raise
+                        none_serving, found = e, None
+                    else:
+                        none_serving = None
                     if found is not None:
                         return found
                 if aborted.is_set():
@@ -334,6 +349,8 @@ class Router(generation_pb2_grpc.GenerationServicer):
                     ticket = object()
                     self.queue.append(ticket)
                 left = deadline - time.monotonic()
+                if left <= 0 and none_serving is not None:
+                    raise none_serving
                 if left <= 0:
                     raise RequestFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, "waited for free KV "
                                         "pages until the request's deadline (or "
@@ -350,8 +367,8 @@ class Router(generation_pb2_grpc.GenerationServicer):
         order = self.pool.decode_order(needed if not request.local_prefill else pages, exclude)
         if not order and not any(w.serving for w in self.pool.decode):
             states = ", ".join(f"{w.name} is {w.state}" for w in self.pool.decode)
-            raise RequestFailed(grpc.StatusCode.UNAVAILABLE, f"no decode worker is serving "
-                                f"({states}); retry shortly")
+            raise _NoneServing(grpc.StatusCode.UNAVAILABLE, f"no decode worker is serving "
+                               f"({states}); retry shortly")
         if not order and needed > self.pool.largest_decode_pool():
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, "sampling.max_tokens: the "
                                 f"request needs {needed} pages of KV but the largest decode pool "

@@ -50,6 +50,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--port", type=int, metavar="P",
                    help="one role: listen on this port instead of the config's (`jaxpd serve` "
                         "fixes each worker's port, so a restarted worker comes back there)")
+    p.add_argument("--host-index", type=int, metavar="H",
+                   help="one role of a multi-host group (hosts > 1): which host of the replica "
+                        "this process is, 0 = the one that serves (default: $LWS_WORKER_INDEX)")
+    p.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="one role of a multi-host group: host 0's jax.distributed coordinator "
+                        "(default: $LWS_LEADER_ADDRESS and the group's coordinator_port)")
     p.add_argument("--metrics-port", type=int, metavar="P",
                    help="one role: serve Prometheus metrics on this port instead of the config's")
     p.add_argument("--prefill-addresses", type=_address_list, metavar="A,B",
@@ -88,17 +94,27 @@ def run(args) -> int:
         return launch(deployment, args.config, verbose=args.verbose)
     from jaxpd.serving.devices import router_env, visible_devices_env
 
+    from jaxpd.serving.multihost import resolve
+
     # Before anything imports jax: this process sees exactly its replica's devices.
+    member = None
     if args.role == "router":
         os.environ.update(router_env(os.environ))
     else:
-        group, _ = worker_group(deployment, args.role)
-        os.environ.update(visible_devices_env(group.replica_devices(args.replica), os.environ))
+        group, key = worker_group(deployment, args.role)
+        member = resolve(group.hosts, key, args.host_index, args.coordinator,
+                         group.coordinator_port)
+        os.environ.update(visible_devices_env(group.replica_devices(args.replica), os.environ,
+                                              multi_host=member is not None))
     compile_cache.enable()
     return run_role(args.role, deployment, args.config, replica=args.replica,
                     prefill_addresses=args.prefill_addresses,
                     decode_addresses=args.decode_addresses, port=args.port,
-                    metrics_port=args.metrics_port)
+                    metrics_port=args.metrics_port, member=member)
+
+
+def _hosts(deployment: DeploymentConfig, role: str) -> int:
+    return worker_group(deployment, role)[0].hosts
 
 
 def _worker_roles(deployment: DeploymentConfig) -> list[tuple[str, int]]:
@@ -128,7 +144,7 @@ def launch(deployment: DeploymentConfig, where: str, *, verbose: bool = False) -
     import secrets
 
     from jaxpd.serving.grpc_server import SECRET_ENV
-    from jaxpd.serving.launcher import RestartPolicy, free_port
+    from jaxpd.serving.launcher import RestartPolicy, free_port, free_port_pair
 
     from jaxpd.serving.grpc_server import configure
 
@@ -149,13 +165,22 @@ def launch(deployment: DeploymentConfig, where: str, *, verbose: bool = False) -
     view = CompileView(launcher.compile_progress, expect=[f"{r}-{i}" for r, i in roles])
     try:
         with launcher, handle_stop_signals(launcher):
-            specs = []
+            specs, followers = [], []
             for n, (role, i) in enumerate(roles):  # fixed ports: a restart comes back there
                 group, _ = worker_group(deployment, role)
                 port = group.port + i if group.port else free_port(group.host)
-                specs.append(role_spec(role, i, where, env, extra=[
-                    "--port", str(port), "--metrics-port", str(metrics_port(1 + n))]))
-            for spec in specs:
+                extra = ["--port", str(port), "--metrics-port", str(metrics_port(1 + n))]
+                if group.hosts == 1:
+                    specs.append(role_spec(role, i, where, env, extra=extra))
+                    continue
+                # a multi-host replica: host 0 serves, the others follow; one restart unit
+                coordinator = f"127.0.0.1:{free_port_pair('127.0.0.1')}"
+                specs.append(role_spec(role, i, where, env, group=f"{role}-{i}", extra=[
+                    *extra, "--host-index", "0", "--coordinator", coordinator]))
+                followers += [role_spec(role, i, where, env, group=f"{role}-{i}", host=h, extra=[
+                    "--host-index", str(h), "--coordinator", coordinator])
+                    for h in range(1, group.hosts)]
+            for spec in specs + followers:
                 launcher.start(spec)
             print(f"jaxpd: starting {', '.join(s.name for s in specs)} ...", file=sys.stderr, flush=True)
             ready = launcher.wait_ready([s.name for s in specs], timeout, on_tick=view.tick)

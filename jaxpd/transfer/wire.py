@@ -63,16 +63,25 @@ def model_fingerprint(config: ModelConfig, params) -> bytes:
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         keys = tuple(k.key for k in path)
         if is_stacked(keys):  # every layer's sample, under its unrolled name
-            host = np.asarray(jax.device_get(leaf[:, :2]), np.float32)
+            host = _on_host(leaf[:, :2])
             for i in range(host.shape[0]):
                 samples["/".join((layer_name(i),) + keys[1:])] = host[i]
         else:
-            samples["/".join(keys)] = np.asarray(jax.device_get(leaf[:2] if leaf.ndim else leaf),
-                                                 np.float32)
+            samples["/".join(keys)] = _on_host(leaf[:2] if leaf.ndim else leaf)
     for name in sorted(samples):
         h.update(name.encode())
         h.update(samples[name].tobytes())
     return h.digest()
+
+
+def _on_host(x: jax.Array) -> np.ndarray:
+    """`x` as float32 on the host, also when it spans several processes (a multi-host replica:
+    then every process must call this, as they all compute the fingerprint)."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(jax.device_get(x), np.float32)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True), np.float32)
 
 
 # -- prefill side: gather, split, frame ---------------------------------------------------------
@@ -85,15 +94,23 @@ def gather_pages(kv: KVPages, pages: jax.Array, *, layout: KVLayout) -> jax.Arra
     return jnp.stack([one(kv.k), one(kv.v)], axis=1)
 
 
-def gather_tokens(kv: KVPages, layout: KVLayout, seq_pages: list[int], start: int,
-                  end: int) -> tuple[jax.Array, int]:
-    """Dispatch the gather of tokens [start, end) (asynchronously); returns (device array, the
-    offset of `start` in its token axis). Page counts are bucketed to bound compilations."""
+def gather_index(layout: KVLayout, seq_pages: list[int], start: int,
+                 end: int) -> tuple[np.ndarray, int]:
+    """(the pages holding tokens [start, end), padded with the null page to a power of two to
+    bound compilations; the offset of `start` in their token axis)."""
     ps = layout.page_size
     first, last = start // ps, -(-end // ps)
     idx = np.full(pow2_bucket(last - first), NULL_BLOCK, np.int32)
     idx[:last - first] = seq_pages[first:last]
-    return gather_pages(kv, jnp.asarray(idx), layout=layout), start - first * ps
+    return idx, start - first * ps
+
+
+def gather_tokens(kv: KVPages, layout: KVLayout, seq_pages: list[int], start: int,
+                  end: int) -> tuple[jax.Array, int]:
+    """Dispatch the gather of tokens [start, end) (asynchronously); returns (device array, the
+    offset of `start` in its token axis)."""
+    idx, offset = gather_index(layout, seq_pages, start, end)
+    return gather_pages(kv, jnp.asarray(idx), layout=layout), offset
 
 
 def split_ranges(num_layers: int, num_tokens: int, bytes_per_layer_token: int,
@@ -251,20 +268,20 @@ def check_piece(ctx: WireContext, header: worker_pb2.KVHeader, payload: memoryvi
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "layer_start"), donate_argnames=("kv",))
-def _scatter_tokens(kv: KVPages, update: jax.Array, pages: jax.Array, slots: jax.Array, *,
-                    layout: KVLayout, layer_start: int) -> KVPages:
+def scatter_tokens(kv: KVPages, update: jax.Array, pages: jax.Array, slots: jax.Array, *,
+                   layout: KVLayout, layer_start: int) -> KVPages:
+    """`update` [layers, 2, model heads, tokens, head_dim] written at (pages, slots)."""
     layers = slice(layer_start, layer_start + update.shape[0])
     k = replicate_heads(update[:, 0], layout, 1).astype(kv.k.dtype)  # [layers, kv_heads, t, hd]
     v = replicate_heads(update[:, 1], layout, 1).astype(kv.v.dtype)
     return KVPages(kv.k.at[layers, :, pages, slots].set(k), kv.v.at[layers, :, pages, slots].set(v))
 
 
-def write_piece(kv: KVPages, layout: KVLayout, seq_pages: list[int], piece: KVPiece) -> KVPages:
-    """Write a checked piece into `seq_pages` of the pool (heads re-replicated for `layout`).
-
-    Token counts are padded to a power of two (padding lands in the null page) so the write
-    compiles once per bucket.
-    """
+def piece_arrays(layout: KVLayout, seq_pages: list[int],
+                 piece: KVPiece) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(update, pages, slots): a checked piece as `scatter_tokens`'s host inputs. Token counts
+    are padded to a power of two (padding lands in the null page) so the write compiles once
+    per bucket."""
     h, arr = piece.header, piece.array
     n = h.token_end - h.token_start
     bucket = pow2_bucket(n)
@@ -277,8 +294,22 @@ def write_piece(kv: KVPages, layout: KVLayout, seq_pages: list[int], piece: KVPi
         padded = np.zeros(arr.shape[:3] + (bucket,) + arr.shape[4:], arr.dtype)
         padded[:, :, :, :n] = arr
         arr = padded
-    return _scatter_tokens(kv, jnp.asarray(arr), jnp.asarray(pages), jnp.asarray(slots),
-                           layout=layout, layer_start=h.layer_start)
+    return arr, pages, slots
+
+
+def write_piece(kv: KVPages, layout: KVLayout, seq_pages: list[int], piece: KVPiece) -> KVPages:
+    """Write a checked piece into `seq_pages` of the pool (heads re-replicated for `layout`)."""
+    update, pages, slots = piece_arrays(layout, seq_pages, piece)
+    return scatter_tokens(kv, jnp.asarray(update), jnp.asarray(pages), jnp.asarray(slots),
+                          layout=layout, layer_start=piece.header.layer_start)
+
+
+def digest(gathered: jax.Array, offset: int, num_tokens: int,
+           layout: KVLayout) -> tuple[int, int]:
+    """(CRC-32C, bytes) of `num_tokens` tokens from `offset` of a gather, in the wire layout."""
+    host = np.asarray(jax.device_get(gathered))[:, :, :, offset:offset + num_tokens]
+    data = np.ascontiguousarray(host, dtype=WIRE_DTYPES[layout.dtype]).tobytes()
+    return crc32c(data), len(data)
 
 
 def prompt_kv_digest(kv: KVPages, layout: KVLayout, seq_pages: list[int],
@@ -286,6 +317,4 @@ def prompt_kv_digest(kv: KVPages, layout: KVLayout, seq_pages: list[int],
     """(CRC-32C, bytes) of tokens [0, num_tokens) in the canonical wire layout: equal on both
     sides when the decode pool holds exactly the bytes the prefill side computed."""
     arr, offset = gather_tokens(kv, layout, seq_pages, 0, num_tokens)
-    host = np.asarray(jax.device_get(arr))[:, :, :, offset:offset + num_tokens]
-    data = np.ascontiguousarray(host, dtype=WIRE_DTYPES[layout.dtype]).tobytes()
-    return crc32c(data), len(data)
+    return digest(arr, offset, num_tokens, layout)
