@@ -454,3 +454,40 @@ def test_when_restarts_run_out_everything_stops_and_the_child_is_named(child_scr
         assert isinstance(error, ChildExitedError) and error.name == "prefill-0"
         assert "exited with status 3" in str(error) and "restarted 2 times in a row" in str(error)
         assert wait_gone(router)
+
+
+def test_the_hosts_of_a_multi_host_replica_stop_and_restart_as_a_unit(child_script):
+    """A follower host dies: its leader is stopped too and both restart; the follower counts
+    as serving again once its leader does; another replica is untouched."""
+    from jaxpd.serving.launcher import RestartPolicy
+
+    def host(name: str, mode: str, index: int) -> ProcessSpec:
+        return ProcessSpec(name, "decode", 0, [sys.executable, str(child_script), mode],
+                           dict(os.environ), group="decode-0", host=index)
+
+    launcher = Launcher(poll_s=0.02)
+    lines: list[str] = []
+    with launcher:
+        launcher.start(host("decode-0", "serve", 0))
+        launcher.start(host("decode-0-host1", "hang", 1))  # a follower prints no ready line
+        launcher.start(spec(child_script, "decode-1", "serve"))
+        launcher.wait_ready(["decode-0", "decode-1"], timeout_s=30)
+        before = launcher.pids()
+        thread, result = _serve_in_thread(launcher, restart=RestartPolicy(attempts=2, backoff_s=0.05),
+                                          report=lines.append)
+        os.kill(before["decode-0-host1"], signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while not any("serves again" in line for line in lines):
+            assert time.monotonic() < deadline, lines
+            time.sleep(0.05)
+        after = launcher.pids()
+        assert not alive(before["decode-0"]) and not alive(before["decode-0-host1"])
+        assert alive(after["decode-0"]) and alive(after["decode-0-host1"])
+        assert after["decode-1"] == before["decode-1"]
+        assert launcher.restarts() == {"decode-0": 1, "decode-0-host1": 1}
+        assert "stopped the other 1 host process(es) of replica decode-0" in lines[0]
+        assert "restarting the replica as a unit" in lines[0]
+        assert not launcher._children["decode-0-host1"].failures  # serving again with its leader
+        launcher.request_stop(signal.SIGTERM)
+        thread.join(15)
+        assert result == {"signal": signal.SIGTERM}

@@ -409,11 +409,12 @@ class Launcher:
                     member.exits.append(exit_ if member is child else self._exit_of(member))
                     member.failures = child.failures + 1
                     member.restart_at = now + delay
-                what = exit_.describe()
+                what, it = exit_.describe(), "it"
                 if len(unit) > 1:
                     what += (f"; stopped the other {len(unit) - 1} host process(es) of replica "
-                             f"{child.spec.group}, which restarts as a unit")
-                report(f"jaxpd: {what}; restarting in {delay:.1f} s (attempt {attempt} "
+                             f"{child.spec.group}")
+                    it = "the replica as a unit"
+                report(f"jaxpd: {what}; restarting {it} in {delay:.1f} s (attempt {attempt} "
                        f"of {policy.attempts}); the others keep serving")
             elif child.restart_at is not None and now >= child.restart_at:
                 pid = self._restart(child)

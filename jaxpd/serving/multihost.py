@@ -141,9 +141,9 @@ def encode(op: str, static: dict, arrays: Mapping[str, np.ndarray]) -> list[byte
     """The frame's buffers (header length, header, each array's bytes), ready for sendmsg."""
     parts, specs = [], []
     for name, value in arrays.items():
-        arr = np.ascontiguousarray(value)
+        arr = np.require(value, requirements="C")  # (ascontiguousarray makes 0-d 1-d)
         specs.append([name, _dtype_name(arr.dtype), list(arr.shape)])
-        parts.append(memoryview(arr).cast("B"))
+        parts.append(memoryview(arr.reshape(-1).view(np.uint8)))
     header = json.dumps({"op": op, "static": static, "arrays": specs}).encode()
     return [_LENGTH.pack(len(header)), header, *parts]
 
