@@ -81,6 +81,9 @@ class MeshSection(_Strict):
     coordinator_port: int = Field(8476, ge=1, le=65534, description=(
         "hosts > 1: the port of jax.distributed's coordinator on each replica's first host; "
         "the step stream to the other hosts uses the next port"))
+    node_selector: dict[str, str] = Field(default_factory=dict, description=(
+        "Kubernetes node labels this group's pods must run on (`jaxpd deploy render`), e.g. an "
+        "inventory pool's labels"))
 
     @field_validator("devices")
     @classmethod
@@ -293,6 +296,40 @@ class ServingSection(_Strict):
                                     description="how `jaxpd serve` restarts a worker that died")
 
 
+class ModelVolume(_Strict):
+    """Where a Kubernetes pod finds the weights: a PersistentVolumeClaim or a node's path,
+    mounted read-only at `mount`; `model.checkpoint` must be a path under it."""
+
+    claim: str | None = Field(None, description="a PersistentVolumeClaim's name (ReadOnlyMany, "
+                                                "or ReadWriteOnce on one node)")
+    host_path: str | None = Field(None, description="a directory on every node instead")
+    mount: str = Field("/models", description="where pods see the volume")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelVolume:
+        if (self.claim is None) == (self.host_path is None):
+            raise ValueError("give exactly one of claim (a PersistentVolumeClaim) or host_path")
+        if not self.mount.startswith("/"):
+            raise ValueError(f"mount: {self.mount!r} must be an absolute path")
+        return self
+
+
+class KubernetesSection(_Strict):
+    """What `jaxpd deploy render --target kubernetes` needs beyond the deployment itself."""
+
+    model_volume: ModelVolume | None = Field(None, description="the weights' volume (needed "
+                                                               "unless the embedded model is "
+                                                               "served)")
+    router_replicas: int = Field(2, ge=1, description="router pods behind the Service (the "
+                                                      "PodDisruptionBudget keeps one up)")
+    service_type: Literal["ClusterIP", "LoadBalancer", "NodePort"] = Field(
+        "ClusterIP", description="the router Service's type")
+    secret_mounts: dict[str, str] = Field(default_factory=dict, description=(
+        "Secrets mounted read-only in every pod, name -> directory (the TLS and token files "
+        "that serving.tls / auth_token_file name)"))
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+
+
 class DeploymentConfig(_Strict):
     model: ModelSection = ModelSection()
     mode: Literal["colocated", "disaggregated"] = "colocated"
@@ -302,6 +339,8 @@ class DeploymentConfig(_Strict):
     attention: Literal["auto", "reference", "cudnn", "pallas"] = "auto"
     scheduler: SchedulerSection = SchedulerSection()
     serving: ServingSection = ServingSection()
+    kubernetes: KubernetesSection = Field(default_factory=lambda: KubernetesSection(),
+                                          description="`jaxpd deploy render` settings")
     seed: int = 0
 
     @model_validator(mode="after")
@@ -311,7 +350,9 @@ class DeploymentConfig(_Strict):
                 raise ValueError("mode 'disaggregated' needs a 'decode' mesh")
             shared = set(self.prefill.devices) & set(self.decode.devices)
             one_host = self.prefill.hosts == self.decode.hosts == 1
-            if shared and one_host and self.prefill.host == self.decode.host:  # other hosts: other devices
+            same_kind = self.prefill.accelerator == self.decode.accelerator
+            # other hosts or other accelerator kinds (other machines): other devices
+            if shared and one_host and same_kind and self.prefill.host == self.decode.host:
                 raise ValueError(f"prefill and decode meshes share devices {sorted(shared)}")
         elif self.decode is not None:
             raise ValueError("'decode' is only used with mode: disaggregated (remove it or change mode)")

@@ -106,9 +106,10 @@ def test_a_multi_host_group_lists_its_local_devices_for_every_host():
     assert cfg.decode.replica_devices(0) == [0, 1, 2, 3] and cfg.decode.devices_per_host == 4
 
 
-def test_multi_host_groups_are_refused_where_they_cannot_run_yet(tmp_path):
-    from jaxpd.serving.process import worker_group
+def test_an_in_process_engine_refuses_a_multi_host_group():
+    from jaxpd.engine.builder import build_engine
+    from jaxpd.model.checkpoint import load_config as model_config
 
     cfg = parse_config({"prefill": {"devices": [0, 1], "tp": 4, "hosts": 2}})
-    with pytest.raises(ConfigError, match="prefill.hosts: 2: a worker group spanning several hosts"):
-        worker_group(cfg, "colocated")
+    with pytest.raises(ConfigError, match="prefill.hosts: 2: an in-process engine runs on one host"):
+        build_engine(model_config(None), {}, cfg)

@@ -108,15 +108,20 @@ def test_plans_become_configs_that_jaxpd_serve_accepts():
     import yaml
 
     from jaxpd.config import parse_config
-    from jaxpd.placement.deploy_yaml import DECODE_HOST, plan_yaml
+    from jaxpd.placement.deploy_yaml import plan_yaml
     from jaxpd.placement.placer import Plan
 
     pre = Option("prefill", "h100", 2, 10.0, 8.0, "")
     same = Option("decode", "h100", 1, 10.0, 4.0, "")
     other = Option("decode", "l4", 1, 3.0, 0.8, "")
     col = Option("colocated", "a100", 4, 5.0, 10.0, "")
+    from jaxpd.placement.catalog import parse_inventory
+
+    pools = {p.name: p for p in parse_inventory({"pools": [
+        {"name": n, "device": d, "count": 16} for n, d in
+        (("h100", "h100-sxm"), ("l4", "l4"), ("a100", "a100-80gb"))]}, "<test>")}
     for plan in (Plan(((pre, 2), (same, 3))), Plan(((pre, 1), (other, 4))), Plan(((col, 2),))):
-        text = plan_yaml(plan, checkpoint="/models/llama")
+        text = plan_yaml(plan, checkpoint="/models/llama", pools=pools)
         cfg = parse_config(yaml.safe_load(text))
         assert text.startswith("# Written by `jaxpd place`")
         if plan.colocated:
@@ -127,4 +132,5 @@ def test_plans_become_configs_that_jaxpd_serve_accepts():
         if plan.choices[1][0].pool == "h100":  # one pool: decode after prefill's devices
             assert cfg.decode.devices == [4, 5, 6]
         else:
-            assert cfg.decode.devices == [0, 1, 2, 3] and cfg.decode.host == DECODE_HOST
+            assert cfg.decode.devices == [0, 1, 2, 3] and cfg.decode.host == "0.0.0.0"
+        assert "PREFILL_POOL_HOST" not in text and "DECODE_POOL_HOST" not in text

@@ -40,7 +40,10 @@ class DeviceSpec(BaseModel):
     hbm_bandwidth: float = Field(gt=0)  # bytes/s
     link_bandwidth: float = Field(ge=0)  # intra-node bytes/s per direction; 0 = none (PCIe only)
     network_bandwidth: float = Field(ge=0)  # bytes/s per device to other hosts
-    max_tp: int = Field(ge=1)
+    max_tp: int = Field(ge=1)  # the widest TP on one host
+    devices_per_host: int = Field(ge=1)  # in the hosts a multi-host replica spans
+    max_slice_tp: int | None = Field(default=None, ge=1)  # wider TP over several hosts on the
+    # same fast link (a TPU slice's ICI); None: the link stops at the host (max_tp)
     power_watts: float | None = Field(default=None, gt=0)  # None where the vendor publishes none
     price_per_hour: float = Field(gt=0)  # USD per device-hour, on demand
 
@@ -56,6 +59,7 @@ class PoolEntry(BaseModel):
     device: str  # a catalog key
     count: int = Field(ge=1)
     price_per_hour: float | None = Field(default=None, gt=0)  # overrides the catalog's
+    node_labels: dict[str, str] = {}  # Kubernetes node labels of this pool (manifests select them)
 
 
 class Inventory(BaseModel):
@@ -181,7 +185,10 @@ def _pool_spec(entry: PoolEntry, device: DeviceSpec) -> PoolSpec:
     price = device.price_per_hour if entry.price_per_hour is None else entry.price_per_hour
     return PoolSpec(name=entry.name, device=device.key, vendor=device.vendor, count=entry.count,
                     price_per_device_hour=price, roof=device.roof(), max_tp=device.max_tp,
-                    network_bandwidth=device.network_bandwidth)
+                    network_bandwidth=device.network_bandwidth,
+                    devices_per_host=device.devices_per_host,
+                    max_slice_tp=device.max_slice_tp or device.max_tp,
+                    node_labels=tuple(sorted(entry.node_labels.items())))
 
 
 def parse_inventory(data: Mapping[str, Any], source: str,

@@ -50,6 +50,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _model_volume(text: str) -> dict:
+    kind, sep, value = text.partition(":")
+    if not sep or not value or kind not in ("claim", "host"):
+        raise argparse.ArgumentTypeError(f"expected claim:PVC_NAME or host:/dir, got {text!r}")
+    return {"claim": value} if kind == "claim" else {"host_path": value}
+
+
 _SLO = re.compile(r"^(ttft|tpot)_p(\d+(?:\.\d+)?)=(.+)$")
 
 
@@ -100,6 +107,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--profiles", default=str(DEFAULT_PROFILES), metavar="DIR",
                    help="tools/bench_engine.py profiles; a device with one gets calibrated "
                         "efficiencies (default configs/profiles)")
+    p.add_argument("--model-volume", type=_model_volume, metavar="claim:PVC|host:DIR",
+                   help="--out for Kubernetes: the volume holding the weights (a "
+                        "PersistentVolumeClaim or a node directory), mounted at /models; "
+                        "--checkpoint then names the folder under /models")
     p.add_argument("--checkpoint", metavar="DIR",
                    help="checkpoint path written into --out (default: --model when a folder)")
     p.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
@@ -288,8 +299,11 @@ def run(args) -> int:
         return EXIT_UNREACHABLE
     if args.out:
         checkpoint = args.checkpoint or (args.model if Path(args.model).is_dir() else None)
+        if args.model_volume and not (checkpoint or "").startswith("/models/"):
+            checkpoint = f"/models/{Path(checkpoint or args.model).name}"  # as pods see it
         Path(args.out).write_text(plan_yaml(placement.best.plan, checkpoint=checkpoint,
-                                            dtype=args.dtype))
+                                            dtype=args.dtype, pools=by_name,
+                                            model_volume=args.model_volume))
         if not args.json:
             print(f"wrote {args.out}")
     return 0

@@ -27,7 +27,7 @@ from jaxpd.placement.cost_model import Efficiency, PhaseModel, Roofline, kv_tran
 
 Role = Literal["prefill", "decode", "colocated"]
 TAIL = 2.3  # p90 of an exponential wait is 2.3x its mean: the margin the bounds keep for tails
-TP_DEGREES = (1, 2, 4, 8)
+TP_DEGREES = (1, 2, 4, 8, 16)
 KV_SHARE_OF_TPOT = 0.25  # of a request's TPOT budget its KV hand-off may take
 # jaxpd's prefill worker sends a request's KV once its prefill ends (jaxpd/transfer); flip this
 # when the hand-off streams layer by layer behind the prefill.
@@ -44,9 +44,21 @@ class PoolSpec:
     count: int
     price_per_device_hour: float
     roof: Roofline
-    max_tp: int  # devices one TP group may span (a node, a slice)
+    max_tp: int  # devices one TP group may span on one host
     network_bandwidth: float = 0.0  # bytes/s per device between hosts (KV across pools)
     efficiency: Efficiency = Efficiency()  # calibrated from a profile of this device, if any
+    devices_per_host: int = 8  # of the hosts a multi-host replica spans
+    max_slice_tp: int = 0  # widest TP over several hosts on the same link (TPU slices); 0: max_tp
+    node_labels: tuple[tuple[str, str], ...] = ()  # Kubernetes node labels of the pool
+
+    def hosts(self, tp: int) -> int:
+        """Hosts one replica of `tp` devices spans: 1 up to max_tp, else whole hosts."""
+        return 1 if tp <= self.max_tp else tp // self.devices_per_host
+
+    def topology(self, tp: int) -> str | None:
+        """The TPU slice shape of `tp` chips (GKE's gke-tpu-topology), None for GPUs or a chip
+        count no slice has."""
+        return tpu_topology(self.device, tp)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,10 +115,34 @@ class Plan:
         return " + ".join(f"{o.role} {n} x {o.pool} TP{o.tp}" for o, n in self.choices)
 
 
+# TPU slice shapes by chip count (GKE's cloud.google.com/gke-tpu-topology): v5e and v6e are
+# 2D, v5p 3D; a chip count without a shape cannot be a replica's slice
+_TPU_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8"}
+_TPU_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4"}
+
+
+def tpu_topology(device: str, chips: int) -> str | None:
+    if device in ("tpu-v5e", "tpu-v6e"):
+        return _TPU_2D.get(chips)
+    if device == "tpu-v5p":
+        return _TPU_3D.get(chips)
+    return None
+
+
 def tp_degrees(model: ModelConfig, pool: PoolSpec) -> list[int]:
-    """TP degrees one replica may use on `pool`: within a node and dividing the heads."""
-    return [tp for tp in TP_DEGREES if tp <= min(pool.max_tp, pool.count)
-            and model.num_heads % tp == 0]
+    """TP degrees one replica may use on `pool`: within a host (max_tp), or over whole hosts of
+    one slice (max_slice_tp); dividing the heads; on TPU, chip counts a slice has."""
+    widest = max(pool.max_tp, pool.max_slice_tp)
+    out = []
+    for tp in TP_DEGREES:
+        if tp > min(widest, pool.count) or model.num_heads % tp:
+            continue
+        if tp > pool.max_tp and tp % pool.devices_per_host:
+            continue
+        if pool.device.startswith("tpu-") and tpu_topology(pool.device, tp) is None:
+            continue
+        out.append(tp)
+    return out
 
 
 def _md1_capacity(service: float, service_p90: float, ttft_slo: float) -> tuple[float, str]:

@@ -52,18 +52,19 @@ _CPU_NAMES = {"cpu"}
 
 
 def visible_devices_env(devices: list[int], base_env: Mapping[str, str], *,
-                        multi_host: bool = False) -> dict[str, str]:
+                        whole_host: bool = False) -> dict[str, str]:
     """The full environment for a role process that must see exactly `devices` (indices as the
     launcher's own environment numbers them) as its local devices 0..len(devices)-1.
-    `multi_host`: the process is one host of a multi-host replica. Its TPU settings are then
-    left to libtpu and the slice (a host of a multi-host slice uses all its chips, and the
-    single-process bounds written here would cut it off from the others)."""
+    `whole_host`: the process owns its host's chips (a host of a multi-host replica, or a
+    Kubernetes pod). Its TPU settings are then left to libtpu and the slice: a host of a
+    multi-host slice uses all its chips, and the single-process bounds written here would cut
+    it off from the others."""
     _check_indices(devices)
     env = dict(base_env)
     platforms = _platforms(env)
     if platforms is None or platforms & _CUDA_NAMES:
         _narrow(env, "CUDA_VISIBLE_DEVICES", devices, hidden=("", "-1"))
-    if not multi_host and (platforms is None or platforms & _TPU_NAMES):
+    if not whole_host and (platforms is None or platforms & _TPU_NAMES):
         if _narrow(env, "TPU_VISIBLE_CHIPS", devices, hidden=("",)):
             _tpu_process_env(env, devices)
     if platforms is None or platforms & _CPU_NAMES:

@@ -56,6 +56,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--coordinator", metavar="HOST:PORT",
                    help="one role of a multi-host group: host 0's jax.distributed coordinator "
                         "(default: $LWS_LEADER_ADDRESS and the group's coordinator_port)")
+    p.add_argument("--all-visible-devices", action="store_true",
+                   help="one role: this process owns every accelerator it sees (a Kubernetes "
+                        "pod given its GPUs or TPU chips by the device plugin): use the first "
+                        "devices-per-host of them instead of the config's device indices")
     p.add_argument("--metrics-port", type=int, metavar="P",
                    help="one role: serve Prometheus metrics on this port instead of the config's")
     p.add_argument("--prefill-addresses", type=_address_list, metavar="A,B",
@@ -104,8 +108,10 @@ def run(args) -> int:
         group, key = worker_group(deployment, args.role)
         member = resolve(group.hosts, key, args.host_index, args.coordinator,
                          group.coordinator_port)
-        os.environ.update(visible_devices_env(group.replica_devices(args.replica), os.environ,
-                                              multi_host=member is not None))
+        devices = (list(range(group.devices_per_host)) if args.all_visible_devices
+                   else group.replica_devices(args.replica))
+        os.environ.update(visible_devices_env(devices, os.environ, whole_host=(
+            member is not None or args.all_visible_devices)))
     compile_cache.enable()
     return run_role(args.role, deployment, args.config, replica=args.replica,
                     prefill_addresses=args.prefill_addresses,

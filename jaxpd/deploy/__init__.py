@@ -1,0 +1,1 @@
+"""From a deployment YAML to a cluster: Kubernetes manifests (`jaxpd deploy render`)."""
