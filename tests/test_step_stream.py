@@ -70,12 +70,17 @@ def test_followers_replay_the_leaders_ops_in_order_and_stop_with_it():
     leader.accept(timeout_s=10)
     for i in range(5):
         leader.publish("step", {"i": i}, {"x": np.full(4, i, np.int32)})
+    # far more than the socket buffers hold (KV writes are): sends block, never EAGAIN
+    leader.publish("big", {}, {"x": np.ones(8 << 20, np.int32)})
+    # per-host arrays: each follower gets its own share
+    leader.publish("share", {}, {}, per_host=lambda i: {"x": np.full(3, i, np.int32)})
     leader.close()
     for t in threads:
         t.join(10)
-    expected = [("step", {"i": i}, 4 * i) for i in range(5)]
-    assert seen == {1: expected, 2: expected} and codes == {1: 0, 2: 0}
-    assert leader.frames == 6 and not lost  # five ops and the stop; a stop is no loss
+    expected = [("step", {"i": i}, 4 * i) for i in range(5)] + [("big", {}, 8 << 20)]
+    assert seen == {1: expected + [("share", {}, 3)], 2: expected + [("share", {}, 6)]}
+    assert codes == {1: 0, 2: 0}
+    assert leader.frames == 8 and not lost  # seven ops and the stop; a stop is no loss
 
 
 def test_a_wrong_secret_is_refused_and_a_missing_host_times_out():

@@ -92,12 +92,17 @@ class ModelRunner:
         # A multi-host replica's leader sets this: every device op is published (op, static
         # values, host arrays) to the other hosts before it runs here, so they run the same
         # programs in the same order (`jaxpd.serving.multihost`). None on one host.
-        self.lockstep: Callable[[str, dict, dict[str, np.ndarray]], None] | None = None
+        self.lockstep: Callable[..., None] | None = None
         self._launches = 0
         self._launched: dict[int, tuple[jax.Array, jax.Array]] = {}  # launch -> (last, stopped)
         spans_processes = mesh is not None and not all(
             d.process_index == jax.process_index() for d in mesh.devices.flat)
         self._replicated = NamedSharding(mesh, PartitionSpec()) if spans_processes else None
+        self._by_host = _host_head_sharding(mesh) if spans_processes else None
+        # KV arriving at a multi-host replica: "scatter" sends each host only the KV heads its
+        # devices hold (the default), "broadcast" sends every host all of them (measured in
+        # docs/benchmarks.md)
+        self.kv_delivery = "scatter"
 
     def table_widths(self) -> list[int]:
         """Page-table widths a step can have, widest first: one when the backend's cost follows
@@ -316,12 +321,15 @@ class ModelRunner:
         return out_tokens[:n], logprobs[:n], valid[:n]
 
     # -- device ops: what a multi-host leader publishes and its followers replay -------------
-    def call(self, op: str, static: dict, arrays: dict[str, np.ndarray]):
+    def call(self, op: str, static: dict, arrays: dict[str, np.ndarray],
+             per_host: Callable[[int], dict[str, np.ndarray]] | None = None):
         """Run device op `op` here, first publishing it to the other hosts of a multi-host
         replica (`lockstep`). Followers call `execute` with what was published, so both sides
-        run exactly this code."""
+        run exactly this code. `per_host(i)`: arrays that differ by host (process) i."""
         if self.lockstep is not None:
-            self.lockstep(op, static, arrays)
+            self.lockstep(op, static, arrays, per_host)
+        if per_host is not None:
+            arrays = {**arrays, **per_host(jax.process_index())}
         return self.execute(op, static, arrays)
 
     def execute(self, op: str, static: dict, arrays: dict[str, np.ndarray]):
@@ -365,8 +373,14 @@ class ModelRunner:
         return out_tokens, logprobs, valid, last, stopped
 
     def _op_write_kv(self, static: dict, arrays: dict) -> None:
+        update = arrays["update"]
+        if static.get("by_host"):  # this host's KV heads: one array over every host's slices
+            update = jax.make_array_from_process_local_data(self._by_host, update,
+                                                           tuple(static["shape"]))
+        else:
+            update = self._global(update)
         self.manager.kv = wire.scatter_tokens(
-            self.manager.kv, self._global(arrays["update"]), self._global(arrays["pages"]),
+            self.manager.kv, update, self._global(arrays["pages"]),
             self._global(arrays["slots"]), layout=self.manager.layout,
             layer_start=static["layer_start"])
 
@@ -383,8 +397,16 @@ class ModelRunner:
     def write_kv(self, seq_pages: list[int], piece: wire.KVPiece) -> None:
         """Write a checked KV piece (canonical heads) into `seq_pages` of the pool."""
         update, pages, slots = wire.piece_arrays(self.manager.layout, seq_pages, piece)
-        self.call("write_kv", {"layer_start": piece.header.layer_start},
-                  {"update": update, "pages": pages, "slots": slots})
+        static = {"layer_start": piece.header.layer_start}
+        hosts = jax.process_count() if self._by_host is not None else 1
+        heads = update.shape[2]
+        if hosts > 1 and self.kv_delivery == "scatter" and heads % hosts == 0:
+            share = heads // hosts  # host i holds model heads [i*share, (i+1)*share)
+            static.update(by_host=True, shape=list(update.shape))
+            self.call("write_kv", static, {"pages": pages, "slots": slots},
+                      per_host=lambda i: {"update": update[:, :, i * share:(i + 1) * share]})
+            return
+        self.call("write_kv", static, {"update": update, "pages": pages, "slots": slots})
 
     def gather_kv(self, seq_pages: list[int], start: int, end: int) -> tuple[jax.Array, int]:
         """Dispatch the gather of tokens [start, end) in the canonical wire layout; returns
@@ -425,6 +447,15 @@ class ModelRunner:
 def _shape_key(shape: StepShape) -> list:
     """A step shape as JSON values (what a multi-host leader publishes)."""
     return [shape.kind, shape.batch, shape.tokens, shape.pages, shape.stops]
+
+
+def _host_head_sharding(mesh: Mesh) -> NamedSharding:
+    """A KV update [layers, 2, heads, tokens, head_dim] split over heads by process: the same
+    devices as `mesh`, regrouped one row per process, so each host supplies its own heads."""
+    devices = np.asarray(mesh.devices).reshape(-1)
+    hosts = len({d.process_index for d in devices})
+    grid = Mesh(devices.reshape(hosts, -1), ("hosts", "local"))
+    return NamedSharding(grid, PartitionSpec(None, None, "hosts", None, None))
 
 
 @functools.cache

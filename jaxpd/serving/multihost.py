@@ -34,6 +34,7 @@ import hmac
 import json
 import logging
 import os
+import select
 import socket
 import struct
 import threading
@@ -241,33 +242,36 @@ class StepLeader:
             threading.Thread(target=self._watch, args=(index, conn), daemon=True,
                              name=f"step-watch-{index}").start()
 
-    def publish(self, op: str, static: dict, arrays: Mapping[str, np.ndarray]) -> None:
-        """Send one device op to every follower (before the leader runs it)."""
-        parts = encode(op, static, arrays)
-        size = sum(len(p) for p in parts)
+    def publish(self, op: str, static: dict, arrays: Mapping[str, np.ndarray],
+                per_host: Callable[[int], Mapping[str, np.ndarray]] | None = None) -> None:
+        """Send one device op to every follower (before the leader runs it); `per_host(i)`
+        adds the arrays only host i gets (its share of a KV write)."""
+        shared = None if per_host is not None else encode(op, static, arrays)
         with self._lock:
             for index, conn in self._followers.items():
+                parts = shared or encode(op, static, {**arrays, **per_host(index)})
                 try:
                     _send(conn, parts)
                 except OSError as e:
                     raise HostLost(f"host {index} of this replica is gone ({e})") from None
+                self.bytes += sum(len(p) for p in parts)
             self.frames += 1
-            self.bytes += size * len(self._followers)
 
     def _watch(self, index: int, conn: socket.socket) -> None:
-        """Read the follower's heartbeats; anything else (EOF, silence) ends the replica."""
-        conn_reader = conn.dup()
-        conn_reader.settimeout(self.liveness_s)
+        """Read the follower's heartbeats; anything else (EOF, silence) ends the replica. The
+        socket stays blocking (a timeout would make the leader's sends non-blocking too: they
+        share it), so silence is found with select."""
+        why = None
         try:
-            while True:
-                receive(conn_reader)
-        except socket.timeout:
-            why = f"host {index} of this replica sent no heartbeat for {self.liveness_s:g} s " \
-                  f"(frozen?)"
+            while why is None:
+                readable, _, _ = select.select([conn], [], [], self.liveness_s)
+                if not readable:
+                    why = f"host {index} of this replica sent no heartbeat for " \
+                          f"{self.liveness_s:g} s (frozen?)"
+                else:
+                    receive(conn)
         except (HostLost, OSError, ValueError) as e:
             why = f"host {index} of this replica is gone ({e})"
-        finally:
-            conn_reader.close()
         if not self._closing:
             self.on_lost(why)
 
