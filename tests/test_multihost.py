@@ -18,14 +18,14 @@ from jaxpd.v1 import generation_pb2 as pb
 
 pytestmark = pytest.mark.slow
 
-CHECKPOINT = sh.REPO / "tests" / "fixtures" / "hf" / "llama"
+FIXTURES = sh.REPO / "tests" / "fixtures" / "hf"
+CHECKPOINT = FIXTURES / "llama"  # 2 KV heads: each host is sent its own one
 CHUNK = 32  # prompts longer than this send their KV in several pieces
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def _start(tmp_path_factory, checkpoint):
     config = sh.write_config(tmp_path_factory.mktemp("multihost") / "deploy.yaml",
-                             model={"checkpoint": str(CHECKPOINT)},
+                             model={"checkpoint": str(checkpoint)},
                              prefill={"devices": [0], "tp": 1, "replicas": 1},
                              decode={"devices": [0, 1], "tp": 4, "hosts": 2, "replicas": 1},
                              scheduler={"chunk_size": CHUNK, "max_prefill_tokens": 128},
@@ -33,7 +33,12 @@ def served(tmp_path_factory):
                              serving={"router": {"host": "127.0.0.1", "port": 0},
                                       "liveness_timeout_s": 3.0,
                                       "restart": {"attempts": 3, "backoff_s": 0.2}})
-    d = sh.start(config, verbose=True)
+    return sh.start(config, verbose=True)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    d = _start(tmp_path_factory, CHECKPOINT)
     yield d
     assert d.stop() == 0, "\n".join(d.lines[-40:])
 
@@ -59,16 +64,16 @@ def _requests(tag: str) -> list[pb.GenerateRequest]:
 _REFERENCE: dict = {}
 
 
-def reference(requests) -> list[list[int]]:
+def reference(requests, checkpoint=CHECKPOINT) -> list[list[int]]:
     """What the single-process engine (one device, in this test process) generates."""
-    if not _REFERENCE:
+    if checkpoint not in _REFERENCE:
         from jaxpd.config import parse_config
         from jaxpd.engine.builder import build_engine
         from jaxpd.engine.request import Request
         from jaxpd.engine.sampling import SamplingParams
         from jaxpd.model.checkpoint import load_model
 
-        model = load_model(CHECKPOINT)
+        model = load_model(checkpoint)
         engine = build_engine(model.config, model.params,
                               parse_config({"kv": {"page_size": 16, "num_pages": 256}}))
         final = engine.run_to_completion([Request(r.request_id.rsplit("-", 1)[1], tuple(
@@ -76,8 +81,8 @@ def reference(requests) -> list[list[int]]:
                 max_tokens=r.sampling.max_tokens, temperature=r.sampling.temperature,
                 seed=r.sampling.seed if r.sampling.HasField("seed") else None,
                 ignore_eos=True)) for r in requests])
-        _REFERENCE.update({rid: list(out.token_ids) for rid, out in final.items()})
-    return [_REFERENCE[r.request_id.rsplit("-", 1)[1]] for r in requests]
+        _REFERENCE[checkpoint] = {rid: list(out.token_ids) for rid, out in final.items()}
+    return [_REFERENCE[checkpoint][r.request_id.rsplit("-", 1)[1]] for r in requests]
 
 
 def _stream_all(stub, requests, fault=None, after: float = 0.0):
@@ -136,3 +141,20 @@ def test_killing_one_process_restarts_the_replica_as_a_unit_and_loses_no_request
     ok, used = sh.wait_pages_free(stub, within=3.0)
     assert ok, used
     assert any("restarting the replica as a unit" in line for line in served.lines)
+
+
+def test_a_one_kv_head_model_with_a_sliding_window_is_sent_whole_to_both_hosts(
+        tmp_path_factory):
+    """One KV head cannot be split over two hosts: every host gets it (the broadcast path),
+    and a sliding window frees pages on the replica as on one process."""
+    checkpoint = FIXTURES / "mistral_window"
+    d = _start(tmp_path_factory, checkpoint)
+    try:
+        stub = d.stub()
+        requests = _requests("window")
+        results = _stream_all(stub, requests)
+        assert [tokens for tokens, _ in results] == reference(requests, checkpoint)
+        ok, used = sh.wait_pages_free(stub, within=3.0)
+        assert ok, used
+    finally:
+        assert d.stop() == 0, "\n".join(d.lines[-40:])

@@ -418,20 +418,29 @@ def run_role(role: str, deployment: DeploymentConfig, where: str, *, replica: in
         raise ConfigError(f"--replica {replica}: {key}.replicas is {group.replicas}")
     if member is None:
         return asyncio.run(_serve_worker(role, replica, deployment, where, port, metrics_port))
-    multihost.initialize(member, deployment.serving.startup_timeout_s)
-    if member.leader:
-        code = asyncio.run(_serve_worker(role, replica, deployment, where, port, metrics_port,
-                                         member))
-    else:
-        def with_the_leader(signum, frame) -> None:  # a stop reaches every host at once
-            log.info("%s: this host stops when the leader does (its stop, or its end)",
-                     signal.Signals(signum).name)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, with_the_leader)
-        code = _follow_worker(role, replica, deployment, member)
-    # Every process of the replica exits here, skipping jax.distributed's shutdown barrier (it
-    # waits for hosts that may be gone): nothing is left to flush but the logs.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    # Every process of a multi-host replica ends through os._exit, skipping jax.distributed's
+    # shutdown barrier: it waits (minutes) for hosts that may be gone or never came, so a
+    # failure on one host would otherwise hang the others' exits.
+    code = 1
+    try:
+        multihost.initialize(member, deployment.serving.startup_timeout_s)
+        if member.leader:
+            code = asyncio.run(_serve_worker(role, replica, deployment, where, port,
+                                             metrics_port, member))
+        else:
+            def with_the_leader(signum, frame) -> None:  # a stop reaches every host at once
+                log.info("%s: this host stops when the leader does (its stop, or its end)",
+                         signal.Signals(signum).name)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, with_the_leader)
+            code = _follow_worker(role, replica, deployment, member)
+    except JaxpdError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    except BaseException:  # noqa: BLE001 - reported, then the process ends below
+        log.exception("%s-%d host %d failed", role, replica, member.index)
+    finally:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

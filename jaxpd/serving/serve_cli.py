@@ -25,10 +25,14 @@ examples:
   jaxpd serve --config deploy.yaml -v                    # also show every process's log lines
   jaxpd serve prefill --config deploy.yaml --replica 0   # one role (multi-host deployments)
   jaxpd serve router --config deploy.yaml                # finds workers at prefill.port/decode.port
+  jaxpd serve decode --config deploy.yaml --replica 0 --host-index 1 --coordinator HOST0:8476
+                                          # host 1 of a multi-host replica (decode.hosts > 1)
 
 Each worker sees only its own devices (replica i of a group uses devices[i*tp:(i+1)*tp]): on
 GPU through CUDA_VISIBLE_DEVICES, on TPU through TPU_VISIBLE_CHIPS, on CPU as that many host
-devices. Then, from another shell:
+devices. A multi-host replica (hosts > 1) is one process per host: `jaxpd serve --config`
+starts them all on this machine; by hand, host 0 serves and the others follow it. Then, from
+another shell:
   jaxpd client --address 127.0.0.1:50051 --prompt "It is a truth" --max-tokens 32"""
 
 
