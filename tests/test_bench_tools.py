@@ -48,3 +48,18 @@ def test_roofline_counts_each_live_request_kv_per_decode_step():
     contexts = [(10 + 1) + (20 + 1), 20 + 2, 20 + 3]
     decode = sum((weights + c * kv) / peaks.bandwidth for c in contexts)
     assert abs(roofline_seconds(cfg, [10, 20], [2, 4], peaks) - (prefill + decode)) < 1e-9
+
+
+@pytest.mark.slow
+def test_bench_multihost_kv_delivers_every_byte_both_ways():
+    """Two real processes (jax.distributed, gloo), TP 4 across them: the KV written through
+    the step stream, each host sent its own heads or all of them, equals the input."""
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "bench_multihost_kv.py"),
+                           "--preset", "tiny", "--tokens", "64", "--repeats", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["scatter"]["correct"] and result["broadcast"]["correct"]
+    # scatter sends each of the 2 hosts half the heads: about half broadcast's bytes
+    assert result["scatter"]["stream_bytes_per_write"] < 0.7 * \
+        result["broadcast"]["stream_bytes_per_write"]

@@ -142,19 +142,3 @@ def test_killing_one_process_restarts_the_replica_as_a_unit_and_loses_no_request
     assert ok, used
     assert any("restarting the replica as a unit" in line for line in served.lines)
 
-
-def test_a_one_kv_head_model_with_a_sliding_window_is_sent_whole_to_both_hosts(
-        tmp_path_factory):
-    """One KV head cannot be split over two hosts: every host gets it (the broadcast path),
-    and a sliding window frees pages on the replica as on one process."""
-    checkpoint = FIXTURES / "mistral_window"
-    d = _start(tmp_path_factory, checkpoint)
-    try:
-        stub = d.stub()
-        requests = _requests("window")
-        results = _stream_all(stub, requests)
-        assert [tokens for tokens, _ in results] == reference(requests, checkpoint)
-        ok, used = sh.wait_pages_free(stub, within=3.0)
-        assert ok, used
-    finally:
-        assert d.stop() == 0, "\n".join(d.lines[-40:])
