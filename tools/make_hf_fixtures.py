@@ -333,6 +333,99 @@ def summarize(out_root: Path, names: list[str]) -> None:
         print("   config.json excerpt: " + json.dumps(excerpt))
 
 
+# -- chat templates ---------------------------------------------------------------------------
+# Three templates in the styles checkpoints ship (written for these fixtures), each stored the
+# way a checkpoint may store it: a string in tokenizer_config.json, a chat_template.jinja file,
+# or a list of named templates. They exercise trim_blocks/lstrip_blocks, whitespace control,
+# special tokens from the config, filters, loop controls, namespace() and raise_exception.
+CHAT_TEMPLATES = {
+    "chatml": ("config", (
+        "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+        "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + "
+        "'\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+        "{% endif %}")),
+    "headers": ("jinja", (
+        "{{- bos_token }}\n"
+        "{%- for message in messages %}\n"
+        "    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + "
+        "message['content'] | trim + '<|eot_id|>' }}\n"
+        "{%- endfor %}\n"
+        "{%- if add_generation_prompt %}\n"
+        "    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}\n"
+        "{%- endif %}\n")),
+    "inst": ("list", (
+        "{{ bos_token }}\n"
+        "{% set ns = namespace(turns=0) %}\n"
+        "{% for message in messages %}\n"
+        "    {% if loop.index > 12 %}{% break %}{% endif %}\n"
+        "    {% if message['role'] == 'system' %}{% continue %}{% endif %}\n"
+        "    {% if (message['role'] == 'user') != (ns.turns % 2 == 0) %}\n"
+        "        {{ raise_exception('Conversation roles must alternate user/assistant/user/"
+        "assistant/...') }}\n"
+        "    {% endif %}\n"
+        "    {% set ns.turns = ns.turns + 1 %}\n"
+        "    {% if message['role'] == 'user' %}\n"
+        "[INST] {{ message['content'] }} [/INST]\n"
+        "    {% else %}\n"
+        "{{ message['content'] }}{{ eos_token }}\n"
+        "    {% endif %}\n"
+        "{% endfor %}\n"
+        "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] | tojson }}{% endif %}\n")),
+}
+CHAT_CONVERSATIONS = [
+    [{"role": "user", "content": "Hello there!"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
+     {"role": "assistant", "content": "  4  "},
+     {"role": "user", "content": "And 3+3? \u00dcn\u00efc\u00f6d\u00e9 \u2713"}],
+    [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}],
+]
+
+
+def build_chat_fixtures(out_root: Path) -> None:
+    """tests/fixtures/chat/<template>/: the embedded model's tokenizer.json, a
+    tokenizer_config.json (and chat_template.jinja) holding the template, and expected.json
+    with transformers' apply_chat_template text and token ids (or its error) for each
+    conversation, with and without the generation prompt."""
+    import transformers
+
+    source = Path(__file__).resolve().parents[1] / "jaxpd" / "assets" / "default_model"
+    for name, (where, template) in CHAT_TEMPLATES.items():
+        folder = out_root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source / "tokenizer.json", folder / "tokenizer.json")
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>",
+                  "eos_token": {"__type": "AddedToken", "content": "<|eos|>", "lstrip": False,
+                                "normalized": False, "rstrip": False, "single_word": False},
+                  "pad_token": "<|pad|>", "model_max_length": 1024}
+        if where == "config":
+            config["chat_template"] = template
+        elif where == "list":
+            config["chat_template"] = [{"name": "default", "template": template},
+                                       {"name": "tool_use", "template": "{{ raise_exception("
+                                        "'not this one') }}"}]
+        else:
+            (folder / "chat_template.jinja").write_text(template)
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+        cases = []
+        for messages in CHAT_CONVERSATIONS:
+            for generation in (True, False):
+                case = {"messages": messages, "add_generation_prompt": generation}
+                try:
+                    text = tok.apply_chat_template(messages, add_generation_prompt=generation,
+                                                   tokenize=False)
+                    ids = tok.apply_chat_template(messages, add_generation_prompt=generation,
+                                                  tokenize=True, return_dict=False)
+                    case.update(text=text, ids=list(ids), error=None)
+                except Exception as e:  # noqa: BLE001 - the template's own refusal, recorded
+                    case.update(text=None, ids=None, error=str(e))
+                cases.append(case)
+        (folder / "expected.json").write_text(json.dumps(
+            {"transformers": transformers.__version__, "cases": cases}, indent=1) + "\n")
+        print(f"wrote {folder} ({len(cases)} cases)", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=(
@@ -347,6 +440,10 @@ def main(argv: list[str] | None = None) -> int:
         "--only", choices=["llama", "qwen2", "mistral", "mistral_window"], action="append",
         help="build only this fixture (repeatable; default: all)",
     )
+    parser.add_argument("--chat", metavar="DIR",
+                        help="instead, write the chat-template fixtures here "
+                             "(tests/fixtures/chat): a tokenizer, a template, and "
+                             "transformers' apply_chat_template output")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -357,6 +454,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
 
+    if args.chat:
+        build_chat_fixtures(Path(args.chat))
+        return 0
     out_root = Path(args.out)
     configs = build_configs()
     names = args.only or list(configs)
