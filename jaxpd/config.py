@@ -43,6 +43,9 @@ class _Strict(BaseModel):
 
 class ModelSection(_Strict):
     checkpoint: str | None = Field(None, description="HF or orbax folder; null = the embedded default model")
+    name: str | None = Field(None, min_length=1, description="the name clients ask for (the "
+                                                             "OpenAI API's `model`); default: "
+                                                             "the checkpoint folder's name")
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None, description="compute dtype; null = the checkpoint's (float32 on CPU)")
     scan_layers: bool = Field(
@@ -228,6 +231,16 @@ class MetricsSection(_Strict):
                                                      "free port")
 
 
+class HttpSection(_Strict):
+    """The OpenAI-compatible HTTP API, served by the router process beside gRPC."""
+
+    host: str = Field("127.0.0.1", description="address the HTTP API listens on")
+    port: int = Field(8000, ge=0, le=65535, description="its port; 0 = any free port")
+    chat_template: str | None = Field(None, description="a jinja2 chat template file that "
+                                                        "replaces the checkpoint's (also "
+                                                        "`jaxpd serve --chat-template`)")
+
+
 class RestartSection(_Strict):
     """`jaxpd serve` restarts a dead worker (the others keep serving) until `attempts` restarts
     of it have failed in a row; then it stops everything, as without restarts."""
@@ -285,6 +298,9 @@ class ServingSection(_Strict):
                                                           "Bearer TOKEN); also JAXPD_API_TOKEN")
     metrics: MetricsSection = Field(default_factory=lambda: MetricsSection(),
                                     description="Prometheus metrics of every process")
+    http: HttpSection | None = Field(None, description="the OpenAI-compatible HTTP API "
+                                                       "(/v1/completions, /v1/chat/completions); "
+                                                       "off when absent")
 
     @model_validator(mode="after")
     def _mutual_tls_needs_a_ca(self) -> ServingSection:

@@ -59,13 +59,14 @@ class Deployment(ServeProcess):
 
 
 def start(config: Path, timeout: float = 240, *, precompile: str | None = None,
-          verbose: bool = False) -> Deployment:
+          verbose: bool = False, extra_args: tuple[str, ...] = ()) -> Deployment:
     """`jaxpd serve --config config`; `precompile` overrides the tests' JAXPD_PRECOMPILE=first,
     `verbose` (-v) keeps every process's log lines in `lines`."""
     env = child_env()
     if precompile is not None:
         env["JAXPD_PRECOMPILE"] = precompile
-    d = Deployment(config, env=env, cwd=REPO, extra_args=("-v",) if verbose else ())
+    d = Deployment(config, env=env, cwd=REPO,
+                   extra_args=(("-v",) if verbose else ()) + tuple(extra_args))
     d.address = d.wait_serving(timeout)
     return d
 

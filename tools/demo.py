@@ -74,6 +74,8 @@ def main() -> int:
                 tpot = f"{done.tpot_s * 1000:.1f} ms" if done.tpot_s is not None else "n/a"
                 print(f"\n  [{done.usage.completion_tokens} tokens, {done.finish_reason}; "
                       f"TTFT {done.ttft_s * 1000:.0f} ms, TPOT {tpot}]\n", flush=True)
+        if server.http_url:
+            _chat_over_http(server.http_url, args.max_tokens)
     finally:
         code = server.stop()
     if code != 0:
@@ -83,6 +85,24 @@ def main() -> int:
     print(f"first streamed token: {first} after starting jaxpd serve; stopped every process; "
           f"{time.monotonic() - began:.1f} s in all")
     return 0
+
+
+def _chat_over_http(base_url: str, max_tokens: int) -> None:
+    """One chat completion through the OpenAI-compatible API (what `curl` or the `openai`
+    package would send)."""
+    import json
+    import urllib.request
+
+    body = {"model": "jaxpd-default", "max_tokens": max_tokens, "temperature": 0.7, "seed": 0,
+            "messages": [{"role": "user", "content": "Will you dance, Mr. Darcy?"}]}
+    request = urllib.request.Request(f"{base_url}/chat/completions", json.dumps(body).encode(),
+                                     {"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        answer = json.loads(response.read())
+    print(f"POST {base_url}/chat/completions (the OpenAI API):\n"
+          f"  {answer['choices'][0]['message']['content']!r}\n"
+          f"  [{answer['usage']['completion_tokens']} tokens, "
+          f"{answer['choices'][0]['finish_reason']}]\n", flush=True)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from typing import Callable, Mapping
 from jaxpd.errors import JaxpdError
 
 _SERVING = re.compile(r"^jaxpd serving on (\S+)")  # not a worker's echoed log (-v)
+_HTTP = re.compile(r"; OpenAI API on (\S+?)\. Ctrl-C")
 
 
 class ServeProcess:
@@ -31,6 +32,7 @@ class ServeProcess:
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env=dict(env) if env is not None else None, cwd=cwd)
         self.lines: list[str] = []
+        self.http_url: str | None = None  # the OpenAI API's base URL (…/v1), when served
         self._address: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -41,6 +43,8 @@ class ServeProcess:
                 self.on_line(self.lines[-1])
             match = _SERVING.search(line)
             if match:
+                http = _HTTP.search(line)
+                self.http_url = http.group(1) if http else None
                 self._address.put(match.group(1))
         self._address.put(None)
 

@@ -9,6 +9,7 @@ serves, and stops cleanly on SIGTERM or SIGINT.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -42,9 +43,9 @@ def worker_group(deployment: DeploymentConfig, role: str) -> tuple[MeshSection, 
     return deployment.prefill, "prefill"
 
 
-def announce(role: str, replica: int, address: str) -> None:
-    print(READY_PREFIX + json.dumps({"role": role, "replica": replica, "address": address}),
-          flush=True)
+def announce(role: str, replica: int, address: str, **extra) -> None:
+    print(READY_PREFIX + json.dumps({"role": role, "replica": replica, "address": address,
+                                     **extra}), flush=True)
 
 
 async def _until_signalled(stop: asyncio.Event | None = None) -> None:
@@ -327,9 +328,55 @@ def _addresses(group: MeshSection | None, key: str, given: list[str] | None) -> 
     return [group.address(i) for i in range(group.replicas)]
 
 
+def served_model_name(deployment: DeploymentConfig) -> str:
+    """What clients call the model: model.name, else the checkpoint folder's name."""
+    if deployment.model.name:
+        return deployment.model.name
+    checkpoint = deployment.model.checkpoint
+    return Path(checkpoint).resolve().name if checkpoint else "jaxpd-default"
+
+
+async def _start_http(deployment: DeploymentConfig, router, folder: Path, healthy,
+                      chat_template: str | None):
+    """The OpenAI-compatible API on the router's event loop (jaxpd/serving/openai_api.py):
+    (the uvicorn server, its task, its URL)."""
+    import uvicorn
+
+    from jaxpd.serving.grpc_server import CREDENTIALS
+    from jaxpd.serving.openai_api import OpenAIServer
+    from jaxpd.tokenizer.chat_template import ChatTemplate
+
+    http = deployment.serving.http
+    template = ChatTemplate.for_checkpoint(folder, chat_template or http.chat_template)
+    api = OpenAIServer(router, model_name=served_model_name(deployment), chat_template=template,
+                       token=CREDENTIALS.token, max_body_bytes=deployment.serving.max_request_bytes,
+                       healthy=healthy)
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):  # the router's own handlers stop it (drain first)
+            yield
+
+    server = Server(uvicorn.Config(api.app, host=http.host, port=http.port, log_level="warning",
+                                   lifespan="off", access_log=False))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():  # it could not bind (the error is in its log)
+            task.result()
+            raise JaxpdError(f"serving.http: cannot listen on {http.host}:{http.port}")
+        await asyncio.sleep(0.02)
+    sockets = [s for srv in server.servers for s in srv.sockets]
+    port = sockets[0].getsockname()[1] if sockets else http.port
+    url = f"http://{http.host}:{port}"
+    if template is None:
+        log.info("HTTP API: the model has no chat template: /v1/chat/completions answers 400")
+    return server, task, url
+
+
 async def _serve_router(deployment: DeploymentConfig, where: str, prefill: list[str] | None,
                         decode: list[str] | None, port: int | None = None,
-                        metrics_port: int | None = None) -> int:
+                        metrics_port: int | None = None, http_port: int | None = None,
+                        chat_template: str | None = None) -> int:
     from jaxpd.model.checkpoint import default_checkpoint, load_config
     from jaxpd.serving.grpc_server import add_lenient, start_server
     from jaxpd.serving.router import Router
@@ -353,8 +400,7 @@ async def _serve_router(deployment: DeploymentConfig, where: str, prefill: list[
         await pool.connect(serving.startup_timeout_s)
     except ConnectionError as e:
         raise JaxpdError(f"router: {e}") from None
-    router = Router(deployment, config, tokenizer, deployment.model.checkpoint or "default",
-                    pool=pool)
+    router = Router(deployment, config, tokenizer, served_model_name(deployment), pool=pool)
     if serving.metrics.enabled:
         from jaxpd.serving.metrics import serve
 
@@ -378,9 +424,17 @@ async def _serve_router(deployment: DeploymentConfig, where: str, prefill: list[
     pool.on_change = health_changed
     pool.start()
     await server.set_serving(pool.healthy())
+    http = None
+    if serving.http is not None:
+        if http_port is not None:
+            deployment = deployment.model_copy(update={"serving": serving.model_copy(update={
+                "http": serving.http.model_copy(update={"port": http_port})})})
+        http = await _start_http(deployment, router, folder,
+                                 lambda: pool.healthy() and not router.draining, chat_template)
+        log.info("OpenAI-compatible HTTP API on %s", http[2])
     log.info("router serving on %s (%d prefill, %d decode workers)", server.address,
              len(prefill_addrs), len(decode_addrs))
-    announce("router", 0, server.address)
+    announce("router", 0, server.address, **({"http": http[2]} if http else {}))
     try:
         await _until_signalled()
         await server.set_serving(False)
@@ -390,6 +444,10 @@ async def _serve_router(deployment: DeploymentConfig, where: str, prefill: list[
                         left, serving.drain_timeout_s)
         return 0
     finally:
+        if http is not None:
+            http[0].should_exit = True
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(http[1], 5.0)
         await server.stop(1.0)
         await router.close()
 
@@ -398,7 +456,8 @@ def run_role(role: str, deployment: DeploymentConfig, where: str, *, replica: in
              prefill_addresses: list[str] | None = None,
              decode_addresses: list[str] | None = None, port: int | None = None,
              metrics_port: int | None = None,
-             member: multihost.HostGroup | None = None) -> int:
+             member: multihost.HostGroup | None = None, http_port: int | None = None,
+             chat_template: str | None = None) -> int:
     """Run one role until SIGTERM/SIGINT; returns its exit status. Raises JaxpdError for what
     the user must fix. `port` overrides the group's (the launcher fixes each worker's port, so
     a restarted worker comes back where the router looks for it). `member`: this process is
@@ -412,7 +471,7 @@ def run_role(role: str, deployment: DeploymentConfig, where: str, *, replica: in
     configure(deployment.serving)  # TLS files and the token, read once
     if role == "router":
         return asyncio.run(_serve_router(deployment, where, prefill_addresses, decode_addresses,
-                                         port, metrics_port))
+                                         port, metrics_port, http_port, chat_template))
     group, key = worker_group(deployment, role)
     if not 0 <= replica < group.replicas:
         raise ConfigError(f"--replica {replica}: {key}.replicas is {group.replicas}")

@@ -33,6 +33,7 @@ import random
 import secrets
 import time
 import uuid
+from typing import Callable
 
 import grpc
 
@@ -64,6 +65,10 @@ class RequestFailed(Exception):
     def __init__(self, code: grpc.StatusCode, message: str):
         super().__init__(message)
         self.code = code
+
+
+class Draining(RequestFailed):
+    """The deployment is draining: retry elsewhere (gRPC adds a retry pushback)."""
 
 
 class _NoneServing(RequestFailed):
@@ -134,12 +139,30 @@ class Router(generation_pb2_grpc.GenerationServicer):
 
     # -- Generate --------------------------------------------------------------------------------
     async def Generate(self, request: generation_pb2.GenerateRequest, context):
+        try:
+            async for response in self.generate(request, context.time_remaining()):
+                yield response
+        except InvalidRequest as e:
+            await context.abort(*status_of(e))
+        except RequestFailed as e:
+            if isinstance(e, Draining):
+                context.set_trailing_metadata((("grpc-retry-pushback-ms", RETRY_PUSHBACK_MS),))
+            await context.abort(e.code, str(e))
+
+    async def generate(self, request: generation_pb2.GenerateRequest,
+                       time_remaining: float | None = None,
+                       on_valid: Callable[[ValidRequest], None] | None = None):
+        """The Generate path for any front end (gRPC, HTTP): responses as they come. Raises
+        InvalidRequest for what the request got wrong, RequestFailed (a gRPC status code and a
+        message; Draining while the deployment drains) for anything else. `time_remaining`:
+        the caller's deadline; `on_valid` sees the checked request (its prompt's token ids)
+        before the first response. Closing the iterator early cancels the request and frees
+        its pages."""
         received = time.monotonic()
         if self.draining:
             self.metrics.errors.labels("UNAVAILABLE").inc()
-            context.set_trailing_metadata((("grpc-retry-pushback-ms", RETRY_PUSHBACK_MS),))
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "this jaxpd deployment is draining "
-                                "(shutting down); retry the request on another replica")
+            raise Draining(grpc.StatusCode.UNAVAILABLE, "this jaxpd deployment is draining "
+                           "(shutting down); retry the request on another replica")
         loop = asyncio.get_running_loop()
         try:
             valid = await loop.run_in_executor(self._checker, check_generate, request,
@@ -148,20 +171,21 @@ class Router(generation_pb2_grpc.GenerationServicer):
             if rid in self.inflight:
                 raise DuplicateRequest("request_id", f"{rid!r} is already in flight; use a new id")
         except InvalidRequest as e:
-            code, message = status_of(e)
-            self.metrics.errors.labels(code.name).inc()
-            await context.abort(code, message)
+            self.metrics.errors.labels(status_of(e)[0].name).inc()
+            raise
+        if on_valid is not None:
+            on_valid(valid)
         aborted = asyncio.Event()
         self.inflight[rid] = aborted
         ended = False
         try:
-            async for response in self._generate(rid, valid, received, aborted, context):
+            async for response in self._generate(rid, valid, received, aborted, time_remaining):
                 ended = response.HasField("complete")
                 yield response
         except RequestFailed as e:
             ended = True
             self.metrics.errors.labels(e.code.name).inc()
-            await context.abort(e.code, str(e))
+            raise
         finally:
             if not ended:  # the client cancelled, or its deadline passed
                 self.metrics.errors.labels("CANCELLED").inc()
@@ -169,12 +193,12 @@ class Router(generation_pb2_grpc.GenerationServicer):
             self.pool.notify()  # its pages are free: wake a queued request
 
     async def _generate(self, rid: str, valid: ValidRequest, received: float,
-                        aborted: asyncio.Event, context):
+                        aborted: asyncio.Event, time_remaining: float | None):
         seed = valid.sampling.seed if valid.sampling.seed is not None else self._rng.getrandbits(31)
         progress = _Progress(received, len(valid.prompt_ids))
         stream = (TextStream(self.tokenizer, valid.prompt_ids, valid.sampling.stop)
                   if self.tokenizer is not None else None)
-        deadline = self._deadline(context)
+        deadline = self._deadline(time_remaining)
         attempt, avoid = 0, set()  # workers that failed this request: others first next time
         while True:
             try:
@@ -193,10 +217,9 @@ class Router(generation_pb2_grpc.GenerationServicer):
                 log.warning("request %s moves to another worker (%d generated tokens kept): %s",
                             rid, len(progress.generated), e)
 
-    def _deadline(self, context) -> float:
+    def _deadline(self, remaining: float | None) -> float:
         """When a queued request gives up waiting for pages: the call's deadline, else
         serving.queue_timeout_s from now."""
-        remaining = context.time_remaining() if context is not None else None
         limit = self.serving.queue_timeout_s
         return time.monotonic() + (min(remaining, limit) if remaining is not None else limit)
 

@@ -70,6 +70,12 @@ def add_parser(subparsers) -> None:
                    help="router only: the prefill workers (default: prefill.host and prefill.port)")
     p.add_argument("--decode-addresses", type=_address_list, metavar="A,B",
                    help="router only: the decode (or colocated) workers (default: from the config)")
+    p.add_argument("--chat-template", metavar="FILE",
+                   help="a jinja2 chat template for the HTTP API's /v1/chat/completions, "
+                        "replacing the checkpoint's (or serving.http.chat_template)")
+    p.add_argument("--http-port", type=int, metavar="P",
+                   help="router only: serve the HTTP API on this port instead of "
+                        "serving.http.port")
     p.add_argument("--compile-cache", metavar="DIR|off",
                    help="JAX's persistent compilation cache for every process (default: "
                         "$JAXPD_CACHE_DIR, else ~/.cache/jaxpd/xla): a restart skips compiling")
@@ -99,7 +105,8 @@ def run(args) -> int:
     if args.precompile is not None:
         os.environ[PRECOMPILE_ENV] = args.precompile
     if args.role is None:
-        return launch(deployment, args.config, verbose=args.verbose)
+        return launch(deployment, args.config, verbose=args.verbose,
+                      chat_template=args.chat_template)
     from jaxpd.serving.devices import router_env, visible_devices_env
 
     from jaxpd.serving.multihost import resolve
@@ -120,7 +127,8 @@ def run(args) -> int:
     return run_role(args.role, deployment, args.config, replica=args.replica,
                     prefill_addresses=args.prefill_addresses,
                     decode_addresses=args.decode_addresses, port=args.port,
-                    metrics_port=args.metrics_port, member=member)
+                    metrics_port=args.metrics_port, member=member, http_port=args.http_port,
+                    chat_template=args.chat_template)
 
 
 def _hosts(deployment: DeploymentConfig, role: str) -> int:
@@ -139,13 +147,17 @@ def _check_ports(deployment: DeploymentConfig, where: str, roles) -> None:
 
     r = deployment.serving.router
     check_port_free(r.host, r.port, "serving.router.port", where)
+    if deployment.serving.http is not None:
+        h = deployment.serving.http
+        check_port_free(h.host, h.port, "serving.http.port", where)
     for role, replica in roles:
         group, key = worker_group(deployment, role)
         if group.port:
             check_port_free(group.host, group.port + replica, f"{key}.port", where)
 
 
-def launch(deployment: DeploymentConfig, where: str, *, verbose: bool = False) -> int:
+def launch(deployment: DeploymentConfig, where: str, *, verbose: bool = False,
+           chat_template: str | None = None) -> int:
     """Start every process, serve until a signal, stop everything. Returns the exit status."""
     from jaxpd.serving.compile_view import CompileView
     from jaxpd.serving.launcher import (LaunchInterrupted, Launcher, handle_stop_signals,
@@ -201,14 +213,21 @@ def launch(deployment: DeploymentConfig, where: str, *, verbose: bool = False) -
             workers = by_role.get("decode", by_role.get("colocated", []))
             extra = ["--decode-addresses", ",".join(workers), "--port", str(router_port),
                      "--metrics-port", str(metrics_port(0))]
+            if serving.http is not None:  # fixed too: a restarted router comes back there
+                extra += ["--http-port", str(serving.http.port or free_port(serving.http.host))]
+            if chat_template is not None:
+                extra += ["--chat-template", chat_template]
             if "prefill" in by_role:
                 extra += ["--prefill-addresses", ",".join(by_role["prefill"])]
             launcher.start(role_spec("router", 0, where, env, extra=extra))
             remaining = max(1.0, timeout - (time.monotonic() - started))
-            address = launcher.wait_ready(["router-0"], remaining)["router-0"]["address"]
+            ready_router = launcher.wait_ready(["router-0"], remaining)["router-0"]
+            address = ready_router["address"]
             summary = ", ".join(f"{role} x{len(a)}" for role, a in by_role.items())
+            http = f"; OpenAI API on {ready_router['http']}/v1" if ready_router.get("http") else ""
             print(f"jaxpd serving on {address} ({deployment.mode}: {summary}; ready in "
-                  f"{time.monotonic() - started:.1f} s). Ctrl-C stops every process.", flush=True)
+                  f"{time.monotonic() - started:.1f} s){http}. Ctrl-C stops every process.",
+                  flush=True)
             restart = RestartPolicy(serving.restart.attempts, serving.restart.backoff_s)
             launcher.serve_forever(
                 on_tick=view.tick, restart=restart if restart.attempts else None,
