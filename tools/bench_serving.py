@@ -20,6 +20,17 @@ requests/s, Poisson) from the placer's workload generator instead (lengths clipp
 model's context); each request is sent at its arrival time and TTFT counts from it. With
 `--simulate`, the placer's simulator replays the same requests on the same deployment with the
 cost model calibrated from `--profile`, so predicted and measured figures sit side by side.
+
+    python tools/bench_serving.py --backend openai                      # jaxpd's HTTP API
+    python tools/bench_serving.py --backend openai --base-url http://host:8000/v1 --model NAME
+
+`--backend openai` sends the same requests to an OpenAI-compatible server's streaming
+`/v1/completions` (token-id prompts, `ignore_eos`, `stream_options.include_usage`): jaxpd's own
+HTTP API (started from `--config` with `serving.http` on), or, with `--base-url`, any running
+server (vLLM, SGLang, TGI...; `--api-key` if it wants one), so servers compare by one tool with
+the same definitions: TTFT from sending to the first streamed text, TPOT = (last - first) /
+(tokens - 1), and ITL, the gaps between streamed chunks (each chunk counted as one token, as
+vLLM's benchmark counts them).
 """
 
 from __future__ import annotations
@@ -165,6 +176,99 @@ def run_in_process(deployment, runs) -> dict:
     return once("run", runs[-1])
 
 
+def stream_completion(base_url: str, model: str, prompt: list[int], max_tokens: int,
+                      api_key: str | None) -> tuple[float, float | None, list[float], int]:
+    """One streamed /v1/completions call: (TTFT, TPOT, chunk gaps, completion tokens), timed
+    from sending. Plain HTTP and server-sent events, so any OpenAI-compatible server works."""
+    import http.client
+    import urllib.parse
+
+    url = urllib.parse.urlsplit(base_url.rstrip("/") + "/completions")
+    conn_type = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+    conn = conn_type(url.netloc, timeout=600)
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens,
+                       "temperature": 0.0, "ignore_eos": True, "stream": True,
+                       "stream_options": {"include_usage": True}})
+    headers = {"content-type": "application/json"}
+    if api_key:
+        headers["authorization"] = f"Bearer {api_key}"
+    sent = time.perf_counter()
+    conn.request("POST", url.path, body, headers)
+    response = conn.getresponse()
+    if response.status != 200:
+        raise RuntimeError(f"{url.geturl()}: HTTP {response.status}: {response.read()[:500]!r}")
+    chunks, tokens = [], 0
+    for raw in response:
+        line = raw.decode().strip()
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            break
+        event = json.loads(data)
+        if event.get("choices") and event["choices"][0].get("text"):
+            chunks.append(time.perf_counter())
+        if event.get("usage"):
+            tokens = event["usage"]["completion_tokens"]
+    conn.close()
+    if not chunks:
+        raise RuntimeError(f"{url.geturl()}: the stream carried no text")
+    tokens = tokens or len(chunks)
+    tpot = (chunks[-1] - chunks[0]) / (tokens - 1) if tokens > 1 else None
+    return chunks[0] - sent, tpot, [b - a for a, b in zip(chunks, chunks[1:])], tokens
+
+
+def run_openai(base_url: str, model: str, runs, api_key: str | None) -> dict:
+    """The workload against an OpenAI-compatible server at `base_url` (…/v1)."""
+    def once(requests) -> dict:
+        start_t = time.perf_counter()
+
+        def send(r):
+            time.sleep(max(0.0, start_t + r[2] - time.perf_counter()))
+            return stream_completion(base_url, model, r[0], r[1], api_key)
+        with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+            done = list(pool.map(send, requests))
+        wall = time.perf_counter() - start_t
+        result = summary([d[0] for d in done], [d[1] for d in done if d[1] is not None], wall,
+                         sum(d[3] for d in done))
+        gaps = [g for d in done for g in d[2]]
+        if gaps:
+            result["itl_s"] = summary(gaps, gaps, 1.0, 0)["ttft_s"]
+        return result
+    for warm in runs[:-1]:
+        once(warm)
+    return once(runs[-1])
+
+
+def run_jaxpd_openai(config_path: Path, runs) -> dict:
+    """jaxpd serve with its HTTP API on a free port, benchmarked through it."""
+    import yaml
+
+    from jaxpd.serving.background import ServeProcess
+    from jaxpd.serving.process import served_model_name
+    from jaxpd.config import parse_config
+
+    cfg = yaml.safe_load(config_path.read_text())
+    serving = cfg.setdefault("serving", {})
+    serving.setdefault("router", {})["port"] = 0
+    serving["http"] = {**(serving.get("http") or {}), "port": 0}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bench.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        server = ServeProcess(path, env=env, cwd=REPO)
+        server.wait_serving(300)
+        deadline = time.monotonic() + 600
+        while not any(line.startswith("jaxpd: compiled ") for line in server.lines) \
+                and server.process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        try:
+            return run_openai(server.http_url, served_model_name(parse_config(cfg)), runs,
+                              os.environ.get("JAXPD_API_TOKEN"))
+        finally:
+            server.stop()
+
+
 def run_served(config_path: Path, runs) -> dict:
     import yaml
 
@@ -228,7 +332,18 @@ def main() -> int:
     ap.add_argument("--kv-link", type=float, default=1.0e9, metavar="BYTES_PER_S",
                     help="KV hand-off rate for --simulate (default 1e9: tools/bench_transfer.py's "
                          "loopback gRPC figure)")
+    ap.add_argument("--backend", choices=("grpc", "openai"), default="grpc",
+                    help="grpc: jaxpd's Generate API (default); openai: the streaming "
+                         "/v1/completions of an OpenAI-compatible server")
+    ap.add_argument("--base-url", metavar="URL",
+                    help="--backend openai: a running server's base URL (…/v1); default: start "
+                         "jaxpd serve --config with its HTTP API")
+    ap.add_argument("--model", help="--base-url: the model name to ask for")
+    ap.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
+                    help="--base-url: bearer token (default $OPENAI_API_KEY)")
     args = ap.parse_args()
+    if args.base_url and (args.backend != "openai" or not args.model):
+        ap.error("--base-url needs --backend openai and --model")
 
     from jaxpd.config import load_config
     from jaxpd.model.checkpoint import load_config as load_model_config
@@ -250,7 +365,15 @@ def main() -> int:
               "workload": args.workload or "uniform", "rate": args.rate if args.workload else None,
               "prompt_tokens": sum(len(p) for p, _, _ in requests),
               "output_tokens": sum(o for _, o, _ in requests)}
-    result["served"] = run_served(Path(args.config), runs)
+    result["backend"] = args.backend
+    if args.base_url:
+        result["base_url"], result["model"] = args.base_url, args.model
+        result["served"] = run_openai(args.base_url, args.model, runs, args.api_key)
+        args.skip_in_process = True
+    elif args.backend == "openai":
+        result["served"] = run_jaxpd_openai(Path(args.config), runs)
+    else:
+        result["served"] = run_served(Path(args.config), runs)
     if not args.skip_in_process:
         result["in_process"] = run_in_process(deployment, runs)
         s, i = result["served"], result["in_process"]
