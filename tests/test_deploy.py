@@ -100,6 +100,11 @@ def test_one_h100_node_is_two_statefulsets_with_their_gpus():
     assert volumes["model"]["persistentVolumeClaim"] == {"claimName": "llama-weights",
                                                          "readOnly": True}
     assert c["startupProbe"]["grpc"]["port"] == 50071
+    router = objects[("Deployment", "jaxpd-router")]["spec"]["template"]
+    assert {"name": "http", "containerPort": 8000} in container(router)["ports"]
+    assert "--http-port" in container(router)["args"]
+    service_ports = objects[("Service", "jaxpd-router")]["spec"]["ports"]
+    assert [p["name"] for p in service_ports] == ["grpc", "http"]
 
 
 def test_a_tpu_v5e_slice_prefills_as_one_leaderworkerset_and_v6e_hosts_decode():

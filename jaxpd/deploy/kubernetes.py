@@ -37,7 +37,7 @@ LWS_API = "leaderworkerset.x-k8s.io/v1"
 CONFIG_DIR = "/etc/jaxpd"
 CONFIG_FILE = "deploy.yaml"
 CACHE_DIR = "/var/cache/jaxpd"
-ROUTER_PORT, PREFILL_PORT, DECODE_PORT, METRICS_PORT = 50051, 50061, 50071, 9090
+ROUTER_PORT, PREFILL_PORT, DECODE_PORT, METRICS_PORT, HTTP_PORT = 50051, 50061, 50071, 9090, 8000
 # GKE node labels of each TPU generation's slices
 TPU_NODE_TYPES = {"tpu-v5e": "tpu-v5-lite-podslice", "tpu-v5p": "tpu-v5p-slice",
                   "tpu-v6e": "tpu-v6e-slice"}
@@ -166,12 +166,17 @@ class _Renderer:
         router.update(host="0.0.0.0", port=self.d.serving.router.port or ROUTER_PORT)
         if self.d.serving.metrics.enabled:
             serving.setdefault("metrics", {}).update(host="0.0.0.0", port=self._metrics_port())
+        if self.d.serving.http is not None:
+            serving.setdefault("http", {}).update(host="0.0.0.0", port=self._http_port())
         for role, group, key in groups(self.d):
             data.setdefault(key, {}).update(host="0.0.0.0", port=group_port(role, group))
         return data
 
     def _metrics_port(self) -> int:
         return self.d.serving.metrics.port or METRICS_PORT
+
+    def _http_port(self) -> int:
+        return self.d.serving.http.port or HTTP_PORT
 
     def _headless_service(self, role: str, group: MeshSection) -> dict:
         """Pod DNS for the group (`NAME-ROLE-I.NAME-ROLE`); published before the pods are ready,
@@ -263,6 +268,13 @@ class _Renderer:
             args += ["--decode-addresses",
                      ",".join(replica_addresses(self.name, "colocated", self.d.prefill))]
         ports = [{"name": "grpc", "containerPort": port}]
+        service_ports = [{"name": "grpc", "port": port, "targetPort": "grpc",
+                          "appProtocol": "kubernetes.io/h2c"}]
+        if self.d.serving.http is not None:  # the OpenAI-compatible API
+            args += ["--http-port", str(self._http_port())]
+            ports.append({"name": "http", "containerPort": self._http_port()})
+            service_ports.append({"name": "http", "port": self._http_port(), "targetPort": "http",
+                                  "appProtocol": "http"})
         metadata: dict[str, Any] = {"labels": self._labels("router")}
         if self.d.serving.metrics.enabled:
             args += ["--metrics-port", str(self._metrics_port())]
@@ -286,8 +298,7 @@ class _Renderer:
                 "template": pod}}),
             self._object("v1", "Service", name, "router", {"spec": {
                 "type": self.k8s.service_type, "selector": self._labels("router"),
-                "ports": [{"name": "grpc", "port": port, "targetPort": "grpc",
-                           "appProtocol": "kubernetes.io/h2c"}]}}),
+                "ports": service_ports}}),
             self._object("policy/v1", "PodDisruptionBudget", name, "router", {"spec": {
                 "maxUnavailable": 1, "selector": {"matchLabels": self._labels("router")}}}),
         ]
