@@ -278,3 +278,25 @@ def test_draining_is_503_and_running_streams_finish(served, client):
     assert refused.status_code == 503, refused.text
     assert result.usage.completion_tokens == 400
     assert served.process.wait(60) == 0, "\n".join(served.lines[-30:])
+
+
+def test_request_models_refuse_by_name_what_jaxpd_cannot_do():
+    """No deployment: the body checks alone."""
+    from jaxpd.serving.openai_schema import ChatRequest, CompletionRequest
+
+    ok = CompletionRequest.model_validate({"model": "m", "prompt": "x", "presence_penalty": 0,
+                                           "logit_bias": {}, "echo": False, "best_of": 1})
+    assert ok.refused() is None
+    assert CompletionRequest.model_validate(
+        {"model": "m", "prompt": "x", "best_of": 3}).refused()[0] == "best_of"
+    assert ChatRequest.model_validate({"model": "m", "messages": [{"role": "user",
+                                       "content": "x"}], "top_logprobs": 2}).refused()[0] == \
+        "top_logprobs"
+    assert CompletionRequest.model_validate(
+        {"model": "m", "prompt": [[1, 2], [3]]}).prompts() == [[1, 2], [3]]
+    with pytest.raises(ValueError, match="more than 64 choices"):
+        CompletionRequest.model_validate({"model": "m", "prompt": ["a"] * 10, "n": 7})
+    with pytest.raises(ValueError):
+        CompletionRequest.model_validate({"model": "m", "prompt": "x", "temperature": float("nan")})
+    with pytest.raises(ValueError):
+        CompletionRequest.model_validate({"model": "m", "prompt": "x", "seed": -1})

@@ -87,6 +87,9 @@ def _from_failed(e: RequestFailed) -> ApiError:
 
 def _pydantic_error(e: pydantic.ValidationError) -> ApiError:
     err = e.errors()[0]
+    if err["type"] == "value_error" and not err["loc"]:  # a whole-request check naming its field
+        message = err["msg"].removeprefix("Value error, ")
+        return ApiError(400, message, message.split(":", 1)[0])
     loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-", "constrained-"))]
     # a union's member names (str, list[int]...) are not fields: keep the field path
     path = [p for p in loc if not any(c in p for c in "[]()|") and p not in ("str", "int")]

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_CHOICES = 64  # prompts x n of one request: each is a stream of its own
 
 # Known parameters jaxpd cannot honour, with the values that ask for nothing (accepted).
 NEUTRAL: dict[str, tuple[Any, ...]] = {
@@ -90,6 +92,13 @@ class CompletionRequest(_Request):
         if isinstance(v, list) and not v:
             raise ValueError("must not be empty")
         return v
+
+    @model_validator(mode="after")
+    def _not_too_many(self) -> CompletionRequest:
+        if len(self.prompts()) * self.n > MAX_CHOICES:
+            raise ValueError(f"prompt: {len(self.prompts())} prompts x n={self.n} is more than "
+                             f"{MAX_CHOICES} choices in one request; send several requests")
+        return self
 
     def wants_logprobs(self) -> bool:
         return self.logprobs is not None

@@ -142,6 +142,6 @@ class ChatTemplate:
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"the chat template cannot render these messages: "
                                     f"{e}") from None
-        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError) as e:
             raise ChatTemplateError(f"the chat template cannot render these messages "
                                     f"({type(e).__name__}: {e})") from None
