@@ -255,8 +255,13 @@ class ServingSection(_Strict):
     """How `jaxpd serve` runs the deployment: the router, the KV transport, queues and timeouts."""
 
     router: RouterSection = RouterSection()
-    transport: Literal["grpc"] = Field(
-        "grpc", description="KV hand-off between worker processes: gRPC client streams")
+    transport: Literal["grpc", "tcp"] = Field(
+        "grpc", description="KV hand-off between worker processes: grpc (client streams), or "
+                            "tcp (gRPC carries the control messages; the KV bytes go over "
+                            "pooled raw TCP connections into preallocated buffers)")
+    data_host: str | None = Field(None, description="tcp: the address decode workers' data "
+                                                    "plane listens on and advertises (default: "
+                                                    "the group's host)")
     max_waiting: int = Field(256, ge=1, description="requests queued per worker before new ones "
                                                     "get RESOURCE_EXHAUSTED")
     kv_message_bytes: int = Field(4 << 20, ge=64 << 10, le=256 << 20,
@@ -307,6 +312,10 @@ class ServingSection(_Strict):
         if self.internal_tls is not None and self.internal_tls.ca_file is None:
             raise ValueError("internal_tls.ca_file: mutual TLS needs the deployment's CA "
                              "certificate")
+        if self.internal_tls is not None and self.transport == "tcp":
+            raise ValueError("transport: tcp carries KV unencrypted (TLS would add the copy it "
+                             "exists to avoid); with internal_tls use grpc, or tcp on a "
+                             "private network without internal_tls")
         return self
     restart: RestartSection = Field(default_factory=lambda: RestartSection(),
                                     description="how `jaxpd serve` restarts a worker that died")

@@ -113,3 +113,10 @@ def test_an_in_process_engine_refuses_a_multi_host_group():
     cfg = parse_config({"prefill": {"devices": [0, 1], "tp": 4, "hosts": 2}})
     with pytest.raises(ConfigError, match="prefill.hosts: 2: an in-process engine runs on one host"):
         build_engine(model_config(None), {}, cfg)
+
+
+def test_the_tcp_data_plane_is_refused_beside_internal_tls():
+    with pytest.raises(ConfigError, match="serving.transport: tcp carries KV unencrypted"):
+        parse_config({"serving": {"transport": "tcp", "internal_tls": {
+            "cert_file": "c.pem", "key_file": "k.pem", "ca_file": "ca.pem"}}})
+    assert parse_config({"serving": {"transport": "tcp"}}).serving.transport == "tcp"

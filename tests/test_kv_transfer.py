@@ -1,9 +1,14 @@
-"""KVTransfer against a real decode worker on loopback: KV from another model or with a bad
-checksum is refused and never written; every failure frees the reserved pages."""
+"""KV pushes against a real decode worker on loopback, over each transport (gRPC PushKV, and
+the tcp data plane): KV from another model or with a bad checksum is refused and never
+written; a wrong token writes nothing and leaves the request alone; every failure frees the
+reserved pages."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
+import struct
 import time
 import threading
 
@@ -18,7 +23,9 @@ from jaxpd.engine.request import Request
 from jaxpd.engine.sampling import SamplingParams
 from jaxpd.model.checkpoint import load_model
 from jaxpd.serving.convert import engine_request_to_pb
-from jaxpd.serving.decode_worker import DecodeScheduler, DecodeServicer, kv_transfer_handler
+from jaxpd.serving.decode_worker import (DecodeScheduler, DecodeServicer, KVIntake,
+                                         TransferError, kv_transfer_handler)
+from jaxpd.transfer.tcp_plane import TcpKVServer
 from jaxpd.serving.engine_thread import EngineThread
 from jaxpd.serving.grpc_server import start_server
 from jaxpd.transfer.grpc_stream import PUSH_KV
@@ -29,8 +36,21 @@ from jaxpd.v1 import worker_pb2, worker_pb2_grpc
 PROMPT = tuple(range(3, 13))
 
 
+class PushFailed(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str = ""):
+        super().__init__(f"{code.name}: {details}")
+        self._code, self._details = code, details
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+
 class DecodeWorker:
-    """A decode worker's servicer, engine thread and server, on an event loop in a thread."""
+    """A decode worker's servicer, engine thread and server (and, for tcp, its data plane), on
+    an event loop in a thread."""
 
     def __init__(self, model, deployment):
         engine = build_engine(model.config, model.params, deployment)
@@ -60,14 +80,60 @@ class DecodeWorker:
         self.server = await start_server("127.0.0.1", 0, key="decode.port", where="test",
                                          services=[], register=register)
         state.address = self.server.address
+        self.data_plane = None
+        if deployment.serving.transport == "tcp":
+            self.data_plane = TcpKVServer("127.0.0.1", lambda: KVIntake(servicer, copy=True),
+                                          deployment.serving.kv_message_bytes + (1 << 16),
+                                          (wire.WireError, TransferError))
+            state.data_address = await self.data_plane.start()
+        self.transport = deployment.serving.transport
+        self.data_address = state.data_address
         self.thread.start()
         await self.server.set_serving()
         return self.server.address
 
+    def push(self, frames: list[bytes], *, finish: bool = True):
+        """Send `frames` as one push over this worker's transport: the KVAck, or PushFailed
+        with the receiver's status. Without `finish` the sender goes away mid-push."""
+        if self.transport == "grpc":
+            _, push = _stubs(self.address)
+            try:
+                return push(iter(frames), timeout=30)
+            except grpc.RpcError as e:
+                raise PushFailed(e.code(), e.details()) from None
+        host, port = self.data_address.removeprefix("tcp://").rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            try:
+                for f in frames:
+                    sock.sendall(struct.pack(">cQ", b"K", len(f)) + f)
+            except OSError:
+                pass  # refused early: the answer says why
+            if not finish:
+                return None
+            head = _read(sock, 9)
+            kind, length = struct.unpack(">cQ", head)
+            body = _read(sock, length)
+        if kind == b"A":
+            return worker_pb2.KVAck.FromString(body)
+        error = json.loads(body)
+        raise PushFailed(grpc.StatusCode[error["code"]], error["message"])
+
     def stop(self):
+        if self.data_plane is not None:
+            self._run(self.data_plane.stop())
         self._run(self.server.stop(0))
         self.thread.stop()
         self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def _read(sock, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        chunk = sock.recv(n - len(out))
+        if not chunk:
+            raise PushFailed(grpc.StatusCode.UNAVAILABLE, "the data plane closed")
+        out += chunk
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +145,9 @@ def _deployment(**serving):
     return parse_config({"kv": {"page_size": 4, "num_pages": 32}, "serving": serving})
 
 
-@pytest.fixture(scope="module")
-def worker(model):
-    w = DecodeWorker(model, _deployment())
+@pytest.fixture(scope="module", params=["grpc", "tcp"])
+def worker(model, request):
+    w = DecodeWorker(model, _deployment(transport=request.param))
     yield w
     w.stop()
 
@@ -147,8 +213,8 @@ def test_refused_kv_is_never_written_and_frees_the_reservation(worker, corrupt, 
         payload = bytearray(payload)
         payload[3] ^= 1
     frames[0] = wire.frame(header, bytes(payload))
-    with pytest.raises(grpc.RpcError) as e:
-        push(iter(frames), timeout=30)
+    with pytest.raises(PushFailed) as e:
+        worker.push(frames)
     assert e.value.code() == code
     with pytest.raises(grpc.RpcError) as e:  # the Decode stream ends with the same status
         list(call)
@@ -160,7 +226,7 @@ def test_good_kv_is_written_byte_exact_then_decoding_streams(worker):
     stub, push = _stubs(worker.address)
     call = _reserve(stub, "good")
     kv = _kv(worker.layout, seed=1)
-    ack = push(iter(_frames(worker.ctx, "good", kv)), timeout=30)
+    ack = worker.push(_frames(worker.ctx, "good", kv))
     assert ack.request_id == "good" and ack.messages >= 2
     assert next(call).HasField("kv_received")
     tokens = [t for ev in call for t in ev.tokens.token_ids]
@@ -177,32 +243,66 @@ def test_kv_with_a_wrong_token_is_refused_and_the_request_goes_on(worker):
     stub, push = _stubs(worker.address)
     call = _reserve(stub, "target")
     before = [np.asarray(pages).copy() for pages in worker.engine.decode.manager.kv]
-    with pytest.raises(grpc.RpcError) as e:
-        push(iter(_frames(worker.ctx, "target", _kv(worker.layout, seed=5), token="guess")), timeout=30)
+    with pytest.raises(PushFailed) as e:
+        worker.push(_frames(worker.ctx, "target", _kv(worker.layout, seed=5), token="guess"))
     assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
     after = [np.asarray(pages) for pages in worker.engine.decode.manager.kv]
     assert all((a == b).all() for a, b in zip(before, after)) and _pages_used(stub) > 0
-    ack = push(iter(_frames(worker.ctx, "target", _kv(worker.layout, seed=2))), timeout=30)
+    ack = worker.push(_frames(worker.ctx, "target", _kv(worker.layout, seed=2)))
     assert ack.request_id == "target"
     assert len([t for ev in call for t in ev.tokens.token_ids]) == 3
     assert _wait_pages_free(stub) == 0
 
 
 def test_kv_for_an_unknown_request_is_not_found(worker):
-    _, push = _stubs(worker.address)
-    with pytest.raises(grpc.RpcError) as e:
-        push(iter(_frames(worker.ctx, "nobody", _kv(worker.layout))), timeout=30)
+    with pytest.raises(PushFailed) as e:
+        worker.push(_frames(worker.ctx, "nobody", _kv(worker.layout)))
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_a_stream_without_its_finish_message_is_refused(worker):
-    stub, push = _stubs(worker.address)
+def test_a_push_cut_off_before_its_finish_aborts_the_request(worker):
+    """The sender stops mid-push (a gRPC stream ending without finish, a data-plane
+    connection closed): the request fails ABORTED, which the router moves elsewhere."""
+    stub, _ = _stubs(worker.address)
     call = _reserve(stub, "unfinished")
+    frames = _frames(worker.ctx, "unfinished", _kv(worker.layout))[:-1]
+    if worker.transport == "grpc":
+        with pytest.raises(PushFailed) as e:
+            worker.push(frames)
+        assert e.value.code() == grpc.StatusCode.ABORTED
+    else:
+        worker.push(frames, finish=False)
     with pytest.raises(grpc.RpcError) as e:
-        push(iter(_frames(worker.ctx, "unfinished", _kv(worker.layout))[:-1]), timeout=30)
-    assert e.value.code() == grpc.StatusCode.ABORTED  # the router moves such a request
-    with pytest.raises(grpc.RpcError):
         list(call)
+    assert e.value.code() == grpc.StatusCode.ABORTED
+    assert _wait_pages_free(stub) == 0
+
+
+def test_the_sender_class_pools_connections_and_reports_refusals(worker):
+    """The prefill side's sender for this transport: two pushes in a row (the tcp one reuses
+    its connection), then a refused one surfaces the receiver's status."""
+    from jaxpd.transfer.grpc_stream import GrpcKVSender
+    from jaxpd.transfer.tcp_plane import TcpKVSender
+
+    stub, _ = _stubs(worker.address)
+    sender = (TcpKVSender if worker.transport == "tcp" else GrpcKVSender)(worker.ctx, 30.0)
+    target = worker.data_address or worker.address
+
+    async def push(rid, token):
+        stream = sender.open(target, rid, token)
+        await stream.send_tokens(_kv(worker.layout, seed=3), 0, 0, len(PROMPT))
+        return await stream.finish(len(PROMPT), 7, -0.5)
+    for rid in ("pooled-1", "pooled-2"):
+        call = _reserve(stub, rid)
+        assert worker._run(push(rid, f"token-{rid}")).request_id == rid
+        assert len([t for ev in call for t in ev.tokens.token_ids]) == 3
+    if worker.transport == "tcp":
+        assert len(sender._idle[target]) == 1  # one connection served both
+    call = _reserve(stub, "forged")
+    with pytest.raises(Exception) as e:
+        worker._run(push("forged", "guess"))
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    call.cancel()
     assert _wait_pages_free(stub) == 0
 
 

@@ -39,6 +39,9 @@ def served(tmp_path_factory):
                              scheduler={"chunk_size": CHUNK, "max_prefill_tokens": 256},
                              kv={"page_size": 16, "num_pages": 256},
                              serving={"router": {"host": "127.0.0.1", "port": 0},
+                                      # KV over the tcp data plane here; the other
+                                      # deployments (openai, multihost) use gRPC PushKV
+                                      "transport": "tcp",
                                       "record_kv_digests": True,
                                       "liveness_timeout_s": LIVENESS_S,
                                       "restart": {"attempts": 3, "backoff_s": 0.2},
@@ -99,7 +102,7 @@ def test_health_and_server_info(served, stub, router_metrics_at_start):
     health = health_pb2_grpc.HealthStub(served.channel())
     assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
     info = stub.GetServerInfo(pb.GetServerInfoRequest())
-    assert info.mode == "disaggregated" and info.kv_transport == "grpc"
+    assert info.mode == "disaggregated" and info.kv_transport == "tcp"
     workers = sh.workers(stub)
     assert sorted(workers) == ["decode-0", "decode-1", "prefill-0", "prefill-1"]
     assert workers["prefill-1"].tp == 2 and workers["decode-1"].tp == 1

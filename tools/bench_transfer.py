@@ -271,6 +271,84 @@ def _grpc_receiver(q, mode: str, preset: str, dtype: str, tokens: int) -> None:
         writer.shutdown(wait=False, cancel_futures=True)
 
 
+def _tcp_receiver(q, preset: str, dtype: str, tokens: int) -> None:
+    """jaxpd's tcp data plane (`TcpKVServer`: frames read with recv_into into two reused
+    buffers), each piece checked as the decode worker checks it and copied into a host pool."""
+    _exit_with_parent()
+    import grpc
+
+    from jaxpd.transfer import wire
+    from jaxpd.transfer.tcp_plane import TcpKVServer
+    from jaxpd.v1 import worker_pb2
+
+    status = {"precondition": grpc.StatusCode.FAILED_PRECONDITION,
+              "data_loss": grpc.StatusCode.DATA_LOSS, "invalid": grpc.StatusCode.INVALID_ARGUMENT}
+    layout = layout_for(preset, dtype)
+    ctx = wire.WireContext(FINGERPRINT, layout)
+    pool = np.zeros(kv_shape(layout, tokens), wire.WIRE_DTYPES[dtype])
+
+    class Intake:
+        def __init__(self):
+            self.count = self.received = 0
+
+        async def take(self, raw):
+            header, payload = wire.parse_frame(raw)
+            if header.request_id == DIGEST_ID:
+                crc = crc_of(pool)
+                pool.fill(0)
+                return None, worker_pb2.KVAck(request_id=str(crc), bytes=pool.nbytes)
+            piece = wire.check_piece(ctx, header, payload)
+            self.count += 1
+            if piece.array is not None:  # the one copy, out of the reused buffer into the pool
+                h = piece.header
+                np.copyto(raw_view(pool[h.layer_start:h.layer_end, :, :,
+                                        h.token_start:h.token_end]), raw_view(piece.array))
+                self.received += piece.array.nbytes
+            if header.HasField("finish"):
+                return None, worker_pb2.KVAck(request_id=header.request_id,
+                                              bytes=self.received, messages=self.count)
+            return None, None
+
+        def failed(self, e):
+            return status[e.kind], str(e)
+
+        def cancelled(self, why):
+            pass
+
+    async def main() -> None:
+        server = TcpKVServer("127.0.0.1", Intake, (64 << 20) + (1 << 16), (wire.WireError,))
+        address = await server.start()
+        q.put(("port", address))
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+def time_tcp(address: str, ctx, kv: np.ndarray, rounds: int,
+             timeout_s: float) -> tuple[list[float], int]:
+    """jaxpd's tcp sender (`TcpKVSender`, pooled connection) as the prefill worker runs it."""
+    from jaxpd.transfer.tcp_plane import TcpKVSender
+
+    async def run() -> tuple[list[float], int]:
+        sender = TcpKVSender(ctx, timeout_s)
+        times, messages = [], 0
+        for i in range(rounds):
+            start = time.perf_counter()
+            stream = sender.open(address, f"r{i}")
+            await stream.send_tokens(kv, 0, 0, kv.shape[3])
+            ack = await stream.finish(kv.shape[3], 0, 0.0)
+            times.append(time.perf_counter() - start)
+            if ack.bytes != kv.nbytes:
+                raise AssertionError(f"tcp_kv: the receiver got {ack.bytes} of {kv.nbytes} bytes")
+            messages = ack.messages
+        crc = int((await sender.open(address, DIGEST_ID).finish(0, 0, 0.0)).request_id)
+        if crc != crc_of(kv):
+            raise AssertionError("tcp_kv: the receiver's pool differs from the KV sent")
+        return times, messages
+
+    return asyncio.run(run())
+
+
 class Receiver:
     """A receiver in a spawned process; always stopped on leaving the `with` block."""
 
@@ -485,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="gRPC message sizes to sweep (default 1,4,16,64)")
     ap.add_argument("--repeats", type=_positive, default=None,
                     help=f"timed runs per case after one warm-up (default {DEFAULTS['repeats']})")
-    ap.add_argument("--cases", default="raw_socket,grpc_bytes,grpc_plain,grpc_kv",
+    ap.add_argument("--cases", default="raw_socket,grpc_bytes,grpc_plain,grpc_kv,tcp_kv",
                     help="comma-separated subset of the cases (raw_socket always runs)")
     ap.add_argument("--timeout-s", type=float, default=300.0, help="deadline of one transfer")
     ap.add_argument("--quick", action="store_true",
@@ -494,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in (QUICK if args.quick else DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    known = ("grpc_bytes", "grpc_plain", "grpc_kv")
+    known = ("grpc_bytes", "grpc_plain", "grpc_kv", "tcp_kv")
     wanted = {c.strip() for c in args.cases.split(",") if c.strip()} - {"raw_socket"}
     if wanted - set(known):
         ap.error(f"--cases: unknown {sorted(wanted - set(known))}; choose from raw_socket, "
@@ -540,7 +618,21 @@ def main(argv: list[str] | None = None) -> int:
     result["summary"]["raw_socket"] = raw["gb_per_s"]
     print(f"raw_socket: {raw['gb_per_s']} GB/s ({raw['seconds']} s)", file=sys.stderr)
 
-    for name in (c for c in known if c in wanted):
+    if "tcp_kv" in wanted:  # jaxpd's data plane: same frames and checks, no gRPC
+        result["summary"]["tcp_kv"] = {}
+        with Receiver(_tcp_receiver, args.preset, args.dtype, args.tokens) as rx:
+            for mib in args.message_mib:
+                ctx = wire.WireContext(FINGERPRINT, layout, mib << 20)
+                times, messages = time_tcp(rx.port, ctx, kv, rounds, args.timeout_s)
+                row = _row(times[1:], kv.nbytes, messages)
+                row["message_mib"] = mib
+                row["ratio_to_raw"] = round(row["gb_per_s"] / raw["gb_per_s"], 3)
+                result["cases"][f"tcp_kv_{mib}mib"] = row
+                result["summary"]["tcp_kv"][f"{mib}mib"] = row["gb_per_s"]
+                print(f"tcp_kv {mib} MiB: {row['gb_per_s']} GB/s ({row['seconds']} s, "
+                      f"{messages} messages, {row['ratio_to_raw']}x raw)", file=sys.stderr)
+
+    for name in (c for c in known if c in wanted and c.startswith("grpc_")):
         mode = name.removeprefix("grpc_")
         result["summary"][name] = {}
         with Receiver(_grpc_receiver, mode, args.preset, args.dtype, args.tokens) as rx:

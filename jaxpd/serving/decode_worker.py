@@ -229,7 +229,8 @@ class DecodeServicer(WorkerServicer, worker_pb2_grpc.DecodeWorkerServicer):
                 finished = True
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.state.name} has "
                                     f"no free KV pages for {len(req.prompt_ids) + 1} tokens right now")
-            yield worker_pb2.DecodeEvent(reserved=worker_pb2.Reserved(pages=pages))
+            yield worker_pb2.DecodeEvent(reserved=worker_pb2.Reserved(
+                pages=pages, data_address=self.state.data_address if pages else ""))
             while True:
                 ev = await events.get()
                 if isinstance(ev, Failed):
@@ -247,44 +248,87 @@ class DecodeServicer(WorkerServicer, worker_pb2_grpc.DecodeWorkerServicer):
         """KVTransfer.PushKV; `frames` are raw KVChunk encodings (see transfer/wire.py). Nothing
         is written before the first frame's request id and token are authorized, and a push
         that is refused (unknown request, wrong token) never harms the request it names."""
-        request_id, token, received, count, pending = None, None, 0, 0, []
-        authorized, began = False, time.monotonic()
+        intake = KVIntake(self)
         try:
             async for raw in frames:
-                header, payload = wire.parse_frame(raw)
-                if request_id is None:
-                    request_id, token = header.request_id, header.request_token
-                    await self.thread.call(lambda: self.scheduler.authorize(request_id, token))
-                    authorized = True
-                elif header.request_id != request_id or header.request_token != token:
-                    raise wire.WireError("invalid", f"one PushKV call carries one request: got "
-                                         f"{header.request_id!r} after {request_id!r}")
-                piece = wire.check_piece(self.state.wire, header, payload)
-                received += len(raw)
-                count += 1
-                if piece.array is not None:
-                    pending.append(self.thread.call(lambda p=piece: self.scheduler.write(p)))
-                if header.HasField("finish"):
-                    await asyncio.gather(*pending)
-                    await self.thread.call(
-                        lambda: self.scheduler.finish_transfer(request_id, header.finish, received))
-                    if self.state.metrics is not None:
-                        self.state.metrics.kv_moved("received", received, began)
-                    return worker_pb2.KVAck(request_id=request_id, bytes=received, messages=count)
-            raise wire.WireError("truncated", f"the KV stream for {request_id!r} ended without "
-                                 f"its finish message (the prefill side stopped sending)")
+                _, ack = await intake.take(raw)
+                if ack is not None:
+                    return ack
+            raise wire.WireError("truncated", f"the KV stream for {intake.request_id!r} ended "
+                                 f"without its finish message (the prefill side stopped sending)")
         except (wire.WireError, TransferError) as e:
-            code = _STATUS[e.kind] if isinstance(e, wire.WireError) else e.code
-            message = str(e)
-            if authorized:  # the request's own push failed: the request cannot go on here
-                self.thread.post(lambda: self.scheduler.fail(request_id, code,
-                                                             f"KV transfer failed: {message}"))
-            await context.abort(code, message)
+            await context.abort(*intake.failed(e))
         except asyncio.CancelledError:
-            if authorized:
-                self.thread.post(lambda: self.scheduler.fail(
-                    request_id, grpc.StatusCode.ABORTED, "the prefill worker cancelled the KV transfer"))
+            intake.cancelled("the prefill worker cancelled the KV transfer")
             raise
+
+
+class KVIntake:
+    """One request's KV push as the decode worker takes it, whatever carries the frames (a
+    PushKV call, a data-plane connection): the first frame's request id and token are
+    authorized before anything is written; every frame is checked (model fingerprint, layout,
+    CRC-32C) and written on the engine thread; the finish frame completes the transfer once
+    every write is done. `copy`: the frames live in buffers the transport reuses, so each
+    piece's payload is copied before it leaves for the engine thread."""
+
+    def __init__(self, servicer: DecodeServicer, *, copy: bool = False):
+        self.servicer, self.copy = servicer, copy
+        self.state, self.scheduler, self.thread = (servicer.state, servicer.scheduler,
+                                                   servicer.thread)
+        self.request_id: str | None = None
+        self.token: str | None = None
+        self.authorized = False
+        self.received = self.count = 0
+        self.pending: list = []
+        self.began = time.monotonic()
+
+    async def take(self, raw) -> tuple[object | None, worker_pb2.KVAck | None]:
+        """Check one frame and send its piece to the engine thread: (the pending write or
+        None, the KVAck when this was the finish frame). Raises WireError/TransferError."""
+        header, payload = wire.parse_frame(raw)
+        if self.request_id is None:
+            self.request_id, self.token = header.request_id, header.request_token
+            rid, token = self.request_id, self.token
+            await self.thread.call(lambda: self.scheduler.authorize(rid, token))
+            self.authorized = True
+        elif header.request_id != self.request_id or header.request_token != self.token:
+            raise wire.WireError("invalid", f"one push carries one request: got "
+                                 f"{header.request_id!r} after {self.request_id!r}")
+        piece = wire.check_piece(self.state.wire, header, payload)
+        self.received += len(raw)
+        self.count += 1
+        write = None
+        if piece.array is not None:
+            if self.copy:
+                piece = wire.KVPiece(piece.header, piece.array.copy())
+            write = self.thread.call(lambda p=piece: self.scheduler.write(p))
+            self.pending.append(write)
+        if not header.HasField("finish"):
+            return write, None
+        await asyncio.gather(*self.pending)
+        rid, received = self.request_id, self.received
+        await self.thread.call(lambda: self.scheduler.finish_transfer(rid, header.finish,
+                                                                      received))
+        if self.state.metrics is not None:
+            self.state.metrics.kv_moved("received", received, self.began)
+        return None, worker_pb2.KVAck(request_id=rid, bytes=received, messages=self.count)
+
+    def failed(self, e: Exception) -> tuple[grpc.StatusCode, str]:
+        """(status, message) for a refused or broken push; the request it belongs to (once
+        authorized) fails with it, since it cannot go on here."""
+        code = _STATUS[e.kind] if isinstance(e, wire.WireError) else e.code
+        message = str(e)
+        if self.authorized:
+            rid = self.request_id
+            self.thread.post(lambda: self.scheduler.fail(rid, code,
+                                                         f"KV transfer failed: {message}"))
+        return code, message
+
+    def cancelled(self, why: str) -> None:
+        """The sender went away mid-push: the request fails ABORTED (it migrates)."""
+        if self.authorized:
+            rid = self.request_id
+            self.thread.post(lambda: self.scheduler.fail(rid, grpc.StatusCode.ABORTED, why))
 
 
 def kv_transfer_handler(servicer: DecodeServicer) -> grpc.GenericRpcHandler:

@@ -24,6 +24,7 @@ from jaxpd.serving.engine_thread import EngineThread
 from jaxpd.serving.validate import status_of
 from jaxpd.serving.worker_common import WorkerServicer, WorkerState, pool_counts
 from jaxpd.transfer.grpc_stream import GrpcKVSender
+from jaxpd.transfer.tcp_plane import SCHEME, TcpKVSender, TransferFailed
 from jaxpd.v1 import worker_pb2, worker_pb2_grpc
 
 
@@ -166,7 +167,9 @@ class PrefillScheduler:
 class PrefillServicer(WorkerServicer, worker_pb2_grpc.PrefillWorkerServicer):
     def __init__(self, state: WorkerState, scheduler: PrefillScheduler, thread: EngineThread):
         self.state, self.scheduler, self.thread = state, scheduler, thread
-        self.sender = GrpcKVSender(state.wire, state.deployment.serving.kv_timeout_s)
+        timeout = state.deployment.serving.kv_timeout_s
+        self.sender = GrpcKVSender(state.wire, timeout)
+        self.tcp_sender = TcpKVSender(state.wire, timeout)  # kv_target "tcp://...": a data plane
         self.limits = dataclasses.replace(state.engine.limits(), kv_capacity=None)
 
     async def Prefill(self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
@@ -184,7 +187,8 @@ class PrefillServicer(WorkerServicer, worker_pb2_grpc.PrefillWorkerServicer):
                 code, message = (status_of(e) if isinstance(e, InvalidRequest)
                                  else (grpc.StatusCode.INVALID_ARGUMENT, str(e)))
                 await context.abort(code, message)
-            kv = self.sender.open(request.kv_target, req.id, request.request.request_token)
+            sender = self.tcp_sender if request.kv_target.startswith(SCHEME) else self.sender
+            kv = sender.open(request.kv_target, req.id, request.request.request_token)
             began = time.monotonic()
             while True:
                 ev = await events.get()
@@ -210,7 +214,7 @@ class PrefillServicer(WorkerServicer, worker_pb2_grpc.PrefillWorkerServicer):
             released = True
             yield worker_pb2.PrefillEvent(kv_sent=worker_pb2.KVSent(bytes=kv.bytes,
                                                                     messages=kv.messages))
-        except grpc.aio.AioRpcError as e:  # the push failed: its real cause reaches the router
+        except (grpc.aio.AioRpcError, TransferFailed) as e:  # the push failed: its cause goes on
             await context.abort(e.code(), f"KV push to {target} failed: {e.code().name}: "
                                           f"{e.details()}")
         finally:

@@ -271,11 +271,14 @@ async def _serve_worker(role: str, replica: int, deployment: DeploymentConfig, w
         state.metrics_url = prom.serve(state.metrics.registry, serving.metrics.host,
                                        metrics_port if metrics_port is not None else serving.metrics.port)
 
+    servicer = None
+
     def register(server) -> None:
         if role == "prefill":
             worker_pb2_grpc.add_PrefillWorkerServicer_to_server(
                 PrefillServicer(state, scheduler, thread), server)
         else:
+            nonlocal servicer
             servicer = DecodeServicer(state, scheduler, thread)
             worker_pb2_grpc.add_DecodeWorkerServicer_to_server(servicer, server)
             server.add_generic_rpc_handlers((kv_transfer_handler(servicer),))
@@ -288,6 +291,17 @@ async def _serve_worker(role: str, replica: int, deployment: DeploymentConfig, w
                                 services=services, register=register, internal=True,
                                 max_message_bytes=serving.kv_message_bytes + (1 << 20))
     state.address = server.address
+    data_plane = None
+    if role == "decode" and serving.transport == "tcp":  # KV bytes outside gRPC
+        from jaxpd.serving.decode_worker import KVIntake, TransferError
+        from jaxpd.transfer import wire as wire_lib
+        from jaxpd.transfer.tcp_plane import TcpKVServer
+
+        data_plane = TcpKVServer(
+            serving.data_host or group.host, lambda: KVIntake(servicer, copy=True),
+            serving.kv_message_bytes + (1 << 16), (wire_lib.WireError, TransferError))
+        state.data_address = await data_plane.start()
+        log.info("%s-%d: KV data plane on %s", role, replica, state.data_address)
     thread.start()
     await server.set_serving()
     log.info("%s-%d serving on %s (tp=%d)", role, replica, server.address, group.tp)
@@ -309,6 +323,8 @@ async def _serve_worker(role: str, replica: int, deployment: DeploymentConfig, w
             await asyncio.sleep(0.02)
         return 0
     finally:
+        if data_plane is not None:
+            await data_plane.stop()
         await server.stop(1.0)
         thread.stop()
         engine.stop_compiling()

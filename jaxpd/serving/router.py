@@ -275,7 +275,8 @@ class Router(generation_pb2_grpc.GenerationServicer):
                 prefill_worker.in_flight += 1
                 progress.worker_queue_from = time.monotonic()
                 pump("prefill", prefill_worker, prefill_worker.stub.Prefill(worker_pb2.PrefillRequest(
-                    request=engine_request, kv_target=decode_worker.address,
+                    request=engine_request,
+                    kv_target=decode_call.data_address or decode_worker.address,
                     kv_target_name=decode_worker.name), metadata=internal_metadata()))
             held: list[worker_pb2.Tokens] = []  # decode tokens that overtook the first token
             first_seen = False
@@ -418,7 +419,7 @@ class Router(generation_pb2_grpc.GenerationServicer):
                 worker.forget_sent(sent)
                 call.cancel()
                 continue
-            return worker, _Rest(call)
+            return worker, _Rest(call, first.reserved.data_address)
         return None
 
     @staticmethod
@@ -562,8 +563,9 @@ class Router(generation_pb2_grpc.GenerationServicer):
 class _Rest:
     """A Decode call whose first message (Reserved) was already read: iterate the rest."""
 
-    def __init__(self, call):
+    def __init__(self, call, data_address: str = ""):
         self._call = call
+        self.data_address = data_address  # where the KV goes when not over gRPC (tcp://...)
 
     def cancel(self) -> bool:
         return self._call.cancel()

@@ -34,6 +34,7 @@ class WorkerState:
     wire: WireContext
     tokenizer: Tokenizer | None = None
     address: str = ""
+    data_address: str = ""  # serving.transport tcp: the decode worker's data plane
     metrics_url: str = ""
     state: str = SERVING  # draining once SIGTERM arrived: new requests are refused
     metrics: object | None = None  # jaxpd.serving.metrics.WorkerMetrics

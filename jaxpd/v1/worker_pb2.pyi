@@ -74,10 +74,12 @@ class DecodeRequest(_message.Message):
     def __init__(self, request: _Optional[_Union[EngineRequest, _Mapping]] = ..., local_prefill: _Optional[bool] = ...) -> None: ...
 
 class Reserved(_message.Message):
-    __slots__ = ("pages",)
+    __slots__ = ("pages", "data_address")
     PAGES_FIELD_NUMBER: _ClassVar[int]
+    DATA_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     pages: int
-    def __init__(self, pages: _Optional[int] = ...) -> None: ...
+    data_address: str
+    def __init__(self, pages: _Optional[int] = ..., data_address: _Optional[str] = ...) -> None: ...
 
 class Prefilled(_message.Message):
     __slots__ = ("cached_tokens", "queue_s", "prefill_s")
