@@ -259,9 +259,10 @@ class ServingSection(_Strict):
         "grpc", description="KV hand-off between worker processes: grpc (client streams), or "
                             "tcp (gRPC carries the control messages; the KV bytes go over "
                             "pooled raw TCP connections into preallocated buffers)")
-    data_host: str | None = Field(None, description="tcp: the address decode workers' data "
-                                                    "plane listens on and advertises (default: "
-                                                    "the group's host)")
+    data_host: str | None = Field(None, description="tcp: the address decode workers advertise "
+                                                    "for their data plane, which listens on the "
+                                                    "group's host (default: that host, or this "
+                                                    "machine's name when it is 0.0.0.0)")
     max_waiting: int = Field(256, ge=1, description="requests queued per worker before new ones "
                                                     "get RESOURCE_EXHAUSTED")
     kv_message_bytes: int = Field(4 << 20, ge=64 << 10, le=256 << 20,

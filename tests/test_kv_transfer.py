@@ -358,3 +358,23 @@ def test_calls_cancelled_while_reserving_keep_no_pages(worker):
         call.cancel()
         calls.append(call)
     assert _wait_pages_free(stub) == 0
+
+
+def test_a_data_plane_on_every_interface_advertises_a_name_peers_can_reach():
+    """Listening on 0.0.0.0 (a pod): the address handed to prefill workers is this machine's
+    name, not the wildcard, and it connects."""
+    async def run():
+        server = TcpKVServer("0.0.0.0", lambda: None, 1024, (ValueError,))
+        advertised = await server.start()
+        try:
+            host, port = advertised.removeprefix("tcp://").rsplit(":", 1)
+            assert host not in ("0.0.0.0", "") and advertised.startswith("tcp://")
+            _, writer = await asyncio.open_connection(host, int(port))
+            writer.close()
+        finally:
+            await server.stop()
+        explicit = TcpKVServer("127.0.0.1", lambda: None, 1024, (ValueError,),
+                               advertise="decode-0.pods.example")
+        assert (await explicit.start()).startswith("tcp://decode-0.pods.example:")
+        await explicit.stop()
+    asyncio.run(run())

@@ -298,8 +298,9 @@ async def _serve_worker(role: str, replica: int, deployment: DeploymentConfig, w
         from jaxpd.transfer.tcp_plane import TcpKVServer
 
         data_plane = TcpKVServer(
-            serving.data_host or group.host, lambda: KVIntake(servicer, copy=True),
-            serving.kv_message_bytes + (1 << 16), (wire_lib.WireError, TransferError))
+            group.host, lambda: KVIntake(servicer, copy=True),
+            serving.kv_message_bytes + (1 << 16), (wire_lib.WireError, TransferError),
+            advertise=serving.data_host)
         state.data_address = await data_plane.start()
         log.info("%s-%d: KV data plane on %s", role, replica, state.data_address)
     thread.start()

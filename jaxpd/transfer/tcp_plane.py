@@ -85,8 +85,12 @@ class TcpKVServer:
     and answers with its ack or its refusal."""
 
     def __init__(self, host: str, make_intake: Callable[[], object], max_frame_bytes: int,
-                 errors: tuple[type[Exception], ...]):
+                 errors: tuple[type[Exception], ...], advertise: str | None = None):
+        """Listens on `host`; advertises `advertise`, else `host`, else (a wildcard host)
+        this machine's name, which in a Kubernetes pod resolves to the pod."""
         self.host, self.make_intake, self.errors = host, make_intake, errors
+        wildcard = host.strip("[]") in ("0.0.0.0", "::", "")
+        self.advertise = advertise or (socket.getfqdn() if wildcard else host)
         self.max_frame = max_frame_bytes
         self._listener: socket.socket | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -101,7 +105,7 @@ class TcpKVServer:
         listener.listen(64)
         listener.setblocking(False)
         self._listener = listener
-        self.address = address(self.host, listener.getsockname()[1])
+        self.address = address(self.advertise, listener.getsockname()[1])
         task = asyncio.create_task(self._accept())
         self._tasks.add(task)
         return self.address
