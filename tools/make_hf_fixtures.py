@@ -383,10 +383,11 @@ CHAT_CONVERSATIONS = [
 
 
 def build_chat_fixtures(out_root: Path) -> None:
-    """tests/fixtures/chat/<template>/: the embedded model's tokenizer.json, a
-    tokenizer_config.json (and chat_template.jinja) holding the template, and expected.json
-    with transformers' apply_chat_template text and token ids (or its error) for each
-    conversation, with and without the generation prompt."""
+    """tests/fixtures/chat/<template>/: a tokenizer_config.json (and chat_template.jinja)
+    holding the template, and expected.json with transformers' apply_chat_template text and
+    token ids (or its error) for each conversation, with and without the generation prompt.
+    The tokenizer is the embedded model's: copied in while transformers renders, then removed
+    (the tests tokenize with jaxpd/assets/default_model/tokenizer.json)."""
     import transformers
 
     source = Path(__file__).resolve().parents[1] / "jaxpd" / "assets" / "default_model"
@@ -422,7 +423,10 @@ def build_chat_fixtures(out_root: Path) -> None:
                     case.update(text=None, ids=None, error=str(e))
                 cases.append(case)
         (folder / "expected.json").write_text(json.dumps(
-            {"transformers": transformers.__version__, "cases": cases}, indent=1) + "\n")
+            {"transformers": transformers.__version__,
+             "tokenizer": "jaxpd/assets/default_model/tokenizer.json", "cases": cases},
+            indent=1) + "\n")
+        (folder / "tokenizer.json").unlink()
         print(f"wrote {folder} ({len(cases)} cases)", file=sys.stderr)
 
 
