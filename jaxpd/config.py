@@ -255,10 +255,11 @@ class ServingSection(_Strict):
     """How `jaxpd serve` runs the deployment: the router, the KV transport, queues and timeouts."""
 
     router: RouterSection = RouterSection()
-    transport: Literal["grpc", "tcp"] = Field(
-        "grpc", description="KV hand-off between worker processes: grpc (client streams), or "
-                            "tcp (gRPC carries the control messages; the KV bytes go over "
-                            "pooled raw TCP connections into preallocated buffers)")
+    transport: Literal["grpc", "tcp", "shm"] = Field(
+        "grpc", description="KV hand-off between worker processes: grpc (client streams); tcp "
+                            "(gRPC carries the control messages, the KV bytes go over pooled "
+                            "raw TCP connections into preallocated buffers); shm (prefill and "
+                            "decode workers on one host: the bytes go through shared memory)")
     data_host: str | None = Field(None, description="tcp: the address decode workers advertise "
                                                     "for their data plane, which listens on the "
                                                     "group's host (default: that host, or this "

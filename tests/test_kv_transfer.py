@@ -81,10 +81,11 @@ class DecodeWorker:
                                          services=[], register=register)
         state.address = self.server.address
         self.data_plane = None
-        if deployment.serving.transport == "tcp":
+        if deployment.serving.transport in ("tcp", "shm"):
             self.data_plane = TcpKVServer("127.0.0.1", lambda: KVIntake(servicer, copy=True),
                                           deployment.serving.kv_message_bytes + (1 << 16),
-                                          (wire.WireError, TransferError))
+                                          (wire.WireError, TransferError),
+                                          scheme=f"{deployment.serving.transport}://")
             state.data_address = await self.data_plane.start()
         self.transport = deployment.serving.transport
         self.data_address = state.data_address
@@ -101,6 +102,28 @@ class DecodeWorker:
                 return push(iter(frames), timeout=30)
             except grpc.RpcError as e:
                 raise PushFailed(e.code(), e.details()) from None
+        if self.transport == "shm":  # frames through the sender's shared-memory slots
+            from jaxpd.transfer.tcp_plane import TcpKVSender, TransferFailed
+
+            async def run():
+                sender = TcpKVSender(self.ctx, 30.0, shared_memory=True)
+                stream = sender.open(self.data_address, "raw")
+                try:
+                    if not finish:
+                        for f in frames:
+                            await stream._send(f)
+                        # let the receiver take them before the segment goes away with the
+                        # sender (had it never read one, the request would only time out)
+                        await asyncio.sleep(0.5)
+                        stream.cancel()
+                        return None
+                    return await stream.push_frames(frames)
+                except TransferFailed as e:
+                    raise PushFailed(e.code(), e.details()) from None
+                finally:
+                    stream.cancel()
+                    sender.close()
+            return self._run(run())
         host, port = self.data_address.removeprefix("tcp://").rsplit(":", 1)
         with socket.create_connection((host, int(port)), timeout=30) as sock:
             try:
@@ -145,7 +168,7 @@ def _deployment(**serving):
     return parse_config({"kv": {"page_size": 4, "num_pages": 32}, "serving": serving})
 
 
-@pytest.fixture(scope="module", params=["grpc", "tcp"])
+@pytest.fixture(scope="module", params=["grpc", "tcp", "shm"])
 def worker(model, request):
     w = DecodeWorker(model, _deployment(transport=request.param))
     yield w
@@ -285,7 +308,8 @@ def test_the_sender_class_pools_connections_and_reports_refusals(worker):
     from jaxpd.transfer.tcp_plane import TcpKVSender
 
     stub, _ = _stubs(worker.address)
-    sender = (TcpKVSender if worker.transport == "tcp" else GrpcKVSender)(worker.ctx, 30.0)
+    sender = (GrpcKVSender(worker.ctx, 30.0) if worker.transport == "grpc" else
+              TcpKVSender(worker.ctx, 30.0, shared_memory=worker.transport == "shm"))
     target = worker.data_address or worker.address
 
     async def push(rid, token):
@@ -296,8 +320,9 @@ def test_the_sender_class_pools_connections_and_reports_refusals(worker):
         call = _reserve(stub, rid)
         assert worker._run(push(rid, f"token-{rid}")).request_id == rid
         assert len([t for ev in call for t in ev.tokens.token_ids]) == 3
-    if worker.transport == "tcp":
+    if worker.transport != "grpc":
         assert len(sender._idle[target]) == 1  # one connection served both
+        sender.close()
     call = _reserve(stub, "forged")
     with pytest.raises(Exception) as e:
         worker._run(push("forged", "guess"))

@@ -271,7 +271,7 @@ def _grpc_receiver(q, mode: str, preset: str, dtype: str, tokens: int) -> None:
         writer.shutdown(wait=False, cancel_futures=True)
 
 
-def _tcp_receiver(q, preset: str, dtype: str, tokens: int) -> None:
+def _tcp_receiver(q, preset: str, dtype: str, tokens: int, scheme: str = "tcp://") -> None:
     """jaxpd's tcp data plane (`TcpKVServer`: frames read with recv_into into two reused
     buffers), each piece checked as the decode worker checks it and copied into a host pool."""
     _exit_with_parent()
@@ -316,7 +316,8 @@ def _tcp_receiver(q, preset: str, dtype: str, tokens: int) -> None:
             pass
 
     async def main() -> None:
-        server = TcpKVServer("127.0.0.1", Intake, (64 << 20) + (1 << 16), (wire.WireError,))
+        server = TcpKVServer("127.0.0.1", Intake, (64 << 20) + (1 << 16), (wire.WireError,),
+                             scheme=scheme)
         address = await server.start()
         q.put(("port", address))
         await asyncio.Event().wait()
@@ -324,13 +325,14 @@ def _tcp_receiver(q, preset: str, dtype: str, tokens: int) -> None:
     asyncio.run(main())
 
 
-def time_tcp(address: str, ctx, kv: np.ndarray, rounds: int,
-             timeout_s: float) -> tuple[list[float], int]:
-    """jaxpd's tcp sender (`TcpKVSender`, pooled connection) as the prefill worker runs it."""
+def time_tcp(address: str, ctx, kv: np.ndarray, rounds: int, timeout_s: float,
+             shared_memory: bool = False) -> tuple[list[float], int]:
+    """jaxpd's tcp (or shm) sender (`TcpKVSender`, pooled connection) as the prefill worker
+    runs it."""
     from jaxpd.transfer.tcp_plane import TcpKVSender
 
     async def run() -> tuple[list[float], int]:
-        sender = TcpKVSender(ctx, timeout_s)
+        sender = TcpKVSender(ctx, timeout_s, shared_memory=shared_memory)
         times, messages = [], 0
         for i in range(rounds):
             start = time.perf_counter()
@@ -342,6 +344,7 @@ def time_tcp(address: str, ctx, kv: np.ndarray, rounds: int,
                 raise AssertionError(f"tcp_kv: the receiver got {ack.bytes} of {kv.nbytes} bytes")
             messages = ack.messages
         crc = int((await sender.open(address, DIGEST_ID).finish(0, 0, 0.0)).request_id)
+        sender.close()
         if crc != crc_of(kv):
             raise AssertionError("tcp_kv: the receiver's pool differs from the KV sent")
         return times, messages
@@ -563,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="gRPC message sizes to sweep (default 1,4,16,64)")
     ap.add_argument("--repeats", type=_positive, default=None,
                     help=f"timed runs per case after one warm-up (default {DEFAULTS['repeats']})")
-    ap.add_argument("--cases", default="raw_socket,grpc_bytes,grpc_plain,grpc_kv,tcp_kv",
+    ap.add_argument("--cases", default="raw_socket,grpc_bytes,grpc_plain,grpc_kv,tcp_kv,shm_kv",
                     help="comma-separated subset of the cases (raw_socket always runs)")
     ap.add_argument("--timeout-s", type=float, default=300.0, help="deadline of one transfer")
     ap.add_argument("--quick", action="store_true",
@@ -572,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in (QUICK if args.quick else DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    known = ("grpc_bytes", "grpc_plain", "grpc_kv", "tcp_kv")
+    known = ("grpc_bytes", "grpc_plain", "grpc_kv", "tcp_kv", "shm_kv")
     wanted = {c.strip() for c in args.cases.split(",") if c.strip()} - {"raw_socket"}
     if wanted - set(known):
         ap.error(f"--cases: unknown {sorted(wanted - set(known))}; choose from raw_socket, "
@@ -618,18 +621,22 @@ def main(argv: list[str] | None = None) -> int:
     result["summary"]["raw_socket"] = raw["gb_per_s"]
     print(f"raw_socket: {raw['gb_per_s']} GB/s ({raw['seconds']} s)", file=sys.stderr)
 
-    if "tcp_kv" in wanted:  # jaxpd's data plane: same frames and checks, no gRPC
-        result["summary"]["tcp_kv"] = {}
-        with Receiver(_tcp_receiver, args.preset, args.dtype, args.tokens) as rx:
+    for name in ("tcp_kv", "shm_kv"):  # jaxpd's data planes: same frames and checks, no gRPC
+        if name not in wanted:
+            continue
+        result["summary"][name] = {}
+        scheme = "shm://" if name == "shm_kv" else "tcp://"
+        with Receiver(_tcp_receiver, args.preset, args.dtype, args.tokens, scheme) as rx:
             for mib in args.message_mib:
                 ctx = wire.WireContext(FINGERPRINT, layout, mib << 20)
-                times, messages = time_tcp(rx.port, ctx, kv, rounds, args.timeout_s)
+                times, messages = time_tcp(rx.port, ctx, kv, rounds, args.timeout_s,
+                                           shared_memory=name == "shm_kv")
                 row = _row(times[1:], kv.nbytes, messages)
                 row["message_mib"] = mib
                 row["ratio_to_raw"] = round(row["gb_per_s"] / raw["gb_per_s"], 3)
-                result["cases"][f"tcp_kv_{mib}mib"] = row
-                result["summary"]["tcp_kv"][f"{mib}mib"] = row["gb_per_s"]
-                print(f"tcp_kv {mib} MiB: {row['gb_per_s']} GB/s ({row['seconds']} s, "
+                result["cases"][f"{name}_{mib}mib"] = row
+                result["summary"][name][f"{mib}mib"] = row["gb_per_s"]
+                print(f"{name} {mib} MiB: {row['gb_per_s']} GB/s ({row['seconds']} s, "
                       f"{messages} messages, {row['ratio_to_raw']}x raw)", file=sys.stderr)
 
     for name in (c for c in known if c in wanted and c.startswith("grpc_")):

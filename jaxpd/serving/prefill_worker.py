@@ -24,7 +24,7 @@ from jaxpd.serving.engine_thread import EngineThread
 from jaxpd.serving.validate import status_of
 from jaxpd.serving.worker_common import WorkerServicer, WorkerState, pool_counts
 from jaxpd.transfer.grpc_stream import GrpcKVSender
-from jaxpd.transfer.tcp_plane import SCHEME, TcpKVSender, TransferFailed
+from jaxpd.transfer.tcp_plane import SCHEME, SHM_SCHEME, TcpKVSender, TransferFailed
 from jaxpd.v1 import worker_pb2, worker_pb2_grpc
 
 
@@ -170,6 +170,7 @@ class PrefillServicer(WorkerServicer, worker_pb2_grpc.PrefillWorkerServicer):
         timeout = state.deployment.serving.kv_timeout_s
         self.sender = GrpcKVSender(state.wire, timeout)
         self.tcp_sender = TcpKVSender(state.wire, timeout)  # kv_target "tcp://...": a data plane
+        self.shm_sender = TcpKVSender(state.wire, timeout, shared_memory=True)  # "shm://..."
         self.limits = dataclasses.replace(state.engine.limits(), kv_capacity=None)
 
     async def Prefill(self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
@@ -187,7 +188,8 @@ class PrefillServicer(WorkerServicer, worker_pb2_grpc.PrefillWorkerServicer):
                 code, message = (status_of(e) if isinstance(e, InvalidRequest)
                                  else (grpc.StatusCode.INVALID_ARGUMENT, str(e)))
                 await context.abort(code, message)
-            sender = self.tcp_sender if request.kv_target.startswith(SCHEME) else self.sender
+            sender = (self.tcp_sender if request.kv_target.startswith(SCHEME) else
+                      self.shm_sender if request.kv_target.startswith(SHM_SCHEME) else self.sender)
             kv = sender.open(request.kv_target, req.id, request.request.request_token)
             began = time.monotonic()
             while True:

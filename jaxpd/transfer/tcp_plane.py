@@ -18,12 +18,20 @@ On the wire, in both directions: 1 byte kind, 8 bytes big-endian length, the bod
 A connection carries one request at a time and goes back to the sender's pool after an ack. A
 sender that goes away mid-request (cancel, crash) closes its connection: the receiver fails the
 request ABORTED, so it migrates, as with a cut gRPC stream.
+
+`serving.transport: shm` (both workers on one host) uses the same connection for control only:
+the sender creates a POSIX shared-memory segment of two frame slots per connection and names it
+once (`M`, JSON `{"name", "slot_bytes"}`, accepted from loopback peers only); each frame is
+written into a free slot and announced with `S` (slot, length); the receiver copies it into its
+receive buffer, answers `R` (slot) to free it, and checks and writes it like a tcp frame. The
+advertised address is then "shm://host:port".
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import socket
@@ -41,8 +49,12 @@ from jaxpd.v1 import worker_pb2
 log = logging.getLogger("jaxpd.tcp_plane")
 
 SCHEME = "tcp://"
+SHM_SCHEME = "shm://"
 _HEAD = struct.Struct(">cQ")
+_SLOT = struct.Struct(">IQ")
 KV, ACK, ERROR = b"K", b"A", b"E"
+SEGMENT, SLOT, RELEASE = b"M", b"S", b"R"
+LOOPBACK = ("127.", "::1", "::ffff:127.")
 
 
 class TransferFailed(Exception):
@@ -60,13 +72,49 @@ class TransferFailed(Exception):
         return self._details
 
 
-def address(host: str, port: int) -> str:
-    return f"{SCHEME}{host}:{port}"
+def address(host: str, port: int, scheme: str = SCHEME) -> str:
+    return f"{scheme}{host}:{port}"
+
+
+def is_data_plane(target: str) -> bool:
+    return target.startswith((SCHEME, SHM_SCHEME))
 
 
 def _split(target: str) -> tuple[str, int]:
-    host, _, port = target.removeprefix(SCHEME).rpartition(":")
+    host, _, port = target.split("://", 1)[-1].rpartition(":")
     return host.strip("[]"), int(port)
+
+
+def _attach(name: str):
+    """Map a segment another process created, without this process's resource tracker
+    claiming it (the creator unlinks it)."""
+    from multiprocessing import resource_tracker, shared_memory
+
+    segment = shared_memory.SharedMemory(name=name)
+    with contextlib.suppress(Exception):
+        resource_tracker.unregister(segment._name, "shared_memory")
+    return segment
+
+
+def _unmap(segment) -> None:
+    """Unmap an attached segment. Views of a frame may still be alive (an exception's
+    traceback holds them): collect them first; failing that, the mapping goes with them."""
+    try:
+        segment.close()
+    except BufferError:
+        import gc
+
+        gc.collect()
+        with contextlib.suppress(BufferError):
+            segment.close()
+
+
+async def _body(loop, sock: socket.socket, length: int, limit: int = 1 << 16) -> bytes:
+    if length > limit:
+        raise ConnectionError(f"a control frame of {length} bytes")
+    buf = bytearray(length)
+    await _recv_into(loop, sock, memoryview(buf))
+    return bytes(buf)
 
 
 async def _recv_into(loop, sock: socket.socket, view: memoryview) -> None:
@@ -85,12 +133,14 @@ class TcpKVServer:
     and answers with its ack or its refusal."""
 
     def __init__(self, host: str, make_intake: Callable[[], object], max_frame_bytes: int,
-                 errors: tuple[type[Exception], ...], advertise: str | None = None):
+                 errors: tuple[type[Exception], ...], advertise: str | None = None,
+                 scheme: str = SCHEME):
         """Listens on `host`; advertises `advertise`, else `host`, else (a wildcard host)
         this machine's name, which in a Kubernetes pod resolves to the pod."""
         self.host, self.make_intake, self.errors = host, make_intake, errors
         wildcard = host.strip("[]") in ("0.0.0.0", "::", "")
         self.advertise = advertise or (socket.getfqdn() if wildcard else host)
+        self.scheme = scheme
         self.max_frame = max_frame_bytes
         self._listener: socket.socket | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -105,7 +155,7 @@ class TcpKVServer:
         listener.listen(64)
         listener.setblocking(False)
         self._listener = listener
-        self.address = address(self.advertise, listener.getsockname()[1])
+        self.address = address(self.advertise, listener.getsockname()[1], self.scheme)
         task = asyncio.create_task(self._accept())
         self._tasks.add(task)
         return self.address
@@ -130,26 +180,43 @@ class TcpKVServer:
             task.add_done_callback(self._tasks.discard)
 
     async def _connection(self, sock: socket.socket) -> None:
-        """Requests one after another, each frame read into one of two reused buffers."""
+        """Requests one after another: each frame read into one of two reused buffers, or read
+        in place from the sender's shared-memory slot."""
         loop = asyncio.get_running_loop()
         head = bytearray(_HEAD.size)
         buffers = [bytearray(self.max_frame), bytearray(self.max_frame)]
-        k = 0
+        segment, slot_bytes, k = None, 0, 0
         try:
             while True:
                 intake, started = self.make_intake(), False
                 try:
                     while True:
                         await _recv_into(loop, sock, memoryview(head))
-                        started = True
                         kind, length = _HEAD.unpack(head)
-                        if kind != KV or length > self.max_frame:
+                        if kind == SEGMENT:  # the sender's slots (shm), once per connection
+                            segment, slot_bytes = self._segment(sock, await _body(loop, sock, length))
+                            continue
+                        started = True
+                        if kind == SLOT and segment is not None and length == _SLOT.size:
+                            slot, size = _SLOT.unpack(await _body(loop, sock, length))
+                            if slot > 1 or size > slot_bytes:
+                                raise self._invalid(f"slot {slot} of {size} bytes")
+                            # one copy out of the slot (no view of shared memory outlives
+                            # it), then the slot goes back to the sender at once
+                            view = memoryview(buffers[k % 2])[:size]
+                            k += 1
+                            view[:] = segment.buf[slot * slot_bytes:slot * slot_bytes + size]
+                            await loop.sock_sendall(sock, _HEAD.pack(RELEASE, 4) +
+                                                    struct.pack(">I", slot))
+                            _, ack = await intake.take(view)  # copies the payload out
+                        elif kind == KV and length <= self.max_frame:
+                            view = memoryview(buffers[k % 2])[:length]
+                            k += 1
+                            await _recv_into(loop, sock, view)
+                            _, ack = await intake.take(view)  # copies the payload out
+                        else:
                             raise self._invalid(f"a data-plane frame of kind {kind!r} and "
                                                 f"{length} bytes (at most {self.max_frame})")
-                        view = memoryview(buffers[k % 2])[:length]
-                        k += 1
-                        await _recv_into(loop, sock, view)
-                        _, ack = await intake.take(view)  # copies the payload out of the buffer
                         if ack is not None:
                             body = ack.SerializeToString()
                             await loop.sock_sendall(sock, _HEAD.pack(ACK, len(body)) + body)
@@ -171,6 +238,27 @@ class TcpKVServer:
                     raise
         finally:
             sock.close()
+            if segment is not None:
+                _unmap(segment)
+
+    def _segment(self, sock: socket.socket, body: bytes):
+        """Attach the sender's shared-memory slots; only a peer on this host may name one."""
+        peer = sock.getpeername()[0]
+        if not peer.startswith(LOOPBACK):
+            raise self._invalid(f"shared memory offered by {peer}: only a sender on this host "
+                                f"may use shm")
+        try:
+            spec = json.loads(body)
+            segment = _attach(str(spec["name"]))
+            slot_bytes = int(spec["slot_bytes"])
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            raise self._invalid(f"cannot map the sender's shared memory ({e}); shm needs both "
+                                f"workers on one host") from None
+        if slot_bytes < 1 or 2 * slot_bytes > segment.size:
+            segment.close()
+            raise self._invalid(f"shared memory of {segment.size} bytes for 2 slots of "
+                                f"{slot_bytes}")
+        return segment, slot_bytes
 
     def _invalid(self, message: str) -> Exception:
         return wire.WireError("invalid", message)
@@ -185,24 +273,51 @@ def _refused(body: bytes) -> TransferFailed:
 
 
 # -- the prefill side ------------------------------------------------------------------------------
-class TcpKVSender:  # implements transfer.base.KVSender
-    """Opens KV streams to decode workers' data planes; connections are pooled per target."""
+@dataclasses.dataclass
+class _Conn:
+    """A data-plane connection and, for shm, its two shared-memory frame slots."""
 
-    def __init__(self, ctx: wire.WireContext, timeout_s: float):
-        self.ctx, self.timeout_s = ctx, timeout_s
-        self._idle: dict[str, list[socket.socket]] = {}
+    sock: socket.socket
+    segment: object | None = None  # multiprocessing.shared_memory.SharedMemory
+    slot_bytes: int = 0
+    free: list[int] = dataclasses.field(default_factory=lambda: [0, 1])
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        if self.segment is not None:
+            with contextlib.suppress(Exception):
+                self.segment.close()
+                self.segment.unlink()
+            self.segment = None
+
+
+class TcpKVSender:  # implements transfer.base.KVSender
+    """Opens KV streams to decode workers' data planes; connections are pooled per target.
+    `shared_memory`: frames go through per-connection shared-memory slots (shm, one host)."""
+
+    def __init__(self, ctx: wire.WireContext, timeout_s: float, *, shared_memory: bool = False):
+        self.ctx, self.timeout_s, self.shared_memory = ctx, timeout_s, shared_memory
+        self._idle: dict[str, list[_Conn]] = {}
 
     def open(self, target: str, request_id: str, token: str = "") -> TcpKVStream:
         return TcpKVStream(self, target, request_id, token)
 
-    def _take(self, target: str) -> socket.socket | None:
+    def _take(self, target: str) -> _Conn | None:
         idle = self._idle.get(target)
         return idle.pop() if idle else None
 
-    def _give_back(self, target: str, sock: socket.socket) -> None:
-        self._idle.setdefault(target, []).append(sock)
+    def _give_back(self, target: str, conn: _Conn) -> None:
+        self._idle.setdefault(target, []).append(conn)
 
-    async def _connect(self, target: str, deadline: float) -> socket.socket:
+    def close(self) -> None:
+        """Close every pooled connection (and unlink its shared memory)."""
+        for conns in self._idle.values():
+            for conn in conns:
+                conn.close()
+        self._idle.clear()
+
+    async def _connect(self, target: str, deadline: float) -> _Conn:
         loop = asyncio.get_running_loop()
         host, port = _split(target)
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -210,12 +325,22 @@ class TcpKVSender:  # implements transfer.base.KVSender
         sock = socket.socket(family, kind, proto)
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = _Conn(sock)
         try:
-            await asyncio.wait_for(loop.sock_connect(sock, addr), max(0.01, deadline - time.monotonic()))
+            await asyncio.wait_for(loop.sock_connect(sock, addr),
+                                   max(0.01, deadline - time.monotonic()))
+            if self.shared_memory:
+                from multiprocessing import shared_memory
+
+                conn.slot_bytes = self.ctx.max_message_bytes + (1 << 16)
+                conn.segment = shared_memory.SharedMemory(create=True, size=2 * conn.slot_bytes)
+                body = json.dumps({"name": conn.segment.name,
+                                   "slot_bytes": conn.slot_bytes}).encode()
+                await loop.sock_sendall(sock, _HEAD.pack(SEGMENT, len(body)) + body)
         except BaseException:
-            sock.close()
+            conn.close()
             raise
-        return sock
+        return conn
 
 
 class TcpKVStream:
@@ -226,7 +351,7 @@ class TcpKVStream:
         self.ctx = sender.ctx
         self.deadline = time.monotonic() + sender.timeout_s
         self.bytes = self.messages = 0
-        self._sock: socket.socket | None = None
+        self._conn: _Conn | None = None
         self._fresh = False  # the connection was made for this request (not pooled)
 
     def _left(self) -> float:
@@ -237,22 +362,19 @@ class TcpKVStream:
         return left
 
     async def _send(self, frame: bytes) -> None:
-        loop = asyncio.get_running_loop()
-        head = _HEAD.pack(KV, len(frame))
         for attempt in (0, 1):
-            if self._sock is None:
+            if self._conn is None:
                 pooled = self.sender._take(self.target)
                 try:
-                    self._sock = pooled or await self.sender._connect(self.target, self.deadline)
+                    self._conn = pooled or await self.sender._connect(self.target, self.deadline)
                 except (OSError, asyncio.TimeoutError) as e:
                     raise TransferFailed(grpc.StatusCode.UNAVAILABLE, f"cannot reach the data "
                                          f"plane at {self.target} ({e})") from None
                 self._fresh = pooled is None
             try:
-                await asyncio.wait_for(loop.sock_sendall(self._sock, head), self._left())
-                await asyncio.wait_for(loop.sock_sendall(self._sock, frame), self._left())
+                await asyncio.wait_for(self._put(frame), self._left())
                 return
-            except (OSError, asyncio.TimeoutError) as e:
+            except (OSError, ConnectionError, asyncio.TimeoutError) as e:
                 refusal = await self._refusal()  # the receiver may have said why it hung up
                 self._drop()
                 if refusal is not None:
@@ -262,6 +384,24 @@ class TcpKVStream:
                     continue
                 raise TransferFailed(grpc.StatusCode.UNAVAILABLE, f"the data plane at "
                                      f"{self.target} went away ({e})") from None
+
+    async def _put(self, frame: bytes) -> None:
+        """One frame onto the connection: its bytes (tcp), or into a free slot and its
+        announcement (shm; waiting for the receiver to free a slot when both are taken)."""
+        loop, conn = asyncio.get_running_loop(), self._conn
+        if conn.segment is None:
+            await loop.sock_sendall(conn.sock, _HEAD.pack(KV, len(frame)))
+            await loop.sock_sendall(conn.sock, frame)
+            return
+        while not conn.free:
+            kind, body = await self._answer(self._left())
+            if kind != RELEASE:
+                raise _refused(body) if kind == ERROR else ConnectionError(f"answer {kind!r}")
+            conn.free.append(struct.unpack(">I", body)[0])
+        slot = conn.free.pop()
+        conn.segment.buf[slot * conn.slot_bytes:slot * conn.slot_bytes + len(frame)] = frame
+        await loop.sock_sendall(conn.sock, _HEAD.pack(SLOT, _SLOT.size) +
+                                _SLOT.pack(slot, len(frame)))
 
     async def send_tokens(self, array: jax.Array, offset: int, start: int, end: int) -> None:
         """Tokens [start, end) of a gathered array (still on device), frames built one ahead
@@ -280,18 +420,28 @@ class TcpKVStream:
     async def finish(self, num_tokens: int, first_token: int,
                      first_logprob: float) -> worker_pb2.KVAck:
         """Send the finish frame; returns the receiver's ack once it holds all of the KV."""
-        await self._send(wire.finish_frame(self.ctx, self.request_id, num_tokens, first_token,
-                                           first_logprob, self.token))
-        self.messages += 1
+        return await self.push_frames([wire.finish_frame(
+            self.ctx, self.request_id, num_tokens, first_token, first_logprob, self.token)])
+
+    async def push_frames(self, frames: list[bytes]) -> worker_pb2.KVAck:
+        """Send ready-made frames, the last one a finish frame, and return the ack."""
+        for frame in frames:
+            await self._send(frame)
+            self.messages += 1
         try:
-            kind, body = await self._answer(self._left())
+            while True:
+                kind, body = await self._answer(self._left())
+                if kind != RELEASE:
+                    break
+                self._conn.free.append(struct.unpack(">I", body)[0])
         except (OSError, ConnectionError, asyncio.TimeoutError) as e:
             self._drop()
             raise TransferFailed(grpc.StatusCode.UNAVAILABLE, f"the data plane at {self.target} "
                                  f"closed before acknowledging ({e})") from None
         if kind == ACK:
-            self.sender._give_back(self.target, self._sock)
-            self._sock = None
+            self._conn.free = [0, 1]
+            self.sender._give_back(self.target, self._conn)
+            self._conn = None
             return worker_pb2.KVAck.FromString(body)
         self._drop()
         raise _refused(body)
@@ -300,23 +450,25 @@ class TcpKVStream:
         """The receiver's (kind, body)."""
         loop = asyncio.get_running_loop()
         head = bytearray(_HEAD.size)
-        await asyncio.wait_for(_recv_into(loop, self._sock, memoryview(head)), timeout)
+        await asyncio.wait_for(_recv_into(loop, self._conn.sock, memoryview(head)), timeout)
         kind, length = _HEAD.unpack(head)
         if length > 1 << 20:
             raise ConnectionError(f"an answer of {length} bytes")
         body = bytearray(length)
-        await asyncio.wait_for(_recv_into(loop, self._sock, memoryview(body)), timeout)
+        await asyncio.wait_for(_recv_into(loop, self._conn.sock, memoryview(body)), timeout)
         return kind, bytes(body)
 
     async def _refusal(self) -> TransferFailed | None:
         """The receiver's refusal, if it sent one before closing (read briefly)."""
-        if self._sock is None:
+        if self._conn is None:
             return None
         try:
-            kind, body = await self._answer(0.5)
+            while True:
+                kind, body = await self._answer(0.5)
+                if kind != RELEASE:
+                    return _refused(body) if kind == ERROR else None
         except (OSError, ConnectionError, asyncio.TimeoutError):
             return None
-        return _refused(body) if kind == ERROR else None
 
     def cancel(self) -> None:
         """Abandon the push: closing the connection tells the receiver (it fails the request,
@@ -324,7 +476,6 @@ class TcpKVStream:
         self._drop()
 
     def _drop(self) -> None:
-        if self._sock is not None:
-            with contextlib.suppress(OSError):
-                self._sock.close()
-            self._sock = None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
