@@ -36,6 +36,9 @@ def served(tmp_path_factory):
                              kv={"page_size": 16, "num_pages": PAGES},
                              serving={"router": {"host": "127.0.0.1", "port": 0},
                                       "http": {"host": "127.0.0.1", "port": 0},
+                                      # KV through shared memory here (test_serving: tcp,
+                                      # test_multihost: gRPC)
+                                      "transport": "shm",
                                       "auth_token_file": str(tmp / "token"),
                                       "max_request_bytes": 64 << 10, "max_queued": 0,
                                       "drain_timeout_s": 20})

@@ -173,6 +173,11 @@ class PrefillServicer(WorkerServicer, worker_pb2_grpc.PrefillWorkerServicer):
         self.shm_sender = TcpKVSender(state.wire, timeout, shared_memory=True)  # "shm://..."
         self.limits = dataclasses.replace(state.engine.limits(), kv_capacity=None)
 
+    def close(self) -> None:
+        """Close the pooled data-plane connections (unlinking their shared memory)."""
+        self.tcp_sender.close()
+        self.shm_sender.close()
+
     async def Prefill(self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
         if not request.kv_target:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,

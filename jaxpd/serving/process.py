@@ -274,11 +274,11 @@ async def _serve_worker(role: str, replica: int, deployment: DeploymentConfig, w
     servicer = None
 
     def register(server) -> None:
+        nonlocal servicer
         if role == "prefill":
-            worker_pb2_grpc.add_PrefillWorkerServicer_to_server(
-                PrefillServicer(state, scheduler, thread), server)
+            servicer = PrefillServicer(state, scheduler, thread)
+            worker_pb2_grpc.add_PrefillWorkerServicer_to_server(servicer, server)
         else:
-            nonlocal servicer
             servicer = DecodeServicer(state, scheduler, thread)
             worker_pb2_grpc.add_DecodeWorkerServicer_to_server(servicer, server)
             server.add_generic_rpc_handlers((kv_transfer_handler(servicer),))
@@ -327,6 +327,8 @@ async def _serve_worker(role: str, replica: int, deployment: DeploymentConfig, w
     finally:
         if data_plane is not None:
             await data_plane.stop()
+        if role == "prefill" and servicer is not None:
+            servicer.close()  # pooled data-plane connections (and their shared memory)
         await server.stop(1.0)
         thread.stop()
         engine.stop_compiling()
