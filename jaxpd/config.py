@@ -255,11 +255,13 @@ class ServingSection(_Strict):
     """How `jaxpd serve` runs the deployment: the router, the KV transport, queues and timeouts."""
 
     router: RouterSection = RouterSection()
-    transport: Literal["grpc", "tcp", "shm"] = Field(
+    transport: Literal["grpc", "tcp", "shm", "auto"] = Field(
         "grpc", description="KV hand-off between worker processes: grpc (client streams); tcp "
                             "(gRPC carries the control messages, the KV bytes go over pooled "
                             "raw TCP connections into preallocated buffers); shm (prefill and "
-                            "decode workers on one host: the bytes go through shared memory)")
+                            "decode workers on one host: the bytes go through shared memory); "
+                            "auto (shm where a prefill worker reaches the decode worker on "
+                            "loopback, tcp otherwise)")
     data_host: str | None = Field(None, description="tcp: the address decode workers advertise "
                                                     "for their data plane, which listens on the "
                                                     "group's host (default: that host, or this "
@@ -314,10 +316,10 @@ class ServingSection(_Strict):
         if self.internal_tls is not None and self.internal_tls.ca_file is None:
             raise ValueError("internal_tls.ca_file: mutual TLS needs the deployment's CA "
                              "certificate")
-        if self.internal_tls is not None and self.transport == "tcp":
-            raise ValueError("transport: tcp carries KV unencrypted (TLS would add the copy it "
-                             "exists to avoid); with internal_tls use grpc, or tcp on a "
-                             "private network without internal_tls")
+        if self.internal_tls is not None and self.transport in ("tcp", "auto"):
+            raise ValueError(f"transport: {self.transport} carries KV unencrypted (TLS would add "
+                             f"the copy it exists to avoid); with internal_tls use grpc or shm, "
+                             f"or tcp on a private network without internal_tls")
         return self
     restart: RestartSection = Field(default_factory=lambda: RestartSection(),
                                     description="how `jaxpd serve` restarts a worker that died")

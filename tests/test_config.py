@@ -120,3 +120,6 @@ def test_the_tcp_data_plane_is_refused_beside_internal_tls():
         parse_config({"serving": {"transport": "tcp", "internal_tls": {
             "cert_file": "c.pem", "key_file": "k.pem", "ca_file": "ca.pem"}}})
     assert parse_config({"serving": {"transport": "tcp"}}).serving.transport == "tcp"
+    with pytest.raises(ConfigError, match="serving.transport: auto carries KV unencrypted"):
+        parse_config({"serving": {"transport": "auto", "internal_tls": {
+            "cert_file": "c.pem", "key_file": "k.pem", "ca_file": "ca.pem"}}})

@@ -403,3 +403,11 @@ def test_a_data_plane_on_every_interface_advertises_a_name_peers_can_reach():
         assert (await explicit.start()).startswith("tcp://decode-0.pods.example:")
         await explicit.stop()
     asyncio.run(run())
+
+
+def test_auto_picks_shared_memory_on_this_host_and_tcp_elsewhere():
+    from jaxpd.transfer.tcp_plane import same_host
+
+    assert same_host("auto://127.0.0.1:5000") and same_host("auto://localhost:5000")
+    assert not same_host("auto://10.1.2.3:5000")
+    assert not same_host("auto://no-such-host.invalid:5000")

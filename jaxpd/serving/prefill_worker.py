@@ -24,7 +24,8 @@ from jaxpd.serving.engine_thread import EngineThread
 from jaxpd.serving.validate import status_of
 from jaxpd.serving.worker_common import WorkerServicer, WorkerState, pool_counts
 from jaxpd.transfer.grpc_stream import GrpcKVSender
-from jaxpd.transfer.tcp_plane import SCHEME, SHM_SCHEME, TcpKVSender, TransferFailed
+from jaxpd.transfer.tcp_plane import (AUTO_SCHEME, SCHEME, SHM_SCHEME, TcpKVSender,
+                                      TransferFailed, same_host)
 from jaxpd.v1 import worker_pb2, worker_pb2_grpc
 
 
@@ -173,6 +174,15 @@ class PrefillServicer(WorkerServicer, worker_pb2_grpc.PrefillWorkerServicer):
         self.shm_sender = TcpKVSender(state.wire, timeout, shared_memory=True)  # "shm://..."
         self.limits = dataclasses.replace(state.engine.limits(), kv_capacity=None)
 
+    def _sender(self, target: str):
+        """gRPC PushKV for host:port; a data plane for tcp:// and shm://; auto:// is shm when
+        the decode worker is on this host (reached on loopback), tcp otherwise."""
+        if target.startswith(AUTO_SCHEME):
+            return self.shm_sender if same_host(target) else self.tcp_sender
+        if target.startswith(SHM_SCHEME):
+            return self.shm_sender
+        return self.tcp_sender if target.startswith(SCHEME) else self.sender
+
     def close(self) -> None:
         """Close the pooled data-plane connections (unlinking their shared memory)."""
         self.tcp_sender.close()
@@ -193,8 +203,7 @@ class PrefillServicer(WorkerServicer, worker_pb2_grpc.PrefillWorkerServicer):
                 code, message = (status_of(e) if isinstance(e, InvalidRequest)
                                  else (grpc.StatusCode.INVALID_ARGUMENT, str(e)))
                 await context.abort(code, message)
-            sender = (self.tcp_sender if request.kv_target.startswith(SCHEME) else
-                      self.shm_sender if request.kv_target.startswith(SHM_SCHEME) else self.sender)
+            sender = self._sender(request.kv_target)
             kv = sender.open(request.kv_target, req.id, request.request.request_token)
             began = time.monotonic()
             while True:

@@ -292,16 +292,15 @@ async def _serve_worker(role: str, replica: int, deployment: DeploymentConfig, w
                                 max_message_bytes=serving.kv_message_bytes + (1 << 20))
     state.address = server.address
     data_plane = None
-    if role == "decode" and serving.transport in ("tcp", "shm"):  # KV bytes outside gRPC
+    if role == "decode" and serving.transport in ("tcp", "shm", "auto"):  # KV outside gRPC
         from jaxpd.serving.decode_worker import KVIntake, TransferError
         from jaxpd.transfer import wire as wire_lib
-        from jaxpd.transfer.tcp_plane import SCHEME, SHM_SCHEME, TcpKVServer
+        from jaxpd.transfer.tcp_plane import TcpKVServer
 
         data_plane = TcpKVServer(
             group.host, lambda: KVIntake(servicer, copy=True),
             serving.kv_message_bytes + (1 << 16), (wire_lib.WireError, TransferError),
-            advertise=serving.data_host,
-            scheme=SHM_SCHEME if serving.transport == "shm" else SCHEME)
+            advertise=serving.data_host, scheme=f"{serving.transport}://")
         state.data_address = await data_plane.start()
         log.info("%s-%d: KV data plane on %s", role, replica, state.data_address)
     thread.start()

@@ -50,6 +50,7 @@ log = logging.getLogger("jaxpd.tcp_plane")
 
 SCHEME = "tcp://"
 SHM_SCHEME = "shm://"
+AUTO_SCHEME = "auto://"  # shm when the sender reaches it on loopback (same host), else tcp
 _HEAD = struct.Struct(">cQ")
 _SLOT = struct.Struct(">IQ")
 KV, ACK, ERROR = b"K", b"A", b"E"
@@ -77,7 +78,17 @@ def address(host: str, port: int, scheme: str = SCHEME) -> str:
 
 
 def is_data_plane(target: str) -> bool:
-    return target.startswith((SCHEME, SHM_SCHEME))
+    return target.startswith((SCHEME, SHM_SCHEME, AUTO_SCHEME))
+
+
+def same_host(target: str) -> bool:
+    """Whether `target`'s host is this host's loopback (where shared memory can be used)."""
+    host, _ = _split(target)
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return False
+    return bool(infos) and all(info[4][0].startswith(LOOPBACK) for info in infos)
 
 
 def _split(target: str) -> tuple[str, int]:
