@@ -543,6 +543,18 @@ def _row(times: list[float], nbytes: int, messages: int) -> dict:
             "bytes": int(nbytes), "messages": int(messages), "runs_s": [round(t, 5) for t in times]}
 
 
+def _record(result: dict, name: str, mib: int, times: list[float], messages: int, nbytes: int,
+            raw: dict) -> None:
+    """One case's row (the warm-up run dropped), its summary entry and its progress line."""
+    row = _row(times[1:], nbytes, messages)
+    row["message_mib"] = mib
+    row["ratio_to_raw"] = round(row["gb_per_s"] / raw["gb_per_s"], 3)
+    result["cases"][f"{name}_{mib}mib"] = row
+    result["summary"][name][f"{mib}mib"] = row["gb_per_s"]
+    print(f"{name} {mib} MiB: {row['gb_per_s']} GB/s ({row['seconds']} s, {messages} messages, "
+          f"{row['ratio_to_raw']}x raw)", file=sys.stderr)
+
+
 def _versions() -> dict:
     import importlib.metadata as md
 
@@ -631,13 +643,7 @@ def main(argv: list[str] | None = None) -> int:
                 ctx = wire.WireContext(FINGERPRINT, layout, mib << 20)
                 times, messages = time_tcp(rx.port, ctx, kv, rounds, args.timeout_s,
                                            shared_memory=name == "shm_kv")
-                row = _row(times[1:], kv.nbytes, messages)
-                row["message_mib"] = mib
-                row["ratio_to_raw"] = round(row["gb_per_s"] / raw["gb_per_s"], 3)
-                result["cases"][f"{name}_{mib}mib"] = row
-                result["summary"][name][f"{mib}mib"] = row["gb_per_s"]
-                print(f"{name} {mib} MiB: {row['gb_per_s']} GB/s ({row['seconds']} s, "
-                      f"{messages} messages, {row['ratio_to_raw']}x raw)", file=sys.stderr)
+                _record(result, name, mib, times, messages, kv.nbytes, raw)
 
     for name in (c for c in known if c in wanted and c.startswith("grpc_")):
         mode = name.removeprefix("grpc_")
@@ -646,13 +652,7 @@ def main(argv: list[str] | None = None) -> int:
             for mib in args.message_mib:
                 ctx = wire.WireContext(FINGERPRINT, layout, mib << 20)
                 times, messages = time_grpc(rx.port, mode, ctx, kv, rounds, args.timeout_s)
-                row = _row(times[1:], kv.nbytes, messages)
-                row["message_mib"] = mib
-                row["ratio_to_raw"] = round(row["gb_per_s"] / raw["gb_per_s"], 3)
-                result["cases"][f"{name}_{mib}mib"] = row
-                result["summary"][name][f"{mib}mib"] = row["gb_per_s"]
-                print(f"{name} {mib} MiB: {row['gb_per_s']} GB/s ({row['seconds']} s, "
-                      f"{messages} messages, {row['ratio_to_raw']}x raw)", file=sys.stderr)
+                _record(result, name, mib, times, messages, kv.nbytes, raw)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -14,9 +14,11 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+import asyncio
+from typing import AsyncIterator, Protocol
 
 import jax
+import numpy as np
 
 from jaxpd.kv.manager import KVCacheManager
 
@@ -49,3 +51,21 @@ class KVStream(Protocol):
 class KVSender(Protocol):
     def open(self, target: str, request_id: str) -> KVStream:
         """A stream for `request_id`'s KV to the worker at `target` (host:port)."""
+
+
+async def frames_built_ahead(ctx, request_id: str, array: jax.Array, offset: int, start: int,
+                             end: int, token: str = "") -> AsyncIterator[bytes]:
+    """The wire frames of tokens [start, end) of a gathered array (still on device), each built
+    off the event loop while the previous one is written: the device-to-host copy, the CRC and
+    the one payload copy overlap the sending, and only two frames are alive at a time (freed
+    memory is reused instead of faulting in fresh pages for every frame)."""
+    from jaxpd.transfer import wire
+
+    loop = asyncio.get_running_loop()
+    host = await loop.run_in_executor(None, lambda: np.asarray(jax.device_get(array)))
+    frames = wire.encode_tokens(ctx, request_id, host, offset, start, end, token)
+    pending = loop.run_in_executor(None, next, frames, None)
+    while (f := await pending) is not None:
+        pending = loop.run_in_executor(None, next, frames, None)
+        yield f
+        del f

@@ -9,14 +9,13 @@ that stops reading cannot strand the request's pages on the prefill side.
 
 from __future__ import annotations
 
-import asyncio
 
 import grpc
 import jax
-import numpy as np
 
 from jaxpd.serving.grpc_server import internal_metadata, new_channel
 from jaxpd.transfer import wire
+from jaxpd.transfer.base import frames_built_ahead
 from jaxpd.v1 import worker_pb2
 
 PUSH_KV = "/jaxpd.v1.KVTransfer/PushKV"
@@ -49,21 +48,12 @@ class GrpcKVStream:
         self.bytes = self.messages = 0
 
     async def send_tokens(self, array: jax.Array, offset: int, start: int, end: int) -> None:
-        """Tokens [start, end) of a `wire.gather_tokens` result (still on device).
-
-        Frames are built one ahead of the write, off the event loop: building frame k+1
-        overlaps sending frame k, and only two frames are alive at a time (freed memory is
-        reused instead of faulting in fresh pages for every frame)."""
-        loop = asyncio.get_running_loop()
-        host = await loop.run_in_executor(None, lambda: np.asarray(jax.device_get(array)))
-        frames = wire.encode_tokens(self.ctx, self.request_id, host, offset, start, end, self.token)
-        pending = loop.run_in_executor(None, next, frames, None)
-        while (f := await pending) is not None:
-            pending = loop.run_in_executor(None, next, frames, None)
+        """Tokens [start, end) of a `wire.gather_tokens` result (still on device)."""
+        async for f in frames_built_ahead(self.ctx, self.request_id, array, offset, start, end,
+                                          self.token):
             await self._call.write(f)
             self.bytes += len(f)
             self.messages += 1
-            del f
 
     async def finish(self, num_tokens: int, first_token: int, first_logprob: float) -> worker_pb2.KVAck:
         """Send the finish message; returns once the receiver holds all of the KV."""

@@ -41,9 +41,9 @@ from typing import Callable
 
 import grpc
 import jax
-import numpy as np
 
 from jaxpd.transfer import wire
+from jaxpd.transfer.base import frames_built_ahead
 from jaxpd.v1 import worker_pb2
 
 log = logging.getLogger("jaxpd.tcp_plane")
@@ -415,18 +415,12 @@ class TcpKVStream:
                                 _SLOT.pack(slot, len(frame)))
 
     async def send_tokens(self, array: jax.Array, offset: int, start: int, end: int) -> None:
-        """Tokens [start, end) of a gathered array (still on device), frames built one ahead
-        off the event loop, as the gRPC stream does."""
-        loop = asyncio.get_running_loop()
-        host = await loop.run_in_executor(None, lambda: np.asarray(jax.device_get(array)))
-        frames = wire.encode_tokens(self.ctx, self.request_id, host, offset, start, end, self.token)
-        pending = loop.run_in_executor(None, next, frames, None)
-        while (f := await pending) is not None:
-            pending = loop.run_in_executor(None, next, frames, None)
+        """Tokens [start, end) of a gathered array (still on device)."""
+        async for f in frames_built_ahead(self.ctx, self.request_id, array, offset, start, end,
+                                          self.token):
             await self._send(f)
             self.bytes += len(f)
             self.messages += 1
-            del f
 
     async def finish(self, num_tokens: int, first_token: int,
                      first_logprob: float) -> worker_pb2.KVAck:
