@@ -234,6 +234,7 @@ def test_chat_errors_name_what_to_fix(served):
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]})
     assert image.status_code == 400 and "only text parts" in image.json()["error"]["message"]
     assert _post(served, "/chat/completions", b"{not json").status_code == 400
+    assert _post(served, "/chat/completions", b"[" * 30000 + b"]" * 30000).status_code == 400
     assert _post(served, "/chat/completions", {"model": MODEL, "messages": []}).status_code == 400
 
 

@@ -190,6 +190,8 @@ class OpenAIServer:
             data = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the body is not JSON ({e})") from None
+        except RecursionError:
+            raise ApiError(400, "the body nests too deeply") from None
         if not isinstance(data, dict):
             raise ApiError(400, "the body must be a JSON object")
         try:
@@ -220,6 +222,9 @@ class OpenAIServer:
         return await self._whole(request, run, body, rid, chat)
 
     async def _prompts(self, body: s.ChatRequest) -> list[list[int]]:
+        if self.router.tokenizer is None:
+            raise ApiError(400, f"{self.model_name!r} has no tokenizer, so chat messages cannot "
+                                f"be tokenized: use /v1/completions with token ids", "messages")
         if self.template is None:
             raise ApiError(400, f"{self.model_name!r} has no chat template (its tokenizer_config"
                                 f".json has no chat_template and there is no "
