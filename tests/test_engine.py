@@ -229,3 +229,33 @@ def test_precompile_covers_every_shape_requests_use(llama):
     assert set(runner.programs.ready()) == ready and runner.request_path_compiles == 0
     assert [name for name in compiles if "step" in name] == []
     assert engine.prefill.manager.all_free and engine.decode.manager.all_free
+
+
+def test_a_follow_up_turn_reuses_the_previous_reply_from_the_prefix_cache():
+    """A finished request's prompt and reply enter the prefix cache, so the next turn of the
+    conversation (prompt + reply + new text) prefills only what is new, and draws the same
+    tokens as without the cache."""
+    from jaxpd.config import parse_config
+    from jaxpd.engine.builder import build_engine
+    from jaxpd.engine.request import Request
+    from jaxpd.engine.sampling import SamplingParams
+    from jaxpd.model.checkpoint import load_model
+
+    model = load_model()
+    first_prompt = tuple(range(5, 45))  # 40 tokens
+    runs = {}
+    for caching in (True, False):
+        engine = build_engine(model.config, model.params, parse_config(
+            {"kv": {"page_size": 16, "num_pages": 64},
+             "scheduler": {"prefix_caching": caching}}))
+        first = engine.run_to_completion([Request("t1", first_prompt, SamplingParams(
+            max_tokens=30, ignore_eos=True))])["t1"]
+        follow_up = first_prompt + tuple(first.token_ids) + (7, 8, 9)  # 73 tokens
+        second = engine.run_to_completion([Request("t2", follow_up, SamplingParams(
+            max_tokens=8, ignore_eos=True))])["t2"]
+        runs[caching] = (first.token_ids, second)
+    cached = runs[True][1]
+    # prompt + reply = 70 tokens, of which the 69 fed through the model hold KV: 4 full blocks
+    assert cached.prompt_tokens_cached == 64
+    assert runs[False][1].prompt_tokens_cached == 0
+    assert runs[True][0] == runs[False][0] and cached.token_ids == runs[False][1].token_ids

@@ -324,10 +324,12 @@ def test_the_sender_class_pools_connections_and_reports_refusals(worker):
         assert len(sender._idle[target]) == 1  # one connection served both
         sender.close()
     call = _reserve(stub, "forged")
-    with pytest.raises(Exception) as e:
-        worker._run(push("forged", "guess"))
-    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    call.cancel()
+    try:
+        with pytest.raises(Exception) as e:
+            worker._run(push("forged", "guess"))
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        call.cancel()
     assert _wait_pages_free(stub) == 0
 
 

@@ -324,6 +324,11 @@ class Engine:
             seq.pages = None
 
     def _finish(self, seq: Sequence, manager) -> None:
+        # A conversation's next turn repeats this one (prompt + reply): its full blocks enter
+        # the prefix cache, so that turn prefills only what is new. (Not after a sliding
+        # window dropped leading pages: those blocks are gone.)
+        if seq.pages is not None and not seq.pages.num_dropped:
+            manager.commit_full_blocks(seq.pages, seq.tokens, seq.num_computed)
         self._release(seq, manager)
         seq.status = RequestStatus.FINISHED
         self._ids.discard(seq.id)

@@ -9,6 +9,8 @@ that stops reading cannot strand the request's pages on the prefill side.
 
 from __future__ import annotations
 
+import asyncio
+
 
 import grpc
 import jax
@@ -51,14 +53,23 @@ class GrpcKVStream:
         """Tokens [start, end) of a `wire.gather_tokens` result (still on device)."""
         async for f in frames_built_ahead(self.ctx, self.request_id, array, offset, start, end,
                                           self.token):
-            await self._call.write(f)
+            await self._write(f)
             self.bytes += len(f)
             self.messages += 1
 
+    async def _write(self, frame: bytes) -> None:
+        """Write one frame. A write after the receiver refused the push fails with a generic
+        error (or finds the call done): the call's own status says why, so that is raised."""
+        try:
+            await self._call.write(frame)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            await self._call  # raises AioRpcError with the receiver's status
+            raise
+
     async def finish(self, num_tokens: int, first_token: int, first_logprob: float) -> worker_pb2.KVAck:
         """Send the finish message; returns once the receiver holds all of the KV."""
-        await self._call.write(wire.finish_frame(self.ctx, self.request_id, num_tokens,
-                                                 first_token, first_logprob, self.token))
+        await self._write(wire.finish_frame(self.ctx, self.request_id, num_tokens,
+                                            first_token, first_logprob, self.token))
         self.messages += 1
         await self._call.done_writing()
         return await self._call
