@@ -319,3 +319,29 @@ def test_with_no_prefill_worker_serving_the_decode_worker_prefills():
     (tokens, complete), decode = run(main())
     assert tokens == expected([6, 6, 6], 4) and complete.finish_reason == "length"
     assert decode.local_prefill == [True]
+
+
+def test_a_conversations_next_turn_goes_where_its_last_turn_ended():
+    """A colocated worker keeps a finished turn's blocks in its prefix cache: the follow-up
+    (prompt + reply + new text) goes back to it while it has room, even when another worker
+    looks freer; an unrelated prompt still goes to the freest."""
+    async def main():
+        fakes = [FakeDecode(), FakeDecode()]
+        router = make_router(fakes)
+        await router.pool.connect(5)
+        placed = []
+        for i in range(4):
+            prompt = [(7 * i + k) % 90 + 3 for k in range(40)]
+            reply, _ = await generate(router, prompt, max_tokens=24)
+            first = next(j for j, f in enumerate(fakes) if f.reserved and
+                         list(f.reserved[-1].prompt_ids) == prompt)
+            follow_up = prompt + reply + [5, 6, 7]
+            await generate(router, follow_up, max_tokens=4)
+            second = next(j for j, f in enumerate(fakes) if f.reserved and
+                          list(f.reserved[-1].prompt_ids) == follow_up)
+            placed.append((first, second))
+        await router.close()
+        return placed
+    placed = run(main())
+    assert all(first == second for first, second in placed), placed
+    assert {first for first, _ in placed} == {0, 1}  # the first turns still spread

@@ -47,7 +47,7 @@ from jaxpd.serving.convert import engine_request_to_pb
 from jaxpd.serving.grpc_server import internal_metadata
 from jaxpd.serving.metrics import RouterMetrics
 from jaxpd.serving.validate import ValidRequest, check_generate, status_of
-from jaxpd.serving.worker_pool import WorkerHandle, WorkerPool
+from jaxpd.serving.worker_pool import WorkerHandle, WorkerPool, prefix_hashes
 from jaxpd.tokenizer import Tokenizer
 from jaxpd.v1 import generation_pb2, generation_pb2_grpc, worker_pb2
 
@@ -310,6 +310,10 @@ class Router(generation_pb2_grpc.GenerationServicer):
                     (held if waiting else ready).append(ev.tokens)
                 for tokens in ready:
                     for out in self._emit(rid, tokens, progress, stream, valid):
+                        if out.HasField("complete"):  # the conversation's blocks stay there
+                            decode_worker.remember_blocks(prefix_hashes(
+                                valid.prompt_ids + tuple(progress.generated),
+                                self.deployment.kv.page_size))
                         yield out
                         if out.HasField("complete"):
                             return
@@ -388,7 +392,10 @@ class Router(generation_pb2_grpc.GenerationServicer):
     async def _try_reserve(self, request: worker_pb2.DecodeRequest, pages: int, needed: int,
                            exclude: set[WorkerHandle]):
         """Ask each serving decode worker in turn (the emptiest first) to reserve pages."""
-        order = self.pool.decode_order(needed if not request.local_prefill else pages, exclude)
+        prefix = (prefix_hashes(request.request.prompt_ids, self.deployment.kv.page_size)
+                  if request.local_prefill else None)  # it prefills here: its cache counts
+        order = self.pool.decode_order(needed if not request.local_prefill else pages, exclude,
+                                       prefix)
         if not order and not any(w.serving for w in self.pool.decode):
             states = ", ".join(f"{w.name} is {w.state}" for w in self.pool.decode)
             raise _NoneServing(grpc.StatusCode.UNAVAILABLE, f"no decode worker is serving "

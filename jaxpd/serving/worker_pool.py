@@ -27,7 +27,15 @@ from jaxpd.v1 import generation_pb2, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-PREFIX_BLOCKS_TRACKED = 8192  # first-block hashes remembered per prefill worker
+PREFIX_BLOCKS_TRACKED = 8192  # first-block hashes remembered per worker
+PREFIX_BLOCKS_HASHED = 64  # a prompt's leading blocks compared (chained: they name the prefix)
+
+
+def prefix_hashes(tokens, page_size: int) -> list[bytes]:
+    """Chained hashes of the leading full blocks of `tokens` whose KV a worker would keep
+    (its last token is always recomputed)."""
+    return block_hashes(tokens[:min(len(tokens) - 1, PREFIX_BLOCKS_HASHED * page_size)],
+                        page_size)
 SERVING, STARTING, DOWN = "serving", "starting", "down"
 
 
@@ -71,6 +79,21 @@ class WorkerHandle:
         """Requests as last reported plus those sent since."""
         load = self.load
         return (load.running + load.waiting if load is not None else 0) + len(self.sent)
+
+    def cached_blocks(self, hashes: list[bytes]) -> int:
+        """How many of a prompt's leading blocks this worker likely holds in its prefix cache
+        (it was sent or finished them recently)."""
+        n = 0
+        while n < len(hashes) and hashes[n] in self.recent_blocks:
+            n += 1
+        return n
+
+    def remember_blocks(self, hashes: list[bytes]) -> None:
+        for h in hashes:
+            self.recent_blocks[h] = None
+            self.recent_blocks.move_to_end(h)
+        while len(self.recent_blocks) > PREFIX_BLOCKS_TRACKED:
+            self.recent_blocks.popitem(last=False)
 
     def record_sent(self, pages: int) -> _Sent:
         entry = _Sent(time.monotonic(), pages)
@@ -232,12 +255,23 @@ class WorkerPool:
         groups = [g for g in (self.prefill, self.decode) if g]
         return all(any(w.serving for w in g) for g in groups)
 
-    def decode_order(self, pages: int, exclude: set[WorkerHandle] = frozenset()) -> list[WorkerHandle]:
+    def decode_order(self, pages: int, exclude: set[WorkerHandle] = frozenset(),
+                     prefix: list[bytes] | None = None) -> list[WorkerHandle]:
         """Serving decode workers whose pool could ever hold `pages`, the most free first
-        (counting this router's reservations since their last report), then the least busy."""
+        (counting this router's reservations since their last report), then the least busy.
+        With `prefix` (block hashes of a prompt the worker will prefill itself), a worker that
+        has room now and likely holds those blocks (an earlier turn of the conversation ended
+        there) comes first."""
         fitting = [w for w in self.decode if w.serving and w not in exclude
                    and (w.info is None or w.info.kv_pages >= pages)]
-        return sorted(fitting, key=lambda w: (-w.free_pages(), w.busy(), w.replica))
+        order = sorted(fitting, key=lambda w: (-w.free_pages(), w.busy(), w.replica))
+        if prefix:
+            held = {w: w.cached_blocks(prefix) for w in order if w.free_pages() >= pages}
+            best = max(held, key=held.get, default=None)
+            if best is not None and held[best] > 0:
+                order.remove(best)
+                order.insert(0, best)
+        return order
 
     def largest_decode_pool(self) -> int:
         return max((w.info.kv_pages for w in self.decode if w.info is not None), default=0)
@@ -249,20 +283,9 @@ class WorkerPool:
         live = [w for w in self.prefill if w.serving and w not in exclude]
         if not live:
             return None
-        hashes = block_hashes(prompt[:min(len(prompt) - 1, 64 * page_size)], page_size)
-
-        def cached_blocks(w: WorkerHandle) -> int:
-            n = 0
-            while n < len(hashes) and hashes[n] in w.recent_blocks:
-                n += 1
-            return n
-
+        hashes = prefix_hashes(prompt, page_size)
         least = min(w.in_flight for w in live)
         near = [w for w in live if w.in_flight <= least + 2]
-        chosen = max(near, key=lambda w: (cached_blocks(w), -w.in_flight, -w.replica))
-        for h in hashes:
-            chosen.recent_blocks[h] = None
-            chosen.recent_blocks.move_to_end(h)
-        while len(chosen.recent_blocks) > PREFIX_BLOCKS_TRACKED:
-            chosen.recent_blocks.popitem(last=False)
+        chosen = max(near, key=lambda w: (w.cached_blocks(hashes), -w.in_flight, -w.replica))
+        chosen.remember_blocks(hashes)
         return chosen
