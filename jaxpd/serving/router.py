@@ -351,13 +351,16 @@ class Router(generation_pb2_grpc.GenerationServicer):
         needed = -(-(prompt_len + engine_request.sampling.max_tokens) // page_size)
         request = worker_pb2.DecodeRequest(request=engine_request, local_prefill=local)
         ticket = none_serving = None
+        prefix = (prefix_hashes(engine_request.prompt_ids, page_size)  # hashed once per request
+                  if local else None)  # it prefills where it lands: that worker's cache counts
         try:
             while True:
                 if ticket is None or self.queue[0] is ticket:
                     try:
-                        found = await self._try_reserve(request, pages, needed, avoid)
+                        found = await self._try_reserve(request, pages, needed, avoid, prefix)
                         if found is None and avoid:  # only workers that failed it have room
-                            found = await self._try_reserve(request, pages, needed, set())
+                            found = await self._try_reserve(request, pages, needed, set(),
+                                                            prefix)
                     except _NoneServing as e:
                         if not wait_for_workers or time.monotonic() >= deadline:
                             raise
@@ -390,10 +393,9 @@ class Router(generation_pb2_grpc.GenerationServicer):
                 self.pool.notify()  # the next in line may try
 
     async def _try_reserve(self, request: worker_pb2.DecodeRequest, pages: int, needed: int,
-                           exclude: set[WorkerHandle]):
-        """Ask each serving decode worker in turn (the emptiest first) to reserve pages."""
-        prefix = (prefix_hashes(request.request.prompt_ids, self.deployment.kv.page_size)
-                  if request.local_prefill else None)  # it prefills here: its cache counts
+                           exclude: set[WorkerHandle], prefix: list[bytes] | None = None):
+        """Ask each serving decode worker in turn (the emptiest first; with `prefix`, the one
+        likely holding those blocks first) to reserve pages."""
         order = self.pool.decode_order(needed if not request.local_prefill else pages, exclude,
                                        prefix)
         if not order and not any(w.serving for w in self.pool.decode):

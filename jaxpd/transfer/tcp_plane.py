@@ -77,10 +77,6 @@ def address(host: str, port: int, scheme: str = SCHEME) -> str:
     return f"{scheme}{host}:{port}"
 
 
-def is_data_plane(target: str) -> bool:
-    return target.startswith((SCHEME, SHM_SCHEME, AUTO_SCHEME))
-
-
 def same_host(target: str) -> bool:
     """Whether `target`'s host is this host's loopback (where shared memory can be used)."""
     host, _ = _split(target)
