@@ -266,6 +266,12 @@ class ServingSection(_Strict):
                                                     "for their data plane, which listens on the "
                                                     "group's host (default: that host, or this "
                                                     "machine's name when it is 0.0.0.0)")
+    local_prefill_max_tokens: int = Field(
+        0, ge=0, description="conditional disaggregation: a decode worker prefills a request "
+                             "itself when the part of its prompt not in that worker's prefix "
+                             "cache (a conversation's new turn) is at most this many tokens; "
+                             "longer ones go to a prefill worker, which sends only the KV the "
+                             "decode worker lacks. 0: always disaggregate")
     max_waiting: int = Field(256, ge=1, description="requests queued per worker before new ones "
                                                     "get RESOURCE_EXHAUSTED")
     kv_message_bytes: int = Field(4 << 20, ge=64 << 10, le=256 << 20,

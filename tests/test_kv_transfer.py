@@ -413,3 +413,47 @@ def test_auto_picks_shared_memory_on_this_host_and_tcp_elsewhere():
     assert same_host("auto://127.0.0.1:5000") and same_host("auto://localhost:5000")
     assert not same_host("auto://10.1.2.3:5000")
     assert not same_host("auto://no-such-host.invalid:5000")
+
+
+def test_blocks_the_decode_worker_holds_are_neither_sent_nor_overwritten(worker):
+    """A prompt whose leading blocks are in the decode worker's prefix cache (a finished
+    request left them there): the reservation says how many tokens it holds, a push of only
+    the rest completes the KV, and a push from token 0 (a sender that ignores it) leaves the
+    shared cached blocks untouched. The written KV is checked byte for byte."""
+    stub, _ = _stubs(worker.address)
+    first = tuple(range(40, 50))  # its first 8 tokens: two full pages of 4
+    kv_first = _kv_of(worker.layout, len(first), seed=6)
+
+    def reserve(rid, prompt):
+        req = engine_request_to_pb(Request(rid, prompt, SamplingParams(max_tokens=2,
+                                                                       ignore_eos=True)),
+                                   0, token=f"token-{rid}")
+        call = stub.Decode(worker_pb2.DecodeRequest(request=req), timeout=30)
+        return call, next(call).reserved
+
+    def frames(rid, prompt, kv, start):
+        token = f"token-{rid}"
+        return [*wire.encode_tokens(worker.ctx, rid, kv, start, start, len(prompt), token),
+                wire.finish_frame(worker.ctx, rid, len(prompt), 7, -0.5, token)]
+
+    call, reserved = reserve("holder", first)
+    assert reserved.cached_tokens == 0
+    worker.push(frames("holder", first, kv_first, 0))
+    list(call)
+    for rid, start, new in (("suffix-only", 8, 60), ("from-zero", 0, 70)):
+        again = first[:8] + tuple(range(new, new + 8))  # 16 tokens sharing those two pages
+        kv = _kv_of(worker.layout, len(again), seed=7)
+        call, reserved = reserve(rid, again)
+        assert reserved.cached_tokens == 8
+        worker.push(frames(rid, again, kv, start))
+        assert len([t for ev in call for t in ev.tokens.token_ids]) == 1
+        digest = worker_pb2_grpc.DecodeWorkerStub(grpc.insecure_channel(worker.address)) \
+            .GetKVDigests(worker_pb2.KVDigestsRequest(request_ids=[rid])).digests[rid]
+        want = np.concatenate([kv_first[:, :, :, :8], kv[:, :, :, 8:]], axis=3)
+        assert digest.crc32c == wire.crc32c(np.ascontiguousarray(want).tobytes()), rid
+    assert _wait_pages_free(stub) == 0
+
+
+def _kv_of(layout, tokens: int, seed: int) -> np.ndarray:
+    shape = (layout.num_layers, 2, layout.model_kv_heads, tokens, layout.head_dim)
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)

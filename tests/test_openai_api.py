@@ -39,6 +39,9 @@ def served(tmp_path_factory):
                                       # KV through shared memory here (test_serving: tcp,
                                       # test_multihost: gRPC)
                                       "transport": "shm",
+                                      # a conversation's short new turn: prefilled where the
+                                      # earlier turns' KV is (the decode worker)
+                                      "local_prefill_max_tokens": 96,
                                       "auth_token_file": str(tmp / "token"),
                                       "max_request_bytes": 64 << 10, "max_queued": 0,
                                       "drain_timeout_s": 20})
@@ -154,6 +157,45 @@ def test_streamed_chat_with_usage_and_logprobs(client):
     assert len(logprobs) == 10 and all(lp <= 0 for lp in logprobs)
     assert [lp.logprob for lp in whole.choices[0].logprobs.content] == pytest.approx(logprobs)
     assert chunks[-1].usage.completion_tokens == 10
+
+
+def _common_prefix(a, b) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def test_a_chat_turn_prefills_only_what_is_new(client):
+    """Turn 2 (short new text) is prefilled on the decode worker that holds turn 1's prompt
+    and reply: only its new tokens are computed (usage.prompt_tokens_details.cached_tokens).
+    Turn 3 (long new text) goes to the prefill worker, which ships only the KV the decode
+    worker lacks; its tokens equal the in-process engine's on the whole prompt."""
+    extra = {"return_token_ids": True}
+    messages = [{"role": "user", "content": "Write about the ball at Netherfield and who "
+                                            "danced with whom that evening."}]
+    one = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20,
+                                         temperature=0, extra_body=extra)
+    held = one.choices[0].model_extra["prompt_token_ids"] + one.choices[0].model_extra["token_ids"]
+    messages += [{"role": "assistant", "content": one.choices[0].message.content},
+                 {"role": "user", "content": "And then?"}]
+    two = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6,
+                                         temperature=0, extra_body=extra)
+    ids = two.choices[0].model_extra["prompt_token_ids"]
+    reused = _common_prefix(held[:-1], ids[:-1]) // 16 * 16  # whole pages the worker kept
+    assert reused >= len(held) - 16 - 2  # the template re-renders the reply the same way
+    assert two.usage.prompt_tokens_details.cached_tokens == reused
+    assert two.usage.prompt_tokens - reused < 16 + 80  # the new turn and a partial page
+    messages += [{"role": "assistant", "content": two.choices[0].message.content},
+                 {"role": "user", "content": " ".join(["Tell me more about Mr. Bingley, his "
+                                                       "sisters, and Mr. Darcy's pride."] * 4)}]
+    three = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6,
+                                           temperature=0, extra_body=extra)
+    ids = three.choices[0].model_extra["prompt_token_ids"]
+    # the prefill worker kept turn 1's prompt (it prefilled it) and computes the rest
+    first_prompt = len(one.choices[0].model_extra["prompt_token_ids"])
+    assert three.usage.prompt_tokens_details.cached_tokens == (first_prompt - 1) // 16 * 16
+    assert three.choices[0].model_extra["token_ids"] == _engine_tokens(ids, 6)
 
 
 def test_stop_seed_and_n(client):

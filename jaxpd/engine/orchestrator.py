@@ -84,12 +84,15 @@ class Engine:
     # -- requests prefilled elsewhere (a decode worker fed over a KV transport) ----------------
     def reserve_remote(self, request: Request, seed: int) -> Sequence | None:
         """Decode-side pages for a request whose prompt KV another engine computes; None when
-        they do not fit now. The caller writes the KV into `seq.pages`, then `start_remote`."""
+        they do not fit now. Blocks of the prompt in this pool's prefix cache are reused
+        (`seq.pages.num_cached` tokens: their KV need not come). The caller writes the rest
+        of the KV into `seq.pages`, then `start_remote`."""
         self._validate(request)
-        pages = self.decode.manager.allocate(len(request.prompt_ids) + 1)
+        pages = self.decode.manager.allocate_received(request.prompt_ids)
         if pages is None:
             return None
         seq = Sequence(request, seed, pages=pages, status=RequestStatus.WAITING_FOR_REMOTE_KV)
+        seq.prompt_tokens_cached = pages.num_cached
         self._ids.add(request.id)
         self.receiving[request.id] = seq
         return seq

@@ -45,9 +45,19 @@ class KVCacheManager:
 
         At least the last prompt token is always recomputed: its logits give the first token.
         """
-        hashes = block_hashes(prompt[:-1], self.page_size, salt=self.salt)
+        return self._allocate_after_cached(prompt[:-1], len(prompt), keep_free)
+
+    def allocate_received(self, prompt: Sequence[int]) -> SeqPages | None:
+        """Pages for a prompt whose KV another worker computes, and its first token: cached
+        blocks first (all of the prompt may be cached, since the sender computes the first
+        token), so only the rest has to be sent. None if it won't fit."""
+        return self._allocate_after_cached(prompt, len(prompt) + 1, 0)
+
+    def _allocate_after_cached(self, lookup: Sequence[int], num_tokens: int,
+                               keep_free: int) -> SeqPages | None:
+        hashes = block_hashes(lookup, self.page_size, salt=self.salt)
         cached = self.allocator.lookup(hashes)
-        need = self.layout.pages_for(len(prompt)) - len(cached)
+        need = self.layout.pages_for(num_tokens) - len(cached)
         if self.allocator.num_free - max(need, 0) < keep_free:
             self.allocator.free(cached)
             return None

@@ -83,16 +83,19 @@ class DecodeScheduler:
             request, sampling=dataclasses.replace(request.sampling, seed=seed)))
         self.subs[request.id] = _Sub(emit, time.monotonic())
 
-    def reserve(self, request: Request, seed: int, emit, token: str) -> int | None:
-        """Pages reserved for the prompt's KV, or None when the pool cannot hold it now. The
-        reservation expires after `kv_timeout_s` unless all of the KV arrived (`tick`)."""
+    def reserve(self, request: Request, seed: int, emit, token: str) -> tuple[int, int] | None:
+        """(pages reserved for the prompt's KV, leading prompt tokens already held in the
+        prefix cache), or None when the pool cannot hold it now. The reservation expires after
+        `kv_timeout_s` unless all of the KV arrived (`tick`)."""
         seq = self.engine.reserve_remote(request, seed)
         if seq is None:
             return None
+        cached = seq.pages.num_cached
         coverage = np.zeros((self.ctx.layout.num_layers, len(request.prompt_ids)), bool)
+        coverage[:, :cached] = True  # those pages are shared cache blocks: never written
         self.subs[request.id] = _Sub(emit, time.monotonic(), local=False, coverage=coverage,
                                      token=token)
-        return len(seq.pages.pages)
+        return len(seq.pages.pages), cached
 
     def authorize(self, request_id: str, token: str) -> None:
         """Before a PushKV writes anything: the request must hold a reservation here and the
@@ -127,6 +130,9 @@ class DecodeScheduler:
         if h.token_end > seq.prompt_len:
             raise TransferError(grpc.StatusCode.INVALID_ARGUMENT, f"request {h.request_id!r}: KV for "
                                 f"tokens up to {h.token_end} but the prompt has {seq.prompt_len}")
+        piece = wire.trim_tokens(piece, seq.pages.num_cached)  # cached blocks stay as they are
+        if piece is None:
+            return
         self.runner.write_kv(seq.pages.pages, piece)
         self.subs[h.request_id].coverage[h.layer_start:h.layer_end, h.token_start:h.token_end] = True
 
@@ -218,19 +224,21 @@ class DecodeServicer(WorkerServicer, worker_pb2_grpc.DecodeWorkerServicer):
             try:
                 if request.local_prefill:
                     await self.thread.call(lambda: self.scheduler.add_local(req, seed, emit))
-                    pages = 0
+                    reserved = (0, 0)
                 else:
-                    pages = await self.thread.call(
+                    reserved = await self.thread.call(
                         lambda: self.scheduler.reserve(req, seed, emit, token))
             except InvalidRequest as e:
                 finished = True
                 await context.abort(*status_of(e))
-            if pages is None:
+            if reserved is None:
                 finished = True
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.state.name} has "
                                     f"no free KV pages for {len(req.prompt_ids) + 1} tokens right now")
+            pages, cached = reserved
             yield worker_pb2.DecodeEvent(reserved=worker_pb2.Reserved(
-                pages=pages, data_address=self.state.data_address if pages else ""))
+                pages=pages, data_address=self.state.data_address if pages else "",
+                cached_tokens=cached))
             while True:
                 ev = await events.get()
                 if isinstance(ev, Failed):

@@ -64,7 +64,8 @@ class _Job:
     emit: Callable[[object], None]  # called on the engine thread; hops to the handler's loop
     arrived: float
     started: float | None = None
-    sent_upto: int = 0  # prompt tokens whose KV was handed to the sender
+    sent_upto: int = 0  # prompt tokens whose KV was handed to the sender (or not needed)
+    done: bool = False  # KVComplete emitted
 
 
 class PrefillScheduler:
@@ -87,11 +88,13 @@ class PrefillScheduler:
     def has_work(self) -> bool:
         return self.engine.has_work()
 
-    def add(self, request: Request, seed: int, emit: Callable[[object], None]) -> None:
-        """Raises InvalidRequest (DuplicateRequest for an id in flight) or CapacityError."""
+    def add(self, request: Request, seed: int, emit: Callable[[object], None],
+            skip_tokens: int = 0) -> None:
+        """Raises InvalidRequest (DuplicateRequest for an id in flight) or CapacityError.
+        `skip_tokens`: the decode worker holds the prompt's KV before that token already."""
         self.engine.add_request(dataclasses.replace(
             request, sampling=dataclasses.replace(request.sampling, seed=seed)))
-        self.jobs[request.id] = _Job(emit, time.monotonic())
+        self.jobs[request.id] = _Job(emit, time.monotonic(), sent_upto=skip_tokens)
 
     def step(self) -> None:
         now = time.monotonic()
@@ -111,16 +114,18 @@ class PrefillScheduler:
                                    started - job.arrived, time.monotonic() - started))
         for seq in [*engine.prefilling, *engine.sending.values()]:
             job = self.jobs.get(seq.id)
-            if job is None or job.sent_upto >= seq.num_computed:
+            if job is None or job.done:
                 continue
             done = seq.id in engine.sending  # prefilled this step: its last chunk is unsent
             if done:  # the first token goes out before the last chunk's KV
                 self._prefilled(seq, job)
-            array, offset = self.runner.gather_kv(seq.pages.pages, job.sent_upto,
-                                                  seq.num_computed)
-            job.emit(KVReady(array, offset, job.sent_upto, seq.num_computed))
-            job.sent_upto = seq.num_computed
+            if job.sent_upto < seq.num_computed:
+                array, offset = self.runner.gather_kv(seq.pages.pages, job.sent_upto,
+                                                      seq.num_computed)
+                job.emit(KVReady(array, offset, job.sent_upto, seq.num_computed))
+                job.sent_upto = seq.num_computed
             if done:
+                job.done = True
                 job.emit(KVComplete())
 
     def _prefilled(self, seq: Sequence, job: _Job) -> None:
@@ -196,8 +201,12 @@ class PrefillServicer(WorkerServicer, worker_pb2_grpc.PrefillWorkerServicer):
         req, seed, events, emit = await self._accept(request.request, context)
         released, first, kv = False, None, None
         try:  # from here on, every way out releases what the engine thread holds for it
+            skip = request.kv_skip_tokens
             try:
-                await self.thread.call(lambda: self.scheduler.add(req, seed, emit))
+                if skip > len(req.prompt_ids):
+                    raise InvalidRequest("kv_skip_tokens", f"{skip} is more than the prompt's "
+                                         f"{len(req.prompt_ids)} tokens")
+                await self.thread.call(lambda: self.scheduler.add(req, seed, emit, skip))
             except JaxpdError as e:
                 released = True
                 code, message = (status_of(e) if isinstance(e, InvalidRequest)

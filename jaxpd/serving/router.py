@@ -263,6 +263,7 @@ class Router(generation_pb2_grpc.GenerationServicer):
             if decode_worker is None:  # aborted while queued
                 yield self._complete(rid, "abort", progress)
                 return
+            local = decode_call.local  # conditional disaggregation may have chosen it
             workers["decode"] = decode_worker
             pump("decode", decode_worker, decode_call)
             if not local:
@@ -277,7 +278,8 @@ class Router(generation_pb2_grpc.GenerationServicer):
                 pump("prefill", prefill_worker, prefill_worker.stub.Prefill(worker_pb2.PrefillRequest(
                     request=engine_request,
                     kv_target=decode_call.data_address or decode_worker.address,
-                    kv_target_name=decode_worker.name), metadata=internal_metadata()))
+                    kv_target_name=decode_worker.name, kv_skip_tokens=decode_call.cached_tokens),
+                    metadata=internal_metadata()))
             held: list[worker_pb2.Tokens] = []  # decode tokens that overtook the first token
             first_seen = False
             while True:
@@ -351,8 +353,9 @@ class Router(generation_pb2_grpc.GenerationServicer):
         needed = -(-(prompt_len + engine_request.sampling.max_tokens) // page_size)
         request = worker_pb2.DecodeRequest(request=engine_request, local_prefill=local)
         ticket = none_serving = None
-        prefix = (prefix_hashes(engine_request.prompt_ids, page_size)  # hashed once per request
-                  if local else None)  # it prefills where it lands: that worker's cache counts
+        # hashed once per request: the worker that likely holds the prompt's leading blocks
+        # (an earlier turn of the conversation ended there) reuses them, whoever prefills
+        prefix = prefix_hashes(engine_request.prompt_ids, page_size)
         try:
             while True:
                 if ticket is None or self.queue[0] is ticket:
@@ -407,8 +410,9 @@ class Router(generation_pb2_grpc.GenerationServicer):
                                 f"request needs {needed} pages of KV but the largest decode pool "
                                 f"holds {self.pool.largest_decode_pool()}")
         for worker in order:
+            placed = self._local_if_short(request, worker, prefix)
             sent = worker.record_sent(pages)
-            call = worker.stub.Decode(request, metadata=internal_metadata())
+            call = worker.stub.Decode(placed, metadata=internal_metadata())
             try:  # a frozen worker must not hold the request: wait at most the liveness deadline
                 first = await asyncio.wait_for(call.read(), self.pool.liveness_timeout_s)
             except TimeoutError:
@@ -428,8 +432,26 @@ class Router(generation_pb2_grpc.GenerationServicer):
                 worker.forget_sent(sent)
                 call.cancel()
                 continue
-            return worker, _Rest(call, first.reserved.data_address)
+            return worker, _Rest(call, first.reserved, placed.local_prefill)
         return None
+
+    def _local_if_short(self, request: worker_pb2.DecodeRequest, worker: WorkerHandle,
+                        prefix: list[bytes] | None) -> worker_pb2.DecodeRequest:
+        """Conditional disaggregation: `request` as a local prefill on `worker` when that
+        worker likely holds the prompt's leading blocks (an earlier turn of the conversation
+        ended there) and the rest is at most serving.local_prefill_max_tokens: a short new
+        turn costs less there than a hand-off. Else unchanged (a prompt nobody holds goes to
+        a prefill worker, however short)."""
+        limit = self.serving.local_prefill_max_tokens
+        if request.local_prefill or limit <= 0:
+            return request
+        held = worker.cached_blocks(prefix or []) * self.deployment.kv.page_size
+        if not held or len(request.request.prompt_ids) - held > limit:
+            return request
+        local = worker_pb2.DecodeRequest()
+        local.CopyFrom(request)
+        local.local_prefill = True
+        return local
 
     @staticmethod
     def _first_token(ft: worker_pb2.FirstToken, progress: _Progress,
@@ -572,9 +594,11 @@ class Router(generation_pb2_grpc.GenerationServicer):
 class _Rest:
     """A Decode call whose first message (Reserved) was already read: iterate the rest."""
 
-    def __init__(self, call, data_address: str = ""):
+    def __init__(self, call, reserved: worker_pb2.Reserved, local: bool):
         self._call = call
-        self.data_address = data_address  # where the KV goes when not over gRPC (tcp://...)
+        self.data_address = reserved.data_address  # where KV goes when not over gRPC (tcp://)
+        self.cached_tokens = reserved.cached_tokens  # prompt KV the worker holds already
+        self.local = local  # the worker prefills the prompt itself
 
     def cancel(self) -> bool:
         return self._call.cancel()

@@ -28,7 +28,7 @@ from jaxpd.v1 import generation_pb2, worker_pb2, worker_pb2_grpc
 log = logging.getLogger(__name__)
 
 PREFIX_BLOCKS_TRACKED = 8192  # first-block hashes remembered per worker
-PREFIX_BLOCKS_HASHED = 64  # a prompt's leading blocks compared (chained: they name the prefix)
+PREFIX_BLOCKS_HASHED = 512  # a prompt's leading blocks compared (chained: they name the prefix)
 
 
 def prefix_hashes(tokens, page_size: int) -> list[bytes]:

@@ -199,6 +199,21 @@ class KVPiece:
     array: np.ndarray | None  # [layers, 2, heads, tokens, head_dim]; None on a finish-only frame
 
 
+def trim_tokens(piece: KVPiece, first: int) -> KVPiece | None:
+    """`piece` without its tokens before `first` (a receiver's prefix-cached blocks, which
+    other requests share and no transfer may overwrite); None when nothing is left."""
+    h = piece.header
+    if piece.array is None or h.token_start >= first:
+        return piece
+    if h.token_end <= first:
+        return None
+    header = worker_pb2.KVHeader()
+    header.CopyFrom(h)
+    header.token_start = first
+    header.shape[3] = h.token_end - first
+    return KVPiece(header, piece.array[:, :, :, first - h.token_start:])
+
+
 def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
     shift = value = 0
     while True:

@@ -24,14 +24,16 @@ class EngineRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_generation_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., sample_offset: _Optional[int] = ..., request_token: _Optional[str] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request", "kv_target", "kv_target_name")
+    __slots__ = ("request", "kv_target", "kv_target_name", "kv_skip_tokens")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     KV_TARGET_FIELD_NUMBER: _ClassVar[int]
     KV_TARGET_NAME_FIELD_NUMBER: _ClassVar[int]
+    KV_SKIP_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request: EngineRequest
     kv_target: str
     kv_target_name: str
-    def __init__(self, request: _Optional[_Union[EngineRequest, _Mapping]] = ..., kv_target: _Optional[str] = ..., kv_target_name: _Optional[str] = ...) -> None: ...
+    kv_skip_tokens: int
+    def __init__(self, request: _Optional[_Union[EngineRequest, _Mapping]] = ..., kv_target: _Optional[str] = ..., kv_target_name: _Optional[str] = ..., kv_skip_tokens: _Optional[int] = ...) -> None: ...
 
 class FirstToken(_message.Message):
     __slots__ = ("token_id", "logprob", "finish_reason", "cached_tokens", "queue_s", "prefill_s")
@@ -74,12 +76,14 @@ class DecodeRequest(_message.Message):
     def __init__(self, request: _Optional[_Union[EngineRequest, _Mapping]] = ..., local_prefill: _Optional[bool] = ...) -> None: ...
 
 class Reserved(_message.Message):
-    __slots__ = ("pages", "data_address")
+    __slots__ = ("pages", "data_address", "cached_tokens")
     PAGES_FIELD_NUMBER: _ClassVar[int]
     DATA_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     pages: int
     data_address: str
-    def __init__(self, pages: _Optional[int] = ..., data_address: _Optional[str] = ...) -> None: ...
+    cached_tokens: int
+    def __init__(self, pages: _Optional[int] = ..., data_address: _Optional[str] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class Prefilled(_message.Message):
     __slots__ = ("cached_tokens", "queue_s", "prefill_s")
