@@ -141,6 +141,19 @@ class MeshSection(_Strict):
 class KVSection(_Strict):
     page_size: int = Field(16, ge=1, description="tokens per KV page (power of two)")
     num_pages: int = Field(2048, ge=2, description="pages per pool (one pool per mesh)")
+    dtype: str = Field("auto", description="what the pool stores: auto (the model's dtype), "
+                                           "float32, bfloat16, float16, or float8_e4m3fn (fp8: "
+                                           "half of bfloat16's bytes per token, unscaled)")
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, v: str) -> str:
+        from jaxpd.kv.dtypes import KV_DTYPE_ALIASES, KV_DTYPES
+
+        name = KV_DTYPE_ALIASES.get(v, v)
+        if name != "auto" and name not in KV_DTYPES:
+            raise ValueError(f"{v!r} is not one of auto, {', '.join(KV_DTYPES)} (or fp8)")
+        return name
 
     _pow2 = field_validator("page_size")(classmethod(lambda cls, v: _power_of_two(v)))
 

@@ -104,6 +104,16 @@ class _PageBlockCopy:
             c.wait()
 
 
+def _to_storage(x: jax.Array, dtype) -> jax.Array:
+    """New K/V as the pool stores them; an 8-bit float pool clips to its range first (e4m3fn
+    has no infinity, so an overflowing cast would store NaN). Reads widen to float32."""
+    dtype = jnp.dtype(dtype)
+    if dtype.itemsize == 1 and jnp.issubdtype(dtype, jnp.floating):
+        top = float(jnp.finfo(dtype).max)
+        x = jnp.clip(x.astype(jnp.float32), -top, top)
+    return x.astype(dtype)
+
+
 def _attend(layer_ref, page_table_ref, kv_lens_ref, q_lo_ref,  # scalar prefetch (SMEM)
             q_ref, qpos_ref, k_hbm, v_hbm,  # q blocks in VMEM; the stacked pool stays in HBM
             o_ref,
@@ -192,7 +202,7 @@ def _write_then_attend(layer_ref, page_table_ref, kv_lens_ref, q_lo_ref, positio
             page = page_table_ref[b * pages + pos // page_size]
             slot = pos % page_size
             for new, pool in ((k_new_ref, k_hbm), (v_new_ref, v_hbm)):
-                copy = pltpu.make_async_copy(new.at[pl.ds(t, 1)],
+                copy = pltpu.make_async_copy(new.at[0, 0, pl.ds(t, 1)],
                                              pool.at[layer_ref[0], h, page, pl.ds(slot, 1)],
                                              w_sem.at[0])
                 copy.start()
@@ -280,7 +290,7 @@ def paged_attention_write_kv(q: jax.Array,  # [batch, q_len, heads, head_dim]
     per_block = max(1, min(block_sizes.pages_per_block, pages))
     tg = q_len * group
     qk, qpos, q_lo = _query_blocks(q, q_positions, kv_heads)
-    to_heads = lambda x: x.transpose(0, 2, 1, 3).astype(k_pages.dtype)  # noqa: E731 [b, kv, t, d]
+    to_heads = lambda x: _to_storage(x.transpose(0, 2, 1, 3), k_pages.dtype)  # noqa: E731 [b,kv,t,d]
     kernel = functools.partial(_write_then_attend, q_len=q_len, page_size=page_size,
                                pages=pages, pages_per_block=per_block, scale=dim ** -0.5,
                                window=sliding_window, soft_cap=soft_cap)
@@ -296,8 +306,10 @@ def paged_attention_write_kv(q: jax.Array,  # [batch, q_len, heads, head_dim]
             grid=(batch, kv_heads),
             in_specs=[pl.BlockSpec((None, None, tg, dim), rows),
                       pl.BlockSpec((None, tg, 1), lambda b, h, *_: (b, 0, 0)),
-                      pl.BlockSpec((None, None, q_len, dim), rows),
-                      pl.BlockSpec((None, None, q_len, dim), rows),
+                      # not squeezed: Mosaic cannot slice a row (pl.ds) out of a ref whose
+                      # block squeezes leading dims (a tpu.memref_slice verification error)
+                      pl.BlockSpec((1, 1, q_len, dim), rows),
+                      pl.BlockSpec((1, 1, q_len, dim), rows),
                       pl.BlockSpec(memory_space=pl.ANY),
                       pl.BlockSpec(memory_space=pl.ANY)],
             out_specs=[pl.BlockSpec((None, None, tg, dim), rows),

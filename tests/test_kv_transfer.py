@@ -231,7 +231,7 @@ def test_refused_kv_is_never_written_and_frees_the_reservation(worker, corrupt, 
     if corrupt == "fingerprint":
         header.model_fingerprint = b"\x00" * 16
     elif corrupt == "dtype":
-        header.dtype = "float16"
+        header.dtype = "float64"  # no KV dtype
     else:
         payload = bytearray(payload)
         payload[3] ^= 1

@@ -87,11 +87,18 @@ def test_bad_messages_are_refused_with_their_kind(devices, llama):
     with pytest.raises(wire.WireError, match="CRC-32C") as e:
         wire.check_piece(ctx, header, memoryview(bytes(corrupt)))
     assert e.value.kind == "data_loss"
-    bf16 = worker_pb2.KVHeader()
+    unknown = worker_pb2.KVHeader()
+    unknown.CopyFrom(header)
+    unknown.dtype = "float64"
+    with pytest.raises(wire.WireError, match="dtype") as e:
+        wire.check_piece(ctx, unknown, payload)
+    assert e.value.kind == "precondition"
+    bf16 = worker_pb2.KVHeader()  # a dtype the receiver can cast, but not these bytes
     bf16.CopyFrom(header)
     bf16.dtype = "bfloat16"
-    with pytest.raises(wire.WireError, match="dtype") as e:
+    with pytest.raises(wire.WireError, match="payload has") as e:
         wire.check_piece(ctx, bf16, payload)
+    assert e.value.kind == "invalid"
     short = worker_pb2.KVHeader()
     short.CopyFrom(header)
     short.token_end -= 1

@@ -76,10 +76,11 @@ def reference_attention(q: jax.Array,  # [batch, q_len, heads, head_dim]
                         q_positions: jax.Array,  # i32[batch, q_len]; -1 = padding
                         kv_lens: jax.Array,  # i32[batch]: tokens in the cache, new ones included
                         *, sliding_window: int | None = None, layer=None) -> jax.Array:
-    k = gather_pages(k_pages, page_table, layer)
-    v = gather_pages(v_pages, page_table, layer)
+    k = gather_pages(k_pages, page_table, layer).astype(jnp.float32)  # any storage dtype
+    v = gather_pages(v_pages, page_table, layer).astype(jnp.float32)
     kv_pos = _kv_positions(page_table, k_pages.shape[-2], kv_lens)
-    return causal_attention(q, k, v, q_positions, kv_pos, sliding_window=sliding_window)
+    return causal_attention(q.astype(jnp.float32), k, v, q_positions, kv_pos,
+                            sliding_window=sliding_window).astype(q.dtype)
 
 
 def paged_attention_jnp(q: jax.Array,  # [batch, q_len, heads, head_dim]
@@ -145,8 +146,8 @@ def prefill_attention_jnp(q, k_pages, v_pages, page_table, q_positions, kv_lens,
 
 def cudnn_attention(q, k_pages, v_pages, page_table, q_positions, kv_lens, *,
                     sliding_window: int | None = None, mesh=None, layer=None) -> jax.Array:
-    k = gather_pages(k_pages, page_table, layer)
-    v = gather_pages(v_pages, page_table, layer)
+    k = gather_pages(k_pages, page_table, layer).astype(q.dtype)  # an fp8 pool widens here
+    v = gather_pages(v_pages, page_table, layer).astype(q.dtype)
     kv_pos = _kv_positions(page_table, k_pages.shape[-2], kv_lens)
     mask = (kv_pos[:, None, None, :] >= 0) & (kv_pos[:, None, None, :] <= q_positions[:, None, :, None])
     if sliding_window is not None:
@@ -232,8 +233,11 @@ class AttentionBackend:
     fixed_table_width: bool
 
 
-def resolve(implementation: str, *, head_dim: int, dtype: str) -> AttentionBackend:
-    """The backend for `implementation`, decided once at start-up."""
+def resolve(implementation: str, *, head_dim: int, dtype: str,
+            kv_dtype: str | None = None) -> AttentionBackend:
+    """The backend for `implementation`, decided once at start-up (`dtype`: the model's;
+    `kv_dtype`: the pool's, when it stores another)."""
+    kv_dtype = kv_dtype or dtype
     if implementation not in IMPLEMENTATIONS:
         raise ConfigError(f"attention implementation {implementation!r} is not one of {IMPLEMENTATIONS}")
     backend = jax.default_backend()
@@ -244,10 +248,11 @@ def resolve(implementation: str, *, head_dim: int, dtype: str) -> AttentionBacke
         if backend == "gpu":
             from jaxpd.kernels.gpu_paged_attention import supported
 
-            if not supported(dtype, head_dim):
+            if not supported(dtype, head_dim) or kv_dtype != dtype:
                 raise ConfigError(f"attention implementation 'pallas' on GPU needs bfloat16 or "
-                                  f"float16 and head_dim 64 or 128 (the model has {dtype}, "
-                                  f"head_dim {head_dim}); use 'cudnn' or 'reference'")
+                                  f"float16 and head_dim 64 or 128, with the KV pool in the "
+                                  f"model's dtype (the model has {dtype}, head_dim {head_dim}, "
+                                  f"KV {kv_dtype}); use 'cudnn' or 'reference'")
             return AttentionBackend("pallas", pallas_gpu_attention, pallas_gpu_attention, True)
         fn = WritesKV(functools.partial(pallas_tpu_attention, interpret=backend != "tpu"))
         return AttentionBackend("pallas", fn, fn, True)

@@ -15,6 +15,7 @@ from jaxpd.engine.orchestrator import Engine
 from jaxpd.engine.prefill import PrefillEngine
 from jaxpd.engine.runner import ModelRunner
 from jaxpd.errors import ConfigError
+from jaxpd.kv.dtypes import kv_dtype_name
 from jaxpd.kv.layout import KVLayout
 from jaxpd.kv.manager import KVCacheManager
 from jaxpd.model.config import ModelConfig
@@ -39,7 +40,8 @@ def _runner(config: ModelConfig, params, group: MeshSection, what: str,
             deployment: DeploymentConfig) -> ModelRunner:
     """One mesh with its own page pool and its own copy of the weights."""
     mesh = _mesh(group, what)
-    layout = KVLayout.for_model(config, tp=group.tp, page_size=deployment.kv.page_size)
+    layout = KVLayout.for_model(config, tp=group.tp, page_size=deployment.kv.page_size,
+                                dtype=kv_dtype_name(deployment.kv.dtype, config.dtype))
     manager = KVCacheManager(layout, deployment.kv.num_pages, mesh,
                              prefix_caching=deployment.scheduler.prefix_caching)
     params = shard_params(layers_for(params, config), config, mesh)

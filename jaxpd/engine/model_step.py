@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 from jaxpd.engine.attention import WritesKV
 from jaxpd.engine.sampling import SamplingArrays, sample
 from jaxpd.kv.allocator import NULL_BLOCK
+from jaxpd.kv.dtypes import to_storage
 from jaxpd.kv.pool import KVPages
 from jaxpd.model.config import ModelConfig
 from jaxpd.model.llama import LlamaModel
@@ -55,8 +56,8 @@ def hidden_and_pages(params, kv: KVPages, tokens, positions, page_table, *, conf
             return out, KVPages(k_pages, v_pages)
         # [layer, :, pages, slots] selects [b*t, kv_heads, head_dim] (numpy's rule for advanced
         # indices split by a slice), whether `layer` is an int or traced
-        k_new = k.reshape(batch * t, *k.shape[2:]).astype(kv.k.dtype)
-        v_new = v.reshape(batch * t, *v.shape[2:]).astype(kv.v.dtype)
+        k_new = to_storage(k.reshape(batch * t, *k.shape[2:]), kv.k.dtype)
+        v_new = to_storage(v.reshape(batch * t, *v.shape[2:]), kv.v.dtype)
         kv = KVPages(kv.k.at[layer, :, pages, slots].set(k_new),
                      kv.v.at[layer, :, pages, slots].set(v_new))
         out = attention(q, kv.k, kv.v, page_table, positions, kv_lens,

@@ -70,7 +70,8 @@ class ModelRunner:
     def __init__(self, config: ModelConfig, params, mesh: Mesh | None, manager: KVCacheManager,
                  attention: str = "auto", *, min_chunk: int = 16):
         self.config, self.params, self.mesh, self.manager = config, params, mesh, manager
-        self.backend = attention_lib.resolve(attention, head_dim=config.head_dim, dtype=config.dtype)
+        self.backend = attention_lib.resolve(attention, head_dim=config.head_dim,
+                                             dtype=config.dtype, kv_dtype=manager.layout.dtype)
         self.min_chunk = min_chunk
         capacity = (manager.allocator.num_blocks - 1) * manager.page_size
         max_len = min(config.max_position_embeddings, capacity)

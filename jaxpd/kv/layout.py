@@ -20,7 +20,8 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpd.model.config import DTYPES, ModelConfig
+from jaxpd.kv.dtypes import KV_DTYPES
+from jaxpd.model.config import ModelConfig
 from jaxpd.model.llama import kv_head_repeat
 from jaxpd.model.sharding import check_tp
 
@@ -52,7 +53,7 @@ class KVLayout:
 
     @property
     def jnp_dtype(self):
-        return DTYPES[self.dtype]
+        return KV_DTYPES[self.dtype]
 
     def page_bytes(self) -> int:
         """Bytes of one page across all layers, K and V, all stored heads."""
@@ -63,9 +64,10 @@ class KVLayout:
         return -(-tokens // self.page_size)
 
     def compatible(self, other: KVLayout) -> bool:
-        """Whether KV written under `other` can be read under `self` (after head conversion)."""
-        return (self.num_layers, self.model_kv_heads, self.head_dim, self.page_size, self.dtype) == (
-            other.num_layers, other.model_kv_heads, other.head_dim, other.page_size, other.dtype)
+        """Whether KV written under `other` can be read under `self` (after head conversion,
+        and a cast when the two pools store different dtypes)."""
+        return (self.num_layers, self.model_kv_heads, self.head_dim, self.page_size) == (
+            other.num_layers, other.model_kv_heads, other.head_dim, other.page_size)
 
 
 def canonical_heads(pages: jnp.ndarray, layout: KVLayout, axis: int) -> jnp.ndarray:

@@ -21,19 +21,18 @@ from typing import Iterator
 import google_crc32c
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
 from jaxpd.engine.buckets import pow2_bucket
 from jaxpd.kv.allocator import NULL_BLOCK
+from jaxpd.kv.dtypes import HOST_DTYPES, to_storage
 from jaxpd.kv.layout import KVLayout, canonical_heads, replicate_heads
 from jaxpd.kv.pool import KVPages
 from jaxpd.model.config import ModelConfig
 from jaxpd.model.llama import is_stacked, layer_name
 from jaxpd.v1 import worker_pb2
 
-WIRE_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"),
-               "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+WIRE_DTYPES = HOST_DTYPES  # the sender's pool dtype; the receiver casts to its own
 
 
 class WireError(Exception):
@@ -257,9 +256,10 @@ def check_piece(ctx: WireContext, header: worker_pb2.KVHeader, payload: memoryvi
                         f"model (fingerprint {header.model_fingerprint.hex()[:16]} != this "
                         f"worker's {ctx.fingerprint.hex()[:16]}); both workers must serve the "
                         f"same checkpoint")
-    if header.dtype != layout.dtype:
+    dtype = WIRE_DTYPES.get(header.dtype)
+    if dtype is None:
         raise WireError("precondition", f"request {header.request_id!r}: KV dtype {header.dtype!r} "
-                        f"!= this worker's {layout.dtype!r}; set the same model.dtype on both")
+                        f"is not one of {', '.join(WIRE_DTYPES)}")
     if crc32c(payload) != header.crc32c:
         raise WireError("data_loss", f"request {header.request_id!r}: KV payload for tokens "
                         f"[{header.token_start}, {header.token_end}) fails its CRC-32C check")
@@ -275,7 +275,6 @@ def check_piece(ctx: WireContext, header: worker_pb2.KVHeader, payload: memoryvi
         raise WireError("precondition", f"request {header.request_id!r}: KV heads "
                         f"[{header.head_start}, {header.head_end}) must be all "
                         f"{layout.model_kv_heads} of the model's KV heads")
-    dtype = ctx.wire_dtype
     if len(payload) != int(np.prod(want)) * dtype.itemsize:
         raise WireError("invalid", f"request {header.request_id!r}: payload has {len(payload)} bytes, "
                         f"shape {list(want)} needs {int(np.prod(want)) * dtype.itemsize}")
@@ -287,8 +286,8 @@ def scatter_tokens(kv: KVPages, update: jax.Array, pages: jax.Array, slots: jax.
                    layout: KVLayout, layer_start: int) -> KVPages:
     """`update` [layers, 2, model heads, tokens, head_dim] written at (pages, slots)."""
     layers = slice(layer_start, layer_start + update.shape[0])
-    k = replicate_heads(update[:, 0], layout, 1).astype(kv.k.dtype)  # [layers, kv_heads, t, hd]
-    v = replicate_heads(update[:, 1], layout, 1).astype(kv.v.dtype)
+    k = to_storage(replicate_heads(update[:, 0], layout, 1), kv.k.dtype)  # [layers, kv, t, hd]
+    v = to_storage(replicate_heads(update[:, 1], layout, 1), kv.v.dtype)
     return KVPages(kv.k.at[layers, :, pages, slots].set(k), kv.v.at[layers, :, pages, slots].set(v))
 
 
