@@ -97,7 +97,7 @@ def expected(name: str) -> dict:
     return json.loads((HF_FIXTURES / name / "expected.json").read_text())
 
 
-_KNOB_SECTIONS = {"page_size": "kv", "num_pages": "kv", "chunk_size": "scheduler",
+_KNOB_SECTIONS = {"page_size": "kv", "num_pages": "kv", "kv_dtype": "kv", "chunk_size": "scheduler",
                   "max_prefill_tokens": "scheduler", "max_decode_batch": "scheduler",
                   "prefix_caching": "scheduler", "decode_steps_per_dispatch": "scheduler",
                   "overlap": "scheduler", "prefill_batch_sizes": "scheduler",
@@ -120,6 +120,7 @@ def deployment(*, devices=(0,), tp=1, decode_devices=None, decode_tp=1, **knobs)
         data.update(mode="disaggregated", decode={"devices": list(decode_devices), "tp": decode_tp})
     for key, value in knobs.items():
         section = _KNOB_SECTIONS.get(key)
+        key = "dtype" if key == "kv_dtype" else key
         if section is None:
             data[key] = value  # top level: mode, attention, seed
         else:

@@ -164,8 +164,9 @@ def model():
     return load_model(HF_FIXTURES / "llama")
 
 
-def _deployment(**serving):
-    return parse_config({"kv": {"page_size": 4, "num_pages": 32}, "serving": serving})
+def _deployment(kv_dtype: str = "auto", **serving):
+    return parse_config({"kv": {"page_size": 4, "num_pages": 32, "dtype": kv_dtype},
+                         "serving": serving})
 
 
 @pytest.fixture(scope="module", params=["grpc", "tcp", "shm"])
@@ -343,6 +344,33 @@ def test_kv_that_never_arrives_times_out_and_frees_pages(model):
         assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert "serving.kv_timeout_s" in e.value.details()
         assert _wait_pages_free(stub) == 0
+    finally:
+        w.stop()
+
+
+def test_a_float32_prefill_feeds_an_fp8_decode_pool(model):
+    """kv.dtype differs between the two workers: the frames name the sender's dtype
+    (float32 here) and the fp8 decode worker stores them as e4m3 (clipped), byte for byte
+    what a cast gives."""
+    import ml_dtypes
+
+    from jaxpd.kv.layout import KVLayout
+
+    w = DecodeWorker(model, _deployment(kv_dtype="fp8"))
+    try:
+        assert w.layout.dtype == "float8_e4m3fn"
+        stub, _ = _stubs(w.address)
+        call = _reserve(stub, "narrow")
+        sender = wire.WireContext(w.ctx.fingerprint, KVLayout.for_model(
+            model.config, tp=1, page_size=4, dtype="float32"))
+        kv = _kv(w.layout, seed=9) * 100  # some beyond e4m3's +-448
+        w.push(_frames(sender, "narrow", kv))
+        assert len([t for ev in call for t in ev.tokens.token_ids]) == 3
+        digest = worker_pb2_grpc.DecodeWorkerStub(grpc.insecure_channel(w.address)) \
+            .GetKVDigests(worker_pb2.KVDigestsRequest(request_ids=["narrow"])).digests["narrow"]
+        want = np.clip(kv, -448, 448).astype(ml_dtypes.float8_e4m3fn)
+        assert digest.bytes == kv.size  # one byte per element
+        assert digest.crc32c == wire.crc32c(np.ascontiguousarray(want).view(np.uint8))
     finally:
         w.stop()
 

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxpd.kv.dtypes import KV_DTYPES, to_storage
 from jaxpd.model.attention import causal_attention
 from jaxpd.model.config import ModelConfig
 from jaxpd.model.llama import LlamaModel, kv_head_repeat, no_attention
@@ -63,10 +64,16 @@ def _empty_cache(config: ModelConfig, mesh: Mesh | None, batch: int, seq: int) -
     return StackedKV(zeros, zeros)
 
 
-def _prefill_attend(config: ModelConfig, q_positions: jax.Array, kv_positions: jax.Array):
-    """Causal attention within each prompt; each layer's K/V is written into its cache slot."""
+def _prefill_attend(config: ModelConfig, q_positions: jax.Array, kv_positions: jax.Array,
+                    kv_dtype: str | None = None):
+    """Causal attention within each prompt; each layer's K/V is written into its cache slot.
+    `kv_dtype`: attend over K/V as a pool of that dtype would hold them (stored, then read
+    back), which is how the accuracy of a narrower KV cache is measured."""
 
     def attend(layer, q, k, v, cache: StackedKV):
+        if kv_dtype is not None:
+            k = to_storage(k, KV_DTYPES[kv_dtype]).astype(k.dtype)
+            v = to_storage(v, KV_DTYPES[kv_dtype]).astype(v.dtype)
         out = causal_attention(q, k, v, q_positions, kv_positions,
                                sliding_window=config.sliding_window)
         return out, StackedKV(cache.k.at[layer].set(k), cache.v.at[layer].set(v))
@@ -74,19 +81,20 @@ def _prefill_attend(config: ModelConfig, q_positions: jax.Array, kv_positions: j
     return attend
 
 
-@functools.partial(jax.jit, static_argnames=("config", "mesh", "all_logits"))
+@functools.partial(jax.jit, static_argnames=("config", "mesh", "all_logits", "kv_dtype"))
 def prefill(params: Params,
             tokens: jax.Array,  # i32[batch, seq]
             lengths: jax.Array,  # i32[batch]
             *, config: ModelConfig, mesh: Mesh | None = None,
-            all_logits: bool = False) -> PrefillOutput:
-    """Run whole prompts; return logits and every layer's K/V (rotated, TP-replicated heads)."""
+            all_logits: bool = False, kv_dtype: str | None = None) -> PrefillOutput:
+    """Run whole prompts; return logits and every layer's K/V (rotated, TP-replicated heads).
+    `kv_dtype`: attention sees K/V as a KV pool of that dtype stores them."""
     model = build_model(config, mesh)
     seq = tokens.shape[1]
     positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), tokens.shape)
     kv_positions = jnp.where(positions < lengths[:, None], positions, -1)
     hidden, kv = model.apply({"params": params}, tokens, positions,
-                             _prefill_attend(config, positions, kv_positions),
+                             _prefill_attend(config, positions, kv_positions, kv_dtype),
                              _empty_cache(config, mesh, *tokens.shape))
     if not all_logits:
         hidden = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
