@@ -268,11 +268,13 @@ class ServingSection(_Strict):
     """How `jaxpd serve` runs the deployment: the router, the KV transport, queues and timeouts."""
 
     router: RouterSection = RouterSection()
-    transport: Literal["grpc", "tcp", "shm", "auto"] = Field(
+    transport: Literal["grpc", "tcp", "shm", "jax", "auto"] = Field(
         "grpc", description="KV hand-off between worker processes: grpc (client streams); tcp "
                             "(gRPC carries the control messages, the KV bytes go over pooled "
                             "raw TCP connections into preallocated buffers); shm (prefill and "
                             "decode workers on one host: the bytes go through shared memory); "
+                            "jax (the decode worker pulls the KV from the prefill worker's "
+                            "device through JAX's transfer server, jax.experimental.transfer); "
                             "auto (shm where a prefill worker reaches the decode worker on "
                             "loopback, tcp otherwise)")
     data_host: str | None = Field(None, description="tcp: the address decode workers advertise "
@@ -335,7 +337,7 @@ class ServingSection(_Strict):
         if self.internal_tls is not None and self.internal_tls.ca_file is None:
             raise ValueError("internal_tls.ca_file: mutual TLS needs the deployment's CA "
                              "certificate")
-        if self.internal_tls is not None and self.transport in ("tcp", "auto"):
+        if self.internal_tls is not None and self.transport in ("tcp", "jax", "auto"):
             raise ValueError(f"transport: {self.transport} carries KV unencrypted (TLS would add "
                              f"the copy it exists to avoid); with internal_tls use grpc or shm, "
                              f"or tcp on a private network without internal_tls")
@@ -402,6 +404,9 @@ class DeploymentConfig(_Strict):
             # other hosts or other accelerator kinds (other machines): other devices
             if shared and one_host and same_kind and self.prefill.host == self.decode.host:
                 raise ValueError(f"prefill and decode meshes share devices {sorted(shared)}")
+            if self.serving.transport == "jax" and max(self.prefill.hosts, self.decode.hosts) > 1:
+                raise ValueError("serving.transport: jax pulls one process's buffers; with "
+                                 "multi-host replicas (hosts > 1) use grpc or tcp")
         elif self.decode is not None:
             raise ValueError("'decode' is only used with mode: disaggregated (remove it or change mode)")
         return self

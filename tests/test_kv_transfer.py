@@ -87,6 +87,8 @@ class DecodeWorker:
                                           (wire.WireError, TransferError),
                                           scheme=f"{deployment.serving.transport}://")
             state.data_address = await self.data_plane.start()
+        if deployment.serving.transport == "jax":
+            state.data_address = "jax://" + self.server.address
         self.transport = deployment.serving.transport
         self.data_address = state.data_address
         self.thread.start()
@@ -96,7 +98,9 @@ class DecodeWorker:
     def push(self, frames: list[bytes], *, finish: bool = True):
         """Send `frames` as one push over this worker's transport: the KVAck, or PushFailed
         with the receiver's status. Without `finish` the sender goes away mid-push."""
-        if self.transport == "grpc":
+        if self.transport == "jax":  # each payload offered for pulling; its frame names it
+            frames = [_as_pull(f) for f in frames]
+        if self.transport in ("grpc", "jax"):
             _, push = _stubs(self.address)
             try:
                 return push(iter(frames), timeout=30)
@@ -149,6 +153,35 @@ class DecodeWorker:
         self.loop.call_soon_threadsafe(self.loop.stop)
 
 
+_OFFERS = None  # this test process's JAX transfer server (the prefill side of a jax push)
+
+
+def _as_pull(raw: bytes) -> bytes:
+    """A data frame as serving.transport: jax sends it: its payload offered on a transfer
+    server, the frame carrying only the header and where to pull."""
+    global _OFFERS
+    import secrets
+
+    import jax.numpy as jnp
+
+    from jaxpd.transfer.jax_plane import _TransferServer
+
+    header, payload = wire.parse_frame(raw)
+    if not len(payload):
+        return raw
+    if _OFFERS is None:
+        _OFFERS = _TransferServer()
+    server = _OFFERS.get()
+    dtype = wire.WIRE_DTYPES.get(header.dtype, np.dtype(np.float32))
+    uuid = secrets.randbits(63)
+    server.await_pull(uuid, [jnp.asarray(np.frombuffer(payload, dtype).reshape(header.shape))])
+    pull = worker_pb2.KVHeader()
+    pull.CopyFrom(header)
+    pull.crc32c = wire.crc32c(b"")
+    pull.pull.CopyFrom(worker_pb2.KVPull(address=server.address(), uuid=uuid, offset=0))
+    return wire.frame(pull, b"")
+
+
 def _read(sock, n: int) -> bytes:
     out = b""
     while len(out) < n:
@@ -169,7 +202,7 @@ def _deployment(kv_dtype: str = "auto", **serving):
                          "serving": serving})
 
 
-@pytest.fixture(scope="module", params=["grpc", "tcp", "shm"])
+@pytest.fixture(scope="module", params=["grpc", "tcp", "shm", "jax"])
 def worker(model, request):
     w = DecodeWorker(model, _deployment(transport=request.param))
     yield w
@@ -224,6 +257,8 @@ def _pool_is_zero(worker):
     ("dtype", grpc.StatusCode.FAILED_PRECONDITION),
 ])
 def test_refused_kv_is_never_written_and_frees_the_reservation(worker, corrupt, code):
+    if corrupt == "crc" and worker.transport == "jax":
+        pytest.skip("jax pulls device buffers: no CRC-32C to break (jaxpd/transfer/jax_plane.py)")
     stub, push = _stubs(worker.address)
     call = _reserve(stub, f"bad-{corrupt}")
     assert _pages_used(stub) > 0
@@ -290,7 +325,7 @@ def test_a_push_cut_off_before_its_finish_aborts_the_request(worker):
     stub, _ = _stubs(worker.address)
     call = _reserve(stub, "unfinished")
     frames = _frames(worker.ctx, "unfinished", _kv(worker.layout))[:-1]
-    if worker.transport == "grpc":
+    if worker.transport in ("grpc", "jax"):
         with pytest.raises(PushFailed) as e:
             worker.push(frames)
         assert e.value.code() == grpc.StatusCode.ABORTED
@@ -309,7 +344,10 @@ def test_the_sender_class_pools_connections_and_reports_refusals(worker):
     from jaxpd.transfer.tcp_plane import TcpKVSender
 
     stub, _ = _stubs(worker.address)
+    from jaxpd.transfer.jax_plane import JaxKVSender
+
     sender = (GrpcKVSender(worker.ctx, 30.0) if worker.transport == "grpc" else
+              JaxKVSender(worker.ctx, 30.0) if worker.transport == "jax" else
               TcpKVSender(worker.ctx, 30.0, shared_memory=worker.transport == "shm"))
     target = worker.data_address or worker.address
 
@@ -321,7 +359,7 @@ def test_the_sender_class_pools_connections_and_reports_refusals(worker):
         call = _reserve(stub, rid)
         assert worker._run(push(rid, f"token-{rid}")).request_id == rid
         assert len([t for ev in call for t in ev.tokens.token_ids]) == 3
-    if worker.transport != "grpc":
+    if worker.transport in ("tcp", "shm"):
         assert len(sender._idle[target]) == 1  # one connection served both
         sender.close()
     call = _reserve(stub, "forged")
@@ -485,3 +523,53 @@ def test_blocks_the_decode_worker_holds_are_neither_sent_nor_overwritten(worker)
 def _kv_of(layout, tokens: int, seed: int) -> np.ndarray:
     shape = (layout.num_layers, 2, layout.model_kv_heads, tokens, layout.head_dim)
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+_SILENT_PEER = """
+import sys, time
+import jax
+from jax.experimental import transfer
+server = transfer.start_transfer_server(jax.devices()[0].client, "127.0.0.1:0", ["127.0.0.1:0"])
+print(server.address(), flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_jax_pull_that_never_completes_times_out_and_frees_pages(model):
+    """serving.transport: jax, and the prefill worker holding the KV never hands it over
+    (frozen, or it withdrew it): the pull is abandoned at the deadline, the push and the
+    request fail ABORTED (the router moves them), and the pages are freed. The abandoned
+    pull's thread ends once that peer goes away."""
+    import subprocess
+    import sys
+
+    from serving_helpers import child_env
+
+    peer = subprocess.Popen([sys.executable, "-c", _SILENT_PEER], stdout=subprocess.PIPE,
+                            text=True, env=child_env())
+    w = DecodeWorker(model, _deployment(transport="jax", kv_timeout_s=1.5))
+    try:
+        address = peer.stdout.readline().strip()
+        assert address, "the peer's transfer server did not start"
+        stub, push = _stubs(w.address)
+        call = _reserve(stub, "never")
+        frames = _frames(w.ctx, "never", _kv(w.layout))
+        header, _ = wire.parse_frame(_as_pull(frames[0]))
+        header.pull.address = address  # a live transfer server that never offers this id
+        began = time.monotonic()
+        with pytest.raises(grpc.RpcError) as e:
+            push(iter([wire.frame(header, b""), frames[-1]]), timeout=30)
+        assert e.value.code() == grpc.StatusCode.ABORTED and "pulling" in e.value.details()
+        assert time.monotonic() - began < 10
+        with pytest.raises(grpc.RpcError) as e:  # whichever deadline came first: both free
+            list(call)
+        assert e.value.code() in (grpc.StatusCode.ABORTED, grpc.StatusCode.DEADLINE_EXCEEDED)
+        assert _wait_pages_free(stub) == 0
+    finally:
+        peer.kill()
+        peer.wait()
+        w.stop()
+    deadline = time.monotonic() + 20  # the abandoned pull ends with its peer
+    while any(t.name == "kv-pull" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(t.name == "kv-pull" for t in threading.enumerate())

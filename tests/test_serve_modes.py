@@ -18,6 +18,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import serving_helpers as sh
 from conftest import first_programs_only
+from jaxpd.model.checkpoint import load_model
+from test_engine import naive_greedy
 from jaxpd.v1 import generation_pb2 as pb, generation_pb2_grpc
 
 
@@ -156,12 +158,15 @@ def _ready(proc: subprocess.Popen, timeout: float = 180) -> str:
 @pytest.mark.slow
 def test_roles_started_one_by_one_and_the_router_notices_a_worker_down(tmp_path):
     """Multi-host style: each role its own `jaxpd serve ROLE`, found through the config's ports.
-    The router reports NOT_SERVING while its only decode worker is down (a restarted worker's
-    return is tested on the full deployment, tests/test_serving.py)."""
+    The KV goes through JAX's transfer server (serving.transport: jax: the decode worker pulls
+    the prefill worker's device buffers) and the tokens are the greedy reference's. The router
+    reports NOT_SERVING while its only decode worker is down (a restarted worker's return is
+    tested on the full deployment, tests/test_serving.py)."""
     config = sh.write_config(tmp_path / "roles.yaml",
                              prefill={"devices": [0, 1], "tp": 2, "port": _free_port()},
                              decode={"devices": [2], "tp": 1, "port": _free_port()},
-                             serving={"router": {"host": "127.0.0.1", "port": _free_port()}})
+                             serving={"router": {"host": "127.0.0.1", "port": _free_port()},
+                                      "transport": "jax"})
     procs = {"prefill": _role("prefill", config), "decode": _role("decode", config)}
     try:
         for name in ("prefill", "decode"):
@@ -180,7 +185,8 @@ def test_roles_started_one_by_one_and_the_router_notices_a_worker_down(tmp_path)
             return [t for r in stub.Generate(req, timeout=60) for t in r.chunk.token_ids]
 
         first = generate()
-        assert len(first) == 4 and status() == health_pb2.HealthCheckResponse.SERVING
+        assert first == naive_greedy(load_model(), (5, 6, 7), 4)
+        assert status() == health_pb2.HealthCheckResponse.SERVING
         procs["decode"].terminate()
         procs["decode"].wait(30)
         assert _eventually(lambda: status() == health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -18,6 +18,7 @@ import time
 from typing import Callable
 
 import grpc
+import jax
 import numpy as np
 
 from jaxpd.engine.orchestrator import Engine
@@ -215,6 +216,18 @@ class DecodeServicer(WorkerServicer, worker_pb2_grpc.DecodeWorkerServicer):
     def __init__(self, state: WorkerState, scheduler: DecodeScheduler, thread: EngineThread):
         self.state, self.scheduler, self.thread = state, scheduler, thread
         self.limits = state.engine.limits()
+        self._puller = None
+
+    def puller(self):
+        """serving.transport: jax: this worker's JAX transfer-server client (started on the
+        first pull frame), pulling onto the decode mesh's first device."""
+        if self._puller is None:
+            from jaxpd.transfer.jax_plane import JaxKVPuller
+
+            mesh = self.scheduler.manager.mesh
+            device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+            self._puller = JaxKVPuller(device, self.state.transfer_host)
+        return self._puller
 
     async def Decode(self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext):
         req, seed, events, emit = await self._accept(request.request, context)
@@ -302,7 +315,13 @@ class KVIntake:
         elif header.request_id != self.request_id or header.request_token != self.token:
             raise wire.WireError("invalid", f"one push carries one request: got "
                                  f"{header.request_id!r} after {self.request_id!r}")
-        piece = wire.check_piece(self.state.wire, header, payload)
+        if header.HasField("pull"):  # serving.transport: jax: fetch what the frame names
+            wire.check_pull(self.state.wire, header)
+            piece = await self.servicer.puller().pull(
+                header, self.state.deployment.serving.kv_timeout_s)
+            self.received += piece.array.nbytes
+        else:
+            piece = wire.check_piece(self.state.wire, header, payload)
         self.received += len(raw)
         self.count += 1
         write = None

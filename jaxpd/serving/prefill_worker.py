@@ -24,6 +24,7 @@ from jaxpd.serving.engine_thread import EngineThread
 from jaxpd.serving.validate import status_of
 from jaxpd.serving.worker_common import WorkerServicer, WorkerState, pool_counts
 from jaxpd.transfer.grpc_stream import GrpcKVSender
+from jaxpd.transfer.jax_plane import SCHEME as JAX_SCHEME, JaxKVSender
 from jaxpd.transfer.tcp_plane import (AUTO_SCHEME, SCHEME, SHM_SCHEME, TcpKVSender,
                                       TransferFailed, same_host)
 from jaxpd.v1 import worker_pb2, worker_pb2_grpc
@@ -177,11 +178,18 @@ class PrefillServicer(WorkerServicer, worker_pb2_grpc.PrefillWorkerServicer):
         self.sender = GrpcKVSender(state.wire, timeout)
         self.tcp_sender = TcpKVSender(state.wire, timeout)  # kv_target "tcp://...": a data plane
         self.shm_sender = TcpKVSender(state.wire, timeout, shared_memory=True)  # "shm://..."
+        self._jax_sender = None  # "jax://...": JAX's transfer server, started on first use
         self.limits = dataclasses.replace(state.engine.limits(), kv_capacity=None)
 
     def _sender(self, target: str):
         """gRPC PushKV for host:port; a data plane for tcp:// and shm://; auto:// is shm when
-        the decode worker is on this host (reached on loopback), tcp otherwise."""
+        the decode worker is on this host (reached on loopback), tcp otherwise; jax:// offers
+        the KV on JAX's transfer server for the decode worker to pull."""
+        if target.startswith(JAX_SCHEME):
+            if self._jax_sender is None:
+                self._jax_sender = JaxKVSender(self.state.wire, self.tcp_sender.timeout_s,
+                                               self.state.transfer_host)
+            return self._jax_sender
         if target.startswith(AUTO_SCHEME):
             return self.shm_sender if same_host(target) else self.tcp_sender
         if target.startswith(SHM_SCHEME):

@@ -21,6 +21,7 @@ from pathlib import Path
 from jaxpd.config import DeploymentConfig, MeshSection
 from jaxpd.errors import ConfigError, JaxpdError
 from jaxpd.serving import multihost
+from jaxpd.transfer.jax_plane import transfer_host
 
 log = logging.getLogger("jaxpd.serve")
 
@@ -291,6 +292,11 @@ async def _serve_worker(role: str, replica: int, deployment: DeploymentConfig, w
                                 services=services, register=register, internal=True,
                                 max_message_bytes=serving.kv_message_bytes + (1 << 20))
     state.address = server.address
+    state.transfer_host = transfer_host(group.host, serving.data_host)
+    if role == "decode" and serving.transport == "jax":  # PushKV frames name what to pull
+        from jaxpd.transfer.jax_plane import SCHEME as JAX_SCHEME
+
+        state.data_address = JAX_SCHEME + server.address
     data_plane = None
     if role == "decode" and serving.transport in ("tcp", "shm", "auto"):  # KV outside gRPC
         from jaxpd.serving.decode_worker import KVIntake, TransferError

@@ -35,6 +35,7 @@ class WorkerState:
     tokenizer: Tokenizer | None = None
     address: str = ""
     data_address: str = ""  # serving.transport tcp: the decode worker's data plane
+    transfer_host: str = "127.0.0.1"  # serving.transport jax: where its transfer server listens
     metrics_url: str = ""
     state: str = SERVING  # draining once SIGTERM arrived: new requests are refused
     metrics: object | None = None  # jaxpd.serving.metrics.WorkerMetrics

@@ -281,6 +281,28 @@ def check_piece(ctx: WireContext, header: worker_pb2.KVHeader, payload: memoryvi
     return KVPiece(header, np.frombuffer(payload, dtype).reshape(want))
 
 
+def check_pull(ctx: WireContext, header: worker_pb2.KVHeader) -> None:
+    """Refuse a pull frame (serving.transport: jax) before anything is pulled: another model,
+    an unknown dtype, or a shape that is not every layer and KV head of a gathered token range
+    (bounded, so a forged frame cannot make the receiver allocate without limit)."""
+    layout = ctx.layout
+    if header.model_fingerprint != ctx.fingerprint:
+        raise WireError("precondition", f"request {header.request_id!r}: KV comes from another "
+                        f"model; both workers must serve the same checkpoint")
+    if header.dtype not in WIRE_DTYPES:
+        raise WireError("precondition", f"request {header.request_id!r}: KV dtype "
+                        f"{header.dtype!r} is not one of {', '.join(WIRE_DTYPES)}")
+    n = header.token_end - header.token_start
+    shape = tuple(header.shape)
+    whole = (layout.num_layers, 2, layout.model_kv_heads)
+    if (n <= 0 or len(shape) != 5 or shape[:3] != whole or shape[4] != layout.head_dim
+            or not header.pull.offset + n <= shape[3] <= 2 * (n + 2 * layout.page_size)):
+        raise WireError("precondition", f"request {header.request_id!r}: a pull of shape "
+                        f"{list(shape)} for tokens [{header.token_start}, {header.token_end}) "
+                        f"does not fit this worker's layout ({layout.num_layers} layers, "
+                        f"{layout.model_kv_heads} KV heads, head_dim {layout.head_dim})")
+
+
 @functools.partial(jax.jit, static_argnames=("layout", "layer_start"), donate_argnames=("kv",))
 def scatter_tokens(kv: KVPages, update: jax.Array, pages: jax.Array, slots: jax.Array, *,
                    layout: KVLayout, layer_start: int) -> KVPages:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from jaxpd.v1 import generation_pb2 as jaxpd_dot_v1_dot_generation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15jaxpd/v1/worker.proto\x12\x08jaxpd.v1\x1a\x19jaxpd/v1/generation.proto\"\x9f\x01\n\rEngineRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.jaxpd.v1.SamplingParams\x12\x0c\n\x04seed\x18\x04 \x01(\r\x12\x15\n\rsample_offset\x18\x05 \x01(\r\x12\x15\n\rrequest_token\x18\x06 \x01(\t\"}\n\x0ePrefillRequest\x12(\n\x07request\x18\x01 \x01(\x0b\x32\x17.jaxpd.v1.EngineRequest\x12\x11\n\tkv_target\x18\x02 \x01(\t\x12\x16\n\x0ekv_target_name\x18\x03 \x01(\t\x12\x16\n\x0ekv_skip_tokens\x18\x04 \x01(\r\"\x81\x01\n\nFirstToken\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\x12\x0f\n\x07queue_s\x18\x05 \x01(\x01\x12\x11\n\tprefill_s\x18\x06 \x01(\x01\")\n\x06KVSent\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\x12\x10\n\x08messages\x18\x02 \x01(\r\"i\n\x0cPrefillEvent\x12+\n\x0b\x66irst_token\x18\x01 \x01(\x0b\x32\x14.jaxpd.v1.FirstTokenH\x00\x12#\n\x07kv_sent\x18\x02 \x01(\x0b\x32\x10.jaxpd.v1.KVSentH\x00\x42\x07\n\x05\x65vent\"P\n\rDecodeRequest\x12(\n\x07request\x18\x01 \x01(\x0b\x32\x17.jaxpd.v1.EngineRequest\x12\x15\n\rlocal_prefill\x18\x02 \x01(\x08\"F\n\x08Reserved\x12\r\n\x05pages\x18\x01 \x01(\r\x12\x14\n\x0c\x64\x61ta_address\x18\x02 \x01(\t\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"F\n\tPrefilled\x12\x15\n\rcached_tokens\x18\x01 \x01(\r\x12\x0f\n\x07queue_s\x18\x02 \x01(\x01\x12\x11\n\tprefill_s\x18\x03 \x01(\x01\"\x1b\n\nKVReceived\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\"x\n\x06Tokens\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x1d\n\x10matched_token_id\x18\x04 \x01(\x05H\x00\x88\x01\x01\x42\x13\n\x11_matched_token_id\"\xb9\x01\n\x0b\x44\x65\x63odeEvent\x12&\n\x08reserved\x18\x01 \x01(\x0b\x32\x12.jaxpd.v1.ReservedH\x00\x12(\n\tprefilled\x18\x02 \x01(\x0b\x32\x13.jaxpd.v1.PrefilledH\x00\x12+\n\x0bkv_received\x18\x03 \x01(\x0b\x32\x14.jaxpd.v1.KVReceivedH\x00\x12\"\n\x06tokens\x18\x04 \x01(\x0b\x32\x10.jaxpd.v1.TokensH\x00\x42\x07\n\x05\x65vent\"\x98\x02\n\x08KVHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0blayer_start\x18\x02 \x01(\r\x12\x11\n\tlayer_end\x18\x03 \x01(\r\x12\x13\n\x0btoken_start\x18\x04 \x01(\r\x12\x11\n\ttoken_end\x18\x05 \x01(\r\x12\x12\n\nhead_start\x18\x06 \x01(\r\x12\x10\n\x08head_end\x18\x07 \x01(\r\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\r\n\x05shape\x18\t \x03(\r\x12\x19\n\x11model_fingerprint\x18\n \x01(\x0c\x12\x0e\n\x06\x63rc32c\x18\x0b \x01(\r\x12\"\n\x06\x66inish\x18\x0c \x01(\x0b\x32\x12.jaxpd.v1.KVFinish\x12\x15\n\rrequest_token\x18\r \x01(\t\"J\n\x08KVFinish\x12\x12\n\nnum_tokens\x18\x01 \x01(\r\x12\x13\n\x0b\x66irst_token\x18\x02 \x01(\x05\x12\x15\n\rfirst_logprob\x18\x03 \x01(\x02\";\n\x07KVChunk\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.jaxpd.v1.KVHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"<\n\x05KVAck\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x10\n\x08messages\x18\x03 \x01(\r\"\x16\n\x14GetWorkerInfoRequest\"\x10\n\x0eGetLoadRequest\"\'\n\x10KVDigestsRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"=\n\x08KVDigest\x12\x0e\n\x06\x63rc32c\x18\x01 \x01(\r\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\"\x82\x01\n\tKVDigests\x12\x31\n\x07\x64igests\x18\x01 \x03(\x0b\x32 .jaxpd.v1.KVDigests.DigestsEntry\x1a\x42\n\x0c\x44igestsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.jaxpd.v1.KVDigest:\x02\x38\x01\x32\x91\x02\n\rPrefillWorker\x12=\n\x07Prefill\x12\x18.jaxpd.v1.PrefillRequest\x1a\x16.jaxpd.v1.PrefillEvent0\x01\x12\x45\n\rGetWorkerInfo\x12\x1e.jaxpd.v1.GetWorkerInfoRequest\x1a\x14.jaxpd.v1.WorkerInfo\x12\x39\n\x07GetLoad\x12\x18.jaxpd.v1.GetLoadRequest\x1a\x14.jaxpd.v1.WorkerLoad\x12?\n\x0cGetKVDigests\x12\x1a.jaxpd.v1.KVDigestsRequest\x1a\x13.jaxpd.v1.KVDigests2\x8d\x02\n\x0c\x44\x65\x63odeWorker\x12:\n\x06\x44\x65\x63ode\x12\x17.jaxpd.v1.DecodeRequest\x1a\x15.jaxpd.v1.DecodeEvent0\x01\x12\x45\n\rGetWorkerInfo\x12\x1e.jaxpd.v1.GetWorkerInfoRequest\x1a\x14.jaxpd.v1.WorkerInfo\x12\x39\n\x07GetLoad\x12\x18.jaxpd.v1.GetLoadRequest\x1a\x14.jaxpd.v1.WorkerLoad\x12?\n\x0cGetKVDigests\x12\x1a.jaxpd.v1.KVDigestsRequest\x1a\x13.jaxpd.v1.KVDigests2<\n\nKVTransfer\x12.\n\x06PushKV\x12\x11.jaxpd.v1.KVChunk\x1a\x0f.jaxpd.v1.KVAck(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15jaxpd/v1/worker.proto\x12\x08jaxpd.v1\x1a\x19jaxpd/v1/generation.proto\"\x9f\x01\n\rEngineRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.jaxpd.v1.SamplingParams\x12\x0c\n\x04seed\x18\x04 \x01(\r\x12\x15\n\rsample_offset\x18\x05 \x01(\r\x12\x15\n\rrequest_token\x18\x06 \x01(\t\"}\n\x0ePrefillRequest\x12(\n\x07request\x18\x01 \x01(\x0b\x32\x17.jaxpd.v1.EngineRequest\x12\x11\n\tkv_target\x18\x02 \x01(\t\x12\x16\n\x0ekv_target_name\x18\x03 \x01(\t\x12\x16\n\x0ekv_skip_tokens\x18\x04 \x01(\r\"\x81\x01\n\nFirstToken\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\x12\x0f\n\x07queue_s\x18\x05 \x01(\x01\x12\x11\n\tprefill_s\x18\x06 \x01(\x01\")\n\x06KVSent\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\x12\x10\n\x08messages\x18\x02 \x01(\r\"i\n\x0cPrefillEvent\x12+\n\x0b\x66irst_token\x18\x01 \x01(\x0b\x32\x14.jaxpd.v1.FirstTokenH\x00\x12#\n\x07kv_sent\x18\x02 \x01(\x0b\x32\x10.jaxpd.v1.KVSentH\x00\x42\x07\n\x05\x65vent\"P\n\rDecodeRequest\x12(\n\x07request\x18\x01 \x01(\x0b\x32\x17.jaxpd.v1.EngineRequest\x12\x15\n\rlocal_prefill\x18\x02 \x01(\x08\"F\n\x08Reserved\x12\r\n\x05pages\x18\x01 \x01(\r\x12\x14\n\x0c\x64\x61ta_address\x18\x02 \x01(\t\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"F\n\tPrefilled\x12\x15\n\rcached_tokens\x18\x01 \x01(\r\x12\x0f\n\x07queue_s\x18\x02 \x01(\x01\x12\x11\n\tprefill_s\x18\x03 \x01(\x01\"\x1b\n\nKVReceived\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\"x\n\x06Tokens\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x1d\n\x10matched_token_id\x18\x04 \x01(\x05H\x00\x88\x01\x01\x42\x13\n\x11_matched_token_id\"\xb9\x01\n\x0b\x44\x65\x63odeEvent\x12&\n\x08reserved\x18\x01 \x01(\x0b\x32\x12.jaxpd.v1.ReservedH\x00\x12(\n\tprefilled\x18\x02 \x01(\x0b\x32\x13.jaxpd.v1.PrefilledH\x00\x12+\n\x0bkv_received\x18\x03 \x01(\x0b\x32\x14.jaxpd.v1.KVReceivedH\x00\x12\"\n\x06tokens\x18\x04 \x01(\x0b\x32\x10.jaxpd.v1.TokensH\x00\x42\x07\n\x05\x65vent\"\xb8\x02\n\x08KVHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0blayer_start\x18\x02 \x01(\r\x12\x11\n\tlayer_end\x18\x03 \x01(\r\x12\x13\n\x0btoken_start\x18\x04 \x01(\r\x12\x11\n\ttoken_end\x18\x05 \x01(\r\x12\x12\n\nhead_start\x18\x06 \x01(\r\x12\x10\n\x08head_end\x18\x07 \x01(\r\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\r\n\x05shape\x18\t \x03(\r\x12\x19\n\x11model_fingerprint\x18\n \x01(\x0c\x12\x0e\n\x06\x63rc32c\x18\x0b \x01(\r\x12\"\n\x06\x66inish\x18\x0c \x01(\x0b\x32\x12.jaxpd.v1.KVFinish\x12\x15\n\rrequest_token\x18\r \x01(\t\x12\x1e\n\x04pull\x18\x0e \x01(\x0b\x32\x10.jaxpd.v1.KVPull\"7\n\x06KVPull\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0c\n\x04uuid\x18\x02 \x01(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\r\"J\n\x08KVFinish\x12\x12\n\nnum_tokens\x18\x01 \x01(\r\x12\x13\n\x0b\x66irst_token\x18\x02 \x01(\x05\x12\x15\n\rfirst_logprob\x18\x03 \x01(\x02\";\n\x07KVChunk\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.jaxpd.v1.KVHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"<\n\x05KVAck\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x10\n\x08messages\x18\x03 \x01(\r\"\x16\n\x14GetWorkerInfoRequest\"\x10\n\x0eGetLoadRequest\"\'\n\x10KVDigestsRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"=\n\x08KVDigest\x12\x0e\n\x06\x63rc32c\x18\x01 \x01(\r\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\"\x82\x01\n\tKVDigests\x12\x31\n\x07\x64igests\x18\x01 \x03(\x0b\x32 .jaxpd.v1.KVDigests.DigestsEntry\x1a\x42\n\x0c\x44igestsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.jaxpd.v1.KVDigest:\x02\x38\x01\x32\x91\x02\n\rPrefillWorker\x12=\n\x07Prefill\x12\x18.jaxpd.v1.PrefillRequest\x1a\x16.jaxpd.v1.PrefillEvent0\x01\x12\x45\n\rGetWorkerInfo\x12\x1e.jaxpd.v1.GetWorkerInfoRequest\x1a\x14.jaxpd.v1.WorkerInfo\x12\x39\n\x07GetLoad\x12\x18.jaxpd.v1.GetLoadRequest\x1a\x14.jaxpd.v1.WorkerLoad\x12?\n\x0cGetKVDigests\x12\x1a.jaxpd.v1.KVDigestsRequest\x1a\x13.jaxpd.v1.KVDigests2\x8d\x02\n\x0c\x44\x65\x63odeWorker\x12:\n\x06\x44\x65\x63ode\x12\x17.jaxpd.v1.DecodeRequest\x1a\x15.jaxpd.v1.DecodeEvent0\x01\x12\x45\n\rGetWorkerInfo\x12\x1e.jaxpd.v1.GetWorkerInfoRequest\x1a\x14.jaxpd.v1.WorkerInfo\x12\x39\n\x07GetLoad\x12\x18.jaxpd.v1.GetLoadRequest\x1a\x14.jaxpd.v1.WorkerLoad\x12?\n\x0cGetKVDigests\x12\x1a.jaxpd.v1.KVDigestsRequest\x1a\x13.jaxpd.v1.KVDigests2<\n\nKVTransfer\x12.\n\x06PushKV\x12\x11.jaxpd.v1.KVChunk\x1a\x0f.jaxpd.v1.KVAck(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -57,29 +57,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DECODEEVENT']._serialized_start=1011
   _globals['_DECODEEVENT']._serialized_end=1196
   _globals['_KVHEADER']._serialized_start=1199
-  _globals['_KVHEADER']._serialized_end=1479
-  _globals['_KVFINISH']._serialized_start=1481
-  _globals['_KVFINISH']._serialized_end=1555
-  _globals['_KVCHUNK']._serialized_start=1557
-  _globals['_KVCHUNK']._serialized_end=1616
-  _globals['_KVACK']._serialized_start=1618
-  _globals['_KVACK']._serialized_end=1678
-  _globals['_GETWORKERINFOREQUEST']._serialized_start=1680
-  _globals['_GETWORKERINFOREQUEST']._serialized_end=1702
-  _globals['_GETLOADREQUEST']._serialized_start=1704
-  _globals['_GETLOADREQUEST']._serialized_end=1720
-  _globals['_KVDIGESTSREQUEST']._serialized_start=1722
-  _globals['_KVDIGESTSREQUEST']._serialized_end=1761
-  _globals['_KVDIGEST']._serialized_start=1763
-  _globals['_KVDIGEST']._serialized_end=1824
-  _globals['_KVDIGESTS']._serialized_start=1827
-  _globals['_KVDIGESTS']._serialized_end=1957
-  _globals['_KVDIGESTS_DIGESTSENTRY']._serialized_start=1891
-  _globals['_KVDIGESTS_DIGESTSENTRY']._serialized_end=1957
-  _globals['_PREFILLWORKER']._serialized_start=1960
-  _globals['_PREFILLWORKER']._serialized_end=2233
-  _globals['_DECODEWORKER']._serialized_start=2236
-  _globals['_DECODEWORKER']._serialized_end=2505
-  _globals['_KVTRANSFER']._serialized_start=2507
-  _globals['_KVTRANSFER']._serialized_end=2567
+  _globals['_KVHEADER']._serialized_end=1511
+  _globals['_KVPULL']._serialized_start=1513
+  _globals['_KVPULL']._serialized_end=1568
+  _globals['_KVFINISH']._serialized_start=1570
+  _globals['_KVFINISH']._serialized_end=1644
+  _globals['_KVCHUNK']._serialized_start=1646
+  _globals['_KVCHUNK']._serialized_end=1705
+  _globals['_KVACK']._serialized_start=1707
+  _globals['_KVACK']._serialized_end=1767
+  _globals['_GETWORKERINFOREQUEST']._serialized_start=1769
+  _globals['_GETWORKERINFOREQUEST']._serialized_end=1791
+  _globals['_GETLOADREQUEST']._serialized_start=1793
+  _globals['_GETLOADREQUEST']._serialized_end=1809
+  _globals['_KVDIGESTSREQUEST']._serialized_start=1811
+  _globals['_KVDIGESTSREQUEST']._serialized_end=1850
+  _globals['_KVDIGEST']._serialized_start=1852
+  _globals['_KVDIGEST']._serialized_end=1913
+  _globals['_KVDIGESTS']._serialized_start=1916
+  _globals['_KVDIGESTS']._serialized_end=2046
+  _globals['_KVDIGESTS_DIGESTSENTRY']._serialized_start=1980
+  _globals['_KVDIGESTS_DIGESTSENTRY']._serialized_end=2046
+  _globals['_PREFILLWORKER']._serialized_start=2049
+  _globals['_PREFILLWORKER']._serialized_end=2322
+  _globals['_DECODEWORKER']._serialized_start=2325
+  _globals['_DECODEWORKER']._serialized_end=2594
+  _globals['_KVTRANSFER']._serialized_start=2596
+  _globals['_KVTRANSFER']._serialized_end=2656
 # @@protoc_insertion_point(module_scope)

@@ -126,7 +126,7 @@ class DecodeEvent(_message.Message):
     def __init__(self, reserved: _Optional[_Union[Reserved, _Mapping]] = ..., prefilled: _Optional[_Union[Prefilled, _Mapping]] = ..., kv_received: _Optional[_Union[KVReceived, _Mapping]] = ..., tokens: _Optional[_Union[Tokens, _Mapping]] = ...) -> None: ...
 
 class KVHeader(_message.Message):
-    __slots__ = ("request_id", "layer_start", "layer_end", "token_start", "token_end", "head_start", "head_end", "dtype", "shape", "model_fingerprint", "crc32c", "finish", "request_token")
+    __slots__ = ("request_id", "layer_start", "layer_end", "token_start", "token_end", "head_start", "head_end", "dtype", "shape", "model_fingerprint", "crc32c", "finish", "request_token", "pull")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
@@ -140,6 +140,7 @@ class KVHeader(_message.Message):
     CRC32C_FIELD_NUMBER: _ClassVar[int]
     FINISH_FIELD_NUMBER: _ClassVar[int]
     REQUEST_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    PULL_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     layer_start: int
     layer_end: int
@@ -153,7 +154,18 @@ class KVHeader(_message.Message):
     crc32c: int
     finish: KVFinish
     request_token: str
-    def __init__(self, request_id: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., head_start: _Optional[int] = ..., head_end: _Optional[int] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., model_fingerprint: _Optional[bytes] = ..., crc32c: _Optional[int] = ..., finish: _Optional[_Union[KVFinish, _Mapping]] = ..., request_token: _Optional[str] = ...) -> None: ...
+    pull: KVPull
+    def __init__(self, request_id: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., head_start: _Optional[int] = ..., head_end: _Optional[int] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., model_fingerprint: _Optional[bytes] = ..., crc32c: _Optional[int] = ..., finish: _Optional[_Union[KVFinish, _Mapping]] = ..., request_token: _Optional[str] = ..., pull: _Optional[_Union[KVPull, _Mapping]] = ...) -> None: ...
+
+class KVPull(_message.Message):
+    __slots__ = ("address", "uuid", "offset")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    UUID_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    uuid: int
+    offset: int
+    def __init__(self, address: _Optional[str] = ..., uuid: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class KVFinish(_message.Message):
     __slots__ = ("num_tokens", "first_token", "first_logprob")
