@@ -31,6 +31,17 @@ server (vLLM, SGLang, TGI...; `--api-key` if it wants one), so servers compare b
 the same definitions: TTFT from sending to the first streamed text, TPOT = (last - first) /
 (tokens - 1), and ITL, the gaps between streamed chunks (each chunk counted as one token, as
 vLLM's benchmark counts them).
+
+    python tools/bench_serving.py --conversations 8 --turns 3,6 [--reuse both]
+
+`--conversations N` is a multi-turn chat workload (generated locally, seeded): each
+conversation has 3 to 6 turns (`--turns`); turn 1 is a prompt of `--prompt-len` tokens, and
+each later turn sends the whole history (every earlier prompt and the reply the server gave)
+plus `--new-len` new tokens, as a chat client does. Conversations run concurrently, turns in
+order. It runs on the served deployment with prefix reuse on (prefix caching, and
+`serving.local_prefill_max_tokens` at `--local-prefill` so a short new turn is prefilled where
+the conversation's KV is) and off (prefix caching off), and reports TTFT of first and later
+turns and the prompt tokens served from cache (`usage.cached_tokens`).
 """
 
 from __future__ import annotations
@@ -269,6 +280,70 @@ def run_jaxpd_openai(config_path: Path, runs) -> dict:
             server.stop()
 
 
+def run_conversations(config_path: Path, conversations: int, turns: tuple[int, int],
+                      prompt_len: tuple[int, int], new_len: tuple[int, int], output: int,
+                      vocab: int, seed: int, reuse: bool, local_prefill: int) -> dict:
+    """The multi-turn workload on `jaxpd serve`, prefix reuse on or off (see the docstring)."""
+    import yaml
+
+    from jaxpd.serving.background import ServeProcess
+    from jaxpd.serving.client import Client
+
+    cfg = yaml.safe_load(config_path.read_text())
+    serving = cfg.setdefault("serving", {})
+    serving.setdefault("router", {})["port"] = 0
+    serving["local_prefill_max_tokens"] = local_prefill if reuse else 0
+    cfg.setdefault("scheduler", {})["prefix_caching"] = reuse
+    rng = random.Random(seed)
+    plans = [(rng.randint(*turns), [rng.randrange(3, vocab) for _ in range(rng.randint(*prompt_len))],
+              random.Random(seed * 1000 + c)) for c in range(conversations)]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bench.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        server = ServeProcess(path, env=env, cwd=REPO)
+        address = server.wait_serving(300)
+        deadline = time.monotonic() + 600
+        while not any(line.startswith("jaxpd: compiled ") for line in server.lines) \
+                and server.process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        try:
+            with Client(address, timeout=600) as client:
+                def converse(plan):  # turns in order; each sends the whole history
+                    n, history, local = plan
+                    out = []
+                    for turn in range(n):
+                        if turn:
+                            history += [local.randrange(3, vocab)
+                                        for _ in range(local.randint(*new_len))]
+                        d = client.complete(prompt_token_ids=history, max_tokens=output,
+                                            ignore_eos=True, temperature=0.0)
+                        out.append((turn, d.ttft_s, d.usage.prompt_tokens, d.usage.cached_tokens))
+                        history = history + list(d.token_ids)
+                    return out
+
+                start = time.perf_counter()
+                with concurrent.futures.ThreadPoolExecutor(conversations) as pool:
+                    done = [t for conv in pool.map(converse, plans) for t in conv]
+                wall = time.perf_counter() - start
+        finally:
+            server.stop()
+
+    def stats(xs):
+        xs = sorted(xs)
+        return {"p50": round(statistics.median(xs), 5), "p90": round(xs[int(0.9 * (len(xs) - 1))], 5),
+                "mean": round(statistics.fmean(xs), 5)} if xs else None
+
+    later = [d for d in done if d[0] > 0]
+    return {"reuse": reuse, "turns": len(done), "wall_s": round(wall, 3),
+            "ttft_first_turn_s": stats([d[1] for d in done if d[0] == 0]),
+            "ttft_later_turns_s": stats([d[1] for d in later]),
+            "prompt_tokens": sum(d[2] for d in done),
+            "cached_tokens": sum(d[3] for d in done),
+            "later_turns_cached_fraction": round(sum(d[3] for d in later)
+                                                 / max(1, sum(d[2] for d in later)), 3)}
+
+
 def run_served(config_path: Path, runs) -> dict:
     import yaml
 
@@ -314,6 +389,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default=str(REPO / "configs" / "local.yaml"))
     ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--conversations", type=int, default=0,
+                    help="multi-turn chat workload: this many conversations (see above)")
+    ap.add_argument("--turns", type=_range, default=(3, 6), metavar="LO,HI")
+    ap.add_argument("--new-len", type=_range, default=(16, 48), metavar="LO,HI",
+                    help="--conversations: new tokens each later turn adds")
+    ap.add_argument("--reuse", choices=("on", "off", "both"), default="both",
+                    help="--conversations: prefix reuse on, off, or both side by side")
+    ap.add_argument("--local-prefill", type=int, default=128,
+                    help="--conversations: serving.local_prefill_max_tokens with reuse on")
     ap.add_argument("--prompt-len", type=_range, default=(64, 256), metavar="LO,HI")
     ap.add_argument("--output-len", type=_range, default=(32, 64), metavar="LO,HI")
     ap.add_argument("--seed", type=int, default=0)
@@ -358,6 +442,23 @@ def main() -> int:
     else:
         runs = workload(args.requests, args.prompt_len, args.output_len, vocab, args.seed,
                         args.warmup + 1)
+    if args.conversations:
+        output = args.output_len[0]
+        result = {"command": " ".join(sys.argv), "date": datetime.date.today().isoformat(),
+                  "host": {"nproc": os.cpu_count(), "platform": platform.platform()},
+                  "config": args.config, "mode": deployment.mode, "workload": "multi-turn",
+                  "conversations": args.conversations, "turns": args.turns,
+                  "output_tokens_per_turn": output}
+        for reuse in {"on": [True], "off": [False], "both": [True, False]}[args.reuse]:
+            result["reuse_on" if reuse else "reuse_off"] = run_conversations(
+                Path(args.config), args.conversations, args.turns, args.prompt_len,
+                args.new_len, output, vocab, args.seed, reuse, args.local_prefill)
+        if args.reuse == "both":
+            on, off = result["reuse_on"], result["reuse_off"]
+            result["later_turn_ttft_p50_on_over_off"] = round(
+                on["ttft_later_turns_s"]["p50"] / off["ttft_later_turns_s"]["p50"], 3)
+        print(json.dumps(result, indent=2))
+        return 0
     requests = runs[-1]
     result = {"command": " ".join(sys.argv), "date": datetime.date.today().isoformat(),
               "host": {"nproc": os.cpu_count(), "platform": platform.platform()},

@@ -196,6 +196,13 @@ def _grpc_receiver(q, mode: str, preset: str, dtype: str, tokens: int) -> None:
     ctx = wire.WireContext(FINGERPRINT, layout)
     pool = np.zeros(kv_shape(layout, tokens), wire.WIRE_DTYPES[dtype]) if mode != "bytes" else None
     writer = ThreadPoolExecutor(1, thread_name_prefix="pool-writer")
+    puller = None
+    if mode == "jax":  # pull frames: fetch from the sender's JAX transfer server
+        import jax
+
+        from jaxpd.transfer.jax_plane import JaxKVPuller
+
+        puller = JaxKVPuller(jax.devices()[0])
 
     def store(piece) -> None:
         h = piece.header
@@ -229,9 +236,13 @@ def _grpc_receiver(q, mode: str, preset: str, dtype: str, tokens: int) -> None:
                 if header.request_id == DIGEST_ID:
                     await asyncio.gather(*pending)
                     return await loop.run_in_executor(writer, digest, header.request_id)
-                piece = wire.check_piece(ctx, header, payload)
+                if header.HasField("pull"):
+                    wire.check_pull(ctx, header)
+                    piece = await puller.pull(header, 300.0)
+                else:
+                    piece = wire.check_piece(ctx, header, payload)
             except wire.WireError as e:
-                await context.abort(status[e.kind], str(e))
+                await context.abort(status.get(e.kind, grpc.StatusCode.ABORTED), str(e))
             count += 1
             if piece.array is not None:
                 pending.append(loop.run_in_executor(writer, store, piece))
@@ -481,6 +492,21 @@ async def _push_kv(channel, ctx, kv: np.ndarray, request_id: str, timeout_s: flo
     return await stream.finish(kv.shape[3], 0, 0.0)
 
 
+async def _push_jax(channel, ctx, kv, request_id: str, timeout_s: float):
+    """serving.transport: jax as the prefill worker runs it: `kv` (already on the device, as
+    a gather leaves it) offered on this process's transfer server, one pull frame on PushKV."""
+    from jaxpd.transfer.grpc_stream import GrpcKVStream
+    from jaxpd.transfer.jax_plane import JaxKVStream
+
+    call = _open(channel, None, timeout_s)
+    stream = JaxKVStream(_JAX_SENDER[0], GrpcKVStream(ctx, call, request_id))
+    await stream.send_tokens(kv, 0, 0, kv.shape[3])
+    return await stream.finish(kv.shape[3], 0, 0.0)
+
+
+_JAX_SENDER: list = []  # one JaxKVSender (one transfer server) for the whole run
+
+
 async def _ask_digest(channel, mode: str, ctx, timeout_s: float) -> int:
     """The receiver pool's CRC-32C (then zeroed), over the same method, outside the clock."""
     from jaxpd.transfer import wire
@@ -504,6 +530,15 @@ def time_grpc(port: int, mode: str, ctx, kv: np.ndarray, rounds: int,
     from jaxpd.serving.grpc_server import new_channel
 
     blobs = None
+    if mode == "jax":  # on the device before the clock, where a prefill worker's gather is
+        import jax.numpy as jnp
+
+        from jaxpd.transfer.jax_plane import JaxKVSender
+
+        if not _JAX_SENDER:
+            _JAX_SENDER.append(JaxKVSender(ctx, timeout_s))
+        _JAX_SENDER[0].ctx = ctx
+        device_kv = jnp.asarray(kv)
     if mode == "bytes":  # built before the clock: this case times grpcio alone
         blobs = [raw_view(kv[l0:l1, :, :, t0:t1]).tobytes()
                  for l0, l1, t0, t1 in split(ctx, kv.shape[3])]
@@ -518,6 +553,8 @@ def time_grpc(port: int, mode: str, ctx, kv: np.ndarray, rounds: int,
                     ack = await _push_bytes(channel, blobs, timeout_s)
                 elif mode == "plain":
                     ack = await _push_plain(channel, ctx, kv, f"r{i}", timeout_s)
+                elif mode == "jax":
+                    ack = await _push_jax(channel, ctx, device_kv, f"r{i}", timeout_s)
                 else:
                     ack = await _push_kv(channel, ctx, kv, f"r{i}", timeout_s)
                 times.append(time.perf_counter() - start)
@@ -578,7 +615,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="gRPC message sizes to sweep (default 1,4,16,64)")
     ap.add_argument("--repeats", type=_positive, default=None,
                     help=f"timed runs per case after one warm-up (default {DEFAULTS['repeats']})")
-    ap.add_argument("--cases", default="raw_socket,grpc_bytes,grpc_plain,grpc_kv,tcp_kv,shm_kv",
+    ap.add_argument("--cases",
+                    default="raw_socket,grpc_bytes,grpc_plain,grpc_kv,tcp_kv,shm_kv,jax_kv",
                     help="comma-separated subset of the cases (raw_socket always runs)")
     ap.add_argument("--timeout-s", type=float, default=300.0, help="deadline of one transfer")
     ap.add_argument("--quick", action="store_true",
@@ -587,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in (QUICK if args.quick else DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    known = ("grpc_bytes", "grpc_plain", "grpc_kv", "tcp_kv", "shm_kv")
+    known = ("grpc_bytes", "grpc_plain", "grpc_kv", "tcp_kv", "shm_kv", "jax_kv")
     wanted = {c.strip() for c in args.cases.split(",") if c.strip()} - {"raw_socket"}
     if wanted - set(known):
         ap.error(f"--cases: unknown {sorted(wanted - set(known))}; choose from raw_socket, "
@@ -645,11 +683,12 @@ def main(argv: list[str] | None = None) -> int:
                                            shared_memory=name == "shm_kv")
                 _record(result, name, mib, times, messages, kv.nbytes, raw)
 
-    for name in (c for c in known if c in wanted and c.startswith("grpc_")):
-        mode = name.removeprefix("grpc_")
+    for name in (c for c in known if c in wanted and (c.startswith("grpc_") or c == "jax_kv")):
+        mode = name.removeprefix("grpc_").removesuffix("_kv") if name == "jax_kv" else \
+            name.removeprefix("grpc_")
         result["summary"][name] = {}
         with Receiver(_grpc_receiver, mode, args.preset, args.dtype, args.tokens) as rx:
-            for mib in args.message_mib:
+            for mib in args.message_mib if mode != "jax" else args.message_mib[:1]:  # 1 pull
                 ctx = wire.WireContext(FINGERPRINT, layout, mib << 20)
                 times, messages = time_grpc(rx.port, mode, ctx, kv, rounds, args.timeout_s)
                 _record(result, name, mib, times, messages, kv.nbytes, raw)
