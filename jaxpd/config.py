@@ -142,8 +142,10 @@ class KVSection(_Strict):
     page_size: int = Field(16, ge=1, description="tokens per KV page (power of two)")
     num_pages: int = Field(2048, ge=2, description="pages per pool (one pool per mesh)")
     dtype: str = Field("auto", description="what the pool stores: auto (the model's dtype), "
-                                           "float32, bfloat16, float16, or float8_e4m3fn (fp8: "
-                                           "half of bfloat16's bytes per token, unscaled)")
+                                           "float32, bfloat16, float16, float8_e4m3fn (fp8: "
+                                           "half of bfloat16's bytes per token, unscaled), or "
+                                           "int8 (a scale per token and head: 52% of bf16's "
+                                           "bytes at head_dim 128)")
 
     @field_validator("dtype")
     @classmethod

@@ -52,13 +52,36 @@ def test_an_fp8_pool_halves_the_bytes_and_both_backends_read_it_alike(llama):
     assert pallas == ref
 
 
-def test_fp8_kv_keeps_the_top1_token_teacher_forced():
-    """The accuracy the docs report, on one HF fixture (tools/kv_accuracy.py): with the
-    full-precision tokens fed in, fp8 KV picks the same top-1 token at >= 95% of positions."""
+@pytest.mark.parametrize("fixture, dtype", [("qwen2", "float8_e4m3fn"), ("mistral", "int8")])
+def test_8bit_kv_keeps_the_top1_token_teacher_forced(fixture, dtype):
+    """The accuracy the docs report, on HF fixtures (tools/kv_accuracy.py): with the
+    full-precision tokens fed in, 8-bit KV picks the same top-1 token at >= 95% of positions
+    (int8 on mistral, the fixture where fp8 falls short), in about half of bf16's bytes."""
     import kv_accuracy
 
-    figures = kv_accuracy.measure(str(HF_FIXTURES / "qwen2"), ["bfloat16", "float8_e4m3fn"],
+    figures = kv_accuracy.measure(str(HF_FIXTURES / fixture), ["bfloat16", dtype],
                                   prompts=4, prompt_tokens=24, tokens=24)
-    fp8 = figures["float8_e4m3fn"]
-    assert fp8["top1_agreement"] >= 0.95, fp8
-    assert fp8["bytes_per_token"] * 2 == figures["bfloat16"]["bytes_per_token"]
+    got = figures[dtype]
+    assert got["top1_agreement"] >= 0.95, got
+    assert got["bytes_per_token"] <= 0.53 * figures["bfloat16"]["bytes_per_token"]
+
+
+def test_int8_rows_carry_their_scale_and_the_engine_runs_on_them(llama):
+    """kv.dtype int8: each stored row is head_dim int8 values and its float32 scale; a
+    disaggregated TP 4 -> 2 engine on int8 pools (the reference attention; the TPU kernel
+    refuses them by name) gives the greedy tokens of full precision for most tokens."""
+    from jaxpd.engine import attention
+    from jaxpd.kv.dtypes import from_storage, to_storage
+    from test_engine import naive_greedy
+
+    x = jnp.asarray([[0.5, -1.0, 0.25, 0.0], [0.0, 0.0, 0.0, 0.0]], jnp.float32)
+    rows = to_storage(x, jnp.int8)
+    assert rows.shape == (2, 8) and rows.dtype == jnp.int8
+    assert float(jnp.abs(from_storage(rows, 4) - x).max()) <= 1.0 / 254
+    engine, got = _run(llama, **DISAGG, kv_dtype="int8", attention="reference")
+    assert engine.decode.manager.kv.k.shape[-1] == llama.config.head_dim + 4
+    want = [naive_greedy(llama, p, 6) for p in prompts(3, seed=31)]
+    same = sum(a == b for g, w in zip(got, want) for a, b in zip(g, w))
+    assert same >= 0.9 * sum(len(w) for w in want), (got, want)
+    with pytest.raises(ConfigError, match="int8"):
+        attention.resolve("pallas", head_dim=64, dtype="float32", kv_dtype="int8")

@@ -386,28 +386,33 @@ def test_kv_that_never_arrives_times_out_and_frees_pages(model):
         w.stop()
 
 
-def test_a_float32_prefill_feeds_an_fp8_decode_pool(model):
-    """kv.dtype differs between the two workers: the frames name the sender's dtype
-    (float32 here) and the fp8 decode worker stores them as e4m3 (clipped), byte for byte
-    what a cast gives."""
-    import ml_dtypes
+@pytest.mark.parametrize("pool, sent", [("float8_e4m3fn", "float32"), ("int8", "float32"),
+                                        ("int8", "int8")])
+def test_a_decode_pool_of_another_dtype_stores_what_the_wire_names(model, pool, sent):
+    """kv.dtype differs between the workers: the frames name the sender's dtype and the decode
+    worker converts, byte for byte what its own storage rule gives: a float32 prefill into fp8
+    (clipped to +-448) or int8 (rows quantized with their scales); int8 into int8 moves the
+    rows and their scales unchanged."""
+    import jax.numpy as jnp
 
+    from jaxpd.kv.dtypes import KV_DTYPES, to_storage
     from jaxpd.kv.layout import KVLayout
 
-    w = DecodeWorker(model, _deployment(kv_dtype="fp8"))
+    w = DecodeWorker(model, _deployment(kv_dtype=pool))
     try:
-        assert w.layout.dtype == "float8_e4m3fn"
+        assert w.layout.dtype == pool
         stub, _ = _stubs(w.address)
         call = _reserve(stub, "narrow")
         sender = wire.WireContext(w.ctx.fingerprint, KVLayout.for_model(
-            model.config, tp=1, page_size=4, dtype="float32"))
+            model.config, tp=1, page_size=4, dtype=sent))
         kv = _kv(w.layout, seed=9) * 100  # some beyond e4m3's +-448
-        w.push(_frames(sender, "narrow", kv))
+        on_wire = np.asarray(to_storage(jnp.asarray(kv), KV_DTYPES[sent]))
+        w.push(_frames(sender, "narrow", on_wire))
         assert len([t for ev in call for t in ev.tokens.token_ids]) == 3
         digest = worker_pb2_grpc.DecodeWorkerStub(grpc.insecure_channel(w.address)) \
             .GetKVDigests(worker_pb2.KVDigestsRequest(request_ids=["narrow"])).digests["narrow"]
-        want = np.clip(kv, -448, 448).astype(ml_dtypes.float8_e4m3fn)
-        assert digest.bytes == kv.size  # one byte per element
+        want = np.asarray(to_storage(jnp.asarray(kv), KV_DTYPES[pool]))
+        assert digest.bytes == want.size  # one byte per element (int8: and 4 per row's scale)
         assert digest.crc32c == wire.crc32c(np.ascontiguousarray(want).view(np.uint8))
     finally:
         w.stop()

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpd.errors import ConfigError
+from jaxpd.kv.dtypes import SCALED, from_storage
 from jaxpd.model.attention import causal_attention
 
 Implementation = Literal["reference", "pallas", "cudnn", "auto"]
@@ -76,8 +77,9 @@ def reference_attention(q: jax.Array,  # [batch, q_len, heads, head_dim]
                         q_positions: jax.Array,  # i32[batch, q_len]; -1 = padding
                         kv_lens: jax.Array,  # i32[batch]: tokens in the cache, new ones included
                         *, sliding_window: int | None = None, layer=None) -> jax.Array:
-    k = gather_pages(k_pages, page_table, layer).astype(jnp.float32)  # any storage dtype
-    v = gather_pages(v_pages, page_table, layer).astype(jnp.float32)
+    hd = q.shape[-1]
+    k = from_storage(gather_pages(k_pages, page_table, layer), hd)  # any storage dtype
+    v = from_storage(gather_pages(v_pages, page_table, layer), hd)
     kv_pos = _kv_positions(page_table, k_pages.shape[-2], kv_lens)
     return causal_attention(q.astype(jnp.float32), k, v, q_positions, kv_pos,
                             sliding_window=sliding_window).astype(q.dtype)
@@ -114,8 +116,8 @@ def paged_attention_jnp(q: jax.Array,  # [batch, q_len, heads, head_dim]
     def body(index, carry):
         m, l, acc = carry
         cols = jax.lax.dynamic_slice_in_dim(table, index * per_block, per_block, axis=1)
-        k = _pages_at(k_pages, layer, cols).astype(jnp.float32)  # [b, width, kv, hd]
-        v = _pages_at(v_pages, layer, cols).astype(jnp.float32)
+        k = from_storage(_pages_at(k_pages, layer, cols), hd)  # f32 [b, width, kv, hd]
+        v = from_storage(_pages_at(v_pages, layer, cols), hd)
         scores = jnp.einsum("btkgd,bskd->bkgts", qg, k)
         pos = (index * width + jnp.arange(width))[None, None, None, None, :]
         valid = (pos < kv_lens[:, None, None, None, None]) & (pos <= qpos)
@@ -146,8 +148,9 @@ def prefill_attention_jnp(q, k_pages, v_pages, page_table, q_positions, kv_lens,
 
 def cudnn_attention(q, k_pages, v_pages, page_table, q_positions, kv_lens, *,
                     sliding_window: int | None = None, mesh=None, layer=None) -> jax.Array:
-    k = gather_pages(k_pages, page_table, layer).astype(q.dtype)  # an fp8 pool widens here
-    v = gather_pages(v_pages, page_table, layer).astype(q.dtype)
+    hd = q.shape[-1]  # an 8-bit pool widens here
+    k = from_storage(gather_pages(k_pages, page_table, layer), hd).astype(q.dtype)
+    v = from_storage(gather_pages(v_pages, page_table, layer), hd).astype(q.dtype)
     kv_pos = _kv_positions(page_table, k_pages.shape[-2], kv_lens)
     mask = (kv_pos[:, None, None, :] >= 0) & (kv_pos[:, None, None, :] <= q_positions[:, None, :, None])
     if sliding_window is not None:
@@ -243,7 +246,8 @@ def resolve(implementation: str, *, head_dim: int, dtype: str,
     backend = jax.default_backend()
     if implementation == "auto":
         fits = backend == "gpu" and dtype in ("bfloat16", "float16") and head_dim <= 128
-        implementation = "pallas" if backend == "tpu" else "cudnn" if fits else "reference"
+        implementation = ("pallas" if backend == "tpu" and kv_dtype not in SCALED
+                          else "cudnn" if fits else "reference")
     if implementation == "pallas":
         if backend == "gpu":
             from jaxpd.kernels.gpu_paged_attention import supported
@@ -254,6 +258,10 @@ def resolve(implementation: str, *, head_dim: int, dtype: str,
                                   f"model's dtype (the model has {dtype}, head_dim {head_dim}, "
                                   f"KV {kv_dtype}); use 'cudnn' or 'reference'")
             return AttentionBackend("pallas", pallas_gpu_attention, pallas_gpu_attention, True)
+        if kv_dtype in SCALED:
+            raise ConfigError(f"attention implementation 'pallas' reads float KV pools, not "
+                              f"kv.dtype {kv_dtype} (rows with scales); use 'reference', or "
+                              f"kv.dtype float8_e4m3fn")
         fn = WritesKV(functools.partial(pallas_tpu_attention, interpret=backend != "tpu"))
         return AttentionBackend("pallas", fn, fn, True)
     if implementation == "cudnn":

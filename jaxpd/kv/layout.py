@@ -20,7 +20,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpd.kv.dtypes import KV_DTYPES
+from jaxpd.kv.dtypes import KV_DTYPES, row_width
 from jaxpd.model.config import ModelConfig
 from jaxpd.model.llama import kv_head_repeat
 from jaxpd.model.sharding import check_tp
@@ -55,10 +55,15 @@ class KVLayout:
     def jnp_dtype(self):
         return KV_DTYPES[self.dtype]
 
+    @property
+    def row_width(self) -> int:
+        """Elements stored per token and head: head_dim, plus an int8 row's scale bytes."""
+        return row_width(self.dtype, self.head_dim)
+
     def page_bytes(self) -> int:
         """Bytes of one page across all layers, K and V, all stored heads."""
         item = np.dtype(self.jnp_dtype).itemsize
-        return 2 * self.num_layers * self.kv_heads * self.page_size * self.head_dim * item
+        return 2 * self.num_layers * self.kv_heads * self.page_size * self.row_width * item
 
     def pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_size)

@@ -30,7 +30,7 @@ def page_sharding(mesh: Mesh | None) -> NamedSharding | None:
 
 def create_pages(layout: KVLayout, num_pages: int, mesh: Mesh | None) -> KVPages:
     """Zeroed pages for every layer, created directly in their sharded layout."""
-    shape = (layout.num_layers, layout.kv_heads, num_pages, layout.page_size, layout.head_dim)
+    shape = (layout.num_layers, layout.kv_heads, num_pages, layout.page_size, layout.row_width)
 
     @functools.partial(jax.jit, out_shardings=page_sharding(mesh))
     def zeros():

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxpd.kv.dtypes import KV_DTYPES, to_storage
+from jaxpd.kv.dtypes import KV_DTYPES, from_storage, to_storage
 from jaxpd.model.attention import causal_attention
 from jaxpd.model.config import ModelConfig
 from jaxpd.model.llama import LlamaModel, kv_head_repeat, no_attention
@@ -72,8 +72,9 @@ def _prefill_attend(config: ModelConfig, q_positions: jax.Array, kv_positions: j
 
     def attend(layer, q, k, v, cache: StackedKV):
         if kv_dtype is not None:
-            k = to_storage(k, KV_DTYPES[kv_dtype]).astype(k.dtype)
-            v = to_storage(v, KV_DTYPES[kv_dtype]).astype(v.dtype)
+            hd = k.shape[-1]
+            k = from_storage(to_storage(k, KV_DTYPES[kv_dtype]), hd).astype(k.dtype)
+            v = from_storage(to_storage(v, KV_DTYPES[kv_dtype]), hd).astype(v.dtype)
         out = causal_attention(q, k, v, q_positions, kv_positions,
                                sliding_window=config.sliding_window)
         return out, StackedKV(cache.k.at[layer].set(k), cache.v.at[layer].set(v))

@@ -54,7 +54,7 @@ _MAX_HEADER = 1 << 20
 _DTYPES = {name: np.dtype(t) for name, t in (
     ("int32", np.int32), ("uint32", np.uint32), ("int64", np.int64), ("float32", np.float32),
     ("float16", np.float16), ("bool", np.bool_), ("bfloat16", ml_dtypes.bfloat16),
-    ("float8_e4m3fn", ml_dtypes.float8_e4m3fn))}
+    ("float8_e4m3fn", ml_dtypes.float8_e4m3fn), ("int8", np.int8))}
 LWS_ENV = ("LWS_LEADER_ADDRESS", "LWS_WORKER_INDEX", "LWS_GROUP_SIZE")
 
 

@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxpd.engine.buckets import pow2_bucket
 from jaxpd.errors import ConfigError
 from jaxpd.kv.allocator import NULL_BLOCK
-from jaxpd.kv.dtypes import to_storage
+from jaxpd.kv.dtypes import convert_rows
 from jaxpd.kv.layout import KVLayout, canonical_heads, replicate_heads
 from jaxpd.kv.manager import KVCacheManager
 from jaxpd.kv.pool import KVPages
@@ -33,7 +33,8 @@ def gather_canonical(kv: KVPages, pages: jax.Array, *, layout: KVLayout) -> KVPa
 @functools.partial(jax.jit, static_argnames=("layout",), donate_argnames=("kv",))
 def scatter_pages(kv: KVPages, moved: KVPages, pages: jax.Array, *, layout: KVLayout) -> KVPages:
     """Write canonical-head `moved` pages into `kv` at `pages`, replicating heads for `layout`."""
-    return KVPages(*(x.at[:, :, pages].set(to_storage(replicate_heads(m, layout, 1), x.dtype))
+    return KVPages(*(x.at[:, :, pages].set(convert_rows(replicate_heads(m, layout, 1), m.dtype,
+                                                        x.dtype, layout.head_dim))
                      for x, m in zip(kv, moved)))
 
 

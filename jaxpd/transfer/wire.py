@@ -25,7 +25,7 @@ import numpy as np
 
 from jaxpd.engine.buckets import pow2_bucket
 from jaxpd.kv.allocator import NULL_BLOCK
-from jaxpd.kv.dtypes import HOST_DTYPES, to_storage
+from jaxpd.kv.dtypes import HOST_DTYPES, convert_rows, row_width
 from jaxpd.kv.layout import KVLayout, canonical_heads, replicate_heads
 from jaxpd.kv.pool import KVPages
 from jaxpd.model.config import ModelConfig
@@ -157,7 +157,7 @@ class WireContext:
         return WIRE_DTYPES[self.layout.dtype]
 
     def bytes_per_layer_token(self) -> int:
-        return 2 * self.layout.model_kv_heads * self.layout.head_dim * self.wire_dtype.itemsize
+        return 2 * self.layout.model_kv_heads * self.layout.row_width * self.wire_dtype.itemsize
 
 
 def encode_tokens(ctx: WireContext, request_id: str, host: np.ndarray, offset: int,
@@ -266,7 +266,7 @@ def check_piece(ctx: WireContext, header: worker_pb2.KVHeader, payload: memoryvi
     if not len(payload) and not header.shape:
         return KVPiece(header, None)
     want = (header.layer_end - header.layer_start, 2, header.head_end - header.head_start,
-            header.token_end - header.token_start, layout.head_dim)
+            header.token_end - header.token_start, row_width(header.dtype, layout.head_dim))
     if tuple(header.shape) != want or not 0 <= header.layer_start < header.layer_end <= layout.num_layers:
         raise WireError("precondition", f"request {header.request_id!r}: KV shape {list(header.shape)} "
                         f"for layers [{header.layer_start}, {header.layer_end}) does not fit this "
@@ -295,7 +295,8 @@ def check_pull(ctx: WireContext, header: worker_pb2.KVHeader) -> None:
     n = header.token_end - header.token_start
     shape = tuple(header.shape)
     whole = (layout.num_layers, 2, layout.model_kv_heads)
-    if (n <= 0 or len(shape) != 5 or shape[:3] != whole or shape[4] != layout.head_dim
+    if (n <= 0 or len(shape) != 5 or shape[:3] != whole
+            or shape[4] != row_width(header.dtype, layout.head_dim)
             or not header.pull.offset + n <= shape[3] <= 2 * (n + 2 * layout.page_size)):
         raise WireError("precondition", f"request {header.request_id!r}: a pull of shape "
                         f"{list(shape)} for tokens [{header.token_start}, {header.token_end}) "
@@ -306,10 +307,12 @@ def check_pull(ctx: WireContext, header: worker_pb2.KVHeader) -> None:
 @functools.partial(jax.jit, static_argnames=("layout", "layer_start"), donate_argnames=("kv",))
 def scatter_tokens(kv: KVPages, update: jax.Array, pages: jax.Array, slots: jax.Array, *,
                    layout: KVLayout, layer_start: int) -> KVPages:
-    """`update` [layers, 2, model heads, tokens, head_dim] written at (pages, slots)."""
+    """`update` [layers, 2, model heads, tokens, row] written at (pages, slots), converted
+    from the sender's storage dtype (its own dtype) to this pool's."""
     layers = slice(layer_start, layer_start + update.shape[0])
-    k = to_storage(replicate_heads(update[:, 0], layout, 1), kv.k.dtype)  # [layers, kv, t, hd]
-    v = to_storage(replicate_heads(update[:, 1], layout, 1), kv.v.dtype)
+    hd = layout.head_dim
+    k = convert_rows(replicate_heads(update[:, 0], layout, 1), update.dtype, kv.k.dtype, hd)
+    v = convert_rows(replicate_heads(update[:, 1], layout, 1), update.dtype, kv.v.dtype, hd)
     return KVPages(kv.k.at[layers, :, pages, slots].set(k), kv.v.at[layers, :, pages, slots].set(v))
 
 
