@@ -44,6 +44,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from jaxpd.kv.dtypes import from_storage, to_storage
+
 __all__ = ["BlockSizes", "paged_attention", "paged_attention_write_kv",
            "paged_attention_reference", "interpret_params"]
 
@@ -104,14 +106,15 @@ class _PageBlockCopy:
             c.wait()
 
 
-def _to_storage(x: jax.Array, dtype) -> jax.Array:
-    """New K/V as the pool stores them; an 8-bit float pool clips to its range first (e4m3fn
-    has no infinity, so an overflowing cast would store NaN). Reads widen to float32."""
-    dtype = jnp.dtype(dtype)
-    if dtype.itemsize == 1 and jnp.issubdtype(dtype, jnp.floating):
-        top = float(jnp.finfo(dtype).max)
-        x = jnp.clip(x.astype(jnp.float32), -top, top)
-    return x.astype(dtype)
+def _widen(rows: jax.Array, dim: int) -> jax.Array:
+    """Stored rows [W, row] as float32 [W, dim]: a float pool's rows cast; an int8 pool's rows
+    (dim int8 values, then their float32 scale's 4 bytes, jaxpd/kv/dtypes.py) scaled back."""
+    if rows.dtype != jnp.int8:
+        return rows.astype(jnp.float32)
+    b = rows[:, dim:dim + 4].astype(jnp.int32) & 0xFF  # the scale's bytes, little-endian
+    bits = b[:, 0:1] | (b[:, 1:2] << 8) | (b[:, 2:3] << 16) | (b[:, 3:4] << 24)
+    scale = jax.lax.bitcast_convert_type(bits, jnp.float32)  # [W, 1]
+    return rows[:, :dim].astype(jnp.float32) * scale
 
 
 def _attend(layer_ref, page_table_ref, kv_lens_ref, q_lo_ref,  # scalar prefetch (SMEM)
@@ -140,6 +143,7 @@ def _attend(layer_ref, page_table_ref, kv_lens_ref, q_lo_ref,  # scalar prefetch
                                h, slot, pages_per_block))
 
     q = q_ref[...].astype(jnp.float32) * scale  # [TG, D]
+    dim = q.shape[-1]  # stored rows may be wider (an int8 row's scale follows its values)
     qpos = qpos_ref[...]  # [TG, 1]
 
     @pl.when(first_block < blocks)
@@ -158,8 +162,8 @@ def _attend(layer_ref, page_table_ref, kv_lens_ref, q_lo_ref,  # scalar prefetch
             for c in copies(block + 1, 1 - slot):
                 c.start()
 
-        k = k_buf[slot].reshape(width, -1).astype(jnp.float32)  # [W, D]
-        v = v_buf[slot].reshape(width, -1).astype(jnp.float32)
+        k = _widen(k_buf[slot].reshape(width, -1), dim)  # [W, D] whatever the pool stores
+        v = _widen(v_buf[slot].reshape(width, -1), dim)
         s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32)  # [TG, W]
         if soft_cap is not None:
@@ -241,7 +245,7 @@ def paged_attention(q: jax.Array,  # [batch, q_len, heads, head_dim]
     kernel = functools.partial(_attend, page_size=page_size, pages=pages,
                                pages_per_block=per_block, scale=dim ** -0.5,
                                window=sliding_window, soft_cap=soft_cap)
-    buffer = pltpu.VMEM((2, per_block, page_size, dim), k_pages.dtype)
+    buffer = pltpu.VMEM((2, per_block, page_size, k_pages.shape[-1]), k_pages.dtype)
     out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((batch, kv_heads, tg, dim), q.dtype),
@@ -290,11 +294,11 @@ def paged_attention_write_kv(q: jax.Array,  # [batch, q_len, heads, head_dim]
     per_block = max(1, min(block_sizes.pages_per_block, pages))
     tg = q_len * group
     qk, qpos, q_lo = _query_blocks(q, q_positions, kv_heads)
-    to_heads = lambda x: _to_storage(x.transpose(0, 2, 1, 3), k_pages.dtype)  # noqa: E731 [b,kv,t,d]
+    to_heads = lambda x: to_storage(x.transpose(0, 2, 1, 3), k_pages.dtype)  # noqa: E731 [b,kv,t,d]
     kernel = functools.partial(_write_then_attend, q_len=q_len, page_size=page_size,
                                pages=pages, pages_per_block=per_block, scale=dim ** -0.5,
                                window=sliding_window, soft_cap=soft_cap)
-    buffer = pltpu.VMEM((2, per_block, page_size, dim), k_pages.dtype)
+    buffer = pltpu.VMEM((2, per_block, page_size, k_pages.shape[-1]), k_pages.dtype)
     rows = lambda b, h, *_: (b, h, 0, 0)  # noqa: E731
     out, k_pages, v_pages = pl.pallas_call(
         kernel,
@@ -308,8 +312,8 @@ def paged_attention_write_kv(q: jax.Array,  # [batch, q_len, heads, head_dim]
                       pl.BlockSpec((None, tg, 1), lambda b, h, *_: (b, 0, 0)),
                       # not squeezed: Mosaic cannot slice a row (pl.ds) out of a ref whose
                       # block squeezes leading dims (a tpu.memref_slice verification error)
-                      pl.BlockSpec((1, 1, q_len, dim), rows),
-                      pl.BlockSpec((1, 1, q_len, dim), rows),
+                      pl.BlockSpec((1, 1, q_len, k_pages.shape[-1]), rows),  # stored rows
+                      pl.BlockSpec((1, 1, q_len, k_pages.shape[-1]), rows),
                       pl.BlockSpec(memory_space=pl.ANY),
                       pl.BlockSpec(memory_space=pl.ANY)],
             out_specs=[pl.BlockSpec((None, None, tg, dim), rows),
@@ -365,8 +369,8 @@ def paged_attention_reference(q, k_pages, v_pages, page_table, q_positions, kv_l
     batch, q_len, heads, dim = q.shape
     kv_heads, _, page_size, _ = k_pages.shape
     group = heads // kv_heads
-    k = k_pages[:, page_table].astype(jnp.float32)  # [kv, b, pages, ps, d]
-    v = v_pages[:, page_table].astype(jnp.float32)
+    k = from_storage(k_pages[:, page_table], dim)  # f32 [kv, b, pages, ps, d], any pool dtype
+    v = from_storage(v_pages[:, page_table], dim)
     k = k.reshape(kv_heads, batch, -1, dim)
     v = v.reshape(kv_heads, batch, -1, dim)
     qg = q.reshape(batch, q_len, kv_heads, group, dim).astype(jnp.float32) * dim ** -0.5

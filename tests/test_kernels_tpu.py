@@ -144,41 +144,47 @@ def test_fused_kv_write_equals_scatter_then_attention(dtype, pages_per_block):
                                np.asarray(want, np.float32)[valid], rtol=tol, atol=tol)
 
 
-def test_an_fp8_pool_stores_clipped_e4m3_and_attends_over_it_widened():
-    """kv.dtype float8_e4m3fn: the fused write stores the new bf16 K/V as e4m3 (clipped to
-    +-448, never NaN), exactly as the engine's jnp scatter does, and attention reads the fp8
-    pages widened to float32 (equal to the reference on the same fp8 pool)."""
-    from jaxpd.kv.dtypes import to_storage
+@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "int8"])
+def test_an_8bit_pool_stores_what_the_engine_stores_and_attends_over_it_widened(dtype):
+    """kv.dtype float8_e4m3fn or int8: the fused write stores the new bf16 K/V as the engine's
+    jnp scatter does (e4m3 clipped to +-448, never NaN; int8 rows with their scale packed
+    after them), bit for bit, and attention reads the 8-bit pages widened to float32 (equal to
+    the reference on the same pool)."""
+    from jaxpd.kv.dtypes import KV_DTYPES, to_storage
 
-    fp8 = jnp.float8_e4m3fn
+    narrow = KV_DTYPES[dtype]
     rng = np.random.default_rng(8)
     q, k, v, table, positions, lens = paged_batch(rng, kv_heads=2, group=2, dim=64,
                                                   dtype=jnp.bfloat16,
                                                   rows=[(21, 5), (19, 1), (40, 3)])
-    k8, v8 = k.astype(fp8), v.astype(fp8)
+    k8, v8 = to_storage(k, narrow), to_storage(v, narrow)
     new_shape = (*positions.shape, k.shape[0], k.shape[-1])
     k_new = rng.standard_normal(new_shape).astype(np.float32) * 4
     k_new[0, 0, 0, :3] = [1e4, -1e4, 500.0]  # beyond e4m3's range
     k_new = jnp.asarray(k_new, jnp.bfloat16)
     v_new = jnp.asarray(rng.standard_normal(new_shape), jnp.bfloat16)
-    k_want = _scatter(k8, to_storage(k_new, fp8), np.asarray(table), np.asarray(positions))
-    v_want = _scatter(v8, to_storage(v_new, fp8), np.asarray(table), np.asarray(positions))
+    k_want = _scatter(k8, to_storage(k_new, narrow), np.asarray(table), np.asarray(positions))
+    v_want = _scatter(v8, to_storage(v_new, narrow), np.asarray(table), np.asarray(positions))
     out, k_got, v_got = paged_attention_write_kv(  # the pool is donated
         q, k_new, v_new, k8, v8, table, positions, lens, block_sizes=BlockSizes(2),
         interpret=interpret_params())
-    assert k_got.dtype == fp8 and np.isfinite(np.asarray(k_got, np.float32)).all()
-    np.testing.assert_array_equal(np.asarray(k_got, np.float32), np.asarray(k_want, np.float32))
-    np.testing.assert_array_equal(np.asarray(v_got, np.float32), np.asarray(v_want, np.float32))
-    assert float(np.asarray(k_got, np.float32).max()) == 448.0
+    assert k_got.dtype == narrow and k_got.shape[-1] == (64 if dtype != "int8" else 68)
+    as_bits = (lambda x: np.asarray(x).view(np.uint8))  # noqa: E731
+    np.testing.assert_array_equal(as_bits(k_got), as_bits(k_want))
+    np.testing.assert_array_equal(as_bits(v_got), as_bits(v_want))
+    if dtype == "float8_e4m3fn":
+        assert float(np.asarray(k_got, np.float32).max()) == 448.0
     want = paged_attention_reference(q, jnp.asarray(k_want), jnp.asarray(v_want), table,
                                      positions, lens)
     valid = np.asarray(positions) >= 0
-    np.testing.assert_allclose(np.asarray(out, np.float32)[valid],
-                               np.asarray(want, np.float32)[valid], rtol=2e-2, atol=2e-2)
+    got32 = np.asarray(out, np.float32)
+    assert np.isfinite(got32).all()
+    np.testing.assert_allclose(got32[valid], np.asarray(want, np.float32)[valid], rtol=2e-2,
+                               atol=2e-2)
 
 
 @pytest.mark.parametrize("kind", ["TPU v5 lite", "TPU v6 lite"])
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float8_e4m3fn])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float8_e4m3fn, jnp.int8])
 def test_both_kernels_lower_for_tpu_generations(kind, dtype):
     """Lowered by Mosaic TPU for each generation on this CPU machine (an AbstractMesh whose
     device names the TPU kind): block shapes, layouts and refs are checked without a TPU.
@@ -193,10 +199,11 @@ def test_both_kernels_lower_for_tpu_generations(kind, dtype):
     spec = jax.ShapeDtypeStruct
     q = spec((batch, q_len, 4 * kv_heads, dim), jnp.bfloat16)
     new = spec((batch, q_len, kv_heads, dim), jnp.bfloat16)
-    pool = spec((layers, kv_heads, pages, page, dim), dtype)
+    row = dim + 4 if dtype == jnp.int8 else dim  # an int8 row carries its scale
+    pool = spec((layers, kv_heads, pages, page, row), dtype)
     table, pos, lens = (spec((batch, 8), jnp.int32), spec((batch, q_len), jnp.int32),
                         spec((batch,), jnp.int32))
-    sizes = BlockSizes.for_device(kind, page_bytes=page * dim * jnp.dtype(dtype).itemsize)
+    sizes = BlockSizes.for_device(kind, page_bytes=page * row * jnp.dtype(dtype).itemsize)
     for fn, args in ((paged_attention, (q, pool, pool, table, pos, lens, 1)),
                      (paged_attention_write_kv, (q, new, new, pool, pool, table, pos, lens, 1))):
         with jax.sharding.use_abstract_mesh(mesh):

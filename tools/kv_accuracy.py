@@ -6,7 +6,8 @@ ids) are continued greedily at full precision; then the whole sequence is run ag
 teacher-forced (the full-precision tokens fed in) with attention over K/V as a pool of each
 `--kv-dtype` stores them (`jaxpd.model.forward.prefill(kv_dtype=...)`: stored, read back). At
 every position of the continuation it compares the top-1 token with full precision's and the
-logits' error. Bytes per token are those of the pool (all layers, K and V, model KV heads).
+logits' error. Bytes per token are those of the pool (all layers, K and V, model KV heads;
+int8 rows include their 4-byte scales).
 
     python tools/kv_accuracy.py [--checkpoint DIR ...] [--kv-dtype float8_e4m3fn ...]
                                 [--prompts 8] [--prompt-tokens 48] [--tokens 48]
@@ -39,7 +40,7 @@ def measure(folder: str | None, kv_dtypes: list[str], *, prompts: int, prompt_to
     """{dtype: figures} for one checkpoint (None: the embedded default model)."""
     import jax.numpy as jnp
 
-    from jaxpd.kv.dtypes import HOST_DTYPES
+    from jaxpd.kv.dtypes import HOST_DTYPES, row_width
     from jaxpd.model.checkpoint import load_model
     from jaxpd.model.forward import prefill
     from jaxpd.tokenizer import tokenizer_for_checkpoint
@@ -81,8 +82,8 @@ def measure(folder: str | None, kv_dtypes: list[str], *, prompts: int, prompt_to
             "mean_abs_logit_error": float(err.mean()),
             "max_abs_logit_error": float(err.max()),
             "mean_error_over_logit_std": float(err.mean() / spread),
-            "bytes_per_token": 2 * config.num_layers * config.num_kv_heads * config.head_dim
-                               * HOST_DTYPES[name].itemsize,
+            "bytes_per_token": 2 * config.num_layers * config.num_kv_heads
+                               * row_width(name, config.head_dim) * HOST_DTYPES[name].itemsize,
         }
     return figures
 

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpd.errors import ConfigError
-from jaxpd.kv.dtypes import SCALED, from_storage
+from jaxpd.kv.dtypes import from_storage
 from jaxpd.model.attention import causal_attention
 
 Implementation = Literal["reference", "pallas", "cudnn", "auto"]
@@ -246,8 +246,7 @@ def resolve(implementation: str, *, head_dim: int, dtype: str,
     backend = jax.default_backend()
     if implementation == "auto":
         fits = backend == "gpu" and dtype in ("bfloat16", "float16") and head_dim <= 128
-        implementation = ("pallas" if backend == "tpu" and kv_dtype not in SCALED
-                          else "cudnn" if fits else "reference")
+        implementation = "pallas" if backend == "tpu" else "cudnn" if fits else "reference"
     if implementation == "pallas":
         if backend == "gpu":
             from jaxpd.kernels.gpu_paged_attention import supported
@@ -258,10 +257,6 @@ def resolve(implementation: str, *, head_dim: int, dtype: str,
                                   f"model's dtype (the model has {dtype}, head_dim {head_dim}, "
                                   f"KV {kv_dtype}); use 'cudnn' or 'reference'")
             return AttentionBackend("pallas", pallas_gpu_attention, pallas_gpu_attention, True)
-        if kv_dtype in SCALED:
-            raise ConfigError(f"attention implementation 'pallas' reads float KV pools, not "
-                              f"kv.dtype {kv_dtype} (rows with scales); use 'reference', or "
-                              f"kv.dtype float8_e4m3fn")
         fn = WritesKV(functools.partial(pallas_tpu_attention, interpret=backend != "tpu"))
         return AttentionBackend("pallas", fn, fn, True)
     if implementation == "cudnn":
