@@ -278,7 +278,7 @@ class ServingSection(_Strict):
                             "jax (the decode worker pulls the KV from the prefill worker's "
                             "device through JAX's transfer server, jax.experimental.transfer); "
                             "auto (shm where a prefill worker reaches the decode worker on "
-                            "loopback, tcp otherwise)")
+                            "loopback; else jax when both are accelerators; else tcp)")
     data_host: str | None = Field(None, description="tcp: the address decode workers advertise "
                                                     "for their data plane, which listens on the "
                                                     "group's host (default: that host, or this "

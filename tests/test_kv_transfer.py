@@ -478,12 +478,20 @@ def test_a_data_plane_on_every_interface_advertises_a_name_peers_can_reach():
     asyncio.run(run())
 
 
-def test_auto_picks_shared_memory_on_this_host_and_tcp_elsewhere():
-    from jaxpd.transfer.tcp_plane import same_host
+def test_auto_picks_shared_memory_on_this_host_jax_between_accelerators_and_tcp_else():
+    from jaxpd.transfer.tcp_plane import choose_transport, same_host
 
     assert same_host("auto://127.0.0.1:5000") and same_host("auto://localhost:5000")
     assert not same_host("auto://10.1.2.3:5000")
     assert not same_host("auto://no-such-host.invalid:5000")
+    jax_too = "auto://10.1.2.3:5000?jax=10.1.2.3:6000"  # a decode worker on an accelerator
+    assert choose_transport(jax_too, on_accelerator=True) == ("jax", "jax://10.1.2.3:6000")
+    assert choose_transport(jax_too, on_accelerator=False) == ("tcp", "auto://10.1.2.3:5000")
+    assert choose_transport("auto://127.0.0.1:5000?jax=127.0.0.1:6000", True) == \
+        ("shm", "auto://127.0.0.1:5000")
+    assert choose_transport("auto://10.1.2.3:5000", True) == ("tcp", "auto://10.1.2.3:5000")
+    assert choose_transport("10.1.2.3:6000", True) == ("grpc", "10.1.2.3:6000")
+    assert choose_transport("shm://127.0.0.1:5000", False)[0] == "shm"
 
 
 def test_blocks_the_decode_worker_holds_are_neither_sent_nor_overwritten(worker):

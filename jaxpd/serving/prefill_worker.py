@@ -24,9 +24,8 @@ from jaxpd.serving.engine_thread import EngineThread
 from jaxpd.serving.validate import status_of
 from jaxpd.serving.worker_common import WorkerServicer, WorkerState, pool_counts
 from jaxpd.transfer.grpc_stream import GrpcKVSender
-from jaxpd.transfer.jax_plane import SCHEME as JAX_SCHEME, JaxKVSender
-from jaxpd.transfer.tcp_plane import (AUTO_SCHEME, SCHEME, SHM_SCHEME, TcpKVSender,
-                                      TransferFailed, same_host)
+from jaxpd.transfer.jax_plane import JaxKVSender
+from jaxpd.transfer.tcp_plane import TcpKVSender, TransferFailed, choose_transport
 from jaxpd.v1 import worker_pb2, worker_pb2_grpc
 
 
@@ -179,22 +178,20 @@ class PrefillServicer(WorkerServicer, worker_pb2_grpc.PrefillWorkerServicer):
         self.tcp_sender = TcpKVSender(state.wire, timeout)  # kv_target "tcp://...": a data plane
         self.shm_sender = TcpKVSender(state.wire, timeout, shared_memory=True)  # "shm://..."
         self._jax_sender = None  # "jax://...": JAX's transfer server, started on first use
+        mesh = self.scheduler.runner.mesh
+        platform = mesh.devices.flat[0].platform if mesh is not None else jax.devices()[0].platform
+        self.on_accelerator = platform != "cpu"
         self.limits = dataclasses.replace(state.engine.limits(), kv_capacity=None)
 
     def _sender(self, target: str):
-        """gRPC PushKV for host:port; a data plane for tcp:// and shm://; auto:// is shm when
-        the decode worker is on this host (reached on loopback), tcp otherwise; jax:// offers
-        the KV on JAX's transfer server for the decode worker to pull."""
-        if target.startswith(JAX_SCHEME):
-            if self._jax_sender is None:
-                self._jax_sender = JaxKVSender(self.state.wire, self.tcp_sender.timeout_s,
-                                               self.state.transfer_host)
-            return self._jax_sender
-        if target.startswith(AUTO_SCHEME):
-            return self.shm_sender if same_host(target) else self.tcp_sender
-        if target.startswith(SHM_SCHEME):
-            return self.shm_sender
-        return self.tcp_sender if target.startswith(SCHEME) else self.sender
+        """(the sender for a reservation's KV target, the address to open): see
+        `tcp_plane.choose_transport`."""
+        kind, address = choose_transport(target, self.on_accelerator)
+        if kind == "jax" and self._jax_sender is None:  # its transfer server starts on first use
+            self._jax_sender = JaxKVSender(self.state.wire, self.tcp_sender.timeout_s,
+                                           self.state.transfer_host)
+        return {"grpc": self.sender, "tcp": self.tcp_sender, "shm": self.shm_sender,
+                "jax": self._jax_sender}[kind], address
 
     def close(self) -> None:
         """Close the pooled data-plane connections (unlinking their shared memory)."""
@@ -220,8 +217,8 @@ class PrefillServicer(WorkerServicer, worker_pb2_grpc.PrefillWorkerServicer):
                 code, message = (status_of(e) if isinstance(e, InvalidRequest)
                                  else (grpc.StatusCode.INVALID_ARGUMENT, str(e)))
                 await context.abort(code, message)
-            sender = self._sender(request.kv_target)
-            kv = sender.open(request.kv_target, req.id, request.request.request_token)
+            sender, address = self._sender(request.kv_target)
+            kv = sender.open(address, req.id, request.request.request_token)
             began = time.monotonic()
             while True:
                 ev = await events.get()

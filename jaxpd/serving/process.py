@@ -308,6 +308,11 @@ async def _serve_worker(role: str, replica: int, deployment: DeploymentConfig, w
             serving.kv_message_bytes + (1 << 16), (wire_lib.WireError, TransferError),
             advertise=serving.data_host, scheme=f"{serving.transport}://")
         state.data_address = await data_plane.start()
+        import jax
+
+        on_accelerator = jax.devices()[0].platform != "cpu"
+        if serving.transport == "auto" and on_accelerator:  # where to pull, for a peer that is too
+            state.data_address += "?jax=" + server.address
         log.info("%s-%d: KV data plane on %s", role, replica, state.data_address)
     thread.start()
     await server.set_serving()

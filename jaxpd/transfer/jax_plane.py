@@ -144,7 +144,7 @@ class JaxKVPuller:
             try:
                 result = self._pull_now(header.pull, header.shape, dtype, timeout_s)
             except Exception as e:  # noqa: BLE001 - handed to the waiting coroutine
-                loop.call_soon_threadsafe(lambda: job.done() or job.set_exception(e))
+                loop.call_soon_threadsafe(lambda e=e: job.done() or job.set_exception(e))
             else:
                 loop.call_soon_threadsafe(lambda: job.done() or job.set_result(result))
 

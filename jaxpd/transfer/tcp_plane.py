@@ -87,6 +87,25 @@ def same_host(target: str) -> bool:
     return bool(infos) and all(info[4][0].startswith(LOOPBACK) for info in infos)
 
 
+def choose_transport(target: str, on_accelerator: bool) -> tuple[str, str]:
+    """(grpc | tcp | shm | jax, the address to open) for a reservation's KV target:
+    host:port is gRPC PushKV; tcp://, shm://, jax:// name themselves; auto:// is shm when the
+    decode worker is on this host (reached on loopback), else jax when both sides are
+    accelerators (the decode worker then appends "?jax=ADDRESS", its PushKV address for pull
+    frames), else tcp."""
+    for kind in ("tcp", "shm", "jax"):
+        if target.startswith(f"{kind}://"):
+            return kind, target
+    if not target.startswith(AUTO_SCHEME):
+        return "grpc", target
+    base, _, pull_at = target.partition("?jax=")
+    if same_host(base):
+        return "shm", base
+    if pull_at and on_accelerator:
+        return "jax", f"jax://{pull_at}"
+    return "tcp", base
+
+
 def _split(target: str) -> tuple[str, int]:
     host, _, port = target.split("://", 1)[-1].rpartition(":")
     return host.strip("[]"), int(port)
