@@ -378,6 +378,8 @@ class ModelRunner:
         if static.get("by_host"):  # this host's KV heads: one array over every host's slices
             update = jax.make_array_from_process_local_data(self._by_host, update,
                                                            tuple(static["shape"]))
+        elif isinstance(update, jax.Array) and self.mesh is not None:  # pulled onto one device
+            update = jax.device_put(update, NamedSharding(self.mesh, PartitionSpec()))
         else:
             update = self._global(update)
         self.manager.kv = wire.scatter_tokens(

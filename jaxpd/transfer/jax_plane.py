@@ -4,9 +4,10 @@ The prefill worker leaves each gathered chunk of KV on its device and offers it 
 process's transfer server (`await_pull` under a random 63-bit id); a header-only frame on the
 request's ordinary PushKV stream tells the decode worker what to pull (`KVHeader.pull`: the
 server's address, the id, shape and dtype), and the decode worker pulls it onto its own device,
-device to device where the platform's transfer server allows, then writes it into its pool
-through the same checks and writes as every transport (its TP layout, its dtype). Leases,
-tokens, refusals and migration are therefore PushKV's own.
+device to device where the platform's transfer server allows, and writes it into its pool
+without a host copy (padding and resharding happen on the device), through the same checks
+and writes as every transport (its TP layout, its dtype). Leases, tokens, refusals and
+migration are therefore PushKV's own.
 
 What differs: the bytes carry no CRC-32C (checking them would copy them to the host, which is
 what this transport exists to avoid; the transfer server's own connection carries them), and
@@ -26,7 +27,6 @@ import socket
 import threading
 
 import jax
-import numpy as np
 
 from jaxpd.transfer import wire
 from jaxpd.transfer.grpc_stream import GrpcKVSender
@@ -126,12 +126,12 @@ class JaxKVPuller:
                 self._connections[address] = self.server.get().connect(address)
             return self._connections[address]
 
-    def _pull_now(self, pull: worker_pb2.KVPull, shape, dtype, timeout_s: float) -> np.ndarray:
+    def _pull_now(self, pull: worker_pb2.KVPull, shape, dtype, timeout_s: float) -> jax.Array:
         spec = jax.ShapeDtypeStruct(tuple(shape), dtype,
                                     sharding=jax.sharding.SingleDeviceSharding(self.device))
         expires = datetime.datetime.now() + datetime.timedelta(seconds=timeout_s)
         (array,) = self._connection(pull.address).pull(pull.uuid, [spec], timeout=expires)
-        return np.asarray(jax.block_until_ready(array))
+        return jax.block_until_ready(array)
 
     async def pull(self, header: worker_pb2.KVHeader, timeout_s: float) -> wire.KVPiece:
         """The piece a checked pull frame names. WireError("truncated") when the pull fails
@@ -150,7 +150,7 @@ class JaxKVPuller:
 
         threading.Thread(target=run, name="kv-pull", daemon=True).start()
         try:
-            host = await asyncio.wait_for(job, timeout_s)
+            pulled = await asyncio.wait_for(job, timeout_s)
         except TimeoutError:
             raise wire.WireError("truncated", f"request {header.request_id!r}: pulling its KV "
                                  f"from the prefill worker took over {timeout_s:g} s") from None
@@ -158,4 +158,4 @@ class JaxKVPuller:
             raise wire.WireError("truncated", f"request {header.request_id!r}: pulling its KV "
                                  f"from the prefill worker failed: {e}") from None
         n, first = header.token_end - header.token_start, header.pull.offset
-        return wire.KVPiece(header, host[:, :, :, first:first + n])
+        return wire.KVPiece(header, pulled[:, :, :, first:first + n])  # stays on the device

@@ -195,7 +195,9 @@ class KVPiece:
     """One received message: its header and its payload as an array (a view of the frame)."""
 
     header: worker_pb2.KVHeader
-    array: np.ndarray | None  # [layers, 2, heads, tokens, head_dim]; None on a finish-only frame
+    # [layers, 2, heads, tokens, row]; None on a finish-only frame; a device array when pulled
+    # (serving.transport: jax)
+    array: np.ndarray | jax.Array | None
 
 
 def trim_tokens(piece: KVPiece, first: int) -> KVPiece | None:
@@ -329,7 +331,9 @@ def piece_arrays(layout: KVLayout, seq_pages: list[int],
     slots = np.zeros(bucket, np.int32)
     pages[:n] = np.asarray(seq_pages, np.int32)[positions // layout.page_size]
     slots[:n] = positions % layout.page_size
-    if bucket != n:
+    if bucket != n and isinstance(arr, jax.Array):  # pulled onto a device: pad it there
+        arr = jnp.pad(arr, ((0, 0), (0, 0), (0, 0), (0, bucket - n), (0, 0)))
+    elif bucket != n:
         padded = np.zeros(arr.shape[:3] + (bucket,) + arr.shape[4:], arr.dtype)
         padded[:, :, :, :n] = arr
         arr = padded
