@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -251,33 +252,45 @@ def run_openai(base_url: str, model: str, runs, api_key: str | None) -> dict:
     return once(runs[-1])
 
 
-def run_jaxpd_openai(config_path: Path, runs) -> dict:
-    """jaxpd serve with its HTTP API on a free port, benchmarked through it."""
+@contextlib.contextmanager
+def steady_server(cfg: dict):
+    """`jaxpd serve` of config `cfg` (a dict) in the steady state: serving, and every worker's
+    background compilation done (the launcher says so); yields (the process, the router's
+    address) and stops it on leaving."""
     import yaml
 
     from jaxpd.serving.background import ServeProcess
-    from jaxpd.serving.process import served_model_name
-    from jaxpd.config import parse_config
 
-    cfg = yaml.safe_load(config_path.read_text())
-    serving = cfg.setdefault("serving", {})
-    serving.setdefault("router", {})["port"] = 0
-    serving["http"] = {**(serving.get("http") or {}), "port": 0}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.yaml"
         path.write_text(yaml.safe_dump(cfg))
-        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # roles set their own
         server = ServeProcess(path, env=env, cwd=REPO)
-        server.wait_serving(300)
+        address = server.wait_serving(300)
         deadline = time.monotonic() + 600
         while not any(line.startswith("jaxpd: compiled ") for line in server.lines) \
                 and server.process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         try:
-            return run_openai(server.http_url, served_model_name(parse_config(cfg)), runs,
-                              os.environ.get("JAXPD_API_TOKEN"))
+            yield server, address
         finally:
             server.stop()
+
+
+def run_jaxpd_openai(config_path: Path, runs) -> dict:
+    """jaxpd serve with its HTTP API on a free port, benchmarked through it."""
+    import yaml
+
+    from jaxpd.config import parse_config
+    from jaxpd.serving.process import served_model_name
+
+    cfg = yaml.safe_load(config_path.read_text())
+    serving = cfg.setdefault("serving", {})
+    serving.setdefault("router", {})["port"] = 0
+    serving["http"] = {**(serving.get("http") or {}), "port": 0}
+    with steady_server(cfg) as (server, _):
+        return run_openai(server.http_url, served_model_name(parse_config(cfg)), runs,
+                          os.environ.get("JAXPD_API_TOKEN"))
 
 
 def run_conversations(config_path: Path, conversations: int, turns: tuple[int, int],
@@ -286,7 +299,6 @@ def run_conversations(config_path: Path, conversations: int, turns: tuple[int, i
     """The multi-turn workload on `jaxpd serve`, prefix reuse on or off (see the docstring)."""
     import yaml
 
-    from jaxpd.serving.background import ServeProcess
     from jaxpd.serving.client import Client
 
     cfg = yaml.safe_load(config_path.read_text())
@@ -297,37 +309,25 @@ def run_conversations(config_path: Path, conversations: int, turns: tuple[int, i
     rng = random.Random(seed)
     plans = [(rng.randint(*turns), [rng.randrange(3, vocab) for _ in range(rng.randint(*prompt_len))],
               random.Random(seed * 1000 + c)) for c in range(conversations)]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "bench.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-        server = ServeProcess(path, env=env, cwd=REPO)
-        address = server.wait_serving(300)
-        deadline = time.monotonic() + 600
-        while not any(line.startswith("jaxpd: compiled ") for line in server.lines) \
-                and server.process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        try:
-            with Client(address, timeout=600) as client:
-                def converse(plan):  # turns in order; each sends the whole history
-                    n, history, local = plan
-                    out = []
-                    for turn in range(n):
-                        if turn:
-                            history += [local.randrange(3, vocab)
-                                        for _ in range(local.randint(*new_len))]
-                        d = client.complete(prompt_token_ids=history, max_tokens=output,
-                                            ignore_eos=True, temperature=0.0)
-                        out.append((turn, d.ttft_s, d.usage.prompt_tokens, d.usage.cached_tokens))
-                        history = history + list(d.token_ids)
-                    return out
+    with steady_server(cfg) as (_, address):
+        with Client(address, timeout=600) as client:
+            def converse(plan):  # turns in order; each sends the whole history
+                n, history, local = plan
+                out = []
+                for turn in range(n):
+                    if turn:
+                        history += [local.randrange(3, vocab)
+                                    for _ in range(local.randint(*new_len))]
+                    d = client.complete(prompt_token_ids=history, max_tokens=output,
+                                        ignore_eos=True, temperature=0.0)
+                    out.append((turn, d.ttft_s, d.usage.prompt_tokens, d.usage.cached_tokens))
+                    history = history + list(d.token_ids)
+                return out
 
-                start = time.perf_counter()
-                with concurrent.futures.ThreadPoolExecutor(conversations) as pool:
-                    done = [t for conv in pool.map(converse, plans) for t in conv]
-                wall = time.perf_counter() - start
-        finally:
-            server.stop()
+            start = time.perf_counter()
+            with concurrent.futures.ThreadPoolExecutor(conversations) as pool:
+                done = [t for conv in pool.map(converse, plans) for t in conv]
+            wall = time.perf_counter() - start
 
     def stats(xs):
         xs = sorted(xs)
@@ -347,42 +347,28 @@ def run_conversations(config_path: Path, conversations: int, turns: tuple[int, i
 def run_served(config_path: Path, runs) -> dict:
     import yaml
 
-    from jaxpd.serving.background import ServeProcess
     from jaxpd.serving.client import Client
 
     cfg = yaml.safe_load(config_path.read_text())
     cfg.setdefault("serving", {}).setdefault("router", {})["port"] = 0
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "bench.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # roles set their own
-        server = ServeProcess(path, env=env, cwd=REPO)
-        address = server.wait_serving(300)
-        # steady state: every worker's background compilation done (the launcher says so)
-        deadline = time.monotonic() + 600
-        while not any(line.startswith("jaxpd: compiled ") for line in server.lines) \
-                and server.process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        try:
-            with Client(address, timeout=600) as client:
-                def once(requests) -> dict:
-                    start_t = time.perf_counter()
+    with steady_server(cfg) as (_, address):
+        with Client(address, timeout=600) as client:
+            def once(requests) -> dict:
+                start_t = time.perf_counter()
 
-                    def send(r):  # at its arrival time; the client times TTFT from sending
-                        time.sleep(max(0.0, start_t + r[2] - time.perf_counter()))
-                        return client.complete(prompt_token_ids=r[0], max_tokens=r[1],
-                                               ignore_eos=True, temperature=0.0)
+                def send(r):  # at its arrival time; the client times TTFT from sending
+                    time.sleep(max(0.0, start_t + r[2] - time.perf_counter()))
+                    return client.complete(prompt_token_ids=r[0], max_tokens=r[1],
+                                           ignore_eos=True, temperature=0.0)
 
-                    with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
-                        done = list(pool.map(send, requests))
-                    wall = time.perf_counter() - start_t
-                    return summary([d.ttft_s for d in done], [d.tpot_s for d in done if d.tpot_s],
-                                   wall, sum(d.usage.completion_tokens for d in done))
-                for warm in runs[:-1]:
-                    once(warm)
-                return once(runs[-1])
-        finally:
-            server.stop()
+                with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+                    done = list(pool.map(send, requests))
+                wall = time.perf_counter() - start_t
+                return summary([d.ttft_s for d in done], [d.tpot_s for d in done if d.tpot_s],
+                               wall, sum(d.usage.completion_tokens for d in done))
+            for warm in runs[:-1]:
+                once(warm)
+            return once(runs[-1])
 
 
 def main() -> int:
