@@ -103,12 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--out", required=True, metavar="DIR", help="new folder to write")
 
     from jaxpd.deploy import render_cli
-    from jaxpd.placement import place_cli
+    from jaxpd.placement import place_cli, simulate_cli
     from jaxpd.serving import client_cli, serve_cli
 
     serve_cli.add_parser(sub)
     client_cli.add_parser(sub)
     place_cli.add_parser(sub)
+    simulate_cli.add_parser(sub)
     render_cli.add_parser(sub)
     return parser
 
@@ -313,11 +314,12 @@ def cmd_convert(args) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from jaxpd.deploy import render_cli
-    from jaxpd.placement import place_cli
+    from jaxpd.placement import place_cli, simulate_cli
     from jaxpd.serving import client_cli, serve_cli
 
     handlers = {"generate": cmd_generate, "convert": cmd_convert, "serve": serve_cli.run,
-                "client": client_cli.run, "place": place_cli.run, "deploy": render_cli.run}
+                "client": client_cli.run, "place": place_cli.run, "deploy": render_cli.run,
+                "simulate": simulate_cli.run}
     try:
         return handlers[args.command](args)
     except JaxpdError as e:

@@ -1,10 +1,13 @@
 """From an inventory, a model, a workload and SLOs to a plan checked in the simulator.
 
-The analytic step (`placer.options` + the MILP) is fast but sees only the workload's mean and
-p90 lengths and queueing bounds. Each leading plan is therefore replayed in the discrete-event
-simulator against the whole length distribution and the arrival process; a plan that misses an
-SLO there gains a replica of the role that misses it (while its pool has devices) and is
-replayed again. The cheapest plan the simulator confirms wins.
+The analytic step (`placer.options` + the MILP) is fast but sees only the workload's moments
+and queueing bounds. Each leading plan is therefore replayed in the discrete-event simulator
+against the whole length distribution and the arrival process, in the steady state (`steady`:
+at least ten lifetimes of the longest request, warm-up discarded, batch means with a confidence
+interval); a plan that misses an SLO there gains a replica of the role that binds, found from
+where the missing requests waited (decode KV room, a prefill queue) and whether TPOT or TTFT
+missed, and is replayed again. The cheapest plan the simulator confirms wins; its goodput is
+found the same way.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from jaxpd.placement.placer import (Demand, Objective, Option, Plan, PoolSpec, f
                                     kv_link, kv_seconds, max_rate, options, ranked, solve,
                                     tp_degrees)
 from jaxpd.placement.simulator import SimDeployment, goodput, simulate
+from jaxpd.placement.steady import SteadyState, horizon, longest_lifetime, measure
 from jaxpd.placement.workload import SimRequest, generate, load_trace
 
 MAX_PREFILL_TOKENS = 2048  # the scheduler's default prefill step budget (config.py)
@@ -71,13 +75,24 @@ class Workload:
             offset = out[-1].arrival_s + 1 / rate
         return out[:count]
 
-    def demand(self, rate: float, slo: Slo, samples: int = 20_000) -> Demand:
+    def demand(self, rate: float, slo: Slo, samples: int = 20_000,
+               max_utilization: float = 1.0) -> Demand:
+        """The moments the analytic step sizes with. A decode batch holds long requests
+        longer, so its context and its KV reservations are weighted by residence (output
+        length), not averaged over requests."""
         reqs = self.requests(1.0, samples, seed=12345)
         isl = np.array([r.prompt_tokens for r in reqs], float)
         osl = np.array([r.output_tokens for r in reqs], float)
         return Demand(rate=rate, isl_mean=float(isl.mean()),
                       isl_p90=float(np.percentile(isl, slo.percentile)),
-                      osl_mean=float(osl.mean()), ttft_slo=slo.ttft, tpot_slo=slo.tpot)
+                      osl_mean=float(osl.mean()), ttft_slo=slo.ttft, tpot_slo=slo.tpot,
+                      context_tw=float((osl * (isl + osl / 2)).sum() / osl.sum()),
+                      reserved_tw=float((osl * (isl + osl)).sum() / osl.sum()),
+                      max_utilization=max_utilization)
+
+    def lifetime(self, slo: Slo, samples: int = 20_000) -> float:
+        """Seconds the longest request lives when it meets the SLOs exactly."""
+        return longest_lifetime(self.requests(1.0, samples, seed=12345), slo.ttft, slo.tpot)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,52 +185,79 @@ def _shrink(plan: Plan, role: str, rate: float) -> Plan | None:
 
 @dataclasses.dataclass(frozen=True)
 class _Run:
-    ttft: float
-    tpot: float
-    attainment: float
+    state: SteadyState
     ok: bool
+
+    @property
+    def ttft(self) -> float:
+        return self.state.ttft
+
+    @property
+    def tpot(self) -> float:
+        return self.state.tpot
+
+    @property
+    def attainment(self) -> float:
+        return self.state.attainment
 
 
 def _run(model: ModelConfig, plan: Plan, pools: dict[str, PoolSpec], reqs: list[SimRequest],
-         slo: Slo) -> _Run:
-    res = simulate(sim_deployment(model, plan, pools), reqs)
-    ttft, tpot = res.percentile("ttft", slo.percentile), res.percentile("tpot", slo.percentile)
-    attainment = res.attainment(slo.ttft, slo.tpot)
-    return _Run(ttft, tpot, attainment,
-                ttft <= slo.ttft and tpot <= slo.tpot and attainment >= slo.target)
+         slo: Slo, lifetime: float = 0.0) -> _Run:
+    state = measure(simulate(sim_deployment(model, plan, pools), reqs), slo.ttft, slo.tpot,
+                    slo.percentile, lifetime=lifetime)
+    return _Run(state, state.meets(slo.ttft, slo.tpot, slo.target))
 
 
 def verify(model: ModelConfig, plan: Plan, pools: dict[str, PoolSpec], reqs: list[SimRequest],
-           slo: Slo, budget: float | None = None) -> Candidate:
-    """Simulate `plan`. While it misses an SLO, add a replica of the role that misses it; once
-    it meets them, drop replicas the queueing bounds over-provisioned while it still does."""
+           slo: Slo, budget: float | None = None, lifetime: float = 0.0) -> Candidate:
+    """Simulate `plan` in the steady state (`reqs` should span ten lifetimes of the longest
+    request, `lifetime`). While it misses an SLO, add a replica of the role that binds; once
+    it meets them, drop replicas the queueing bounds over-provisioned while it still does.
+
+    Each decision is screened on the first quarter of `reqs` (a plan that fails there fails
+    the whole run too: the backlog only grows) and confirmed on all of them."""
     analytic, notes, original = plan.cost_per_hour, [], plan
     rate = (len(reqs) - 1) / max(reqs[-1].arrival_s - reqs[0].arrival_s, 1e-9) if reqs else 0.0
     if plan.colocated:
         transport, link = None, 0.0
     else:
         link, transport = kv_link(plan.role("prefill")[0], plan.role("decode")[0], pools)
-    run = _run(model, plan, pools, reqs, slo)
+    short = reqs[:max(len(reqs) // 4, min(len(reqs), 4000))]
+
+    def check(candidate: Plan) -> _Run:
+        quick = _run(model, candidate, pools, short, slo, lifetime)
+        if not quick.ok or len(short) == len(reqs):
+            return quick
+        return _run(model, candidate, pools, reqs, slo, lifetime)
+
+    run = check(plan)
     for _ in range(MAX_GROWTH):
         if run.ok:
             break
-        role = "prefill" if run.ttft / slo.ttft >= run.tpot / slo.tpot else "decode"
+        role = run.state.binding_role(slo.ttft, slo.tpot)
         bigger = _grow(plan, role)
         if not fits(bigger, pools) or (budget is not None and bigger.cost_per_hour > budget):
             break
-        notes.append(f"+1 {role} replica: the simulation missed the {role} SLO"
+        why = ("requests waited for decode KV room" if run.state.kv_wait_s >
+               run.state.prefill_wait_s and run.ttft > slo.ttft else
+               f"{'TPOT' if role == 'decode' else 'TTFT'} missed")
+        notes.append(f"+1 {role} replica: {why} ({run.attainment:.0%} met the SLOs)"
                      if not plan.colocated else "+1 replica: the simulation missed an SLO")
-        plan, run = bigger, _run(model, bigger, pools, reqs, slo)
-    shrinking = run.ok
-    while shrinking:
+        plan, run = bigger, check(bigger)
+    shrinking, confirmed = run.ok, (plan, run)
+    while shrinking:  # screened on the short run; the result is confirmed once at the end
         shrinking = False
         for role in ("prefill", "decode", "colocated"):
             smaller = _shrink(plan, role, rate)
             if smaller is None:
                 continue
-            trial = _run(model, smaller, pools, reqs, slo)
+            trial = _run(model, smaller, pools, short, slo, lifetime)
             if trial.ok:
                 plan, run, shrinking = smaller, trial, True
+    if plan is not confirmed[0]:
+        run = _run(model, plan, pools, reqs, slo, lifetime)
+        if not run.ok:  # fine for a quarter of the run, not for all of it: keep what held
+            plan, run = confirmed
     for o, n in plan.choices:
         before = dict((x.role, m) for x, m in original.choices)[o.role]
         if n < before:
@@ -223,13 +265,6 @@ def verify(model: ModelConfig, plan: Plan, pools: dict[str, PoolSpec], reqs: lis
                          f" ({n} meet the SLOs in simulation)")
     return Candidate(plan, transport, link, run.ttft, run.tpot, run.attainment, run.ok, analytic,
                      tuple(notes))
-
-
-def _horizon(demand: Demand, minimum: int) -> int:
-    """Requests to simulate: a few request lifetimes of arrivals (so a backlog shows), at
-    least `minimum`, at most 4x that (the throughput ceilings cover longer horizons)."""
-    lifetime = demand.ttft_slo + demand.osl_mean * demand.tpot_slo
-    return int(min(4 * minimum, max(minimum, 3 * lifetime * demand.rate)))
 
 
 def _key(c: Candidate, objective: Objective) -> tuple:
@@ -241,16 +276,25 @@ def _key(c: Candidate, objective: Objective) -> tuple:
 def place(model: ModelConfig, pools: Sequence[PoolSpec], workload: Workload, rate: float,
           slo: Slo, *, objective: Objective = "cost", budget: float | None = None,
           candidates: int = 5, sim_requests: int = 2000, seed: int = 0,
-          compare_single_kinds: bool = True) -> Placement:
-    """Rank plans analytically, verify the leading `candidates` in the simulator."""
+          compare_single_kinds: bool = True, max_utilization: float = 0.8,
+          max_sim_requests: int = 64_000, find_goodput: bool = True) -> Placement:
+    """Rank plans analytically (every replica loaded to at most `max_utilization` of what it
+    sustains), verify the leading `candidates` in the simulator's steady state (ten lifetimes
+    of the longest request, at least `sim_requests`, at most `max_sim_requests`)."""
     by_name = {p.name: p for p in pools}
-    demand = workload.demand(rate, slo)
+    demand = workload.demand(rate, slo, max_utilization=max_utilization)
+    lifetime = workload.lifetime(slo)
+
+    def steady_requests(r: float) -> list[SimRequest]:
+        return workload.requests(r, horizon(r, lifetime, minimum=sim_requests,
+                                            maximum=max_sim_requests), seed)
+
     opts = options(model, pools, demand)
     bad = incompatible_pairs(model, opts, pools, demand)
     plans = ranked(opts, pools, rate, candidates, objective=objective, budget=budget,
                    incompatible=bad)
-    reqs = workload.requests(rate, _horizon(demand, sim_requests), seed)
-    checked = sorted((verify(model, p, by_name, reqs, slo, budget) for p in plans),
+    reqs = steady_requests(rate)
+    checked = sorted((verify(model, p, by_name, reqs, slo, budget, lifetime) for p in plans),
                      key=lambda c: _key(c, objective))
     single: dict[str, float] = {}
     if compare_single_kinds and len({p.device for p in pools}) > 1:
@@ -258,7 +302,8 @@ def place(model: ModelConfig, pools: Sequence[PoolSpec], workload: Workload, rat
             kind = [p for p in pools if p.device == device]
             sub = place(model, kind, workload, rate, slo, objective="cost", budget=None,
                         candidates=min(candidates, 3), sim_requests=sim_requests, seed=seed,
-                        compare_single_kinds=False)
+                        compare_single_kinds=False, max_utilization=max_utilization,
+                        max_sim_requests=max_sim_requests, find_goodput=False)
             costs = [c.cost_per_hour for c in (*sub.candidates, *checked) if c.verified
                      and {by_name[o.pool].device for o, _ in c.plan.choices} == {device}]
             if costs:
@@ -267,10 +312,15 @@ def place(model: ModelConfig, pools: Sequence[PoolSpec], workload: Workload, rat
     if placement.best is None:
         why = unreachable(model, pools, opts, bad, demand, slo, checked, budget)
         return dataclasses.replace(placement, unreachable=why)
+    if not find_goodput:
+        return placement
     best = placement.best
     dep = sim_deployment(model, best.plan, by_name)
-    rate_goodput = goodput(dep, lambda r: workload.requests(r, sim_requests, seed), slo.ttft,
-                           slo.tpot, slo.target, start_rate=rate, rel_tol=0.02)
+    rate_goodput = goodput(dep, steady_requests, slo.ttft, slo.tpot, slo.target,
+                           start_rate=rate, rel_tol=0.05,
+                           meets=lambda res: measure(res, slo.ttft, slo.tpot, slo.percentile,
+                                                     lifetime=lifetime).meets(
+                               slo.ttft, slo.tpot, slo.target))
     return dataclasses.replace(placement, goodput=rate_goodput)
 
 

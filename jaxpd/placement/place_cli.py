@@ -50,6 +50,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    value = _positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text!r}")
+    return value
+
+
 def _model_volume(text: str) -> dict:
     kind, sep, value = text.partition(":")
     if not sep or not value or kind not in ("claim", "host"):
@@ -113,6 +120,9 @@ def add_parser(subparsers) -> None:
                         "--checkpoint then names the folder under /models")
     p.add_argument("--checkpoint", metavar="DIR",
                    help="checkpoint path written into --out (default: --model when a folder)")
+    p.add_argument("--max-utilization", type=_fraction, default=0.8, metavar="F",
+                   help="load no replica past this share of what it sustains (headroom; "
+                        "default 0.8)")
     p.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--out", metavar="YAML", help="write the chosen plan as a deployment config")
@@ -288,7 +298,8 @@ def run(args) -> int:
         print(f"error: --model: {e}", file=sys.stderr)
         return EXIT_USAGE
     placement = place(model, pools, workload, args.rate, slo, objective=args.objective,
-                      budget=args.budget, candidates=args.candidates, seed=args.seed)
+                      budget=args.budget, candidates=args.candidates, seed=args.seed,
+                      max_utilization=args.max_utilization)
     by_name = {p.name: p for p in pools}
     if args.json:
         print(json.dumps(summary(placement, by_name, args.objective)))

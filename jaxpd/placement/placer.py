@@ -69,6 +69,19 @@ class Demand:
     osl_mean: float
     ttft_slo: float  # seconds, at p90
     tpot_slo: float  # seconds, at p90
+    # a decode batch's mean context and KV reservation per sequence, weighted by residence
+    # (long requests stay longer): E[osl * (isl + osl/2)] / E[osl], E[osl * (isl + osl)] / E[osl]
+    context_tw: float = 0.0  # 0: isl_mean + osl_mean / 2
+    reserved_tw: float = 0.0  # 0: isl_mean + osl_mean
+    max_utilization: float = 1.0  # of what a replica sustains, at most (headroom)
+
+    @property
+    def batch_context(self) -> float:
+        return self.context_tw or self.isl_mean + self.osl_mean / 2
+
+    @property
+    def batch_reserved(self) -> float:
+        return self.reserved_tw or self.isl_mean + self.osl_mean
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,8 +171,8 @@ def _md1_capacity(service: float, service_p90: float, ttft_slo: float) -> tuple[
 def _decode_capacity(m: PhaseModel, demand: Demand, max_batch: int,
                      share: float = 1.0) -> tuple[float, int, str]:
     """(requests/s, batch, why) of a decode replica given `share` of its time."""
-    context = demand.isl_mean + demand.osl_mean / 2
-    kv_batch = int(m.kv_capacity_tokens() // (demand.isl_mean + demand.osl_mean))
+    context = demand.batch_context
+    kv_batch = int(m.kv_capacity_tokens() // demand.batch_reserved)
     best, why = (0.0, 0), "the weights leave no room for KV" if kv_batch < 1 else "one step exceeds the TPOT SLO"
     batch = 1
     while batch <= min(max_batch, kv_batch):
@@ -186,19 +199,23 @@ def options(model: ModelConfig, pools: Sequence[PoolSpec], demand: Demand, *,
             price = tp * pool.price_per_device_hour
             service = m.prefill_seconds([int(demand.isl_mean)])
             service_p90 = m.prefill_seconds([int(demand.isl_p90)])
+            u = demand.max_utilization  # headroom: no replica loaded past u of what it can do
             cap, why = _md1_capacity(service, service_p90, demand.ttft_slo)
+            if cap > u / service:
+                cap, why = u / service, f"prefill {service * 1e3:.3g} ms/prompt, utilisation <= {u:.2f}"
             if cap > 0:
                 out.append(Option("prefill", pool.name, tp, cap, price, why))
             kv = m.kv_capacity_tokens()
             cap, batch, why = _decode_capacity(m, demand, max_decode_batch)
             if cap > 0:
-                out.append(Option("decode", pool.name, tp, cap, price, why, batch, kv, cap))
+                out.append(Option("decode", pool.name, tp, u * cap, price,
+                                  f"{why}; loaded to {u:.0%}", batch, kv, cap))
             colocated = _colocated_capacity(m, demand, service, service_p90, max_decode_batch)
             if colocated is not None:
                 capacity, why, batch = colocated
                 ceiling = cap / (1 + cap * service)  # decode in the time prefill leaves
-                out.append(Option("colocated", pool.name, tp, capacity, price, why, batch, kv,
-                                  ceiling))
+                out.append(Option("colocated", pool.name, tp, u * capacity, price,
+                                  f"{why}; loaded to {u:.0%}", batch, kv, ceiling))
     return out
 
 
@@ -214,7 +231,7 @@ def _colocated_capacity(m: PhaseModel, demand: Demand, service: float, service_p
         decode_cap, batch, _ = _decode_capacity(m, demand, max_batch, share=1 - busy)
         if decode_cap < rate or batch == 0:
             return False
-        step = m.decode_step_seconds(batch, int(batch * (demand.isl_mean + demand.osl_mean / 2)))
+        step = m.decode_step_seconds(batch, int(batch * demand.batch_context))
         wait = TAIL * busy * service / (2 * (1 - busy)) + step
         return service_p90 + wait <= demand.ttft_slo
 

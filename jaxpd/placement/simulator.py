@@ -116,6 +116,9 @@ class SimResult:
     prefill_start_s: np.ndarray
     first_token_s: np.ndarray
     finish_s: np.ndarray
+    # when the router reserved the request's KV on a decode (or colocated) replica: the wait
+    # before it is KV back-pressure, the wait after it (to prefill_start_s) the prefill queue
+    placed_s: np.ndarray | None = None
 
     @property
     def arrival_s(self) -> np.ndarray:
@@ -207,6 +210,7 @@ class _Simulation:
         self.output = [r.output_tokens for r in requests]
         n = len(requests)
         self.prefill_start = [math.inf] * n
+        self.placed = [math.inf] * n
         self.first_token = [math.inf] * n
         self.finish = [math.inf] * n
         self.home = [-1] * n  # decode (or colocated) replica
@@ -248,6 +252,7 @@ class _Simulation:
             return False
         home.free_kv -= need
         self.home[rid] = home.index
+        self.placed[rid] = t
         pre = home if self.colocated else min(self.prefillers, key=lambda r: r.load)
         pre.queue.append(rid)
         pre.load += 1
@@ -378,7 +383,8 @@ def simulate(deployment: SimDeployment, requests: Sequence[SimRequest]) -> SimRe
     sim = _Simulation(deployment, requests)
     sim.run()
     return SimResult(tuple(requests), np.array(sim.prefill_start, dtype=float),
-                     np.array(sim.first_token, dtype=float), np.array(sim.finish, dtype=float))
+                     np.array(sim.first_token, dtype=float), np.array(sim.finish, dtype=float),
+                     np.array(sim.placed, dtype=float))
 
 
 DeploymentLike = SimDeployment | Callable[[float], SimDeployment]
@@ -386,7 +392,8 @@ DeploymentLike = SimDeployment | Callable[[float], SimDeployment]
 
 def goodput(deployment: DeploymentLike, workload: Callable[[float], Sequence[SimRequest]],
             ttft_slo: float, tpot_slo: float, target: float = 0.9, *, start_rate: float = 1.0,
-            rel_tol: float = 0.01, max_doublings: int = 40) -> float:
+            rel_tol: float = 0.01, max_doublings: int = 40,
+            meets: Callable[[SimResult], bool] | None = None) -> float:
     """The highest request rate (requests/s) whose SLO attainment is >= `target`: DistServe's
     goodput (divide by the device count for goodput per device).
 
@@ -397,17 +404,20 @@ def goodput(deployment: DeploymentLike, workload: Callable[[float], Sequence[Sim
     `max_doublings` times either way (so within start_rate * 2**+-40); then bisect until the
     bracket is within `rel_tol` (1%) of its lower end. Returns the bracket's lower end (a rate
     that meets the target), 0.0 if even start_rate / 2**40 misses it, and the highest rate tried
-    if none missed it.
+    if none missed it. `meets(result)` judges one rate's simulation (default: overall
+    attainment >= `target`; the placer passes its steady-state test).
     """
-    def meets(rate: float) -> bool:
+    judge = meets or (lambda res: res.attainment(ttft_slo, tpot_slo) >= target)
+
+    def ok_at(rate: float) -> bool:
         dep = deployment if isinstance(deployment, SimDeployment) else deployment(rate)
-        return simulate(dep, workload(rate)).attainment(ttft_slo, tpot_slo) >= target
+        return judge(simulate(dep, workload(rate)))
 
     lo = hi = start_rate
-    if meets(start_rate):
+    if ok_at(start_rate):
         for _ in range(max_doublings):
             hi = lo * 2
-            if not meets(hi):
+            if not ok_at(hi):
                 break
             lo = hi
         else:
@@ -415,12 +425,12 @@ def goodput(deployment: DeploymentLike, workload: Callable[[float], Sequence[Sim
     else:
         for _ in range(max_doublings):
             lo = hi / 2
-            if meets(lo):
+            if ok_at(lo):
                 break
             hi = lo
         else:
             return 0.0
     while hi - lo > rel_tol * lo:
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if meets(mid) else (lo, mid)
+        lo, hi = (mid, hi) if ok_at(mid) else (lo, mid)
     return lo

@@ -1,0 +1,208 @@
+"""`jaxpd simulate`: replay a deployment YAML (the placer's, or one written by hand) in the
+placer's discrete-event simulator, so a plan can be checked on arrivals it was not chosen on.
+
+    jaxpd simulate --config deploy.yaml --model llama3-8b --workload chatbot --rate 100 \\
+        --requests 20000 --seed 7 --slo ttft_p90=0.25 --slo tpot_p90=0.03 --json
+
+Each group's replicas are priced by the cost model on its `accelerator` (a catalog key, as
+`jaxpd place` writes it; calibrated from `--profiles` where a profile of that device exists),
+or, for a group without one, on the device a `--profile` was measured on (default: this
+project's CPU profile). Engine limits come from the YAML: `scheduler.max_prefill_tokens`,
+`scheduler.max_decode_batch`, and `kv.num_pages x kv.page_size` tokens of KV per decode (or
+colocated) replica. The KV hand-off goes over the device link when both groups sit on one host
+of one accelerator kind, else over the network at the slower end's bandwidth.
+
+Exit status: 0, or 2 for bad input (a line naming the flag or YAML key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from jaxpd.placement.place_cli import (DEFAULT_PROFILES, UsageError, _positive_float, _slo,
+                                       _slos, _workload)
+
+DEFAULT_PROFILE = DEFAULT_PROFILES / "cpu-2core-vm-bench-30m.json"
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "simulate", help="replay a deployment YAML in the placer's simulator (TTFT, TPOT, "
+                         "attainment, goodput)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Replay a deployment config in the discrete-event simulator the placer "
+                    "uses: the same router, engine limits and cost model, on a workload and "
+                    "rate of your choosing.",
+        epilog="examples:\n"
+               "  jaxpd simulate --config deploy.yaml --model llama3-8b --workload chatbot "
+               "--rate 100 \\\n      --requests 20000 --seed 7 --slo ttft_p90=0.25 "
+               "--slo tpot_p90=0.03 --json\n"
+               "  jaxpd simulate --config configs/local.yaml --workload code --rate 2 "
+               "--requests 200")
+    p.add_argument("--config", required=True, metavar="YAML", help="the deployment config")
+    p.add_argument("--model", metavar="PRESET|DIR",
+                   help="the model (default: the config's model.checkpoint, or the embedded "
+                        "model when it is null)")
+    p.add_argument("--workload", default="chatbot", metavar="KIND|FILE",
+                   help="chatbot, code, summarization, fixed (with --isl/--osl), or a trace")
+    p.add_argument("--isl", type=int, metavar="N", help="fixed prompt length (tokens)")
+    p.add_argument("--osl", type=int, metavar="N", help="fixed output length (tokens)")
+    p.add_argument("--rate", required=True, type=_positive_float, metavar="R",
+                   help="requests per second (Poisson arrivals; a trace is rescaled to it)")
+    p.add_argument("--requests", type=int, default=20_000, metavar="N",
+                   help="requests to replay (default 20000)")
+    p.add_argument("--seed", type=int, default=1, help="workload seed (default 1)")
+    p.add_argument("--slo", action="append", type=_slo, default=[], metavar="METRIC=S",
+                   help="ttft_pNN=SECONDS and tpot_pNN=SECONDS: attainment and goodput need both")
+    p.add_argument("--attainment", type=float, metavar="F",
+                   help="share of requests that must meet both SLOs for goodput (default: the "
+                        "percentile)")
+    p.add_argument("--profiles", default=str(DEFAULT_PROFILES), metavar="DIR",
+                   help="calibration profiles of catalog devices")
+    p.add_argument("--profile", default=str(DEFAULT_PROFILE), metavar="JSON",
+                   help="the device of groups without an `accelerator` (default: this project's "
+                        "CPU profile)")
+    p.add_argument("--kv-link", type=_positive_float, default=1.0e9, metavar="BYTES_PER_S",
+                   help="KV hand-off bandwidth between groups without an accelerator")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _model(args, deployment):
+    from jaxpd.model.checkpoint import load_config
+    from jaxpd.placement.deploy_yaml import CHECKPOINT
+    from jaxpd.placement.place_cli import _model as preset_or_folder
+
+    if args.model:
+        args.dtype = deployment.model.dtype or "bfloat16"
+        return preset_or_folder(args)
+    checkpoint = deployment.model.checkpoint
+    if checkpoint == CHECKPOINT:
+        raise UsageError(f"--model: the config's model.checkpoint is the placeholder "
+                         f"{CHECKPOINT}; name the model (a preset such as llama3-8b, or a folder)")
+    try:
+        config = load_config(checkpoint)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"model.checkpoint: cannot read {checkpoint!r} ({e}); or pass --model")
+    return config.replace(dtype=deployment.model.dtype or config.dtype)
+
+
+def sim_of_config(deployment, model, *, profiles: str, profile: str, kv_link: float):
+    """The SimDeployment of a DeploymentConfig (see the module docstring)."""
+    import dataclasses
+
+    from jaxpd.placement.catalog import load_catalog
+    from jaxpd.placement.cost_model import Profile, calibrate
+    from jaxpd.placement.place import sim_deployment
+    from jaxpd.placement.place_cli import _calibrated
+    from jaxpd.placement.placer import Option, Plan, PoolSpec
+
+    catalog = load_catalog()
+    measured = None
+    groups = [("prefill", deployment.prefill)] if deployment.mode == "colocated" else \
+        [("prefill", deployment.prefill), ("decode", deployment.decode)]
+    pools: dict[str, PoolSpec] = {}
+    placed = []
+    for role, group in groups:
+        kind = group.accelerator
+        devices = group.tp * group.replicas
+        if kind is not None:
+            if kind not in catalog:
+                raise UsageError(f"{role}.accelerator: {kind!r} is not in the catalog "
+                                 f"({', '.join(sorted(catalog))})")
+            spec = catalog[kind]
+            one_host = group.hosts == 1
+            name = f"{kind}@{group.host}" if one_host else f"{role}:{kind}"
+            pool = PoolSpec(name=name, device=kind, vendor=spec.vendor, count=devices,
+                            price_per_device_hour=spec.price_per_hour, roof=spec.roof(),
+                            max_tp=spec.max_tp, network_bandwidth=spec.network_bandwidth,
+                            devices_per_host=spec.devices_per_host,
+                            max_slice_tp=spec.max_slice_tp or spec.max_tp)
+        else:
+            if measured is None:
+                try:
+                    loaded = Profile.load(profile)
+                except (OSError, ValueError, KeyError) as e:
+                    raise UsageError(f"--profile: cannot read {profile!r} ({e})") from None
+                # TP between host devices all-reduces through host memory
+                roof = dataclasses.replace(loaded.roof, link_bandwidth=loaded.roof.link_bandwidth
+                                           or loaded.roof.bandwidth)
+                measured = (roof, calibrate(loaded))
+            roof, efficiency = measured
+            name = f"{role}:profile"
+            pool = PoolSpec(name=name, device="profile", vendor="cpu", count=devices,
+                            price_per_device_hour=0.0, roof=roof, max_tp=max(group.tp, 1),
+                            network_bandwidth=kv_link / max(group.tp, 1),
+                            efficiency=efficiency)
+        if name in pools:  # prefill and decode on one host of one kind: one pool
+            pool = dataclasses.replace(pool, count=pools[name].count + devices)
+        pools[name] = pool
+        placed.append((role, group, name))
+    calibrated, _ = _calibrated([p for p in pools.values() if p.device != "profile"], profiles)
+    pools.update({p.name: p for p in calibrated})
+    batch = deployment.scheduler.max_decode_batch
+    kv_tokens = deployment.kv.num_pages * deployment.kv.page_size
+    role_of = {"prefill": "colocated" if deployment.mode == "colocated" else "prefill",
+               "decode": "decode"}
+    plan = Plan(tuple((Option(role_of[role], name, group.tp, math.inf, 0.0, "", batch,
+                              kv_tokens), group.replicas) for role, group, name in placed))
+    dep = sim_deployment(model, plan, pools)
+    return dataclasses.replace(dep, max_prefill_tokens=deployment.scheduler.max_prefill_tokens)
+
+
+def run(args) -> int:
+    from jaxpd.config import load_config
+    from jaxpd.errors import ConfigError
+    from jaxpd.placement.simulator import goodput, simulate
+    from jaxpd.placement.workload import TraceError
+
+    try:
+        deployment = load_config(args.config)
+        model = _model(args, deployment)
+        workload = _workload(args)
+        slo = _slos(args) if args.slo else None
+        if args.requests < 1:
+            raise UsageError(f"--requests must be at least 1, got {args.requests}")
+        dep = sim_of_config(deployment, model, profiles=args.profiles, profile=args.profile,
+                            kv_link=args.kv_link)
+    except (UsageError, TraceError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    requests = workload.requests(args.rate, args.requests, args.seed)
+    result = simulate(dep, requests)
+    q = slo.percentile if slo is not None else 90.0
+    out = {"config": args.config, "workload": args.workload, "rate": args.rate,
+           "requests": len(requests), "seed": args.seed, "mode": deployment.mode,
+           f"ttft_p{q:g}": result.percentile("ttft", q),
+           f"tpot_p{q:g}": result.percentile("tpot", q),
+           "ttft_p50": result.percentile("ttft", 50), "tpot_p50": result.percentile("tpot", 50),
+           "dropped": result.dropped, "attainment": None, "goodput": None}
+    if slo is not None:
+        out["attainment"] = result.attainment(slo.ttft, slo.tpot)
+        out["slo"] = {f"ttft_p{q:g}": slo.ttft, f"tpot_p{q:g}": slo.tpot,
+                      "attainment": slo.target}
+        out["meets_slo"] = bool(out["attainment"] >= slo.target)
+        out["goodput"] = goodput(dep, lambda r: workload.requests(r, args.requests, args.seed),
+                                 slo.ttft, slo.tpot, slo.target, start_rate=args.rate,
+                                 rel_tol=0.02)
+    if args.json:
+        print(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                          for k, v in out.items()}))
+        return 0
+    print(f"{deployment.mode} deployment {Path(args.config).name}: {args.workload} at "
+          f"{args.rate:g} req/s, {len(requests)} requests (seed {args.seed})")
+    print(f"  TTFT p50 {out['ttft_p50']:.3g} s, p{q:g} {out[f'ttft_p{q:g}']:.3g} s;  "
+          f"TPOT p50 {out['tpot_p50'] * 1e3:.3g} ms, p{q:g} {out[f'tpot_p{q:g}'] * 1e3:.3g} ms")
+    if slo is not None:
+        verdict = "meets" if out["meets_slo"] else "misses"
+        print(f"  {out['attainment']:.1%} of requests meet both SLOs: {verdict} the "
+              f"{slo.target:.0%} target; goodput {out['goodput']:.3g} req/s")
+    if result.dropped:
+        print(f"  {result.dropped} requests never fit one replica's KV (dropped)")
+    return 0
