@@ -74,7 +74,8 @@ def check(case: dict, folder: Path, index: int, requests: int, seed: int) -> dic
         return row
     summary = json.loads(placed.stdout)
     row.update(plan={r: summary.get(r) for r in ("prefill", "decode", "colocated")},
-               cost_per_hour=summary["cost_per_hour"], placer_attainment=summary.get("attainment"))
+               cost_per_hour=summary["cost_per_hour"],
+               placer_attainment=summary.get("slo_attainment"))
     replay = jaxpd("simulate", "--config", str(out), "--model", case["model"], "--workload",
                    case["workload"], "--rate", str(case["rate"]), "--requests", str(requests),
                    "--seed", str(seed), *slos, "--json")
