@@ -127,9 +127,10 @@ def test_cli_json_and_deployment_yaml(tmp_path, capsys):
     out = tmp_path / "deploy.yaml"
     code = main(["place", "--inventory", inv, "--model", "llama3-8b", "--workload", "code",
                  "--rate", "10", "--slo", "ttft_p90=0.125", "--slo", "tpot_p90=0.2", "--json",
-                 "--candidates", "2", "--out", str(out)])
+                 "--candidates", "2", "--out", str(out), "--plot", str(tmp_path / "plans.png")])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
+    assert (tmp_path / "plans.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # cost vs goodput
     for key in ("cost_per_hour", "prefill", "decode", "ttft_p90", "tpot_p90", "goodput",
                 "slo_attainment", "candidates"):
         assert key in result

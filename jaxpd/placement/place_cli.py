@@ -125,6 +125,9 @@ def add_parser(subparsers) -> None:
                         "default 0.8)")
     p.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--plot", metavar="PNG",
+                   help="draw the ranked plans' $/hour against their goodput (the chosen one "
+                        "marked); needs matplotlib (pip install 'jaxpd[plot]')")
     p.add_argument("--out", metavar="YAML", help="write the chosen plan as a deployment config")
 
 
@@ -235,6 +238,38 @@ def summary(placement, pools, objective: str) -> dict:
     return out
 
 
+def plot_plans(placement, path: str) -> None:
+    """Cost against the capacity each ranked plan carries within the SLOs (the analytic
+    figure; the chosen plan's point is its simulated goodput), verified plans filled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    best = placement.best
+    for c in placement.candidates:
+        chosen = c is best
+        x = placement.goodput if chosen and placement.goodput == placement.goodput \
+            else c.plan.capacity
+        ax.scatter([x], [c.cost_per_hour], s=90 if chosen else 40,
+                   marker="*" if chosen else "o",
+                   facecolors=("tab:red" if chosen else "tab:blue") if c.verified else "none",
+                   edgecolors="tab:red" if chosen else "tab:blue", zorder=3)
+        ax.annotate(c.plan.describe(), (x, c.cost_per_hour), fontsize=7,
+                    xytext=(4, 4), textcoords="offset points")
+    ax.axvline(placement.demand.rate, color="grey", linestyle="--", linewidth=1)
+    ax.set_xlabel("requests/s within the SLOs (chosen plan: simulated goodput)")
+    ax.set_ylabel("$/hour")
+    slo = placement.slo
+    ax.set_title(f"{placement.demand.rate:g} req/s, TTFT p{slo.percentile:g} <= {slo.ttft:g} s, "
+                 f"TPOT p{slo.percentile:g} <= {slo.tpot:g} s (filled: verified)", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def why(candidate) -> str:
     """What bounds each role of the plan, from the cost model's notes."""
     parts = [f"{o.role} on {o.pool} TP{o.tp}: {o.note}" for o, _ in candidate.plan.choices]
@@ -305,6 +340,14 @@ def run(args) -> int:
         print(json.dumps(summary(placement, by_name, args.objective)))
     else:
         _table(placement, by_name)
+    if args.plot:
+        try:
+            plot_plans(placement, args.plot)
+        except ImportError:
+            print("error: --plot needs matplotlib: pip install 'jaxpd[plot]'", file=sys.stderr)
+            return EXIT_USAGE
+        if not args.json:
+            print(f"drew {args.plot}")
     if placement.best is None:
         print(f"error: {placement.unreachable}", file=sys.stderr)
         return EXIT_UNREACHABLE

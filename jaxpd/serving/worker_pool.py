@@ -36,7 +36,7 @@ def prefix_hashes(tokens, page_size: int) -> list[bytes]:
     (its last token is always recomputed)."""
     return block_hashes(tokens[:min(len(tokens) - 1, PREFIX_BLOCKS_HASHED * page_size)],
                         page_size)
-SERVING, STARTING, DOWN = "serving", "starting", "down"
+SERVING, STARTING, DRAINING, DOWN = "serving", "starting", "draining", "down"
 
 
 @dataclasses.dataclass
@@ -207,7 +207,8 @@ class WorkerPool:
             return False
         w.failed_probes = 0
         w.report(load, asked)
-        state = SERVING if load.state in ("", SERVING) else STARTING
+        state = (SERVING if load.state in ("", SERVING) else
+                 DRAINING if load.state == DRAINING else STARTING)
         if state == SERVING and w.state != SERVING:
             await self._refresh_info(w, timeout)  # a restarted worker has a new pid
         self._set_state(w, state, f"it reports {load.state}")
