@@ -38,7 +38,7 @@ CHAT_SLO = Slo(0.25, 0.03)
 
 @pytest.fixture(scope="module")
 def mixed_placement():
-    return place(LLAMA8B, pools(**MIXED), Workload("chatbot"), 100.0, CHAT_SLO)
+    return place(LLAMA8B, pools(**MIXED), Workload("chatbot"), 100.0, CHAT_SLO, candidates=3)
 
 
 def test_heterogeneous_plan_beats_every_single_kind(mixed_placement):
@@ -48,7 +48,7 @@ def test_heterogeneous_plan_beats_every_single_kind(mixed_placement):
     assert len(devices) == 2, best.plan.describe()  # prefill on one kind, decode on another
     assert mixed_placement.single_kind  # every kind that can serve alone was priced
     assert all(best.cost_per_hour < cost for cost in mixed_placement.single_kind.values())
-    assert best.transport == "grpc"  # between pools: over the network
+    assert best.transport == "tcp"  # between pools: the tcp data plane, as the YAML says
     assert best.ttft <= CHAT_SLO.ttft and best.tpot <= CHAT_SLO.tpot and best.attainment >= 0.9
     assert mixed_placement.goodput >= 100.0
 
@@ -145,6 +145,7 @@ def test_cli_json_and_deployment_yaml(tmp_path, capsys):
         assert cfg.prefill.replicas == result["prefill"]["replicas"]
         assert cfg.decode.replicas == result["decode"]["replicas"]
         assert cfg.decode.tp == result["decode"]["tp"]
+        assert cfg.serving.transport == result["kv_transport"]  # the transport it priced
     assert cfg.model.checkpoint == "MODEL_CHECKPOINT_DIR"  # a preset: the user names the folder
 
 
@@ -188,14 +189,14 @@ def test_cli_slo_flags_are_checked(tmp_path):
                  "--slo", "ttft_p90=1"]) == 2  # tpot missing
 
 
-def test_mixed_vendor_plans_hand_kv_over_grpc():
+def test_mixed_vendor_plans_hand_kv_over_tcp():
     result = place(LLAMA8B, pools(v5e=16, v6e=8, l4=16), Workload("summarization"), 20.0,
                    Slo(2.0, 0.05), candidates=4, sim_requests=800)
     assert result.best is not None
     for c in result.candidates:
         kinds = {o.pool for o, _ in c.plan.choices}
         if len(kinds) == 2:
-            assert c.transport == "grpc"
+            assert c.transport == "tcp"
 
 
 def test_simulate_replays_a_hand_written_cpu_config_and_names_what_is_missing(tmp_path, capsys):

@@ -17,7 +17,7 @@ import yaml
 from typing import Mapping
 
 from jaxpd.config import DeploymentConfig, parse_config
-from jaxpd.placement.placer import Option, Plan, PoolSpec
+from jaxpd.placement.placer import Option, Plan, PoolSpec, kv_link
 
 CHECKPOINT = "MODEL_CHECKPOINT_DIR"  # written when the plan was made for a preset, not a folder
 MAX_PAGES = 1 << 20
@@ -57,6 +57,7 @@ def plan_config(plan: Plan, *, checkpoint: str | None, pools: Mapping[str, PoolS
         data["prefill"] = _group(pre, n_pre, pools[pre.pool], start=0, port=50061)
         data["decode"] = _group(dec, n_dec, pools[dec.pool],
                                 start=pre.tp * n_pre if same_pool else 0, port=50081)
+        data["serving"]["transport"] = kv_link(pre, dec, pools)[1]  # what the placer priced
     return parse_config(data, "<placement plan>")
 
 

@@ -100,7 +100,7 @@ class Candidate:
     """A plan, its KV hand-off, and what the simulator measured of it."""
 
     plan: Plan
-    transport: str | None  # "device", "grpc", or None when colocated
+    transport: str | None  # serving.transport of the hand-off ("shm", "tcp"); None colocated
     kv_link_bytes_s: float
     ttft: float  # at the SLO percentile
     tpot: float
@@ -133,7 +133,7 @@ class _PhaseLatency:
     """The simulator's LatencyModel over the cost model of one role's replicas."""
 
     def __init__(self, model: ModelConfig, option: Option, pool: PoolSpec,
-                 kv: tuple[Option, dict[str, PoolSpec]] | None = None) -> None:
+                 kv: tuple[Option, dict[str, PoolSpec], str | None] | None = None) -> None:
         self.phase = PhaseModel(model, pool.roof, option.tp, pool.efficiency)
         self.model, self.option, self.kv = model, option, kv
         self._kv_cache: dict[int, float] = {}
@@ -149,14 +149,16 @@ class _PhaseLatency:
             return 0.0
         seconds = self._kv_cache.get(prompt_tokens)
         if seconds is None:
-            decode, pools = self.kv
-            seconds = kv_seconds(self.model, self.option, decode, pools, prompt_tokens)
+            decode, pools, transport = self.kv
+            seconds = kv_seconds(self.model, self.option, decode, pools, prompt_tokens, transport)
             self._kv_cache[prompt_tokens] = seconds
         return seconds
 
 
-def sim_deployment(model: ModelConfig, plan: Plan, pools: dict[str, PoolSpec]) -> SimDeployment:
-    """The simulator's view of a plan: replica counts, latencies, batch and KV limits."""
+def sim_deployment(model: ModelConfig, plan: Plan, pools: dict[str, PoolSpec],
+                   transport: str | None = None) -> SimDeployment:
+    """The simulator's view of a plan: replica counts, latencies, batch and KV limits; the KV
+    hand-off priced at `transport` (default: the one the placer writes, `kv_link`)."""
     if plan.colocated:
         option, n = plan.choices[0]
         return SimDeployment.colocated(
@@ -165,7 +167,7 @@ def sim_deployment(model: ModelConfig, plan: Plan, pools: dict[str, PoolSpec]) -
             kv_capacity_tokens=max(option.kv_tokens, 1))
     (pre, n_pre), (dec, n_dec) = plan.role("prefill"), plan.role("decode")
     return SimDeployment.disaggregated(
-        _PhaseLatency(model, pre, pools[pre.pool], (dec, pools)),
+        _PhaseLatency(model, pre, pools[pre.pool], (dec, pools, transport)),
         _PhaseLatency(model, dec, pools[dec.pool]), prefill_replicas=n_pre,
         decode_replicas=n_dec, max_prefill_tokens=MAX_PREFILL_TOKENS,
         max_decode_batch=max(dec.batch, 1), kv_capacity_tokens=max(dec.kv_tokens, 1))

@@ -274,8 +274,9 @@ def why(candidate) -> str:
     """What bounds each role of the plan, from the cost model's notes."""
     parts = [f"{o.role} on {o.pool} TP{o.tp}: {o.note}" for o, _ in candidate.plan.choices]
     if candidate.transport:
-        parts.append(f"KV over {'NVLink/ICI' if candidate.transport == 'device' else 'the network (gRPC)'}"
-                     f" at {candidate.kv_link_bytes_s / 1e9:.3g} GB/s")
+        where = "one host" if candidate.transport == "shm" else "between hosts"
+        parts.append(f"KV over {candidate.transport} ({where}) at "
+                     f"{candidate.kv_link_bytes_s / 1e9:.3g} GB/s")
     return "; ".join(parts)
 
 

@@ -248,24 +248,38 @@ def _colocated_capacity(m: PhaseModel, demand: Demand, service: float, service_p
 
 
 # -- the KV hand-off between a prefill and a decode option --------------------------------------
-def kv_link(pre: Option, dec: Option, pools: dict[str, PoolSpec]) -> tuple[float, str]:
-    """(bytes/s, transport) of the hand-off: device-to-device over the intra-node link when both
-    groups fit in one node of one pool, else the network between hosts through the host-staged
-    gRPC stream (the only transport between vendors), at the slower end's NICs."""
+# What jaxpd's KV transports move per request, measured on the development VM (2 cores,
+# loopback): `tools/bench_transfer.py --tokens 2048 --message-mib 4 --repeats 3`, 2026-12-03
+# (docs/benchmarks.md, Llama-3-8B-shaped KV). The hand-off is priced at the transport the
+# written deployment uses (`serving.transport`): shared memory when prefill and decode share a
+# host, the tcp data plane between hosts, capped by the hosts' network. Figures measured on
+# the serving hosts themselves would replace these.
+TRANSPORT_BYTES_PER_S = {"shm": 1.22e9, "tcp": 0.95e9, "grpc": 0.80e9, "jax": 0.61e9}
+
+
+def kv_link(pre: Option, dec: Option, pools: dict[str, PoolSpec],
+            transport: str | None = None) -> tuple[float, str]:
+    """(bytes/s, serving.transport) of the hand-off: shm when both groups fit on one host of
+    one pool, else tcp, at its measured rate, capped between hosts by the slower end's NICs.
+    `transport` (a deployment's serving.transport) prices that one instead; auto is shm on one
+    host and tcp between hosts (jax between accelerators is not measured: priced as tcp)."""
     a, b = pools[pre.pool], pools[dec.pool]
-    if a.name == b.name and pre.tp + dec.tp <= a.max_tp and a.roof.link_bandwidth > 0:
-        return a.roof.link_bandwidth, "device"
-    return min(a.network_bandwidth * pre.tp, b.network_bandwidth * dec.tp), "grpc"
+    one_host = a.name == b.name and pre.tp + dec.tp <= a.max_tp
+    chosen = transport if transport not in (None, "auto") else ("shm" if one_host else "tcp")
+    rate = TRANSPORT_BYTES_PER_S[chosen]
+    if one_host:
+        return rate, chosen
+    return min(rate, a.network_bandwidth * pre.tp, b.network_bandwidth * dec.tp), chosen
 
 
 def kv_seconds(model: ModelConfig, pre: Option, dec: Option, pools: dict[str, PoolSpec],
-               prompt_tokens: int) -> float:
-    """One prompt's hand-off, with the overlap of layer-by-layer streaming behind prefill."""
+               prompt_tokens: int, transport: str | None = None) -> float:
+    """One prompt's hand-off at its transport's measured rate (an achieved figure: no further
+    efficiency), with the overlap of layer-by-layer streaming behind prefill if enabled."""
     pool = pools[pre.pool]
     m = PhaseModel(model, pool.roof, pre.tp, pool.efficiency)
-    return kv_transfer_seconds(model, prompt_tokens, kv_link(pre, dec, pools)[0],
-                               m.prefill_seconds([prompt_tokens]), pool.efficiency.link,
-                               layerwise=KV_LAYERWISE)
+    return kv_transfer_seconds(model, prompt_tokens, kv_link(pre, dec, pools, transport)[0],
+                               m.prefill_seconds([prompt_tokens]), 1.0, layerwise=KV_LAYERWISE)
 
 
 def incompatible_pairs(model: ModelConfig, opts: Sequence[Option], pools: Sequence[PoolSpec],

@@ -9,8 +9,9 @@ Each group's replicas are priced by the cost model on its `accelerator` (a catal
 or, for a group without one, on the device a `--profile` was measured on (default: this
 project's CPU profile). Engine limits come from the YAML: `scheduler.max_prefill_tokens`,
 `scheduler.max_decode_batch`, and `kv.num_pages x kv.page_size` tokens of KV per decode (or
-colocated) replica. The KV hand-off goes over the device link when both groups sit on one host
-of one accelerator kind, else over the network at the slower end's bandwidth.
+colocated) replica. The KV hand-off is priced at the config's `serving.transport` as jaxpd
+measured it (`placer.TRANSPORT_BYTES_PER_S`), capped between hosts by the slower end's network
+(both groups on one host of one accelerator kind count as one host).
 
 Exit status: 0, or 2 for bad input (a line naming the flag or YAML key).
 """
@@ -132,9 +133,9 @@ def sim_of_config(deployment, model, *, profiles: str, profile: str, kv_link: fl
                                            or loaded.roof.bandwidth)
                 measured = (roof, calibrate(loaded))
             roof, efficiency = measured
-            name = f"{role}:profile"
+            name = f"profile@{group.host}" if group.hosts == 1 else f"{role}:profile"
             pool = PoolSpec(name=name, device="profile", vendor="cpu", count=devices,
-                            price_per_device_hour=0.0, roof=roof, max_tp=max(group.tp, 1),
+                            price_per_device_hour=0.0, roof=roof, max_tp=64,  # host devices
                             network_bandwidth=kv_link / max(group.tp, 1),
                             efficiency=efficiency)
         if name in pools:  # prefill and decode on one host of one kind: one pool
@@ -149,7 +150,7 @@ def sim_of_config(deployment, model, *, profiles: str, profile: str, kv_link: fl
                "decode": "decode"}
     plan = Plan(tuple((Option(role_of[role], name, group.tp, math.inf, 0.0, "", batch,
                               kv_tokens), group.replicas) for role, group, name in placed))
-    dep = sim_deployment(model, plan, pools)
+    dep = sim_deployment(model, plan, pools, deployment.serving.transport)
     return dataclasses.replace(dep, max_prefill_tokens=deployment.scheduler.max_prefill_tokens)
 
 
