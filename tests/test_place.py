@@ -88,6 +88,8 @@ def test_verify_adds_replicas_where_the_simulation_misses_and_drops_spare_ones()
 
 @pytest.mark.parametrize("slo, rate, inventory, start", [
     (Slo(0.002, 0.05), 1.0, dict(h100=8), "ttft_p90=0.002s is out of reach: the fastest prefill"),
+    # the prefill alone fits 5 ms; the request path (router, gRPC) does not
+    (Slo(0.005, 0.2), 1.0, dict(h100=8), "ttft_p90=0.005s is out of reach: the fastest prefill"),
     (Slo(1.0, 0.001), 1.0, dict(h100=8), "tpot_p90=0.001s is out of reach: the fastest decode"),
     (Slo(1.0, 0.1), 1000.0, dict(l4=2), "rate 1000 req/s is out of reach on this inventory"),
 ])

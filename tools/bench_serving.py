@@ -364,8 +364,15 @@ def run_served(config_path: Path, runs) -> dict:
                 with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
                     done = list(pool.map(send, requests))
                 wall = time.perf_counter() - start_t
-                return summary([d.ttft_s for d in done], [d.tpot_s for d in done if d.tpot_s],
-                               wall, sum(d.usage.completion_tokens for d in done))
+                out = summary([d.ttft_s for d in done], [d.tpot_s for d in done if d.tpot_s],
+                              wall, sum(d.usage.completion_tokens for d in done))
+                # the request path: what TTFT holds beyond the workers' own queue, prefill and
+                # hand-off (router, gRPC hops, tokenization, streaming back)
+                path = sorted(d.ttft_s - d.timings.queue_s - d.timings.prefill_s
+                              for d in done if d.ttft_s is not None)
+                out["request_path_s"] = {"p50": round(statistics.median(path), 5),
+                                         "mean": round(statistics.fmean(path), 5)}
+                return out
             for warm in runs[:-1]:
                 once(warm)
             return once(runs[-1])

@@ -20,7 +20,8 @@ import numpy as np
 
 from jaxpd.model.config import ModelConfig
 from jaxpd.placement.cost_model import PhaseModel
-from jaxpd.placement.placer import (Demand, Objective, Option, Plan, PoolSpec, fits,
+from jaxpd.placement.placer import (REQUEST_PATH_S, Demand, Objective, Option, Plan, PoolSpec,
+                                    fits,
                                     incompatible_pairs,
                                     kv_link, kv_seconds, max_rate, options, ranked, solve,
                                     tp_degrees)
@@ -164,13 +165,14 @@ def sim_deployment(model: ModelConfig, plan: Plan, pools: dict[str, PoolSpec],
         return SimDeployment.colocated(
             _PhaseLatency(model, option, pools[option.pool]), n,
             max_prefill_tokens=MAX_PREFILL_TOKENS, max_decode_batch=max(option.batch, 1),
-            kv_capacity_tokens=max(option.kv_tokens, 1))
+            kv_capacity_tokens=max(option.kv_tokens, 1), request_path_s=REQUEST_PATH_S)
     (pre, n_pre), (dec, n_dec) = plan.role("prefill"), plan.role("decode")
     return SimDeployment.disaggregated(
         _PhaseLatency(model, pre, pools[pre.pool], (dec, pools, transport)),
         _PhaseLatency(model, dec, pools[dec.pool]), prefill_replicas=n_pre,
         decode_replicas=n_dec, max_prefill_tokens=MAX_PREFILL_TOKENS,
-        max_decode_batch=max(dec.batch, 1), kv_capacity_tokens=max(dec.kv_tokens, 1))
+        max_decode_batch=max(dec.batch, 1), kv_capacity_tokens=max(dec.kv_tokens, 1),
+        request_path_s=REQUEST_PATH_S)
 
 
 def _grow(plan: Plan, role: str) -> Plan:
@@ -348,9 +350,10 @@ def unreachable(model: ModelConfig, pools: Sequence[PoolSpec], opts: Sequence[Op
     if not math.isfinite(fastest_prefill):
         return (f"no pool can hold the model ({model.num_params() / 1e9:.1f}B parameters) with "
                 f"KV for one {context}-token request at any TP degree")
-    if fastest_prefill > slo.ttft:
+    if fastest_prefill + REQUEST_PATH_S > slo.ttft:
         return (f"ttft_{p}={slo.ttft:g}s is out of reach: the fastest prefill of a {p} prompt "
-                f"({int(demand.isl_p90)} tokens) takes {fastest_prefill:.3g}s ({prefill_at})")
+                f"({int(demand.isl_p90)} tokens) takes {fastest_prefill:.3g}s ({prefill_at}), "
+                f"plus {REQUEST_PATH_S * 1e3:.3g} ms on the request path (router, gRPC)")
     if fastest_step > slo.tpot:
         return (f"tpot_{p}={slo.tpot:g}s is out of reach: the fastest decode step takes "
                 f"{fastest_step:.3g}s even at batch 1 ({step_at})")

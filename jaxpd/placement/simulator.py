@@ -2,6 +2,8 @@
 length distribution and the arrival process rather than their means.
 
 What it models, mirroring jaxpd's router and engines:
+- The request path (`request_path_s`: router check and tokenization, gRPC hops, streaming the
+  first token back) delays each request before the router places it, so it counts in TTFT.
 - Router: at arrival a request reserves KV for its whole sequence (prompt + output tokens) on the
   decode (or colocated) replica with the most free KV tokens; when none has room it waits in one
   FCFS queue (no overtaking) until a finishing request frees enough. A request larger than one
@@ -79,10 +81,13 @@ class SimDeployment:
     max_prefill_tokens: int = 8192
     max_decode_batch: int = 256
     kv_capacity_tokens: int = UNLIMITED_KV  # per decode (or colocated) replica
+    request_path_s: float = 0.0  # router, tokenization, gRPC hops: added to every TTFT
 
     def __post_init__(self) -> None:
         if self.mode not in ("disaggregated", "colocated"):
             raise ValueError(f"mode must be 'disaggregated' or 'colocated', got {self.mode!r}")
+        if self.request_path_s < 0:
+            raise ValueError(f"request_path_s must be >= 0, got {self.request_path_s}")
         for name in ("prefill_replicas", "decode_replicas", "max_prefill_tokens",
                      "max_decode_batch", "kv_capacity_tokens"):
             if getattr(self, name) < 1:
@@ -227,8 +232,9 @@ class _Simulation:
         heapq.heappush(self.events, (t, self.seq, kind, a, b))
 
     def run(self) -> None:
+        delay = self.dep.request_path_s  # the router sees it after the request path
         for rid, t in enumerate(self.arrival):
-            self.push(t, ARRIVE, rid)
+            self.push(t + delay, ARRIVE, rid)
         handlers = {ARRIVE: self.on_arrive, PREFILL_END: self.on_prefill_end,
                     KV_ARRIVE: self.on_kv_arrive, DECODE_END: self.on_decode_end}
         events = self.events
