@@ -86,3 +86,25 @@ def test_calibration_recovers_the_factors_that_made_a_profile(tmp_path):
     assert max(abs(e) for e in errors["prefill"] + errors["decode"]) < 0.01
     before = prediction_errors(profile, Efficiency())
     assert max(abs(e) for e in before["decode"]) > 0.1  # the defaults were not already right
+
+
+def test_the_cpu_profile_fits_within_its_roofs_and_an_understated_roof_is_refused():
+    """configs/profiles' CPU profile fits with every efficiency at most 1 (its bandwidth roof
+    is the weight-streaming rate a decode step sees), within 10% on every row; the same
+    measurements against a quarter of that roof would need a device faster than its roof,
+    and are refused with a message naming the figure to re-measure."""
+    import dataclasses
+    from pathlib import Path
+
+    from jaxpd.placement.cost_model import CalibrationError, prediction_errors
+
+    path = Path(__file__).resolve().parents[1] / "configs/profiles/cpu-2core-vm-bench-30m.json"
+    profile = Profile.load(path)
+    fitted = calibrate(profile)
+    assert max(fitted.compute, fitted.attention, fitted.memory, fitted.kv_read) <= 1.0
+    errors = prediction_errors(profile, fitted)
+    assert max(abs(e) for e in errors["prefill"] + errors["decode"]) < 0.10
+    understated = dataclasses.replace(profile, roof=dataclasses.replace(
+        profile.roof, bandwidth=profile.roof.bandwidth / 4))
+    with pytest.raises(CalibrationError, match="memory efficiency .* peak_bandwidth"):
+        calibrate(understated)

@@ -207,8 +207,14 @@ def prediction_errors(profile: Profile, eff: Efficiency) -> dict[str, list[float
             "decode": list(decode / np.array([s for *_, s in profile.decode]) - 1)}
 
 
+class CalibrationError(ValueError):
+    """A profile whose fit needs a device to beat its own roof: its roof figures are wrong."""
+
+
 def calibrate(profile: Profile, base: Efficiency = Efficiency()) -> Efficiency:
-    """Efficiencies that best predict `profile` (least squares on log ratios)."""
+    """Efficiencies that best predict `profile` (least squares on log ratios). A fit that
+    needs an efficiency above 1 (a step faster than the roof allows) is refused: the
+    profile's measured roof understates the device, and every figure built on it would be."""
     from scipy.optimize import least_squares
 
     measured = np.log([s for *_, s in profile.prefill] + [s for *_, s in profile.decode])
@@ -226,4 +232,19 @@ def calibrate(profile: Profile, base: Efficiency = Efficiency()) -> Efficiency:
         return np.log(np.concatenate([prefill, decode])) - measured
 
     x0 = np.clip(np.log([getattr(base, n) for n in names]), low + 1e-9, high - 1e-9)
-    return make(least_squares(residuals, x0, bounds=(low, high)).x)
+    fitted = make(least_squares(residuals, x0, bounds=(low, high)).x)
+    over = {n: getattr(fitted, n) for n in ("compute", "attention", "memory", "kv_read")
+            if getattr(fitted, n) > 1.0}
+    if over:
+        roofs = {"compute": ("peak_flops", profile.roof.flops / 1e12, "TFLOP/s"),
+                 "attention": ("peak_flops", profile.roof.flops / 1e12, "TFLOP/s"),
+                 "memory": ("peak_bandwidth", profile.roof.bandwidth / 1e9, "GB/s"),
+                 "kv_read": ("peak_bandwidth", profile.roof.bandwidth / 1e9, "GB/s")}
+        worst = max(over, key=over.get)
+        key, value, unit = roofs[worst]
+        raise CalibrationError(
+            f"{profile.source or 'the profile'}: the fit needs {worst} efficiency "
+            f"{over[worst]:.2f} (> 1): the measured steps beat its {key} of {value:.3g} {unit}, "
+            f"so that roof is understated; re-measure it (tools/bench_engine.py) rather than "
+            f"calibrate on it")
+    return fitted

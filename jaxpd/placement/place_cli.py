@@ -318,6 +318,7 @@ def _table(placement, pools) -> None:
 
 def run(args) -> int:
     from jaxpd.placement.catalog import CatalogError, load_inventory
+    from jaxpd.placement.cost_model import CalibrationError
     from jaxpd.placement.deploy_yaml import plan_yaml
     from jaxpd.placement.place import place
     from jaxpd.placement.workload import TraceError
@@ -327,7 +328,7 @@ def run(args) -> int:
         workload = _workload(args)
         slo = _slos(args)
         pools, _ = _calibrated(load_inventory(args.inventory), args.profiles)
-    except (UsageError, CatalogError, TraceError) as e:
+    except (UsageError, CatalogError, TraceError, CalibrationError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except ValueError as e:  # a broken HF config.json

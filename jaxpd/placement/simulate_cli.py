@@ -158,6 +158,7 @@ def run(args) -> int:
     from jaxpd.config import load_config
     from jaxpd.errors import ConfigError
     from jaxpd.placement.simulator import goodput, simulate
+    from jaxpd.placement.cost_model import CalibrationError
     from jaxpd.placement.workload import TraceError
 
     try:
@@ -169,7 +170,7 @@ def run(args) -> int:
             raise UsageError(f"--requests must be at least 1, got {args.requests}")
         dep = sim_of_config(deployment, model, profiles=args.profiles, profile=args.profile,
                             kv_link=args.kv_link)
-    except (UsageError, TraceError) as e:
+    except (UsageError, TraceError, CalibrationError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ConfigError as e:
