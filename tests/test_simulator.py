@@ -332,3 +332,34 @@ def test_csv_trace_errors(tmp_path, monkeypatch):
         load_trace("trace.csv")
     with pytest.raises(TraceError, match="cannot read trace"):
         load_trace("missing.jsonl")
+
+
+def test_the_router_refuses_past_its_queue_bound_and_timeout():
+    """As jaxpd's router: with every KV pool full, at most `max_queued` requests wait (the
+    rest are refused at once: RESOURCE_EXHAUSTED), and one waiting past `queue_timeout_s` is
+    refused when its turn comes; refused requests never run and miss their SLOs."""
+    from jaxpd.placement.simulator import SimDeployment, simulate
+    from jaxpd.placement.workload import SimRequest
+
+    class Slow:
+        def prefill_seconds(self, lengths):
+            return 0.01
+
+        def decode_step_seconds(self, batch, context):
+            return 0.1  # each request holds its KV ~1 s
+
+        def kv_transfer_seconds(self, tokens):
+            return 0.0
+
+    # KV for one request at a time; 6 arrive together
+    reqs = [SimRequest(0.0, 10, 11) for _ in range(6)]
+    dep = SimDeployment.disaggregated(Slow(), Slow(), kv_capacity_tokens=21, max_queued=2,
+                                      queue_timeout_s=1.5)
+    result = simulate(dep, reqs)
+    ran = np.isfinite(result.finish_s)
+    assert result.rejected == 4 and ran.sum() == 2  # 3 queued past the bound; 1 timed out
+    assert ran[0] and ran[1] and not ran[2:].any()
+    assert result.attainment(100.0, 100.0) == pytest.approx(2 / 6)
+    unbounded = simulate(SimDeployment.disaggregated(Slow(), Slow(), kv_capacity_tokens=21,
+                                                     max_queued=10, queue_timeout_s=100.0), reqs)
+    assert unbounded.rejected == 0 and np.isfinite(unbounded.finish_s).all()

@@ -151,7 +151,10 @@ def sim_of_config(deployment, model, *, profiles: str, profile: str, kv_link: fl
     plan = Plan(tuple((Option(role_of[role], name, group.tp, math.inf, 0.0, "", batch,
                               kv_tokens), group.replicas) for role, group, name in placed))
     dep = sim_deployment(model, plan, pools, deployment.serving.transport)
-    return dataclasses.replace(dep, max_prefill_tokens=deployment.scheduler.max_prefill_tokens)
+    serving = deployment.serving
+    return dataclasses.replace(dep, max_prefill_tokens=deployment.scheduler.max_prefill_tokens,
+                               max_queued=serving.max_queued,
+                               queue_timeout_s=serving.queue_timeout_s)
 
 
 def run(args) -> int:
@@ -184,7 +187,8 @@ def run(args) -> int:
            f"ttft_p{q:g}": result.percentile("ttft", q),
            f"tpot_p{q:g}": result.percentile("tpot", q),
            "ttft_p50": result.percentile("ttft", 50), "tpot_p50": result.percentile("tpot", 50),
-           "dropped": result.dropped, "attainment": None, "goodput": None}
+           "dropped": result.dropped, "rejected": result.rejected, "attainment": None,
+           "goodput": None}
     if slo is not None:
         out["attainment"] = result.attainment(slo.ttft, slo.tpot)
         out["slo"] = {f"ttft_p{q:g}": slo.ttft, f"tpot_p{q:g}": slo.tpot,
@@ -205,6 +209,9 @@ def run(args) -> int:
         verdict = "meets" if out["meets_slo"] else "misses"
         print(f"  {out['attainment']:.1%} of requests meet both SLOs: {verdict} the "
               f"{slo.target:.0%} target; goodput {out['goodput']:.3g} req/s")
-    if result.dropped:
-        print(f"  {result.dropped} requests never fit one replica's KV (dropped)")
+    if result.rejected:
+        print(f"  {result.rejected} requests refused by the router (its queue full, or the "
+              f"wait past serving.queue_timeout_s)")
+    if result.dropped > result.rejected:
+        print(f"  {result.dropped - result.rejected} requests never fit one replica's KV")
     return 0

@@ -6,8 +6,10 @@ What it models, mirroring jaxpd's router and engines:
   first token back) delays each request before the router places it, so it counts in TTFT.
 - Router: at arrival a request reserves KV for its whole sequence (prompt + output tokens) on the
   decode (or colocated) replica with the most free KV tokens; when none has room it waits in one
-  FCFS queue (no overtaking) until a finishing request frees enough. A request larger than one
-  replica's whole KV capacity can never run: it is dropped (infinite latencies, an SLO miss).
+  FCFS queue (no overtaking) until a finishing request frees enough, as jaxpd's router does: a
+  request that finds `max_queued` already waiting, or waits past `queue_timeout_s`, is refused
+  (RESOURCE_EXHAUSTED there; here it never runs: an SLO miss, counted in `rejected`). A request
+  larger than one replica's whole KV capacity can never run: it is dropped (an SLO miss).
   Disaggregated: the prompt goes to the prefill replica with the shortest queue (waiting plus
   in-flight prompts; ties to the lowest index).
 - Prefill replica: FCFS batches of whole prompts up to `max_prefill_tokens` (a batch always
@@ -82,6 +84,8 @@ class SimDeployment:
     max_decode_batch: int = 256
     kv_capacity_tokens: int = UNLIMITED_KV  # per decode (or colocated) replica
     request_path_s: float = 0.0  # router, tokenization, gRPC hops: added to every TTFT
+    max_queued: int = 1024  # serving.max_queued: requests the router holds while KV is full
+    queue_timeout_s: float = 30.0  # serving.queue_timeout_s: the longest one of them waits
 
     def __post_init__(self) -> None:
         if self.mode not in ("disaggregated", "colocated"):
@@ -124,6 +128,7 @@ class SimResult:
     # when the router reserved the request's KV on a decode (or colocated) replica: the wait
     # before it is KV back-pressure, the wait after it (to prefill_start_s) the prefill queue
     placed_s: np.ndarray | None = None
+    rejected: int = 0  # refused by the router: its queue was full, or the wait timed out
 
     @property
     def arrival_s(self) -> np.ndarray:
@@ -149,7 +154,7 @@ class SimResult:
 
     @property
     def dropped(self) -> int:
-        """Requests that could never fit in one replica's KV."""
+        """Requests that never ran: larger than one replica's KV, or refused by the router."""
         return int(np.sum(~np.isfinite(self.finish_s)))
 
     def metric(self, name: str) -> np.ndarray:
@@ -223,6 +228,7 @@ class _Simulation:
         self.prefillers = (self.decoders if self.colocated else
                            [_Replica(i, 0, True) for i in range(dep.prefill_replicas)])
         self.waiting: deque[int] = deque()  # requests waiting for KV room
+        self.rejected = 0
         self.events: list[tuple] = []  # (time, seq, kind, a, b); seq is unique, so b is never compared
         self.seq = 0
         self.decode_step = dep.decode.decode_step_seconds
@@ -248,6 +254,9 @@ class _Simulation:
         if need > self.dep.kv_capacity_tokens:
             return  # never fits: dropped
         if self.waiting or not self.place(t, rid):
+            if len(self.waiting) >= self.dep.max_queued:
+                self.rejected += 1  # the router's queue is full: RESOURCE_EXHAUSTED
+                return
             self.waiting.append(rid)
 
     def place(self, t: float, rid: int) -> bool:
@@ -269,7 +278,14 @@ class _Simulation:
         """A request finished: free its KV and let waiting requests in, in order."""
         self.finish[rid] = t
         self.decoders[self.home[rid]].free_kv += self.prompt[rid] + self.output[rid]
-        while self.waiting and self.place(t, self.waiting[0]):
+        while self.waiting:
+            head = self.waiting[0]
+            if t - self.arrival[head] - self.dep.request_path_s > self.dep.queue_timeout_s:
+                self.waiting.popleft()  # waited past serving.queue_timeout_s: refused
+                self.rejected += 1
+                continue
+            if not self.place(t, head):
+                break
             self.waiting.popleft()
 
     def wake(self, t: float, r: _Replica) -> None:
@@ -390,7 +406,7 @@ def simulate(deployment: SimDeployment, requests: Sequence[SimRequest]) -> SimRe
     sim.run()
     return SimResult(tuple(requests), np.array(sim.prefill_start, dtype=float),
                      np.array(sim.first_token, dtype=float), np.array(sim.finish, dtype=float),
-                     np.array(sim.placed, dtype=float))
+                     np.array(sim.placed, dtype=float), sim.rejected)
 
 
 DeploymentLike = SimDeployment | Callable[[float], SimDeployment]
