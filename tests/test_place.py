@@ -217,3 +217,26 @@ def test_simulate_replays_a_hand_written_cpu_config_and_names_what_is_missing(tm
                     "prefill: {devices: [0], tp: 1, replicas: 1, accelerator: h100-sxm}\n")
     assert main(["simulate", "--config", str(plan), "--rate", "1"]) == 2
     assert "--model" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_random_inventorys_plan_holds_when_its_yaml_is_replayed(tmp_path, capsys):
+    """One of tools/check_placer.py's random cases (Llama-3-8B code completion at 50 req/s on
+    a TPU v5e + H200 inventory): the placer's YAML, replayed by `jaxpd simulate` on 20,000
+    requests with a seed the placer did not use, meets the SLO target (the tool runs 30 such
+    cases; the chatbot headline is test_the_chosen_plan_holds_on_fresh_arrivals)."""
+    pools_yaml = ("pools:\n  - {name: v5e, device: tpu-v5e, count: 8}\n"
+                  "  - {name: h200, device: h200, count: 8}\n")
+    ttft, tpot = 0.225, 0.15
+    inventory = _inventory(tmp_path, pools_yaml)
+    out = tmp_path / "deploy.yaml"
+    slos = ["--slo", f"ttft_p90={ttft}", "--slo", f"tpot_p90={tpot}"]
+    assert main(["place", "--inventory", inventory, "--model", "llama3-8b", "--workload",
+                 "code", "--rate", "50", *slos, "--json", "--candidates", "3",
+                 "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["simulate", "--config", str(out), "--model", "llama3-8b", "--workload", "code",
+                 "--rate", "50", "--requests", "20000", "--seed", "424242", *slos,
+                 "--json"]) == 0
+    replay = json.loads(capsys.readouterr().out)
+    assert replay["meets_slo"] and replay["attainment"] >= 0.9, replay
