@@ -140,13 +140,19 @@ class JaxKVPuller:
         loop = asyncio.get_running_loop()
         job = loop.create_future()
 
+        def hand_over(settle) -> None:
+            try:
+                loop.call_soon_threadsafe(lambda: job.done() or settle())
+            except RuntimeError:  # the worker's loop closed while an abandoned pull ran
+                pass
+
         def run():  # a daemon thread, not a pool's: an abandoned pull must not block exit
             try:
                 result = self._pull_now(header.pull, header.shape, dtype, timeout_s)
             except Exception as e:  # noqa: BLE001 - handed to the waiting coroutine
-                loop.call_soon_threadsafe(lambda e=e: job.done() or job.set_exception(e))
+                hand_over(lambda e=e: job.set_exception(e))
             else:
-                loop.call_soon_threadsafe(lambda: job.done() or job.set_result(result))
+                hand_over(lambda: job.set_result(result))
 
         threading.Thread(target=run, name="kv-pull", daemon=True).start()
         try:
