@@ -303,9 +303,11 @@ class KVIntake:
         self.pending: list = []
         self.began = time.monotonic()
 
-    async def take(self, raw) -> tuple[object | None, worker_pb2.KVAck | None]:
+    async def take(self, raw, *,
+                   verify_crc: bool = True) -> tuple[object | None, worker_pb2.KVAck | None]:
         """Check one frame and send its piece to the engine thread: (the pending write or
-        None, the KVAck when this was the finish frame). Raises WireError/TransferError."""
+        None, the KVAck when this was the finish frame). Raises WireError/TransferError.
+        `verify_crc=False`: a frame read from shared memory, which carries no checksum."""
         header, payload = wire.parse_frame(raw)
         if self.request_id is None:
             self.request_id, self.token = header.request_id, header.request_token
@@ -321,7 +323,7 @@ class KVIntake:
                 header, self.state.deployment.serving.kv_timeout_s)
             self.received += piece.array.nbytes
         else:
-            piece = wire.check_piece(self.state.wire, header, payload)
+            piece = wire.check_piece(self.state.wire, header, payload, verify_crc=verify_crc)
         self.received += len(raw)
         self.count += 1
         write = None

@@ -135,13 +135,16 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
+def frame_prefix(header: worker_pb2.KVHeader, payload_bytes: int) -> bytes:
+    """Everything of a KVChunk frame before its payload (the payload follows it directly)."""
+    h = header.SerializeToString()
+    tail = b"\x12" + _varint(payload_bytes) if payload_bytes else b""
+    return b"\x0a" + _varint(len(h)) + h + tail
+
+
 def frame(header: worker_pb2.KVHeader, payload: bytes | memoryview = b"") -> bytes:
     """The protobuf encoding of KVChunk{header, data}, with the payload copied once."""
-    h = header.SerializeToString()
-    parts = [b"\x0a", _varint(len(h)), h]
-    if len(payload):
-        parts += [b"\x12", _varint(len(payload)), payload]
-    return b"".join(parts)
+    return b"".join([frame_prefix(header, len(payload)), payload])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,22 +163,31 @@ class WireContext:
         return 2 * self.layout.model_kv_heads * self.layout.row_width * self.wire_dtype.itemsize
 
 
-def encode_tokens(ctx: WireContext, request_id: str, host: np.ndarray, offset: int,
-                  start: int, end: int, token: str = "") -> Iterator[bytes]:
-    """Frames for tokens [start, end) of `host` (a `gather_tokens` result on the host);
-    `token` is the request's EngineRequest.request_token."""
+def encode_parts(ctx: WireContext, request_id: str, host: np.ndarray, offset: int,
+                 start: int, end: int,
+                 token: str = "") -> Iterator[tuple[worker_pb2.KVHeader, np.ndarray]]:
+    """(header without its CRC, payload block: a strided view of `host`) of each message for
+    tokens [start, end) of `host` (a `gather_tokens` result on the host); `token` is the
+    request's EngineRequest.request_token."""
     layout = ctx.layout
     pieces = split_ranges(layout.num_layers, end - start, ctx.bytes_per_layer_token(),
                           ctx.max_message_bytes)
     for l0, l1, t0, t1 in pieces:
-        block = host[l0:l1, :, :, offset + t0:offset + t1]
-        # uint8 view: bfloat16 (ml_dtypes) arrays do not export the buffer protocol
-        payload = np.ascontiguousarray(block, dtype=ctx.wire_dtype).view(np.uint8).reshape(-1).data
-        header = worker_pb2.KVHeader(
+        block = host[l0:l1, :, :, offset + t0:offset + t1].astype(ctx.wire_dtype, copy=False)
+        yield worker_pb2.KVHeader(
             request_id=request_id, layer_start=l0, layer_end=l1, token_start=start + t0,
             token_end=start + t1, head_start=0, head_end=layout.model_kv_heads,
             dtype=layout.dtype, shape=block.shape, model_fingerprint=ctx.fingerprint,
-            crc32c=crc32c(payload), request_token=token)
+            request_token=token), block
+
+
+def encode_tokens(ctx: WireContext, request_id: str, host: np.ndarray, offset: int,
+                  start: int, end: int, token: str = "") -> Iterator[bytes]:
+    """Frames for tokens [start, end) of `host`, each with its payload's CRC-32C."""
+    for header, block in encode_parts(ctx, request_id, host, offset, start, end, token):
+        # uint8 view: bfloat16 (ml_dtypes) arrays do not export the buffer protocol
+        payload = np.ascontiguousarray(block).view(np.uint8).reshape(-1).data
+        header.crc32c = crc32c(payload)
         yield frame(header, payload)
 
 
@@ -250,8 +262,11 @@ def parse_frame(raw: bytes) -> tuple[worker_pb2.KVHeader, memoryview]:
     return header, payload
 
 
-def check_piece(ctx: WireContext, header: worker_pb2.KVHeader, payload: memoryview) -> KVPiece:
-    """Refuse a message from another model or layout, or with a bad checksum, before any write."""
+def check_piece(ctx: WireContext, header: worker_pb2.KVHeader, payload: memoryview, *,
+                verify_crc: bool = True) -> KVPiece:
+    """Refuse a message from another model or layout, or with a bad checksum, before any write.
+    `verify_crc=False` for frames that came through this host's shared memory (shm), which
+    carry no checksum: their bytes never crossed a wire."""
     layout = ctx.layout
     if header.model_fingerprint != ctx.fingerprint:
         raise WireError("precondition", f"request {header.request_id!r}: KV comes from another "
@@ -262,7 +277,7 @@ def check_piece(ctx: WireContext, header: worker_pb2.KVHeader, payload: memoryvi
     if dtype is None:
         raise WireError("precondition", f"request {header.request_id!r}: KV dtype {header.dtype!r} "
                         f"is not one of {', '.join(WIRE_DTYPES)}")
-    if crc32c(payload) != header.crc32c:
+    if verify_crc and crc32c(payload) != header.crc32c:
         raise WireError("data_loss", f"request {header.request_id!r}: KV payload for tokens "
                         f"[{header.token_start}, {header.token_end}) fails its CRC-32C check")
     if not len(payload) and not header.shape:
