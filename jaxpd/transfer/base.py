@@ -54,16 +54,18 @@ class KVSender(Protocol):
 
 
 async def frames_built_ahead(ctx, request_id: str, array: jax.Array, offset: int, start: int,
-                             end: int, token: str = "") -> AsyncIterator[bytes]:
+                             end: int, token: str = "", *, parts: bool = False) -> AsyncIterator:
     """The wire frames of tokens [start, end) of a gathered array (still on device), each built
     off the event loop while the previous one is written: the device-to-host copy, the CRC and
     the one payload copy overlap the sending, and only two frames are alive at a time (freed
-    memory is reused instead of faulting in fresh pages for every frame)."""
+    memory is reused instead of faulting in fresh pages for every frame). `parts`: each frame
+    as (prefix, payload), for a socket that writes them without joining them."""
     from jaxpd.transfer import wire
 
     loop = asyncio.get_running_loop()
     host = await loop.run_in_executor(None, lambda: np.asarray(jax.device_get(array)))
-    frames = wire.encode_tokens(ctx, request_id, host, offset, start, end, token)
+    encode = wire.encode_frame_parts if parts else wire.encode_tokens
+    frames = encode(ctx, request_id, host, offset, start, end, token)
     pending = loop.run_in_executor(None, next, frames, None)
     while (f := await pending) is not None:
         pending = loop.run_in_executor(None, next, frames, None)

@@ -444,8 +444,10 @@ class TcpKVStream:
         announcement (shm; waiting for the receiver to free a slot when both are taken)."""
         loop, conn = asyncio.get_running_loop(), self._conn
         if conn.segment is None:
-            await loop.sock_sendall(conn.sock, _HEAD.pack(KV, len(frame)))
-            await loop.sock_sendall(conn.sock, frame)
+            pieces = frame if isinstance(frame, tuple) else (frame,)  # (prefix, payload)
+            await loop.sock_sendall(conn.sock, _HEAD.pack(KV, sum(len(p) for p in pieces)))
+            for piece in pieces:
+                await loop.sock_sendall(conn.sock, piece)
             return
         while not conn.free:
             kind, body = await self._answer(self._left())
@@ -476,9 +478,9 @@ class TcpKVStream:
                 self.messages += 1
             return
         async for f in frames_built_ahead(self.ctx, self.request_id, array, offset, start, end,
-                                          self.token):
+                                          self.token, parts=True):
             await self._send(f)
-            self.bytes += len(f)
+            self.bytes += len(f[0]) + len(f[1])
             self.messages += 1
 
     async def finish(self, num_tokens: int, first_token: int,

@@ -181,14 +181,24 @@ def encode_parts(ctx: WireContext, request_id: str, host: np.ndarray, offset: in
             request_token=token), block
 
 
-def encode_tokens(ctx: WireContext, request_id: str, host: np.ndarray, offset: int,
-                  start: int, end: int, token: str = "") -> Iterator[bytes]:
-    """Frames for tokens [start, end) of `host`, each with its payload's CRC-32C."""
+def encode_frame_parts(ctx: WireContext, request_id: str, host: np.ndarray, offset: int,
+                       start: int, end: int,
+                       token: str = "") -> Iterator[tuple[bytes, memoryview]]:
+    """(frame prefix, payload) of each frame for tokens [start, end) of `host`, the header
+    carrying the payload's CRC-32C: a socket writes the two one after the other, so the
+    payload is copied once (contiguous, for the CRC) and never joined into one buffer."""
     for header, block in encode_parts(ctx, request_id, host, offset, start, end, token):
         # uint8 view: bfloat16 (ml_dtypes) arrays do not export the buffer protocol
         payload = np.ascontiguousarray(block).view(np.uint8).reshape(-1).data
         header.crc32c = crc32c(payload)
-        yield frame(header, payload)
+        yield frame_prefix(header, len(payload)), payload
+
+
+def encode_tokens(ctx: WireContext, request_id: str, host: np.ndarray, offset: int,
+                  start: int, end: int, token: str = "") -> Iterator[bytes]:
+    """Frames for tokens [start, end) of `host`, each with its payload's CRC-32C."""
+    for prefix, payload in encode_frame_parts(ctx, request_id, host, offset, start, end, token):
+        yield b"".join([prefix, payload])
 
 
 def finish_frame(ctx: WireContext, request_id: str, num_tokens: int, first_token: int,
