@@ -150,12 +150,9 @@ class KVSection(_Strict):
     @field_validator("dtype")
     @classmethod
     def _known_dtype(cls, v: str) -> str:
-        from jaxpd.kv.dtypes import KV_DTYPE_ALIASES, KV_DTYPES
+        from jaxpd.kv.dtypes import canonical_kv_dtype
 
-        name = KV_DTYPE_ALIASES.get(v, v)
-        if name != "auto" and name not in KV_DTYPES:
-            raise ValueError(f"{v!r} is not one of auto, {', '.join(KV_DTYPES)} (or fp8)")
-        return name
+        return canonical_kv_dtype(v)
 
     _pow2 = field_validator("page_size")(classmethod(lambda cls, v: _power_of_two(v)))
 

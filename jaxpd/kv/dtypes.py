@@ -35,14 +35,18 @@ HOST_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"),
                "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn), "int8": np.dtype(np.int8)}
 
 
+def canonical_kv_dtype(requested: str) -> str:
+    """`kv.dtype` by its full name (`fp8` -> `float8_e4m3fn`); ValueError for an unknown one."""
+    name = KV_DTYPE_ALIASES.get(requested, requested)
+    if name != "auto" and name not in KV_DTYPES:
+        raise ValueError(f"{requested!r} is not one of auto, {', '.join(KV_DTYPES)} (or fp8)")
+    return name
+
+
 def kv_dtype_name(requested: str, model_dtype: str) -> str:
     """The pool's dtype for `kv.dtype` (`auto`: the model's)."""
-    name = KV_DTYPE_ALIASES.get(requested, requested)
-    if name == "auto":
-        return model_dtype
-    if name not in KV_DTYPES:
-        raise ValueError(f"KV dtype {requested!r} is not one of auto, {', '.join(KV_DTYPES)}")
-    return name
+    name = canonical_kv_dtype(requested)
+    return model_dtype if name == "auto" else name
 
 
 def row_width(dtype: str, head_dim: int) -> int:

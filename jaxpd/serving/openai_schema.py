@@ -225,10 +225,8 @@ class ChatCompletionChunk(_Envelope):
     usage: Usage | None = None
 
 
-class CompletionChunk(_Envelope):
-    object: Literal["text_completion"] = "text_completion"
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
+# OpenAI streams completions as the same `text_completion` object, one choice piece at a time
+CompletionChunk = Completion
 
 
 class ModelCard(BaseModel):
