@@ -28,6 +28,9 @@ class Toy:
     def prefill_seconds(self, prompt_lengths):
         return self.per_token * sum(prompt_lengths)
 
+    def prefill_step_seconds(self, chunks):
+        return self.per_token * sum(length for _, length in chunks)
+
     def decode_step_seconds(self, batch, context_tokens):
         return self.a + self.b * batch + self.c * context_tokens
 
@@ -145,7 +148,8 @@ def test_decode_stretches_match_a_per_step_reference(max_batch):
     reqs = [SimRequest(float(t), int(p), int(o)) for t, p, o in zip(
         np.cumsum(rng.exponential(0.05, 300)), rng.integers(1, 500, 300),
         rng.integers(2, 120, 300))]
-    res = simulate(SimDeployment.disaggregated(model, model, max_decode_batch=max_batch), reqs)
+    res = simulate(SimDeployment.disaggregated(model, model, max_decode_batch=max_batch,
+                                               reserve_between_calls=False), reqs)
     assert np.allclose(res.finish_s, _reference_decode(model, reqs, max_batch), rtol=1e-9)
 
 

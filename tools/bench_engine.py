@@ -5,17 +5,32 @@ Random weights; one paged model step per measurement (the same jitted step the e
 
     python tools/bench_engine.py --preset llama3-8b --dtype bfloat16 --batch 1,8,64 --context 512,2048
     python tools/bench_engine.py --preset bench-30m --batch 1,32 --context 256,1024   # CPU
+    python tools/bench_engine.py --preset default --tp 2 --through-engine   # as a worker runs
 
 Prints one JSON object: device, peaks used, and a row per (phase, batch, context).
+
+`--through-engine` times what a serving worker's engine thread does instead of the bare model
+step: a prefill row is one `Engine.step` of a prefill worker (admission, scheduling, page
+tables, the model step, sampling, the first tokens to the host, and each prompt's KV gathered
+for its hand-off); a decode row is a token of continuous decoding through `Engine.step`
+(dispatches of `decode_steps_per_dispatch` tokens included). A profile taken this way carries
+the engine's host work per step, which the cost model then fits as its per-step overheads:
+what `tools/bench_serving.py --simulate` needs to predict a served deployment.
+`--alongside-decode B` measures while another process decodes B sequences continuously on the
+same host, as a prefill worker runs beside its decode worker when both share one machine's
+cores (the CPU deployment of `configs/local.yaml`); keep the default median statistic then,
+since the contention is what is measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
 import statistics
+import subprocess
 import sys
 import time
 
@@ -48,7 +63,18 @@ def main(argv=None) -> int:
                     help="also run the engine itself (scheduler, runner, sampling) for this many "
                          "decode steps per (batch, context) and split each step into host "
                          "preparation, dispatch and device + fetch time")
+    ap.add_argument("--through-engine", action="store_true",
+                    help="time each row through the engine a serving worker runs (host work "
+                         "included) instead of the bare model step; see above")
+    ap.add_argument("--decode-tokens", type=int, default=24,
+                    help="--through-engine: tokens each decode row times per sequence")
+    ap.add_argument("--alongside-decode", type=int, default=0, metavar="B",
+                    help="--through-engine: measure while another process on this host decodes "
+                         "B sequences continuously (a decode worker sharing the cores)")
+    ap.add_argument("--keep-decoding", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.alongside_decode and not args.through_engine:
+        ap.error("--alongside-decode needs --through-engine")
 
     from jaxpd import hardware
     from jaxpd.engine import attention as attention_lib
@@ -84,7 +110,7 @@ def main(argv=None) -> int:
             times.append(time.perf_counter() - t)
         return min(times) if args.statistic == "min" else statistics.median(times)
 
-    for context in args.context:
+    for context in ([] if args.through_engine else args.context):
         for batch in args.batch:
             pages_per_seq = math.ceil((context + 1) / args.page_size)
             num_pages = batch * pages_per_seq + 1
@@ -122,6 +148,18 @@ def main(argv=None) -> int:
                          "mbu": round((weight_bytes + kv_bytes) / t / peaks.bandwidth, 4) if peaks else None})
             print(json.dumps(rows[-2]), json.dumps(rows[-1]), file=sys.stderr)
 
+    if args.keep_decoding:  # the neighbour of --alongside-decode: until it is killed
+        _engine_rows(cfg, params, args, None, weight_bytes, layout, forever=True)
+    extra = {}
+    if args.through_engine:
+        rows, beside = _engine_rows(cfg, params, args, peaks, weight_bytes, layout)
+        if beside:
+            alone = [r["seconds"] for r in rows if r["phase"] == "prefill"]
+            extra["alongside_decode"] = {
+                "batch": args.alongside_decode,
+                "prefill_slowdown": round(statistics.median(
+                    b["seconds"] / a for a, b in zip(alone, beside)), 3),
+                "prefill_rows": beside}
     breakdown = []
     if args.breakdown:
         for context in args.context:
@@ -136,10 +174,146 @@ def main(argv=None) -> int:
             "statistic": args.statistic, "repeats": args.repeats}
     print(json.dumps({**meta, "preset": args.preset, "dtype": cfg.dtype, "params": cfg.num_params(),
                       "device": device.device_kind, "platform": device.platform, "tp": args.tp,
-                      "attention": name, "peak_flops": peaks.flops if peaks else None,
-                      "peak_bandwidth": peaks.bandwidth if peaks else None, "rows": rows,
+                      "attention": name, "through_engine": args.through_engine,
+                      "peak_flops": peaks.flops if peaks else None,
+                      "peak_bandwidth": peaks.bandwidth if peaks else None, "rows": rows, **extra,
                       **({"engine_breakdown": breakdown} if breakdown else {})}))
     return 0
+
+
+@contextlib.contextmanager
+def _neighbour(args):
+    """With --alongside-decode B: a process decoding B sequences of this preset at TP 1 on
+    this host for as long as the block runs (started and warm before it begins)."""
+    if not args.alongside_decode:
+        yield
+        return
+    cmd = [sys.executable, __file__, "--preset", args.preset, "--tp", "1", "--through-engine",
+           "--keep-decoding", "--batch", str(args.alongside_decode), "--context", "128",
+           "--decode-tokens", "256", "--page-size", str(args.page_size)]
+    if args.dtype:
+        cmd += ["--dtype", args.dtype]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        if proc.stdout.readline().strip() != "decoding":
+            raise SystemExit("--alongside-decode: the neighbour process did not start")
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _engine_rows(cfg, params, args, peaks, weight_bytes: int, layout, *,
+                 forever: bool = False) -> tuple[list[dict], list[dict]]:
+    """Profile rows timed through the engine of one worker (see the module docstring), and
+    with --alongside-decode the prefill rows again beside a decoding process. Each prefill row
+    is exactly one engine step: the chunk size and step budget cover every (batch, context),
+    and powers of two need no bucket padding."""
+    import numpy as np
+
+    from jaxpd.config import parse_config
+    from jaxpd.engine.builder import build_engine
+    from jaxpd.engine.request import Request
+    from jaxpd.engine.sampling import SamplingParams
+
+    batches, contexts, n_decode = args.batch, args.context, args.decode_tokens
+    most = max(batches) * -(-(max(contexts) + n_decode + 2) // args.page_size) + 8
+    chunk = 1 << (max(max(contexts), 16) - 1).bit_length()
+    deployment = parse_config(
+        {"mode": "colocated", "prefill": {"devices": list(range(args.tp)), "tp": args.tp},
+         "kv": {"page_size": args.page_size, "num_pages": most}, "attention": args.attention,
+         "scheduler": {"chunk_size": chunk, "max_prefill_tokens": max(batches) * chunk,
+                       "max_decode_batch": max(batches), "prefix_caching": False,
+                       "prefill_batch_sizes": sorted({1 << (b - 1).bit_length() for b in batches})}},
+        "bench_engine --through-engine")
+    engine = build_engine(cfg, params, deployment)
+    runner = engine.prefill.runner
+    rng = np.random.default_rng(0)
+    serial = iter(range(1 << 30))
+
+    def requests(batch, context, max_tokens):
+        return [Request(f"r{next(serial)}", tuple(int(t) for t in rng.integers(2, cfg.vocab_size,
+                                                                                context)),
+                        SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+                for _ in range(batch)]
+
+    def prefill_once(batch, context) -> tuple[float, int]:
+        """A prefill worker's step: prefill, first tokens, each prompt's KV gathered."""
+        engine.send_prefilled = True
+        reqs = requests(batch, context, 2)
+        for r in reqs:
+            engine.add_request(r)
+        start, steps = time.perf_counter(), 0
+        while len(engine.sending) < batch:
+            engine.step()
+            steps += 1
+        gathered = [runner.gather_kv(seq.pages.pages, 0, seq.num_computed)[0]
+                    for seq in engine.sending.values()]
+        jax.block_until_ready(gathered)
+        seconds = time.perf_counter() - start
+        for r in reqs:
+            engine.release_sent(r.id)
+        return seconds, steps
+
+    def decode_once(batch, context) -> float:
+        """Seconds per token of `batch` sequences decoding together from `context` tokens."""
+        engine.send_prefilled = False
+        reqs = requests(batch, context, n_decode + 2)
+        for r in reqs:
+            engine.add_request(r)
+        made = dict.fromkeys((r.id for r in reqs), 0)
+        while engine.prefilling or engine.waiting or min(made.values()) < 2:  # all decoding
+            for out in engine.step():
+                made[out.id] = len(out.token_ids)
+        start, first = time.perf_counter(), min(made.values())
+        while engine.has_work():
+            for out in engine.step():
+                made[out.id] = len(out.token_ids)
+        return (time.perf_counter() - start) / (min(made.values()) - first)
+
+    if forever:
+        decode_once(max(batches), max(contexts))  # compiled: the measuring process may start
+        print("decoding", flush=True)
+        while True:
+            decode_once(max(batches), max(contexts))
+
+    def measure(fn):
+        fn()  # compiles the shapes this row uses
+        times = [fn() for _ in range(args.repeats)]
+        return min(times) if args.statistic == "min" else statistics.median(times)
+
+    rows = []
+    dense_flops_per_token = 2 * (cfg.num_params() - cfg.vocab_size * cfg.hidden_size
+                                 * (not cfg.tie_word_embeddings))
+
+    def prefill_row(batch, context) -> dict:
+        t = measure(lambda: prefill_once(batch, context)[0])
+        flops = (dense_flops_per_token * batch * context
+                 + 2 * cfg.num_layers * batch * context * context * cfg.num_heads * cfg.head_dim)
+        return {"phase": "prefill", "batch": batch, "context": context,
+                "seconds": round(t, 5), "tokens_per_s": round(batch * context / t, 1),
+                "mfu": round(flops / t / peaks.flops, 4) if peaks else None}
+
+    for context in contexts:
+        for batch in batches:
+            rows.append(prefill_row(batch, context))
+            t = measure(lambda: decode_once(batch, context))
+            mid = context + n_decode // 2  # the decode rows' context: the middle of the run
+            kv_bytes = batch * (mid + 1) * cfg.kv_bytes_per_token() * layout.head_repeat
+            rows.append({"phase": "decode", "batch": batch, "context": mid,
+                         "step_ms": round(t * 1e3, 3), "tokens_per_s": round(batch / t, 1),
+                         "bytes_per_step": weight_bytes + kv_bytes,
+                         "mbu": round((weight_bytes + kv_bytes) / t / peaks.bandwidth, 4)
+                         if peaks else None})
+            print(json.dumps(rows[-2]), json.dumps(rows[-1]), file=sys.stderr)
+    beside = []
+    if args.alongside_decode:
+        with _neighbour(args):
+            for context in contexts:
+                for batch in batches:
+                    beside.append(prefill_row(batch, context))
+                    print("beside a decoding process:", json.dumps(beside[-1]), file=sys.stderr)
+    return rows, beside
 
 
 def _engine_breakdown(cfg, params, args, batch: int, context: int, peaks, weight_bytes: int,

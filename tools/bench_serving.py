@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
-import dataclasses
 import datetime
 import json
 import os
@@ -99,45 +98,24 @@ def generated_workload(kind: str, rate: float, n: int, max_context: int, vocab: 
             for _ in range(runs)]
 
 
-def simulated(deployment, model_cfg, profile_path: Path, requests, kv_link: float) -> dict:
-    """The simulator's TTFT/TPOT for these requests on this deployment (calibrated cost model)."""
-    from jaxpd.placement.cost_model import PhaseModel, Profile, calibrate, kv_transfer_seconds
-    from jaxpd.placement.simulator import SimDeployment, simulate
+def simulated(deployment, model_cfg, profiles: list[str], requests, kv_link: float) -> dict:
+    """The simulator's TTFT/TPOT for these requests on this deployment, built as `jaxpd
+    simulate` builds it (router limits, chunked prefill, the request path), each group priced
+    by the profile taken at its TP."""
+    from jaxpd.placement.place_cli import DEFAULT_PROFILES
+    from jaxpd.placement.simulate_cli import sim_of_config
+    from jaxpd.placement.simulator import simulate
     from jaxpd.placement.workload import SimRequest
 
-    profile = Profile.load(profile_path)
-    eff = calibrate(profile)
-    # host devices all-reduce through memory: the "link" of a CPU mesh is its copy bandwidth
-    roof = dataclasses.replace(profile.roof, link_bandwidth=profile.roof.link_bandwidth
-                               or profile.roof.bandwidth)
-    model_cfg = model_cfg.replace(dtype=profile.model.dtype)
-
-    class Latency:
-        def __init__(self, tp: int) -> None:
-            self.phase = PhaseModel(model_cfg, roof, tp, eff)
-            self.prefill_seconds = self.phase.prefill_seconds
-            self.decode_step_seconds = self.phase.decode_step_seconds
-
-        def kv_transfer_seconds(self, prompt_tokens: int) -> float:
-            return kv_transfer_seconds(model_cfg, prompt_tokens, kv_link, layerwise=False)
-
-    limits = dict(max_prefill_tokens=deployment.scheduler.max_prefill_tokens,
-                  max_decode_batch=deployment.scheduler.max_decode_batch,
-                  kv_capacity_tokens=deployment.kv.num_pages * deployment.kv.page_size)
-    pre = deployment.prefill
-    if deployment.mode == "colocated":
-        dep = SimDeployment.colocated(Latency(pre.tp), pre.replicas, **limits)
-    else:
-        dec = deployment.decode
-        dep = SimDeployment.disaggregated(Latency(pre.tp), Latency(dec.tp),
-                                          prefill_replicas=pre.replicas,
-                                          decode_replicas=dec.replicas, **limits)
+    dep = sim_of_config(deployment, model_cfg, profiles=str(DEFAULT_PROFILES), profile=profiles,
+                        kv_link=kv_link)
     reqs = [SimRequest(t, len(p), o) for p, o, t in requests]
     res = simulate(dep, reqs)
     tokens = sum(o for _, o, _ in requests)
     wall = float(res.finish_s.max() - min(r.arrival_s for r in reqs))
     return {**summary(list(res.ttft_s), [x for x, (_, o, _) in zip(res.tpot_s, requests) if o > 1],
-                      wall, tokens), "profile": str(profile_path), "kv_link_bytes_per_s": kv_link}
+                      wall, tokens), "profiles": profiles, "kv_link_bytes_per_s": kv_link,
+            "request_path_s": dep.request_path_s}
 
 
 def summary(ttft: list[float], tpot: list[float], wall: float, tokens: int) -> dict:
@@ -372,6 +350,11 @@ def run_served(config_path: Path, runs) -> dict:
                               for d in done if d.ttft_s is not None)
                 out["request_path_s"] = {"p50": round(statistics.median(path), 5),
                                          "mean": round(statistics.fmean(path), 5)}
+                # where TTFT went, by the workers' own clocks
+                for name in ("queue_s", "prefill_s", "transfer_s"):
+                    xs = sorted(getattr(d.timings, name) for d in done)
+                    out[f"worker_{name}"] = {"p50": round(statistics.median(xs), 5),
+                                             "mean": round(statistics.fmean(xs), 5)}
                 return out
             for warm in runs[:-1]:
                 once(warm)
@@ -404,8 +387,10 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=1.0, help="requests/s with --workload")
     ap.add_argument("--simulate", action="store_true",
                     help="also replay the requests in the placer's simulator")
-    ap.add_argument("--profile", default=str(REPO / "configs/profiles/cpu-2core-vm-bench-30m.json"),
-                    help="cost-model profile for --simulate (default: this CPU's)")
+    ap.add_argument("--profile", action="append", metavar="JSON",
+                    help="cost-model profile for --simulate; repeat it for several TP degrees, "
+                         "each group using the one of its TP (default: this CPU's, taken "
+                         "through the engine at TP 1 and 2)")
     ap.add_argument("--kv-link", type=float, default=1.0e9, metavar="BYTES_PER_S",
                     help="KV hand-off rate for --simulate (default 1e9: tools/bench_transfer.py's "
                          "loopback gRPC figure)")
@@ -476,7 +461,10 @@ def main() -> int:
             "tpot_p50": round(s["tpot_s"]["p50"] / i["tpot_s"]["p50"], 3),
             "throughput": round(s["output_tokens_per_s"] / i["output_tokens_per_s"], 3)}
     if args.simulate:
-        sim = result["simulated"] = simulated(deployment, model_cfg, Path(args.profile), requests,
+        from jaxpd.placement.simulate_cli import DEFAULT_PROFILE
+
+        sim = result["simulated"] = simulated(deployment, model_cfg,
+                                              args.profile or DEFAULT_PROFILE, requests,
                                               args.kv_link)
         s = result["served"]
         result["simulated_over_served"] = {

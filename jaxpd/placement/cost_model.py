@@ -50,7 +50,9 @@ class Efficiency:
     memory: float = 0.7  # bytes/s streaming the weights / peak bandwidth
     kv_read: float = 0.5  # bytes/s gathering paged KV / peak bandwidth (scattered pages)
     link: float = 0.7  # all-reduce and KV transfer bytes/s / link peak
-    step_overhead_s: float = 2e-4  # dispatch and host work per step
+    step_overhead_s: float = 2e-4  # dispatch and host work per decode step
+    prefill_overhead_s: float = 2e-4  # ... per prefill step (scheduling, page tables, first
+    # tokens to the host: more than a decode step's in jaxpd, measured through its engine)
     per_sequence_s: float = 1e-5  # per sequence per step: sampling, page-table gathers
     overlap: float = 1.0  # 1: compute and memory traffic overlap (max); 0: they add up
 
@@ -126,16 +128,23 @@ class PhaseModel:
 
     def prefill_seconds(self, prompt_lengths: Sequence[int]) -> float:
         """One prefill step over whole prompts (causal attention: each token sees its prefix)."""
+        return self.prefill_step_seconds([(0, length) for length in prompt_lengths])
+
+    def prefill_step_seconds(self, chunks: Sequence[tuple[int, int]]) -> float:
+        """One chunked-prefill step: per sequence, (tokens already in its KV, tokens this step).
+        A chunk attends to its sequence's earlier KV (read back from the pages) and causally
+        to itself; the LM head runs once per sequence."""
         eff = self.efficiency
-        dense_token, dense_sequence, causal, weights, kv, _, allreduce = self._coefficients
-        tokens = pairs = 0
-        for length in prompt_lengths:
+        dense_token, dense_sequence, causal, weights, kv, kv_read, allreduce = self._coefficients
+        tokens = pairs = earlier = 0
+        for done, length in chunks:
             tokens += length
-            pairs += length * (length + 1) / 2
-        sequences = len(prompt_lengths)
+            pairs += length * done + length * (length + 1) / 2
+            earlier += done
+        sequences = len(chunks)
         compute = dense_token * tokens + dense_sequence * sequences + causal * pairs
-        memory = weights + kv * tokens
-        return (self._roofs(compute, memory) + allreduce * tokens + eff.step_overhead_s
+        memory = weights + kv * tokens + kv_read * earlier
+        return (self._roofs(compute, memory) + allreduce * tokens + eff.prefill_overhead_s
                 + eff.per_sequence_s * sequences)
 
     def _roofs(self, compute: float, memory: float) -> float:
@@ -178,6 +187,9 @@ class Profile:
     prefill: list[tuple[int, int, float]]  # (batch, context, seconds)
     decode: list[tuple[int, int, float]]  # (batch, context, seconds per step)
     source: str = ""
+    # a prefill step beside a process decoding on the same host / alone (bench_engine.py
+    # --alongside-decode); 1 when not measured
+    neighbour_slowdown: float = 1.0
 
     @classmethod
     def load(cls, path: str | Path) -> Profile:
@@ -185,12 +197,17 @@ class Profile:
 
         data = json.loads(Path(path).read_text())
         model = get_preset(data["preset"]).replace(dtype=data["dtype"])
-        roof = Roofline(flops=data["peak_flops"], bandwidth=data["peak_bandwidth"], memory=0.0)
+        # host devices all-reduce through the host's memory: a CPU mesh's "link" is its bandwidth
+        link = data.get("peak_link_bandwidth") or (
+            data["peak_bandwidth"] if data.get("platform") == "cpu" else 0.0)
+        roof = Roofline(flops=data["peak_flops"], bandwidth=data["peak_bandwidth"], memory=0.0,
+                        link_bandwidth=link)
         rows = data["rows"]
         return cls(model, roof, data.get("tp", 1),
                    [(r["batch"], r["context"], r["seconds"]) for r in rows if r["phase"] == "prefill"],
                    [(r["batch"], r["context"], r["step_ms"] / 1e3) for r in rows if r["phase"] == "decode"],
-                   str(path))
+                   str(path),
+                   float((data.get("alongside_decode") or {}).get("prefill_slowdown", 1.0)))
 
 
 def _predict(profile: Profile, eff: Efficiency) -> tuple[np.ndarray, np.ndarray]:
@@ -224,10 +241,10 @@ def calibrate(profile: Profile, base: Efficiency = Efficiency()) -> Efficiency:
 
     measured = np.log([s for *_, s in profile.prefill] + [s for *_, s in profile.decode])
 
-    names = ("compute", "attention", "memory", "kv_read", "step_overhead_s", "per_sequence_s",
-             "overlap")
-    low = np.log([1e-3, 1e-4, 1e-3, 1e-4, 1e-7, 1e-8, 1e-3])
-    high = np.log([4.0, 4.0, 8.0, 8.0, 1.0, 1.0, 1.0])
+    names = ("compute", "attention", "memory", "kv_read", "step_overhead_s",
+             "prefill_overhead_s", "per_sequence_s", "overlap")
+    low = np.log([1e-3, 1e-4, 1e-3, 1e-4, 1e-7, 1e-7, 1e-8, 1e-3])
+    high = np.log([4.0, 4.0, 8.0, 8.0, 1.0, 1.0, 1.0, 1.0])
 
     def make(x) -> Efficiency:
         return dataclasses.replace(base, **{n: float(v) for n, v in zip(names, np.exp(x))})
@@ -241,7 +258,7 @@ def calibrate(profile: Profile, base: Efficiency = Efficiency()) -> Efficiency:
     over = {n: getattr(fitted, n) for n in ("compute", "attention", "memory", "kv_read")
             if getattr(fitted, n) > 1.0}
     if over:  # try the physical fit: every roof fraction at most 1
-        capped = np.minimum(high, np.log([1.0] * 4 + [1.0] * 3))
+        capped = np.minimum(high, np.log([1.0] * len(names)))
         x1 = np.clip(x0, low + 1e-9, capped - 1e-9)
         bounded = make(least_squares(residuals, x1, bounds=(low, capped)).x)
         errors = prediction_errors(profile, bounded)

@@ -18,6 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
+from jaxpd.config import SchedulerSection
+from jaxpd.engine.buckets import pow2_sizes
 from jaxpd.model.config import ModelConfig
 from jaxpd.placement.cost_model import PhaseModel
 from jaxpd.placement.placer import (REQUEST_PATH_S, Demand, Objective, Option, Plan, PoolSpec,
@@ -30,6 +32,7 @@ from jaxpd.placement.steady import SteadyState, horizon, longest_lifetime, measu
 from jaxpd.placement.workload import SimRequest, generate, load_trace
 
 MAX_PREFILL_TOKENS = 2048  # the scheduler's default prefill step budget (config.py)
+DEFAULT_PREFILL_BATCH, MIN_CHUNK = 16, 16  # the runner's default prefill step buckets
 MAX_GROWTH = 8  # replicas the simulator check may add to one plan
 
 
@@ -142,6 +145,9 @@ class _PhaseLatency:
     def prefill_seconds(self, prompt_lengths: Sequence[int]) -> float:
         return self.phase.prefill_seconds(prompt_lengths)
 
+    def prefill_step_seconds(self, chunks: Sequence[tuple[int, int]]) -> float:
+        return self.phase.prefill_step_seconds(chunks)
+
     def decode_step_seconds(self, batch: int, context_tokens: int) -> float:
         return self.phase.decode_step_seconds(batch, context_tokens)
 
@@ -156,6 +162,25 @@ class _PhaseLatency:
         return seconds
 
 
+def engine_buckets(scheduler: SchedulerSection = SchedulerSection()) -> tuple[tuple[int, ...],
+                                                                            tuple[int, ...]]:
+    """(batch sizes, chunk sizes) of the prefill step programs a scheduler config compiles:
+    the engine pads every step up to them (engine/prefill.py's defaults when unset)."""
+    batches = scheduler.prefill_batch_sizes or pow2_sizes(DEFAULT_PREFILL_BATCH)
+    chunks = scheduler.prefill_chunk_sizes or pow2_sizes(scheduler.chunk_size, MIN_CHUNK)
+    return tuple(batches), tuple(chunks)
+
+
+def _chunking() -> dict:
+    """The engine's default chunked prefill and decode calls (the plan's YAML leaves the
+    scheduler at its defaults), as SimDeployment fields."""
+    scheduler = SchedulerSection()
+    batches, chunks = engine_buckets(scheduler)
+    return dict(chunk_size=scheduler.chunk_size, max_prefill_seqs=batches[-1],
+                prefill_batch_buckets=batches, prefill_chunk_buckets=chunks,
+                decode_steps_per_dispatch=scheduler.decode_steps_per_dispatch)
+
+
 def sim_deployment(model: ModelConfig, plan: Plan, pools: dict[str, PoolSpec],
                    transport: str | None = None) -> SimDeployment:
     """The simulator's view of a plan: replica counts, latencies, batch and KV limits; the KV
@@ -165,14 +190,15 @@ def sim_deployment(model: ModelConfig, plan: Plan, pools: dict[str, PoolSpec],
         return SimDeployment.colocated(
             _PhaseLatency(model, option, pools[option.pool]), n,
             max_prefill_tokens=MAX_PREFILL_TOKENS, max_decode_batch=max(option.batch, 1),
-            kv_capacity_tokens=max(option.kv_tokens, 1), request_path_s=REQUEST_PATH_S)
+            kv_capacity_tokens=max(option.kv_tokens, 1), request_path_s=REQUEST_PATH_S,
+            **_chunking())
     (pre, n_pre), (dec, n_dec) = plan.role("prefill"), plan.role("decode")
     return SimDeployment.disaggregated(
         _PhaseLatency(model, pre, pools[pre.pool], (dec, pools, transport)),
         _PhaseLatency(model, dec, pools[dec.pool]), prefill_replicas=n_pre,
         decode_replicas=n_dec, max_prefill_tokens=MAX_PREFILL_TOKENS,
         max_decode_batch=max(dec.batch, 1), kv_capacity_tokens=max(dec.kv_tokens, 1),
-        request_path_s=REQUEST_PATH_S)
+        request_path_s=REQUEST_PATH_S, **_chunking())
 
 
 def _grow(plan: Plan, role: str) -> Plan:

@@ -6,10 +6,14 @@ placer's discrete-event simulator, so a plan can be checked on arrivals it was n
 
 Each group's replicas are priced by the cost model on its `accelerator` (a catalog key, as
 `jaxpd place` writes it; calibrated from `--profiles` where a profile of that device exists),
-or, for a group without one, on the device a `--profile` was measured on (default: this
-project's CPU profile). Engine limits come from the YAML: `scheduler.max_prefill_tokens`,
-`scheduler.max_decode_batch`, and `kv.num_pages x kv.page_size` tokens of KV per decode (or
-colocated) replica. The KV hand-off is priced at the config's `serving.transport` as jaxpd
+or, for a group without one, on the device a `--profile` was measured on: the one of the
+group's TP degree when several are given (default: this project's CPU profiles of the embedded
+model, taken through the engine at TP 1 and 2). Engine limits come from the YAML:
+`scheduler.chunk_size`, `scheduler.max_prefill_tokens`, `scheduler.max_decode_batch`, and
+`kv.num_pages x kv.page_size` tokens of KV per decode (or colocated) replica, and `scheduler.decode_steps_per_dispatch`. When prefill and decode both run
+on host devices of one machine, their shared cores slow a prefill step beside a decoding
+worker by the slowdown the prefill profile measured (`tools/bench_engine.py
+--alongside-decode`). The KV hand-off is priced at the config's `serving.transport` as jaxpd
 measured it (`placer.TRANSPORT_BYTES_PER_S`), capped between hosts by the slower end's network
 (both groups on one host of one accelerator kind count as one host).
 
@@ -27,7 +31,9 @@ from pathlib import Path
 from jaxpd.placement.place_cli import (DEFAULT_PROFILES, UsageError, _positive_float, _slo,
                                        _slos, _workload)
 
-DEFAULT_PROFILE = DEFAULT_PROFILES / "cpu-2core-vm-bench-30m.json"
+# this CPU through the engine a worker runs, at the TP degrees configs/local.yaml uses
+DEFAULT_PROFILE = [str(DEFAULT_PROFILES / f"cpu-2core-vm-default-engine-tp{tp}.json")
+                   for tp in (1, 2)]
 
 
 def add_parser(subparsers) -> None:
@@ -64,9 +70,10 @@ def add_parser(subparsers) -> None:
                         "percentile)")
     p.add_argument("--profiles", default=str(DEFAULT_PROFILES), metavar="DIR",
                    help="calibration profiles of catalog devices")
-    p.add_argument("--profile", default=str(DEFAULT_PROFILE), metavar="JSON",
-                   help="the device of groups without an `accelerator` (default: this project's "
-                        "CPU profile)")
+    p.add_argument("--profile", action="append", metavar="JSON",
+                   help="the device of groups without an `accelerator`; repeat it for several "
+                        "TP degrees, each group using the one of its TP (default: this "
+                        "project's CPU profiles, TP 1 and 2)")
     p.add_argument("--kv-link", type=_positive_float, default=1.0e9, metavar="BYTES_PER_S",
                    help="KV hand-off bandwidth between groups without an accelerator")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -91,18 +98,31 @@ def _model(args, deployment):
     return config.replace(dtype=deployment.model.dtype or config.dtype)
 
 
-def sim_of_config(deployment, model, *, profiles: str, profile: str, kv_link: float):
+def sim_of_config(deployment, model, *, profiles: str, profile: str | list[str],
+                  kv_link: float):
     """The SimDeployment of a DeploymentConfig (see the module docstring)."""
     import dataclasses
 
     from jaxpd.placement.catalog import load_catalog
     from jaxpd.placement.cost_model import Profile, calibrate
-    from jaxpd.placement.place import sim_deployment
+    from jaxpd.placement.place import engine_buckets, sim_deployment
     from jaxpd.placement.place_cli import _calibrated
     from jaxpd.placement.placer import Option, Plan, PoolSpec
 
     catalog = load_catalog()
-    measured = None
+    measured: dict[int, tuple] = {}  # TP -> (roof, efficiency) of the profile taken at it
+    paths = [profile] if isinstance(profile, str) else list(profile or DEFAULT_PROFILE)
+
+    def measured_at(tp: int) -> tuple:
+        if not measured:
+            for path in paths:
+                try:
+                    loaded = Profile.load(path)
+                except (OSError, ValueError, KeyError) as e:
+                    raise UsageError(f"--profile: cannot read {path!r} ({e})") from None
+                measured.setdefault(loaded.tp, (loaded.roof, calibrate(loaded),
+                                                loaded.neighbour_slowdown))
+        return measured.get(tp) or next(iter(measured.values()))
     groups = [("prefill", deployment.prefill)] if deployment.mode == "colocated" else \
         [("prefill", deployment.prefill), ("decode", deployment.decode)]
     pools: dict[str, PoolSpec] = {}
@@ -123,17 +143,9 @@ def sim_of_config(deployment, model, *, profiles: str, profile: str, kv_link: fl
                             devices_per_host=spec.devices_per_host,
                             max_slice_tp=spec.max_slice_tp or spec.max_tp)
         else:
-            if measured is None:
-                try:
-                    loaded = Profile.load(profile)
-                except (OSError, ValueError, KeyError) as e:
-                    raise UsageError(f"--profile: cannot read {profile!r} ({e})") from None
-                # TP between host devices all-reduces through host memory
-                roof = dataclasses.replace(loaded.roof, link_bandwidth=loaded.roof.link_bandwidth
-                                           or loaded.roof.bandwidth)
-                measured = (roof, calibrate(loaded))
-            roof, efficiency = measured
-            name = f"profile@{group.host}" if group.hosts == 1 else f"{role}:profile"
+            roof, efficiency, _ = measured_at(group.tp)
+            name = (f"profile-tp{group.tp}@{group.host}" if group.hosts == 1
+                    else f"{role}:profile")
             pool = PoolSpec(name=name, device="profile", vendor="cpu", count=devices,
                             price_per_device_hour=0.0, roof=roof, max_tp=64,  # host devices
                             network_bandwidth=kv_link / max(group.tp, 1),
@@ -152,8 +164,19 @@ def sim_of_config(deployment, model, *, profiles: str, profile: str, kv_link: fl
                               kv_tokens), group.replicas) for role, group, name in placed))
     dep = sim_deployment(model, plan, pools, deployment.serving.transport)
     serving = deployment.serving
-    return dataclasses.replace(dep, max_prefill_tokens=deployment.scheduler.max_prefill_tokens,
-                               max_queued=serving.max_queued,
+    sched = deployment.scheduler
+    batches, chunks = engine_buckets(sched)
+    # prefill and decode on host devices of one machine share its cores: the prefill
+    # profile's slowdown beside a decoding process applies
+    shared = (deployment.mode == "disaggregated" and all(
+        g.accelerator is None and g.hosts == 1 and g.host == deployment.prefill.host
+        for g in (deployment.prefill, deployment.decode)))
+    slowdown = measured_at(deployment.prefill.tp)[2] if shared else 1.0
+    return dataclasses.replace(dep, max_prefill_tokens=sched.max_prefill_tokens,
+                               chunk_size=sched.chunk_size, max_prefill_seqs=batches[-1],
+                               prefill_batch_buckets=batches, prefill_chunk_buckets=chunks,
+                               decode_steps_per_dispatch=sched.decode_steps_per_dispatch,
+                               shared_host_slowdown=slowdown, max_queued=serving.max_queued,
                                queue_timeout_s=serving.queue_timeout_s)
 
 

@@ -12,19 +12,34 @@ What it models, mirroring jaxpd's router and engines:
   larger than one replica's whole KV capacity can never run: it is dropped (an SLO miss).
   Disaggregated: the prompt goes to the prefill replica with the shortest queue (waiting plus
   in-flight prompts; ties to the lowest index).
-- Prefill replica: FCFS batches of whole prompts up to `max_prefill_tokens` (a batch always
-  takes at least one prompt, even a longer one: the real engine would chunk it), a new batch as
-  soon as the previous step ends. The first token is emitted at the end of the prefill step.
+- Prefill replica, with `chunk_size` (what jaxpd's engine does): each step takes, in arrival
+  order, up to `max_prefill_seqs` prompts and from each its next chunk of at most `chunk_size`
+  tokens, until `max_prefill_tokens` are taken; a prompt's first token is emitted at the end
+  of the step that ran its last chunk. The step is priced at the shape the engine pads it to:
+  the batch up to the next of `prefill_batch_buckets`, every chunk up to the next of
+  `prefill_chunk_buckets` (padding rows are priced as chunks of that length; no buckets: no
+  padding). Without `chunk_size` (0): FCFS batches of whole prompts
+  up to `max_prefill_tokens` (at least one prompt, even a longer one). A new step starts as
+  soon as the previous one ends.
+- Disaggregated, the reservation is made by the decode replica's engine between two of its
+  calls: a replica in the middle of a decode call (`decode_steps_per_dispatch` steps, as the
+  engine dispatches them) answers at the call's end, and only then does the prompt reach its
+  prefill replica's queue.
+- Shared host (`shared_host_slowdown` > 1): the prefill and decode replicas share one host's
+  cores (jaxpd's CPU deployment), so a prefill step that starts while a decode replica is in
+  a decode call takes that many times as long (measured: `tools/bench_engine.py
+  --alongside-decode`). 1 (the default): each replica has devices of its own.
 - KV hand-off: the request reaches its decode replica `kv_transfer_seconds(prompt)` after its
   prefill ends (the prefill side's model prices it: the placer builds it knowing both ends).
 - Decode replica: continuous batching. All active sequences step together, one token each per
-  step; arrivals join at the next step boundary, up to `max_decode_batch` (FCFS). A sequence
+  step; arrivals join at the next call boundary (every `decode_steps_per_dispatch` steps), up
+  to `max_decode_batch` (FCFS). A sequence
   needs `output_tokens - 1` decode steps (prefill made the first token) and frees its KV when
   it finishes.
-- Colocated replica: one replica does both. When prompts wait it alternates one prefill batch
-  step and one decode step (a stand-in for chunked prefill's interleaving: decode stalls for a
-  whole prefill batch instead of sharing steps with chunks; prefill waits for one decode step).
-  With no prompt waiting it decodes continuously. No KV transfer.
+- Colocated replica: one replica does both. When prompts wait it alternates one prefill step
+  and one decode step, as the engine's step does (prefill one chunk batch, then decode); with
+  `chunk_size` 0 the prefill step is a whole batch of prompts, so decode stalls longer. With no
+  prompt waiting it decodes continuously. No KV transfer.
 
 Speed: a decode replica runs a stretch of steps with an unchanged batch as one event (up to the
 next finish, cut short at the step boundary after a new arrival), and prices it as
@@ -38,6 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import itertools
 import math
 from collections import deque
 from typing import Callable, Literal, Protocol, Sequence, runtime_checkable
@@ -58,6 +74,10 @@ class LatencyModel(Protocol):
 
     def prefill_seconds(self, prompt_lengths: Sequence[int]) -> float:
         """One batched prefill step over these whole prompts."""
+        ...
+
+    def prefill_step_seconds(self, chunks: Sequence[tuple[int, int]]) -> float:
+        """One chunked-prefill step: per sequence (tokens already computed, tokens now)."""
         ...
 
     def decode_step_seconds(self, batch: int, context_tokens: int) -> float:
@@ -86,14 +106,28 @@ class SimDeployment:
     request_path_s: float = 0.0  # router, tokenization, gRPC hops: added to every TTFT
     max_queued: int = 1024  # serving.max_queued: requests the router holds while KV is full
     queue_timeout_s: float = 30.0  # serving.queue_timeout_s: the longest one of them waits
+    chunk_size: int = 0  # scheduler.chunk_size: prompt tokens per sequence per step; 0 = whole
+    max_prefill_seqs: int = 16  # sequences per chunked prefill step (the largest batch bucket)
+    prefill_batch_buckets: tuple[int, ...] = ()  # the engine's compiled step shapes (ascending)
+    prefill_chunk_buckets: tuple[int, ...] = ()
+    decode_steps_per_dispatch: int = 1  # scheduler.decode_steps_per_dispatch: steps per call
+    # jaxpd's decode engine answers a reservation between two calls; False: at once (as an
+    # engine reserving off its step thread would, and as a request arriving straight at decode)
+    reserve_between_calls: bool = True
+    shared_host_slowdown: float = 1.0  # a prefill step beside a busy decode replica: x this
 
     def __post_init__(self) -> None:
         if self.mode not in ("disaggregated", "colocated"):
             raise ValueError(f"mode must be 'disaggregated' or 'colocated', got {self.mode!r}")
         if self.request_path_s < 0:
             raise ValueError(f"request_path_s must be >= 0, got {self.request_path_s}")
+        if self.shared_host_slowdown < 1:
+            raise ValueError(f"shared_host_slowdown must be >= 1, got {self.shared_host_slowdown}")
+        if self.chunk_size < 0:
+            raise ValueError(f"chunk_size must be >= 0, got {self.chunk_size}")
         for name in ("prefill_replicas", "decode_replicas", "max_prefill_tokens",
-                     "max_decode_batch", "kv_capacity_tokens"):
+                     "max_decode_batch", "kv_capacity_tokens", "max_prefill_seqs",
+                     "decode_steps_per_dispatch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.mode == "colocated" and (self.prefill_replicas != self.decode_replicas
@@ -182,7 +216,7 @@ class SimResult:
 
 
 # -- the simulation -----------------------------------------------------------------------------
-ARRIVE, PREFILL_END, KV_ARRIVE, DECODE_END = range(4)
+ARRIVE, PREFILL_END, KV_ARRIVE, DECODE_END, ENQUEUE = range(5)
 
 
 class _Replica:
@@ -220,6 +254,7 @@ class _Simulation:
         self.output = [r.output_tokens for r in requests]
         n = len(requests)
         self.prefill_start = [math.inf] * n
+        self.computed = [0] * n  # prompt tokens prefilled so far (chunked prefill)
         self.placed = [math.inf] * n
         self.first_token = [math.inf] * n
         self.finish = [math.inf] * n
@@ -242,7 +277,8 @@ class _Simulation:
         for rid, t in enumerate(self.arrival):
             self.push(t + delay, ARRIVE, rid)
         handlers = {ARRIVE: self.on_arrive, PREFILL_END: self.on_prefill_end,
-                    KV_ARRIVE: self.on_kv_arrive, DECODE_END: self.on_decode_end}
+                    KV_ARRIVE: self.on_kv_arrive, DECODE_END: self.on_decode_end,
+                    ENQUEUE: self.on_enqueue}
         events = self.events
         while events:
             t, _, kind, a, b = heapq.heappop(events)
@@ -268,11 +304,42 @@ class _Simulation:
         home.free_kv -= need
         self.home[rid] = home.index
         self.placed[rid] = t
-        pre = home if self.colocated else min(self.prefillers, key=lambda r: r.load)
+        answered = (self.call_boundary(t, home)
+                    if self.dep.reserve_between_calls and not self.colocated else t)
+        if answered > t:  # the decode engine answers the reservation after its call
+            self.push(answered, ENQUEUE, rid)
+        else:
+            self.on_enqueue(t, rid, 0)
+        return True
+
+    def on_enqueue(self, t: float, rid: int, _: int) -> None:
+        """The prompt joins its prefill replica's queue (the least loaded one)."""
+        pre = (self.decoders[self.home[rid]] if self.colocated
+               else min(self.prefillers, key=lambda r: r.load))
         pre.queue.append(rid)
         pre.load += 1
         self.wake(t, pre)
-        return True
+
+    def call_boundary(self, t: float, r: _Replica) -> float:
+        """When a decode replica's engine is next between calls, at or after t."""
+        if not (r.busy and r.in_decode):
+            return t
+        steps = self.steps_before(t, r)
+        return r.seg_t0 + self.stretch_seconds(r, steps)
+
+    def steps_before(self, t: float, r: _Replica) -> int:
+        """The steps of the current stretch run by the first call boundary at or after t
+        (binary search; calls are `decode_steps_per_dispatch` steps, the stretch's last may be
+        shorter)."""
+        per = self.dep.decode_steps_per_dispatch
+        lo, hi = 1, -(-r.seg_k // per)  # in calls
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if r.seg_t0 + self.stretch_seconds(r, min(mid * per, r.seg_k)) >= t:
+                hi = mid
+            else:
+                lo = mid + 1
+        return min(lo * per, r.seg_k)
 
     def release(self, t: float, rid: int) -> None:
         """A request finished: free its KV and let waiting requests in, in order."""
@@ -297,20 +364,56 @@ class _Simulation:
 
     # -- prefill -----------------------------------------------------------------------------
     def start_prefill(self, t: float, r: _Replica) -> None:
-        """FCFS prompts up to the token budget (at least one) as one step."""
-        budget, batch, tokens = self.dep.max_prefill_tokens, [], 0
-        while r.queue and (not batch or tokens + self.prompt[r.queue[0]] <= budget):
-            rid = r.queue.popleft()
-            batch.append(rid)
-            tokens += self.prompt[rid]
-            self.prefill_start[rid] = t
-        seconds = self.dep.prefill.prefill_seconds([self.prompt[rid] for rid in batch])
+        """One step: chunks of the first prompts (chunk_size), else FCFS whole prompts up to
+        the token budget (at least one)."""
+        budget, batch = self.dep.max_prefill_tokens, []
+        if self.dep.chunk_size:
+            chunks = []
+            for rid in itertools.islice(r.queue, self.dep.max_prefill_seqs):
+                done = self.computed[rid]
+                length = min(self.prompt[rid] - done, self.dep.chunk_size, budget)
+                if length <= 0:
+                    break
+                if done == 0:
+                    self.prefill_start[rid] = t
+                batch.append((rid, length))
+                chunks.append((done, length))
+                budget -= length
+            seconds = self.dep.prefill.prefill_step_seconds(self.padded(chunks))
+        else:
+            while r.queue and (not batch or budget >= self.prompt[r.queue[0]]):
+                rid = r.queue.popleft()
+                batch.append((rid, self.prompt[rid]))
+                budget -= self.prompt[rid]
+                self.prefill_start[rid] = t
+            seconds = self.dep.prefill.prefill_seconds([length for _, length in batch])
+        if self.dep.shared_host_slowdown > 1 and r.prefill_only and any(
+                d.busy and d.in_decode for d in self.decoders):
+            seconds *= self.dep.shared_host_slowdown
         r.busy, r.in_decode, r.last_prefill = True, False, True
         self.push(t + seconds, PREFILL_END, r.index, batch)
 
-    def on_prefill_end(self, t: float, index: int, batch: list[int]) -> None:
+    def padded(self, chunks: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The step's chunks as the engine runs them: each as long as the longest's bucket,
+        and rows of padding up to the batch's bucket."""
+        batches, sizes = self.dep.prefill_batch_buckets, self.dep.prefill_chunk_buckets
+        if not chunks or not (batches or sizes):
+            return chunks
+        longest = max(length for _, length in chunks)
+        width = next((s for s in sizes if s >= longest), longest)
+        rows = next((b for b in batches if b >= len(chunks)), len(chunks))
+        return [(done, width) for done, _ in chunks] + [(0, width)] * (rows - len(chunks))
+
+    def on_prefill_end(self, t: float, index: int, step: list[tuple[int, int]]) -> None:
         r = self.prefillers[index]
         r.in_decode = False  # stays busy while releases run, so they only queue work on it
+        batch = []
+        for rid, length in step:
+            self.computed[rid] += length
+            if self.computed[rid] >= self.prompt[rid]:
+                batch.append(rid)
+                if self.dep.chunk_size:
+                    r.queue.remove(rid)
         r.load -= len(batch)
         for rid in batch:
             self.first_token[rid] = t
@@ -346,8 +449,10 @@ class _Simulation:
         return k * (r.seg_f0 + last) / 2
 
     def start_decode(self, t: float, r: _Replica, single: bool) -> None:
-        """Steps until the next finish (one step when prompts wait on a colocated replica)."""
-        k = 1 if single else r.finishes[0][0] - r.step
+        """Steps until the next finish (one call when prompts wait on a colocated replica)."""
+        k = r.finishes[0][0] - r.step
+        if single:
+            k = min(k, self.dep.decode_steps_per_dispatch)
         r.seg_t0, r.seg_k, r.seg_batch, r.seg_ctx = t, k, r.active, r.context
         r.seg_f0 = self.decode_step(r.active, r.context)
         r.busy, r.in_decode, r.last_prefill = True, True, False
@@ -355,16 +460,10 @@ class _Simulation:
         self.push(t + self.stretch_seconds(r, k), DECODE_END, r.index, r.version)
 
     def cut(self, t: float, r: _Replica) -> None:
-        """End the stretch at the first step boundary at or after t (binary search)."""
-        lo, hi = 1, r.seg_k  # the step in flight at t is in [lo, hi]
-        if hi == 1:
+        """End the stretch at the first call boundary at or after t."""
+        if r.seg_k == 1:
             return
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if r.seg_t0 + self.stretch_seconds(r, mid) >= t:
-                hi = mid
-            else:
-                lo = mid + 1
+        lo = self.steps_before(t, r)
         if lo < r.seg_k:
             r.seg_k = lo
             r.version += 1
