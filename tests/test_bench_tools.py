@@ -63,3 +63,34 @@ def test_bench_multihost_kv_delivers_every_byte_both_ways():
     # scatter sends each of the 2 hosts half the heads: about half broadcast's bytes
     assert result["scatter"]["stream_bytes_per_write"] < 0.7 * \
         result["broadcast"]["stream_bytes_per_write"]
+
+
+@pytest.mark.slow
+def test_bench_engine_through_the_engine_writes_a_profile_the_placer_reads(tmp_path):
+    """`--through-engine` rows (prefill steps as a prefill worker runs them, decode tokens
+    through Engine.step) load as a cost-model profile; `--alongside-decode` adds the prefill
+    rows beside a decoding process, which is gone when the tool exits."""
+    from jaxpd.placement.cost_model import Profile
+
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "bench_engine.py"), "--preset", "tiny",
+         "--batch", "1,2", "--context", "16,32", "--repeats", "1", "--through-engine",
+         "--decode-tokens", "4", "--alongside-decode", "1"],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["through_engine"] is True
+    rows = result["rows"]
+    assert [(r["phase"], r["batch"]) for r in rows[:4]] == [
+        ("prefill", 1), ("decode", 1), ("prefill", 2), ("decode", 2)]
+    assert all(r["seconds"] > 0 for r in rows if r["phase"] == "prefill")
+    assert all(r["step_ms"] > 0 and r["context"] == 16 + 2 for r in rows[1:4:2])
+    beside = result["alongside_decode"]
+    assert len(beside["prefill_rows"]) == 4 and beside["prefill_slowdown"] > 0
+    path = tmp_path / "profile.json"
+    path.write_text(proc.stdout)
+    profile = Profile.load(path)
+    assert len(profile.prefill) == len(profile.decode) == 4
+    assert profile.neighbour_slowdown == beside["prefill_slowdown"]
+    left = subprocess.run(["pgrep", "-f", "--keep-decoding"], capture_output=True, text=True)
+    assert left.stdout.strip() == "", "the neighbour process outlived the tool"

@@ -367,3 +367,75 @@ def test_the_router_refuses_past_its_queue_bound_and_timeout():
     unbounded = simulate(SimDeployment.disaggregated(Slow(), Slow(), kv_capacity_tokens=21,
                                                      max_queued=10, queue_timeout_s=100.0), reqs)
     assert unbounded.rejected == 0 and np.isfinite(unbounded.finish_s).all()
+
+
+# -- the engine's own shapes: chunks, buckets, decode calls, a shared host ----------------------
+@dataclasses.dataclass(frozen=True)
+class Stepped(Toy):
+    """Toy with a fixed cost per prefill step (so chunking shows), recording each step's chunks."""
+
+    step: float = 0.01
+    steps: list = dataclasses.field(default_factory=list)
+
+    def prefill_step_seconds(self, chunks):
+        self.steps.append(list(chunks))
+        return self.step + self.per_token * sum(length for _, length in chunks)
+
+
+def test_chunked_prefill_takes_a_step_per_chunk_within_the_budget():
+    """As the engine schedules: the first prompt starts alone; then up to 256 tokens of each
+    prompt per step, in arrival order, until the 300-token budget is spent."""
+    model = Stepped()
+    dep = SimDeployment.disaggregated(model, model, chunk_size=256, max_prefill_tokens=300)
+    res = simulate(dep, [SimRequest(0.0, 500, 2), SimRequest(0.0, 100, 2)])
+    assert model.steps == [[(0, 256)], [(256, 244), (0, 56)], [(56, 44)]]
+    first, second, third = 0.01 + 256 * 2e-4, 0.01 + 300 * 2e-4, 0.01 + 44 * 2e-4
+    assert list(res.first_token_s) == pytest.approx([first + second, first + second + third])
+    assert list(res.prefill_start_s) == pytest.approx([0.0, first])
+
+
+def test_chunked_prefill_is_priced_at_the_padded_step_shape():
+    """A 100-token prompt runs as a 128-token chunk; three short prompts as four rows (the
+    batch bucket) of 64 tokens (the longest one's bucket)."""
+    model = Stepped()
+    dep = SimDeployment.disaggregated(model, model, chunk_size=256, prefill_batch_buckets=(1, 2, 4),
+                                      prefill_chunk_buckets=(16, 32, 64, 128, 256))
+    simulate(dep, [SimRequest(0.0, 100, 2)] + [SimRequest(0.001, n, 2) for n in (20, 40, 10)])
+    assert model.steps == [[(0, 128)], [(0, 64)] * 4]
+
+
+def _busy_decoder(**limits):
+    """Request 0 decodes 49 steps from t=0.022 (prefill 0.02 s, hand-off 0.002 s) in calls of
+    4 steps of 8.1 ms; request 1 arrives at t=0.03, in the middle of the first call."""
+    model = Toy()
+    dep = SimDeployment.disaggregated(model, model, decode_steps_per_dispatch=4, **limits)
+    return simulate(dep, [SimRequest(0.0, 100, 50), SimRequest(0.03, 100, 50)])
+
+
+def test_a_reservation_waits_for_the_decode_call_in_flight():
+    call_end = 0.022 + 4 * 0.0081
+    res = _busy_decoder()
+    assert res.placed_s[1] == pytest.approx(0.03)  # its KV is held from arrival ...
+    assert res.prefill_start_s[1] == pytest.approx(call_end)  # ... prefill starts after the call
+    assert res.first_token_s[1] == pytest.approx(call_end + 0.02)
+    at_once = _busy_decoder(reserve_between_calls=False)
+    assert at_once.prefill_start_s[1] == pytest.approx(0.03)
+
+
+def test_a_shared_host_slows_prefill_beside_a_decoding_replica():
+    call_end = 0.022 + 4 * 0.0081
+    res = _busy_decoder(shared_host_slowdown=1.5)
+    assert res.first_token_s[0] == pytest.approx(0.02)  # nothing was decoding yet
+    assert res.first_token_s[1] == pytest.approx(call_end + 1.5 * 0.02)
+    with pytest.raises(ValueError, match="shared_host_slowdown"):
+        SimDeployment.disaggregated(Toy(), Toy(), shared_host_slowdown=0.5)
+
+
+def test_colocated_prefill_joins_at_the_next_decode_call_boundary():
+    """Colocated, a new prompt waits for the decode call in flight (4 steps), not the whole
+    stretch to the next finish, and decode resumes after its prefill."""
+    model = Toy()
+    dep = SimDeployment.colocated(model, decode_steps_per_dispatch=4)
+    res = simulate(dep, [SimRequest(0.0, 100, 50), SimRequest(0.03, 100, 50)])
+    assert res.prefill_start_s[1] == pytest.approx(0.02 + 4 * 0.0081)
+    assert res.first_token_s[1] == pytest.approx(0.02 + 4 * 0.0081 + 0.02)

@@ -231,10 +231,11 @@ def run_openai(base_url: str, model: str, runs, api_key: str | None) -> dict:
 
 
 @contextlib.contextmanager
-def steady_server(cfg: dict):
+def steady_server(cfg: dict, *, warm=None):
     """`jaxpd serve` of config `cfg` (a dict) in the steady state: serving, and every worker's
     background compilation done (the launcher says so); yields (the process, the router's
-    address) and stops it on leaving."""
+    address) and stops it on leaving. `warm(address)`, if given, runs as soon as the router
+    serves, while the workers still compile (warm-up traffic overlaps the compilation)."""
     import yaml
 
     from jaxpd.serving.background import ServeProcess
@@ -242,14 +243,18 @@ def steady_server(cfg: dict):
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.yaml"
         path.write_text(yaml.safe_dump(cfg))
-        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # roles set their own
+        # roles set their own XLA flags, and compile every program as a deployment does (a
+        # test session's JAXPD_PRECOMPILE=first would pad every step up to its first programs)
+        env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAXPD_PRECOMPILE")}
         server = ServeProcess(path, env=env, cwd=REPO)
-        address = server.wait_serving(300)
-        deadline = time.monotonic() + 600
-        while not any(line.startswith("jaxpd: compiled ") for line in server.lines) \
-                and server.process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
         try:
+            address = server.wait_serving(300)
+            if warm is not None:
+                warm(address)
+            deadline = time.monotonic() + 600
+            while not any(line.startswith("jaxpd: compiled ") for line in server.lines) \
+                    and server.process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
             yield server, address
         finally:
             server.stop()
@@ -323,42 +328,58 @@ def run_conversations(config_path: Path, conversations: int, turns: tuple[int, i
 
 
 def run_served(config_path: Path, runs) -> dict:
+    """The last of `runs` on `jaxpd serve --config` (the ones before warm it up)."""
+    return next(served_runs(config_path, runs))
+
+
+def served_runs(config_path: Path, runs, measured: int = 1):
+    """Each of the last `measured` of `runs` on one `jaxpd serve --config`, as measured; the
+    runs before warm it up while its workers compile. The server stops when the caller stops
+    iterating."""
     import yaml
 
     from jaxpd.serving.client import Client
 
     cfg = yaml.safe_load(config_path.read_text())
     cfg.setdefault("serving", {}).setdefault("router", {})["port"] = 0
-    with steady_server(cfg) as (_, address):
+
+    def warm(address: str) -> None:
         with Client(address, timeout=600) as client:
-            def once(requests) -> dict:
-                start_t = time.perf_counter()
+            for requests in runs[:-measured]:
+                _served_once(client, requests)
 
-                def send(r):  # at its arrival time; the client times TTFT from sending
-                    time.sleep(max(0.0, start_t + r[2] - time.perf_counter()))
-                    return client.complete(prompt_token_ids=r[0], max_tokens=r[1],
-                                           ignore_eos=True, temperature=0.0)
+    with steady_server(cfg, warm=warm) as (_, address):
+        with Client(address, timeout=600) as client:
+            for requests in runs[-measured:]:
+                yield _served_once(client, requests)
 
-                with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
-                    done = list(pool.map(send, requests))
-                wall = time.perf_counter() - start_t
-                out = summary([d.ttft_s for d in done], [d.tpot_s for d in done if d.tpot_s],
-                              wall, sum(d.usage.completion_tokens for d in done))
-                # the request path: what TTFT holds beyond the workers' own queue, prefill and
-                # hand-off (router, gRPC hops, tokenization, streaming back)
-                path = sorted(d.ttft_s - d.timings.queue_s - d.timings.prefill_s
-                              for d in done if d.ttft_s is not None)
-                out["request_path_s"] = {"p50": round(statistics.median(path), 5),
-                                         "mean": round(statistics.fmean(path), 5)}
-                # where TTFT went, by the workers' own clocks
-                for name in ("queue_s", "prefill_s", "transfer_s"):
-                    xs = sorted(getattr(d.timings, name) for d in done)
-                    out[f"worker_{name}"] = {"p50": round(statistics.median(xs), 5),
-                                             "mean": round(statistics.fmean(xs), 5)}
-                return out
-            for warm in runs[:-1]:
-                once(warm)
-            return once(runs[-1])
+
+def _served_once(client, requests) -> dict:
+    """`requests` sent at their arrival times; TTFT/TPOT as the client saw them, and where
+    TTFT went by the workers' own clocks."""
+    start_t = time.perf_counter()
+
+    def send(r):  # at its arrival time; the client times TTFT from sending
+        time.sleep(max(0.0, start_t + r[2] - time.perf_counter()))
+        return client.complete(prompt_token_ids=r[0], max_tokens=r[1], ignore_eos=True,
+                               temperature=0.0)
+
+    with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+        done = list(pool.map(send, requests))
+    wall = time.perf_counter() - start_t
+    out = summary([d.ttft_s for d in done], [d.tpot_s for d in done if d.tpot_s], wall,
+                  sum(d.usage.completion_tokens for d in done))
+    # the request path: what TTFT holds beyond the workers' own queue and prefill (router,
+    # gRPC hops, tokenization, streaming back)
+    path = sorted(d.ttft_s - d.timings.queue_s - d.timings.prefill_s
+                  for d in done if d.ttft_s is not None)
+    out["request_path_s"] = {"p50": round(statistics.median(path), 5),
+                             "mean": round(statistics.fmean(path), 5)}
+    for name in ("queue_s", "prefill_s", "transfer_s"):
+        xs = sorted(getattr(d.timings, name) for d in done)
+        out[f"worker_{name}"] = {"p50": round(statistics.median(xs), 5),
+                                 "mean": round(statistics.fmean(xs), 5)}
+    return out
 
 
 def main() -> int:

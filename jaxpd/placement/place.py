@@ -162,22 +162,23 @@ class _PhaseLatency:
         return seconds
 
 
-def engine_buckets(scheduler: SchedulerSection = SchedulerSection()) -> tuple[tuple[int, ...],
-                                                                            tuple[int, ...]]:
-    """(batch sizes, chunk sizes) of the prefill step programs a scheduler config compiles:
-    the engine pads every step up to them (engine/prefill.py's defaults when unset)."""
+def engine_buckets(scheduler: SchedulerSection = SchedulerSection()) -> dict:
+    """The step shapes a scheduler config compiles, which the engine pads every step up to
+    (the engine's defaults when unset), as SimDeployment fields."""
     batches = scheduler.prefill_batch_sizes or pow2_sizes(DEFAULT_PREFILL_BATCH)
-    chunks = scheduler.prefill_chunk_sizes or pow2_sizes(scheduler.chunk_size, MIN_CHUNK)
-    return tuple(batches), tuple(chunks)
+    return dict(prefill_batch_buckets=tuple(batches), max_prefill_seqs=batches[-1],
+                prefill_chunk_buckets=tuple(scheduler.prefill_chunk_sizes
+                                            or pow2_sizes(scheduler.chunk_size, MIN_CHUNK)),
+                decode_batch_buckets=tuple(scheduler.decode_batch_sizes
+                                           or pow2_sizes(scheduler.max_decode_batch)))
 
 
-def _chunking() -> dict:
+def _engine_shapes(max_decode_batch: int) -> dict:
     """The engine's default chunked prefill and decode calls (the plan's YAML leaves the
     scheduler at its defaults), as SimDeployment fields."""
-    scheduler = SchedulerSection()
-    batches, chunks = engine_buckets(scheduler)
-    return dict(chunk_size=scheduler.chunk_size, max_prefill_seqs=batches[-1],
-                prefill_batch_buckets=batches, prefill_chunk_buckets=chunks,
+    scheduler = SchedulerSection(max_decode_batch=max_decode_batch)
+    buckets = engine_buckets(scheduler)
+    return dict(chunk_size=scheduler.chunk_size, **buckets,
                 decode_steps_per_dispatch=scheduler.decode_steps_per_dispatch)
 
 
@@ -191,14 +192,14 @@ def sim_deployment(model: ModelConfig, plan: Plan, pools: dict[str, PoolSpec],
             _PhaseLatency(model, option, pools[option.pool]), n,
             max_prefill_tokens=MAX_PREFILL_TOKENS, max_decode_batch=max(option.batch, 1),
             kv_capacity_tokens=max(option.kv_tokens, 1), request_path_s=REQUEST_PATH_S,
-            **_chunking())
+            **_engine_shapes(max(option.batch, 1)))
     (pre, n_pre), (dec, n_dec) = plan.role("prefill"), plan.role("decode")
     return SimDeployment.disaggregated(
         _PhaseLatency(model, pre, pools[pre.pool], (dec, pools, transport)),
         _PhaseLatency(model, dec, pools[dec.pool]), prefill_replicas=n_pre,
         decode_replicas=n_dec, max_prefill_tokens=MAX_PREFILL_TOKENS,
         max_decode_batch=max(dec.batch, 1), kv_capacity_tokens=max(dec.kv_tokens, 1),
-        request_path_s=REQUEST_PATH_S, **_chunking())
+        request_path_s=REQUEST_PATH_S, **_engine_shapes(max(dec.batch, 1)))
 
 
 def _grow(plan: Plan, role: str) -> Plan:

@@ -165,7 +165,6 @@ def sim_of_config(deployment, model, *, profiles: str, profile: str | list[str],
     dep = sim_deployment(model, plan, pools, deployment.serving.transport)
     serving = deployment.serving
     sched = deployment.scheduler
-    batches, chunks = engine_buckets(sched)
     # prefill and decode on host devices of one machine share its cores: the prefill
     # profile's slowdown beside a decoding process applies
     shared = (deployment.mode == "disaggregated" and all(
@@ -173,8 +172,7 @@ def sim_of_config(deployment, model, *, profiles: str, profile: str | list[str],
         for g in (deployment.prefill, deployment.decode)))
     slowdown = measured_at(deployment.prefill.tp)[2] if shared else 1.0
     return dataclasses.replace(dep, max_prefill_tokens=sched.max_prefill_tokens,
-                               chunk_size=sched.chunk_size, max_prefill_seqs=batches[-1],
-                               prefill_batch_buckets=batches, prefill_chunk_buckets=chunks,
+                               chunk_size=sched.chunk_size, **engine_buckets(sched),
                                decode_steps_per_dispatch=sched.decode_steps_per_dispatch,
                                shared_host_slowdown=slowdown, max_queued=serving.max_queued,
                                queue_timeout_s=serving.queue_timeout_s)

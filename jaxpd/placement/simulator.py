@@ -32,7 +32,7 @@ What it models, mirroring jaxpd's router and engines:
 - KV hand-off: the request reaches its decode replica `kv_transfer_seconds(prompt)` after its
   prefill ends (the prefill side's model prices it: the placer builds it knowing both ends).
 - Decode replica: continuous batching. All active sequences step together, one token each per
-  step; arrivals join at the next call boundary (every `decode_steps_per_dispatch` steps), up
+  step (priced at the next of `decode_batch_buckets` rows, as the engine pads); arrivals join at the next call boundary (every `decode_steps_per_dispatch` steps), up
   to `max_decode_batch` (FCFS). A sequence
   needs `output_tokens - 1` decode steps (prefill made the first token) and frees its KV when
   it finishes.
@@ -111,6 +111,7 @@ class SimDeployment:
     prefill_batch_buckets: tuple[int, ...] = ()  # the engine's compiled step shapes (ascending)
     prefill_chunk_buckets: tuple[int, ...] = ()
     decode_steps_per_dispatch: int = 1  # scheduler.decode_steps_per_dispatch: steps per call
+    decode_batch_buckets: tuple[int, ...] = ()  # a decode step runs the next of these many rows
     # jaxpd's decode engine answers a reservation between two calls; False: at once (as an
     # engine reserving off its step thread would, and as a request arriving straight at decode)
     reserve_between_calls: bool = True
@@ -267,6 +268,10 @@ class _Simulation:
         self.events: list[tuple] = []  # (time, seq, kind, a, b); seq is unique, so b is never compared
         self.seq = 0
         self.decode_step = dep.decode.decode_step_seconds
+        if dep.decode_batch_buckets:  # priced at the padded batch the engine's program runs
+            buckets, step = dep.decode_batch_buckets, dep.decode.decode_step_seconds
+            self.decode_step = lambda batch, context: step(
+                next((b for b in buckets if b >= batch), batch), context)
 
     def push(self, t: float, kind: int, a: int, b: object = 0) -> None:
         self.seq += 1
