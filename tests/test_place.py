@@ -86,6 +86,11 @@ def test_verify_adds_replicas_where_the_simulation_misses_and_drops_spare_ones()
     shrunk = verify(LLAMA8B, Plan(((pre, 4), (dec, 3))), inventory, reqs, slo)
     assert shrunk.verified and shrunk.plan.devices < 7
     assert shrunk.cost_per_hour < shrunk.analytic_cost
+    # headroom holds in the simulation too: prefill replicas busier than the limit gain one,
+    # and none is dropped below it
+    roomy = verify(LLAMA8B, shrunk.plan, inventory, reqs, slo, max_utilization=0.3)
+    assert roomy.plan.role("prefill")[1] > shrunk.plan.role("prefill")[1]
+    assert any("over --max-utilization 30%" in note for note in roomy.notes), roomy.notes
 
 
 @pytest.mark.parametrize("slo, rate, inventory, start", [

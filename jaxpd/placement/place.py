@@ -22,6 +22,7 @@ from jaxpd.config import SchedulerSection
 from jaxpd.engine.buckets import pow2_sizes
 from jaxpd.model.config import ModelConfig
 from jaxpd.placement.cost_model import PhaseModel
+from jaxpd.placement.deploy_yaml import plan_scheduler
 from jaxpd.placement.placer import (REQUEST_PATH_S, Demand, Objective, Option, Plan, PoolSpec,
                                     fits,
                                     incompatible_pairs,
@@ -173,10 +174,10 @@ def engine_buckets(scheduler: SchedulerSection = SchedulerSection()) -> dict:
                                            or pow2_sizes(scheduler.max_decode_batch)))
 
 
-def _engine_shapes(max_decode_batch: int) -> dict:
-    """The engine's default chunked prefill and decode calls (the plan's YAML leaves the
-    scheduler at its defaults), as SimDeployment fields."""
-    scheduler = SchedulerSection(max_decode_batch=max_decode_batch)
+def _engine_shapes(plan: Plan) -> dict:
+    """The chunked prefill, step buckets and decode calls of the scheduler section the plan's
+    YAML writes (`deploy_yaml.plan_scheduler`), as SimDeployment fields."""
+    scheduler = SchedulerSection(**plan_scheduler(plan))
     buckets = engine_buckets(scheduler)
     return dict(chunk_size=scheduler.chunk_size, **buckets,
                 decode_steps_per_dispatch=scheduler.decode_steps_per_dispatch)
@@ -192,14 +193,14 @@ def sim_deployment(model: ModelConfig, plan: Plan, pools: dict[str, PoolSpec],
             _PhaseLatency(model, option, pools[option.pool]), n,
             max_prefill_tokens=MAX_PREFILL_TOKENS, max_decode_batch=max(option.batch, 1),
             kv_capacity_tokens=max(option.kv_tokens, 1), request_path_s=REQUEST_PATH_S,
-            **_engine_shapes(max(option.batch, 1)))
+            **_engine_shapes(plan))
     (pre, n_pre), (dec, n_dec) = plan.role("prefill"), plan.role("decode")
     return SimDeployment.disaggregated(
         _PhaseLatency(model, pre, pools[pre.pool], (dec, pools, transport)),
         _PhaseLatency(model, dec, pools[dec.pool]), prefill_replicas=n_pre,
         decode_replicas=n_dec, max_prefill_tokens=MAX_PREFILL_TOKENS,
         max_decode_batch=max(dec.batch, 1), kv_capacity_tokens=max(dec.kv_tokens, 1),
-        request_path_s=REQUEST_PATH_S, **_engine_shapes(max(dec.batch, 1)))
+        request_path_s=REQUEST_PATH_S, **_engine_shapes(plan))
 
 
 def _grow(plan: Plan, role: str) -> Plan:
@@ -218,6 +219,14 @@ def _shrink(plan: Plan, role: str, rate: float) -> Plan | None:
 class _Run:
     state: SteadyState
     ok: bool
+    busy: dict[str, float]  # role -> the share of its replicas' time spent in steps
+
+    def over(self, limit: float) -> str | None:
+        """"prefill" when the prefill replicas are busier than `limit`. Only prefill: it is a
+        queue whose busy share is its load, while a decode replica steps whenever one request
+        runs, so its headroom is its batch and KV (what the analytic sizing loads to the
+        limit), not its busy time."""
+        return "prefill" if self.busy.get("prefill", 0.0) > limit else None
 
     @property
     def ttft(self) -> float:
@@ -234,16 +243,22 @@ class _Run:
 
 def _run(model: ModelConfig, plan: Plan, pools: dict[str, PoolSpec], reqs: list[SimRequest],
          slo: Slo, lifetime: float = 0.0) -> _Run:
-    state = measure(simulate(sim_deployment(model, plan, pools), reqs), slo.ttft, slo.tpot,
-                    slo.percentile, lifetime=lifetime)
-    return _Run(state, state.meets(slo.ttft, slo.tpot, slo.target))
+    res = simulate(sim_deployment(model, plan, pools), reqs)
+    state = measure(res, slo.ttft, slo.tpot, slo.percentile, lifetime=lifetime)
+    busy = {"prefill": res.prefill_busy_s, "decode": res.decode_busy_s,
+            "colocated": res.prefill_busy_s + res.decode_busy_s}
+    return _Run(state, state.meets(slo.ttft, slo.tpot, slo.target),
+                {o.role: res.utilization(busy[o.role], n) for o, n in plan.choices})
 
 
 def verify(model: ModelConfig, plan: Plan, pools: dict[str, PoolSpec], reqs: list[SimRequest],
-           slo: Slo, budget: float | None = None, lifetime: float = 0.0) -> Candidate:
+           slo: Slo, budget: float | None = None, lifetime: float = 0.0,
+           max_utilization: float = 1.0) -> Candidate:
     """Simulate `plan` in the steady state (`reqs` should span ten lifetimes of the longest
-    request, `lifetime`). While it misses an SLO, add a replica of the role that binds; once
-    it meets them, drop replicas the queueing bounds over-provisioned while it still does.
+    request, `lifetime`). While it misses an SLO, or its prefill replicas are busier than
+    `max_utilization` in the simulation (the engine's chunked, padded steps can cost more
+    than the analytic sizing assumed), add a replica of the role that binds; once it meets
+    both, drop replicas the queueing bounds over-provisioned while it still does.
 
     Each decision is screened on the first quarter of `reqs` (a plan that fails there fails
     the whole run too: the backlog only grows) and confirmed on all of them."""
@@ -263,17 +278,22 @@ def verify(model: ModelConfig, plan: Plan, pools: dict[str, PoolSpec], reqs: lis
 
     run = check(plan)
     for _ in range(MAX_GROWTH):
-        if run.ok:
+        busiest = run.over(max_utilization)
+        if run.ok and busiest is None:
             break
-        role = run.state.binding_role(slo.ttft, slo.tpot)
+        role = run.state.binding_role(slo.ttft, slo.tpot) if not run.ok else busiest
         bigger = _grow(plan, role)
         if not fits(bigger, pools) or (budget is not None and bigger.cost_per_hour > budget):
             break
-        why = ("requests waited for decode KV room" if run.state.kv_wait_s >
-               run.state.prefill_wait_s and run.ttft > slo.ttft else
-               f"{'TPOT' if role == 'decode' else 'TTFT'} missed")
-        notes.append(f"+1 {role} replica: {why} ({run.attainment:.0%} met the SLOs)"
-                     if not plan.colocated else "+1 replica: the simulation missed an SLO")
+        if run.ok:
+            why = (f"busy {run.busy[role]:.0%} of the time in simulation, over "
+                   f"--max-utilization {max_utilization:.0%}")
+        else:
+            why = ("requests waited for decode KV room" if run.state.kv_wait_s >
+                   run.state.prefill_wait_s and run.ttft > slo.ttft else
+                   f"{'TPOT' if role == 'decode' else 'TTFT'} missed")
+            why += f" ({run.attainment:.0%} met the SLOs)"
+        notes.append(f"+1 {role} replica: {why}" if not plan.colocated else f"+1 replica: {why}")
         plan, run = bigger, check(bigger)
     shrinking, confirmed = run.ok, (plan, run)
     while shrinking:  # screened on the short run; the result is confirmed once at the end
@@ -283,11 +303,11 @@ def verify(model: ModelConfig, plan: Plan, pools: dict[str, PoolSpec], reqs: lis
             if smaller is None:
                 continue
             trial = _run(model, smaller, pools, short, slo, lifetime)
-            if trial.ok:
+            if trial.ok and trial.over(max_utilization) is None:
                 plan, run, shrinking = smaller, trial, True
     if plan is not confirmed[0]:
         run = _run(model, plan, pools, reqs, slo, lifetime)
-        if not run.ok:  # fine for a quarter of the run, not for all of it: keep what held
+        if not run.ok or run.over(max_utilization):  # fine for a quarter of the run only
             plan, run = confirmed
     for o, n in plan.choices:
         before = dict((x.role, m) for x, m in original.choices)[o.role]
@@ -325,7 +345,8 @@ def place(model: ModelConfig, pools: Sequence[PoolSpec], workload: Workload, rat
     plans = ranked(opts, pools, rate, candidates, objective=objective, budget=budget,
                    incompatible=bad)
     reqs = steady_requests(rate)
-    checked = sorted((verify(model, p, by_name, reqs, slo, budget, lifetime) for p in plans),
+    checked = sorted((verify(model, p, by_name, reqs, slo, budget, lifetime, max_utilization)
+                      for p in plans),
                      key=lambda c: _key(c, objective))
     single: dict[str, float] = {}
     if compare_single_kinds and len({p.device for p in pools}) > 1:

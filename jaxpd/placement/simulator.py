@@ -164,6 +164,18 @@ class SimResult:
     # before it is KV back-pressure, the wait after it (to prefill_start_s) the prefill queue
     placed_s: np.ndarray | None = None
     rejected: int = 0  # refused by the router: its queue was full, or the wait timed out
+    # seconds the replicas of each role spent in steps (summed over replicas; a colocated
+    # replica's prefill steps count as prefill): what `utilization` divides
+    prefill_busy_s: float = 0.0
+    decode_busy_s: float = 0.0
+
+    def utilization(self, busy_s: float, replicas: int) -> float:
+        """`busy_s` over `replicas` replicas' time from the first arrival to the last finish."""
+        done = self.finish_s[np.isfinite(self.finish_s)]
+        if not done.size or replicas < 1:
+            return 0.0
+        span = float(done.max() - min(r.arrival_s for r in self.requests))
+        return busy_s / (span * replicas) if span > 0 else 0.0
 
     @property
     def arrival_s(self) -> np.ndarray:
@@ -265,6 +277,7 @@ class _Simulation:
                            [_Replica(i, 0, True) for i in range(dep.prefill_replicas)])
         self.waiting: deque[int] = deque()  # requests waiting for KV room
         self.rejected = 0
+        self.prefill_busy = self.decode_busy = 0.0
         self.events: list[tuple] = []  # (time, seq, kind, a, b); seq is unique, so b is never compared
         self.seq = 0
         self.decode_step = dep.decode.decode_step_seconds
@@ -396,6 +409,7 @@ class _Simulation:
                 d.busy and d.in_decode for d in self.decoders):
             seconds *= self.dep.shared_host_slowdown
         r.busy, r.in_decode, r.last_prefill = True, False, True
+        self.prefill_busy += seconds
         self.push(t + seconds, PREFILL_END, r.index, batch)
 
     def padded(self, chunks: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -479,6 +493,7 @@ class _Simulation:
         if version != r.version:
             return  # this stretch was cut short
         r.in_decode = False  # stays busy while releases run, so they only queue work on it
+        self.decode_busy += t - r.seg_t0
         r.step += r.seg_k
         r.context += r.seg_batch * r.seg_k
         while r.finishes and r.finishes[0][0] <= r.step:
@@ -510,7 +525,8 @@ def simulate(deployment: SimDeployment, requests: Sequence[SimRequest]) -> SimRe
     sim.run()
     return SimResult(tuple(requests), np.array(sim.prefill_start, dtype=float),
                      np.array(sim.first_token, dtype=float), np.array(sim.finish, dtype=float),
-                     np.array(sim.placed, dtype=float), sim.rejected)
+                     np.array(sim.placed, dtype=float), sim.rejected, sim.prefill_busy,
+                     sim.decode_busy)
 
 
 DeploymentLike = SimDeployment | Callable[[float], SimDeployment]
