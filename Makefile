@@ -19,7 +19,7 @@ find_python = $(shell for c in $$PYTHON python3.12 python3 python3.13 python3.14
   command -v $$c >/dev/null 2>&1 && $$c -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null \
   && { command -v $$c; break; }; done)
 
-.PHONY: test test-fast demo venv clean protos fixtures train-default
+.PHONY: test test-fast test-timing demo venv clean protos fixtures train-default
 
 venv: $(STAMP)
 
@@ -32,14 +32,18 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
 	@touch $(STAMP)
 
-# Timing tests (marked `timing`: measured speed against a prediction) run alone after the rest,
+# Timing tests (tests/timing: measured speed against a prediction) run alone after the rest,
 # since a neighbouring test would take cores from what they measure (exit 5: none selected).
+# With PYTEST_ARGS (a selection), only the first phase runs; `make test-timing` runs the second.
 test: venv
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "not timing" $(PYTEST_ARGS)
-	$(PY) -m pytest -q -p no:xdist -m timing $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(PY) -m pytest -q -n 2 --dist loadfile --ignore=tests/timing $(PYTEST_ARGS)
+	$(if $(PYTEST_ARGS),,$(MAKE) --no-print-directory test-timing)
+
+test-timing: venv
+	$(PY) -m pytest -q -p no:xdist tests/timing
 
 test-fast: venv
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" --ignore=tests/timing $(PYTEST_ARGS)
 
 demo:
 	@began=$$(date +%s.%N); $(MAKE) --no-print-directory venv && \

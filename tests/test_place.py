@@ -38,9 +38,10 @@ CHAT_SLO = Slo(0.25, 0.03)
 
 @pytest.fixture(scope="module")
 def mixed_placement():
-    # a 32k-request steady-state horizon (the CLI's is 64k) keeps this fixture near 10 s
+    # a 32k-request steady-state horizon (the CLI's is 64k), and no goodput search (the
+    # replay below measures the written plan's): this fixture takes about 10 s
     return place(LLAMA8B, pools(**MIXED), Workload("chatbot"), 100.0, CHAT_SLO, candidates=3,
-                 max_sim_requests=32_000)
+                 max_sim_requests=32_000, find_goodput=False)
 
 
 def test_heterogeneous_plan_beats_every_single_kind(mixed_placement):
@@ -52,7 +53,6 @@ def test_heterogeneous_plan_beats_every_single_kind(mixed_placement):
     assert all(best.cost_per_hour < cost for cost in mixed_placement.single_kind.values())
     assert best.transport == "tcp"  # between pools: the tcp data plane, as the YAML says
     assert best.ttft <= CHAT_SLO.ttft and best.tpot <= CHAT_SLO.tpot and best.attainment >= 0.9
-    assert mixed_placement.goodput >= 100.0
 
 
 def test_the_chosen_plan_holds_on_fresh_arrivals(mixed_placement, tmp_path, capsys):

@@ -283,8 +283,9 @@ class _Simulation:
         self.decode_step = dep.decode.decode_step_seconds
         if dep.decode_batch_buckets:  # priced at the padded batch the engine's program runs
             buckets, step = dep.decode_batch_buckets, dep.decode.decode_step_seconds
-            self.decode_step = lambda batch, context: step(
-                next((b for b in buckets if b >= batch), batch), context)
+            rows = [next((b for b in buckets if b >= n), n)
+                    for n in range(dep.max_decode_batch + 1)]  # a batch never exceeds it
+            self.decode_step = lambda batch, context: step(rows[batch], context)
 
     def push(self, t: float, kind: int, a: int, b: object = 0) -> None:
         self.seq += 1
