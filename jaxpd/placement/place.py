@@ -349,6 +349,7 @@ def place(model: ModelConfig, pools: Sequence[PoolSpec], workload: Workload, rat
                       for p in plans),
                      key=lambda c: _key(c, objective))
     single: dict[str, float] = {}
+    found: list[Candidate] = []  # verified plans of the single-kind searches
     if compare_single_kinds and len({p.device for p in pools}) > 1:
         for device in sorted({p.device for p in pools}):
             kind = [p for p in pools if p.device == device]
@@ -360,6 +361,13 @@ def place(model: ModelConfig, pools: Sequence[PoolSpec], workload: Workload, rat
                      and {by_name[o.pool].device for o, _ in c.plan.choices} == {device}]
             if costs:
                 single[device] = min(costs)
+            found += [c for c in sub.candidates if c.verified
+                      and (budget is None or c.cost_per_hour <= budget)]
+    # verification grows plans, so a single-kind search can end cheaper than every mixed plan
+    # ranked first: the best of everything verified wins
+    seen = {c.plan.describe() for c in checked}
+    checked = sorted([*checked, *(c for c in found if c.plan.describe() not in seen)],
+                     key=lambda c: _key(c, objective))
     placement = Placement(demand, slo, tuple(checked), single)
     if placement.best is None:
         why = unreachable(model, pools, opts, bad, demand, slo, checked, budget)
