@@ -2,6 +2,7 @@
 #   make test   create .venv with Python 3.12+, install jaxpd[test] with constraints.txt, run pytest
 #               (the timing tests last, alone)
 #   make test-fast  the same set-up, then the tests not marked slow (the edit loop, under 90 s)
+#   make test-timing  tests/timing alone (make test runs it last when PYTEST_ARGS is empty)
 #   make demo   same set-up, then serve configs/local.yaml (router, prefill and decode worker
 #               processes), stream a few prompts with their TTFT/TPOT, and shut it all down
 

@@ -211,13 +211,16 @@ def _engine_rows(cfg, params, args, peaks, weight_bytes: int, layout, *,
     and powers of two need no bucket padding."""
     import numpy as np
 
-    from jaxpd.config import parse_config
+    from jaxpd.config import SchedulerSection, parse_config
     from jaxpd.engine.builder import build_engine
     from jaxpd.engine.request import Request
     from jaxpd.engine.sampling import SamplingParams
 
-    batches, contexts, n_decode = args.batch, args.context, args.decode_tokens
-    most = max(batches) * -(-(max(contexts) + n_decode + 2) // args.page_size) + 8
+    batches, contexts = args.batch, args.context
+    # a decode row's requests: 2 tokens to start decoding, the first decode call (up to
+    # decode_steps_per_dispatch tokens) before the clock, then the timed tokens
+    n_decode = args.decode_tokens + 2 + SchedulerSection().decode_steps_per_dispatch
+    most = max(batches) * -(-(max(contexts) + n_decode) // args.page_size) + 8
     chunk = 1 << (max(max(contexts), 16) - 1).bit_length()
     deployment = parse_config(
         {"mode": "colocated", "prefill": {"devices": list(range(args.tp)), "tp": args.tp},
@@ -237,29 +240,27 @@ def _engine_rows(cfg, params, args, peaks, weight_bytes: int, layout, *,
                         SamplingParams(max_tokens=max_tokens, ignore_eos=True))
                 for _ in range(batch)]
 
-    def prefill_once(batch, context) -> tuple[float, int]:
+    def prefill_once(batch, context) -> float:
         """A prefill worker's step: prefill, first tokens, each prompt's KV gathered."""
         engine.send_prefilled = True
         reqs = requests(batch, context, 2)
         for r in reqs:
             engine.add_request(r)
-        start, steps = time.perf_counter(), 0
+        start = time.perf_counter()
         while len(engine.sending) < batch:
             engine.step()
-            steps += 1
         gathered = [runner.gather_kv(seq.pages.pages, 0, seq.num_computed)[0]
                     for seq in engine.sending.values()]
         jax.block_until_ready(gathered)
         seconds = time.perf_counter() - start
         for r in reqs:
             engine.release_sent(r.id)
-        return seconds, steps
+        return seconds
 
     def decode_once(batch, context) -> float:
         """Seconds per token of `batch` sequences decoding together from `context` tokens."""
         engine.send_prefilled = False
-        # the first decode call (up to decode_steps_per_dispatch tokens) runs before the clock
-        reqs = requests(batch, context, n_decode + 2 + engine.decode.steps_per_dispatch)
+        reqs = requests(batch, context, n_decode)
         for r in reqs:
             engine.add_request(r)
         made = dict.fromkeys((r.id for r in reqs), 0)
@@ -288,7 +289,7 @@ def _engine_rows(cfg, params, args, peaks, weight_bytes: int, layout, *,
                                  * (not cfg.tie_word_embeddings))
 
     def prefill_row(batch, context) -> dict:
-        t = measure(lambda: prefill_once(batch, context)[0])
+        t = measure(lambda: prefill_once(batch, context))
         flops = (dense_flops_per_token * batch * context
                  + 2 * cfg.num_layers * batch * context * context * cfg.num_heads * cfg.head_dim)
         return {"phase": "prefill", "batch": batch, "context": context,
@@ -299,7 +300,7 @@ def _engine_rows(cfg, params, args, peaks, weight_bytes: int, layout, *,
         for batch in batches:
             rows.append(prefill_row(batch, context))
             t = measure(lambda: decode_once(batch, context))
-            mid = context + n_decode // 2  # the decode rows' context: the middle of the run
+            mid = context + args.decode_tokens // 2  # the middle of the timed tokens
             kv_bytes = batch * (mid + 1) * cfg.kv_bytes_per_token() * layout.head_repeat
             rows.append({"phase": "decode", "batch": batch, "context": mid,
                          "step_ms": round(t * 1e3, 3), "tokens_per_s": round(batch / t, 1),

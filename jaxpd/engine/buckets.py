@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
+# The default buckets when a scheduler config names none (the placer's simulator pads as these)
+DEFAULT_PREFILL_BATCH = 16  # prefill_batch_sizes: powers of two up to this many sequences
+MIN_CHUNK = 16  # prefill_chunk_sizes: powers of two from this up to chunk_size
+
 
 def pow2_bucket(n: int, minimum: int = 1, maximum: int | None = None) -> int:
     """Smallest power of two >= n, at least `minimum`, capped at `maximum`."""

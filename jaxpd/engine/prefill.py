@@ -7,7 +7,7 @@ Blocks already in the prefix cache are skipped; full blocks are entered into it 
 
 from __future__ import annotations
 
-from jaxpd.engine.buckets import bucket_for, pow2_sizes
+from jaxpd.engine.buckets import DEFAULT_PREFILL_BATCH, bucket_for, pow2_sizes
 from jaxpd.engine.programs import StepShape
 from jaxpd.engine.request import Sequence
 from jaxpd.engine.runner import ModelRunner, Slice
@@ -26,7 +26,7 @@ class PrefillEngine:
         self.runner = runner
         self.manager: KVCacheManager = runner.manager
         self.chunk_size, self.max_batch_tokens = chunk_size, max_batch_tokens
-        runner.prefill_batch_sizes = list(batch_sizes or pow2_sizes(16))
+        runner.prefill_batch_sizes = list(batch_sizes or pow2_sizes(DEFAULT_PREFILL_BATCH))
         runner.chunk_sizes = chunks
         self.max_seqs = runner.prefill_batch_sizes[-1]
         self.eos_ids = tuple(runner.config.eos_token_ids)

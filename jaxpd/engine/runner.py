@@ -30,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceShardin
 
 from jaxpd.engine import attention as attention_lib
 from jaxpd.engine import model_step, multistep
-from jaxpd.engine.buckets import bucket_for, pow2_bucket, pow2_sizes
+from jaxpd.engine.buckets import DEFAULT_PREFILL_BATCH, MIN_CHUNK, bucket_for, pow2_bucket, pow2_sizes
 from jaxpd.engine.programs import StepPrograms, StepShape
 from jaxpd.engine.request import Sequence
 from jaxpd.engine.sampling import SamplingArrays, sampling_arrays
@@ -68,7 +68,7 @@ class Slice:
 
 class ModelRunner:
     def __init__(self, config: ModelConfig, params, mesh: Mesh | None, manager: KVCacheManager,
-                 attention: str = "auto", *, min_chunk: int = 16):
+                 attention: str = "auto", *, min_chunk: int = MIN_CHUNK):
         self.config, self.params, self.mesh, self.manager = config, params, mesh, manager
         self.backend = attention_lib.resolve(attention, head_dim=config.head_dim,
                                              dtype=config.dtype, kv_dtype=manager.layout.dtype)
@@ -77,7 +77,8 @@ class ModelRunner:
         max_len = min(config.max_position_embeddings, capacity)
         self.max_pages_per_seq = pow2_bucket(manager.layout.pages_for(max_len))
         # the sizes that get programs; the prefill and decode engines set their own
-        self.prefill_batch_sizes, self.decode_batch_sizes = pow2_sizes(16), pow2_sizes(64)
+        self.prefill_batch_sizes = pow2_sizes(DEFAULT_PREFILL_BATCH)
+        self.decode_batch_sizes = pow2_sizes(64)
         self.chunk_sizes = pow2_sizes(256, min_chunk)
         self.programs = StepPrograms(self._lower)
         # False once a worker serves: shapes that are not ready are padded or split, never

@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from jaxpd.config import SchedulerSection
-from jaxpd.engine.buckets import pow2_sizes
+from jaxpd.engine.buckets import DEFAULT_PREFILL_BATCH, MIN_CHUNK, pow2_sizes
 from jaxpd.model.config import ModelConfig
 from jaxpd.placement.cost_model import PhaseModel
 from jaxpd.placement.deploy_yaml import plan_scheduler
@@ -33,7 +33,6 @@ from jaxpd.placement.steady import SteadyState, horizon, longest_lifetime, measu
 from jaxpd.placement.workload import SimRequest, generate, load_trace
 
 MAX_PREFILL_TOKENS = 2048  # the scheduler's default prefill step budget (config.py)
-DEFAULT_PREFILL_BATCH, MIN_CHUNK = 16, 16  # the runner's default prefill step buckets
 MAX_GROWTH = 8  # replicas the simulator check may add to one plan
 
 
@@ -219,14 +218,14 @@ def _shrink(plan: Plan, role: str, rate: float) -> Plan | None:
 class _Run:
     state: SteadyState
     ok: bool
-    busy: dict[str, float]  # role -> the share of its replicas' time spent in steps
+    prefill_busy: float  # the share of the prefill replicas' time spent in steps
 
     def over(self, limit: float) -> str | None:
         """"prefill" when the prefill replicas are busier than `limit`. Only prefill: it is a
         queue whose busy share is its load, while a decode replica steps whenever one request
         runs, so its headroom is its batch and KV (what the analytic sizing loads to the
         limit), not its busy time."""
-        return "prefill" if self.busy.get("prefill", 0.0) > limit else None
+        return "prefill" if self.prefill_busy > limit else None
 
     @property
     def ttft(self) -> float:
@@ -245,10 +244,9 @@ def _run(model: ModelConfig, plan: Plan, pools: dict[str, PoolSpec], reqs: list[
          slo: Slo, lifetime: float = 0.0) -> _Run:
     res = simulate(sim_deployment(model, plan, pools), reqs)
     state = measure(res, slo.ttft, slo.tpot, slo.percentile, lifetime=lifetime)
-    busy = {"prefill": res.prefill_busy_s, "decode": res.decode_busy_s,
-            "colocated": res.prefill_busy_s + res.decode_busy_s}
-    return _Run(state, state.meets(slo.ttft, slo.tpot, slo.target),
-                {o.role: res.utilization(busy[o.role], n) for o, n in plan.choices})
+    prefill = plan.role("prefill")  # None when colocated: held to its analytic load only
+    busy = res.utilization(res.prefill_busy_s, prefill[1]) if prefill else 0.0
+    return _Run(state, state.meets(slo.ttft, slo.tpot, slo.target), busy)
 
 
 def verify(model: ModelConfig, plan: Plan, pools: dict[str, PoolSpec], reqs: list[SimRequest],
@@ -286,7 +284,7 @@ def verify(model: ModelConfig, plan: Plan, pools: dict[str, PoolSpec], reqs: lis
         if not fits(bigger, pools) or (budget is not None and bigger.cost_per_hour > budget):
             break
         if run.ok:
-            why = (f"busy {run.busy[role]:.0%} of the time in simulation, over "
+            why = (f"busy {run.prefill_busy:.0%} of the time in simulation, over "
                    f"--max-utilization {max_utilization:.0%}")
         else:
             why = ("requests waited for decode KV room" if run.state.kv_wait_s >

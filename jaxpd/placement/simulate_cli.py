@@ -9,9 +9,10 @@ Each group's replicas are priced by the cost model on its `accelerator` (a catal
 or, for a group without one, on the device a `--profile` was measured on: the one of the
 group's TP degree when several are given (default: this project's CPU profiles of the embedded
 model, taken through the engine at TP 1 and 2). Engine limits come from the YAML:
-`scheduler.chunk_size`, `scheduler.max_prefill_tokens`, `scheduler.max_decode_batch`, and
-`kv.num_pages x kv.page_size` tokens of KV per decode (or colocated) replica, and `scheduler.decode_steps_per_dispatch`. When prefill and decode both run
-on host devices of one machine, their shared cores slow a prefill step beside a decoding
+`scheduler.chunk_size`, `scheduler.max_prefill_tokens`, `scheduler.max_decode_batch`,
+`scheduler.decode_steps_per_dispatch`, the step buckets, and `kv.num_pages x kv.page_size`
+tokens of KV per decode (or colocated) replica. When prefill and decode both run on host
+devices of one machine, their shared cores slow a prefill step beside a decoding
 worker by the slowdown the prefill profile measured (`tools/bench_engine.py
 --alongside-decode`). The KV hand-off is priced at the config's `serving.transport` as jaxpd
 measured it (`placer.TRANSPORT_BYTES_PER_S`), capped between hosts by the slower end's network
@@ -110,7 +111,8 @@ def sim_of_config(deployment, model, *, profiles: str, profile: str | list[str],
     from jaxpd.placement.placer import Option, Plan, PoolSpec
 
     catalog = load_catalog()
-    measured: dict[int, tuple] = {}  # TP -> (roof, efficiency) of the profile taken at it
+    # TP -> (roof, efficiency, slowdown beside a decoding process) of the profile taken at it
+    measured: dict[int, tuple] = {}
     paths = [profile] if isinstance(profile, str) else list(profile or DEFAULT_PROFILE)
 
     def measured_at(tp: int) -> tuple:

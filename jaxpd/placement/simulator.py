@@ -18,9 +18,9 @@ What it models, mirroring jaxpd's router and engines:
   of the step that ran its last chunk. The step is priced at the shape the engine pads it to:
   the batch up to the next of `prefill_batch_buckets`, every chunk up to the next of
   `prefill_chunk_buckets` (padding rows are priced as chunks of that length; no buckets: no
-  padding). Without `chunk_size` (0): FCFS batches of whole prompts
-  up to `max_prefill_tokens` (at least one prompt, even a longer one). A new step starts as
-  soon as the previous one ends.
+  padding). Without `chunk_size` (0): FCFS batches of whole prompts up to
+  `max_prefill_tokens` (at least one prompt, even a longer one). A new step starts as soon as
+  the previous one ends.
 - Disaggregated, the reservation is made by the decode replica's engine between two of its
   calls: a replica in the middle of a decode call (`decode_steps_per_dispatch` steps, as the
   engine dispatches them) answers at the call's end, and only then does the prompt reach its
@@ -32,10 +32,10 @@ What it models, mirroring jaxpd's router and engines:
 - KV hand-off: the request reaches its decode replica `kv_transfer_seconds(prompt)` after its
   prefill ends (the prefill side's model prices it: the placer builds it knowing both ends).
 - Decode replica: continuous batching. All active sequences step together, one token each per
-  step (priced at the next of `decode_batch_buckets` rows, as the engine pads); arrivals join at the next call boundary (every `decode_steps_per_dispatch` steps), up
-  to `max_decode_batch` (FCFS). A sequence
-  needs `output_tokens - 1` decode steps (prefill made the first token) and frees its KV when
-  it finishes.
+  step, priced at the next of `decode_batch_buckets` rows (as the engine pads). Arrivals join
+  at the next call boundary (every `decode_steps_per_dispatch` steps), up to
+  `max_decode_batch` (FCFS). A sequence needs `output_tokens - 1` decode steps (prefill made
+  the first token) and frees its KV when it finishes.
 - Colocated replica: one replica does both. When prompts wait it alternates one prefill step
   and one decode step, as the engine's step does (prefill one chunk batch, then decode); with
   `chunk_size` 0 the prefill step is a whole batch of prompts, so decode stalls longer. With no
@@ -164,10 +164,7 @@ class SimResult:
     # before it is KV back-pressure, the wait after it (to prefill_start_s) the prefill queue
     placed_s: np.ndarray | None = None
     rejected: int = 0  # refused by the router: its queue was full, or the wait timed out
-    # seconds the replicas of each role spent in steps (summed over replicas; a colocated
-    # replica's prefill steps count as prefill): what `utilization` divides
-    prefill_busy_s: float = 0.0
-    decode_busy_s: float = 0.0
+    prefill_busy_s: float = 0.0  # seconds in prefill steps, summed over replicas
 
     def utilization(self, busy_s: float, replicas: int) -> float:
         """`busy_s` over `replicas` replicas' time from the first arrival to the last finish."""
@@ -277,7 +274,7 @@ class _Simulation:
                            [_Replica(i, 0, True) for i in range(dep.prefill_replicas)])
         self.waiting: deque[int] = deque()  # requests waiting for KV room
         self.rejected = 0
-        self.prefill_busy = self.decode_busy = 0.0
+        self.prefill_busy = 0.0
         self.events: list[tuple] = []  # (time, seq, kind, a, b); seq is unique, so b is never compared
         self.seq = 0
         self.decode_step = dep.decode.decode_step_seconds
@@ -494,7 +491,6 @@ class _Simulation:
         if version != r.version:
             return  # this stretch was cut short
         r.in_decode = False  # stays busy while releases run, so they only queue work on it
-        self.decode_busy += t - r.seg_t0
         r.step += r.seg_k
         r.context += r.seg_batch * r.seg_k
         while r.finishes and r.finishes[0][0] <= r.step:
@@ -526,8 +522,7 @@ def simulate(deployment: SimDeployment, requests: Sequence[SimRequest]) -> SimRe
     sim.run()
     return SimResult(tuple(requests), np.array(sim.prefill_start, dtype=float),
                      np.array(sim.first_token, dtype=float), np.array(sim.finish, dtype=float),
-                     np.array(sim.placed, dtype=float), sim.rejected, sim.prefill_busy,
-                     sim.decode_busy)
+                     np.array(sim.placed, dtype=float), sim.rejected, sim.prefill_busy)
 
 
 DeploymentLike = SimDeployment | Callable[[float], SimDeployment]
