@@ -145,7 +145,7 @@ def _deployment(args):
         if cfg.mode == "disaggregated" and args.config:
             raise JaxpdError("--tp applies to colocated deployments; set prefill.tp and decode.tp "
                              "in the config instead")
-        update["prefill"] = MeshSection(devices=list(range(args.tp)), tp=args.tp)
+        update["prefill"] = (MeshSection(devices=list(range(args.tp)), tp=args.tp),)
     if args.attention:
         update["attention"] = args.attention
     scheduler = {}
@@ -189,7 +189,8 @@ def _checked_requests(args, cfg):
 
     folder = cfg.model.checkpoint or default_checkpoint()
     tokenizer = tokenizer_for_checkpoint(folder)
-    limits = Limits.of(load_config(folder), (cfg.kv.num_pages - 1) * cfg.kv.page_size)
+    pages = (cfg.decode or cfg.prefill)[0].num_pages or cfg.kv.num_pages  # the KV holder's pool
+    limits = Limits.of(load_config(folder), (pages - 1) * cfg.kv.page_size)
     raw = _raw_flags(args)
     try:
         defaults = check_sampling(raw, limits, tokenizer)
@@ -217,11 +218,11 @@ def _load_engine(cfg):
     from jaxpd.model.sharding import make_mesh
     from jaxpd.tokenizer import merge_tokenizer_eos, tokenizer_for_checkpoint
 
-    prefill = cfg.prefill.replica_devices(0)
-    decode = cfg.decode.replica_devices(0) if cfg.mode == "disaggregated" and cfg.decode else []
+    prefill = cfg.prefill[0].replica_devices(0)  # an in-process engine: each role's first group
+    decode = cfg.decode[0].replica_devices(0) if cfg.mode == "disaggregated" and cfg.decode else []
     _check_devices(max(prefill + decode) + 1)
     devices = jax.devices()
-    load_mesh = make_mesh([devices[i] for i in prefill], cfg.prefill.tp)
+    load_mesh = make_mesh([devices[i] for i in prefill], cfg.prefill[0].tp)
     model = load_model(cfg.model.checkpoint, load_mesh, cfg.model.dtype, cfg.model.scan_layers)
     tokenizer = tokenizer_for_checkpoint(model.folder)
     config = merge_tokenizer_eos(model.config, tokenizer)

@@ -3,7 +3,8 @@
     model:      {checkpoint: DIR or null for the embedded default, dtype: null, scan_layers: false}
     mode:       colocated | disaggregated
     prefill:    {devices: [0, 1, 2, 3], tp: 4, replicas: 1, host: 127.0.0.1, port: 0}
-    decode:     {devices: [4, 5], tp: 2}        # disaggregated only
+    decode:     {devices: [4, 5], tp: 2}        # disaggregated only; a role may also list
+                                                # several groups (decode on two accelerators)
     kv:         {page_size: 16, num_pages: 2048}
     attention:  auto | reference | cudnn | pallas
     scheduler:  {chunk_size: 256, max_prefill_tokens: 2048, max_decode_batch: 64, prefix_caching: true,
@@ -87,6 +88,18 @@ class MeshSection(_Strict):
     node_selector: dict[str, str] = Field(default_factory=dict, description=(
         "Kubernetes node labels this group's pods must run on (`jaxpd deploy render`), e.g. an "
         "inventory pool's labels"))
+    weight: float = Field(1.0, gt=0, description=(
+        "the share of its role's requests each replica of this group takes, relative to the "
+        "role's other groups (the router sends a request to the worker with the fewest requests "
+        "per unit of weight): a group's capacity, e.g. requests/s per replica as `jaxpd place` "
+        "writes it. Only matters when a role has several groups"))
+    num_pages: int | None = Field(None, ge=2, description="KV pages of each replica of this "
+                                                          "group; null = kv.num_pages (a group "
+                                                          "on devices with more memory holds "
+                                                          "more)")
+    max_decode_batch: int | None = Field(None, ge=1, description=(
+        "sequences per decode step on this group's replicas; null = scheduler.max_decode_batch "
+        "(a slower accelerator meets the TPOT SLO at a smaller batch)"))
 
     @field_validator("devices")
     @classmethod
@@ -379,11 +392,26 @@ class KubernetesSection(_Strict):
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
 
 
+Role = Literal["prefill", "decode", "colocated"]
+
+
+def _as_groups(v):
+    """A role's section is one group (a mapping) or a list of groups."""
+    if v is None or isinstance(v, (list, tuple)):
+        return v
+    return [v]
+
+
 class DeploymentConfig(_Strict):
+    """A role (prefill, decode; colocated workers are the `prefill` section) has one group or a
+    list of groups, e.g. decode on TPU v5e and v6e together. A role's replicas are numbered
+    across its groups in order (decode-0 and decode-1 in the first group of two replicas,
+    decode-2 in the second), which is how `--replica`, worker names and address lists count."""
+
     model: ModelSection = ModelSection()
     mode: Literal["colocated", "disaggregated"] = "colocated"
-    prefill: MeshSection = MeshSection(devices=[0], tp=1)
-    decode: MeshSection | None = None
+    prefill: tuple[MeshSection, ...] = (MeshSection(devices=[0], tp=1),)
+    decode: tuple[MeshSection, ...] | None = None
     kv: KVSection = KVSection()
     attention: Literal["auto", "reference", "cudnn", "pallas"] = "auto"
     scheduler: SchedulerSection = SchedulerSection()
@@ -392,31 +420,105 @@ class DeploymentConfig(_Strict):
                                           description="`jaxpd deploy render` settings")
     seed: int = 0
 
+    _groups = field_validator("prefill", "decode", mode="before")(
+        classmethod(lambda cls, v: _as_groups(v)))
+
+    @field_validator("prefill", "decode")
+    @classmethod
+    def _some_group(cls, v):
+        if v is not None and not v:
+            raise ValueError("needs at least one group")
+        return v
+
     @model_validator(mode="after")
     def _mode_matches_meshes(self) -> DeploymentConfig:
         if self.mode == "disaggregated":
             if self.decode is None:
                 raise ValueError("mode 'disaggregated' needs a 'decode' mesh")
-            shared = set(self.prefill.devices) & set(self.decode.devices)
-            one_host = self.prefill.hosts == self.decode.hosts == 1
-            same_kind = self.prefill.accelerator == self.decode.accelerator
-            # other hosts or other accelerator kinds (other machines): other devices
-            if shared and one_host and same_kind and self.prefill.host == self.decode.host:
-                raise ValueError(f"prefill and decode meshes share devices {sorted(shared)}")
-            if self.serving.transport == "jax" and max(self.prefill.hosts, self.decode.hosts) > 1:
+            if self.serving.transport == "jax" and max(
+                    g.hosts for g in self.prefill + self.decode) > 1:
                 raise ValueError("serving.transport: jax pulls one process's buffers; with "
                                  "multi-host replicas (hosts > 1) use grpc or tcp")
         elif self.decode is not None:
             raise ValueError("'decode' is only used with mode: disaggregated (remove it or change mode)")
+        named = [(self.group_key(role, i), g) for role in self.roles
+                 for i, g in enumerate(self.groups(role))]
+        for n, (key_a, a) in enumerate(named):
+            for key_b, b in named[n + 1:]:
+                # other hosts or other accelerator kinds (other machines): other devices
+                shared = set(a.devices) & set(b.devices)
+                if (shared and a.hosts == b.hosts == 1 and a.accelerator == b.accelerator
+                        and a.host == b.host):
+                    raise ValueError(f"{key_b}.devices: {key_a} uses devices {sorted(shared)} "
+                                     f"too")
+        batches = self.scheduler.decode_batch_sizes
+        for role in self.roles:
+            for i, g in enumerate(self.groups(role)):
+                if batches and g.max_decode_batch and g.max_decode_batch > batches[-1]:
+                    raise ValueError(f"{self.group_key(role, i)}.max_decode_batch: "
+                                     f"scheduler.decode_batch_sizes ends at {batches[-1]}")
         return self
 
+    # -- a role's groups and replicas --------------------------------------------------------
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """The worker roles this deployment runs (`colocated` uses the prefill section)."""
+        return ("prefill", "decode") if self.mode == "disaggregated" else ("colocated",)
 
-def _format(e: ValidationError, where: str) -> str:
+    def groups(self, role: str) -> tuple[MeshSection, ...]:
+        """The groups of `role` (prefill, decode, or colocated: the prefill section)."""
+        if role == "decode":
+            return self.decode or ()
+        return self.prefill
+
+    def group_key(self, role: str, index: int) -> str:
+        """The YAML key of a group, as errors name it: `decode`, or `decode[1]` of several."""
+        section = "decode" if role == "decode" else "prefill"
+        return section if len(self.groups(role)) == 1 else f"{section}[{index}]"
+
+    def replicas(self, role: str) -> int:
+        return sum(g.replicas for g in self.groups(role))
+
+    def locate(self, role: str, replica: int) -> tuple[MeshSection, int, int]:
+        """(group, its index, the replica's index within it) of `role`'s replica number
+        `replica` (numbered across the groups in order); IndexError past the last."""
+        local = replica
+        for index, group in enumerate(self.groups(role)):
+            if 0 <= local < group.replicas:
+                return group, index, local
+            local -= group.replicas
+        raise IndexError(f"{role} has {self.replicas(role)} replica(s), not {replica + 1}")
+
+    def weights(self, role: str) -> list[float]:
+        """Each replica's routing weight, in replica order."""
+        return [g.weight for g in self.groups(role) for _ in range(g.replicas)]
+
+    def for_group(self, role: str, index: int) -> DeploymentConfig:
+        """This deployment as one group of `role` sees it: that group alone in its section,
+        with its own `num_pages` and `max_decode_batch` in kv and scheduler (what a worker
+        process builds its engine from)."""
+        group = self.groups(role)[index]
+        section = "decode" if role == "decode" else "prefill"
+        update: dict = {section: (group,)}
+        if group.num_pages is not None:
+            update["kv"] = self.kv.model_copy(update={"num_pages": group.num_pages})
+        if group.max_decode_batch is not None:
+            update["scheduler"] = self.scheduler.model_copy(
+                update={"max_decode_batch": group.max_decode_batch})
+        return self.model_copy(update=update)
+
+
+def _format(e: ValidationError, where: str, data: dict | None = None) -> str:
     lines = []
     for err in e.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        loc = list(err["loc"])
+        if (len(loc) > 1 and loc[0] in ("prefill", "decode") and loc[1] == 0
+                and isinstance((data or {}).get(loc[0]), dict)):
+            del loc[1]  # written as one group (a mapping): name it as written
+        key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}"
+                      for p in loc).lstrip(".") or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
-        named = re.match(r"^([a-z_][a-z_.]*): (.*)$", msg, re.S)  # a check naming its own key
+        named = re.match(r"^([a-z_][a-z_.\[\]0-9]*): (.*)$", msg, re.S)  # a check naming its own key
         if named and err["type"] == "value_error":
             key = named.group(1) if key == "(top level)" else f"{key}.{named.group(1)}"
             msg = named.group(2)
@@ -430,7 +532,7 @@ def parse_config(data: dict | None, where: str = "<config>") -> DeploymentConfig
     try:
         return DeploymentConfig.model_validate(data or {})
     except ValidationError as e:
-        raise ConfigError(_format(e, where)) from None
+        raise ConfigError(_format(e, where, data if isinstance(data, dict) else None)) from None
 
 
 def load_config(path: str | Path) -> DeploymentConfig:

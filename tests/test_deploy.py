@@ -64,14 +64,15 @@ def test_every_example_renders_to_valid_manifests(path):
     # the config pods read parses, and listens where pods are reachable
     pod_config = parse_config(yaml.safe_load(objects[1]["data"]["deploy.yaml"]))
     assert pod_config.serving.router.host == "0.0.0.0"
-    assert all(g.host == "0.0.0.0" and g.port for _, g, _ in kubernetes.groups(pod_config))
+    assert all(g.section.host == "0.0.0.0" and g.section.port
+               for g in kubernetes.groups(pod_config))
     router = by_kind(objects)[("Deployment", "jaxpd-router")]["spec"]["template"]
     args = container(router)["args"]
-    for role, group, _ in kubernetes.groups(deployment):
-        flag = "--decode-addresses" if role != "prefill" else "--prefill-addresses"
+    for g in kubernetes.groups(deployment):
+        flag = "--decode-addresses" if g.role != "prefill" else "--prefill-addresses"
         assert args[args.index(flag) + 1].split(",") == \
-            kubernetes.replica_addresses("jaxpd", role, group)
-        service = by_kind(objects)[("Service", f"jaxpd-{role}")]
+            kubernetes.replica_addresses("jaxpd", g)
+        service = by_kind(objects)[("Service", f"jaxpd-{g.role}")]
         assert service["spec"]["clusterIP"] == "None"
         assert service["spec"]["publishNotReadyAddresses"] is True
     assert container(router)["readinessProbe"]["grpc"] == {"port": 50051, "service": ""}
@@ -150,9 +151,9 @@ def test_a_placer_written_file_becomes_valid_manifests(tmp_path):
     path.write_text(plan_yaml(plan, checkpoint="/models/llama3-70b", pools=pools,
                               model_volume={"claim": "weights"}))
     cfg = load_config(path)
-    assert (cfg.decode.hosts, cfg.decode.devices, cfg.decode.tp) == (4, [0, 1, 2, 3], 16)
-    assert (cfg.decode.accelerator, cfg.decode.topology) == ("tpu-v5e", "4x4")
-    assert cfg.prefill.node_selector == {"pool": "a3-highgpu"} and cfg.prefill.topology is None
+    assert (cfg.decode[0].hosts, cfg.decode[0].devices, cfg.decode[0].tp) == (4, [0, 1, 2, 3], 16)
+    assert (cfg.decode[0].accelerator, cfg.decode[0].topology) == ("tpu-v5e", "4x4")
+    assert cfg.prefill[0].node_selector == {"pool": "a3-highgpu"} and cfg.prefill[0].topology is None
     out = tmp_path / "k8s"
     run = subprocess.run([sys.executable, "-m", "jaxpd.cli", "deploy", "render", "--config",
                           str(path), "--target", "kubernetes", "--image", IMAGE, "--out",

@@ -300,6 +300,26 @@ def test_check_port_free():
     check_port_free("127.0.0.1", 0, "serving.router.port", "deploy.yaml")  # 0: any free port
 
 
+def test_two_groups_giving_one_port_twice_are_refused_before_anything_starts():
+    """`jaxpd serve` on one machine: decode[0] (replicas 2 from port P) and decode[1] (port
+    P + 1) would both listen on P + 1; the error names the key and both workers."""
+    from jaxpd.config import parse_config
+    from jaxpd.serving.serve_cli import _check_ports, _worker_roles
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cfg = parse_config({"mode": "disaggregated", "prefill": {"devices": [0]},
+                        "serving": {"router": {"port": 0}},
+                        "decode": [{"devices": [1, 2], "replicas": 2, "port": port},
+                                   {"devices": [3], "port": port + 1}]})
+    with pytest.raises(ConfigError) as info:
+        _check_ports(cfg, "deploy.yaml", _worker_roles(cfg))
+    assert str(info.value) == (f"deploy.yaml: decode[1].port: decode-2 would listen on port "
+                               f"{port + 1}, which decode[0].port gives another worker (replica "
+                               f"i of a group uses port + i)")
+
+
 def test_check_port_free_tolerates_time_wait_of_a_previous_run():
     with socket.socket() as listener:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -81,7 +81,7 @@ def test_verify_adds_replicas_where_the_simulation_misses_and_drops_spare_ones()
     reqs = generate("summarization", 30.0, 1500, seed=0)
     slo = Slo(1.0, 0.05)
     grown = verify(LLAMA8B, Plan(((pre, 1), (dec, 1))), inventory, reqs, slo)
-    assert grown.verified and grown.plan.role("prefill")[1] > 1
+    assert grown.verified and grown.plan.replicas("prefill") > 1
     assert any(note.startswith("+1 prefill") for note in grown.notes)
     shrunk = verify(LLAMA8B, Plan(((pre, 4), (dec, 3))), inventory, reqs, slo)
     assert shrunk.verified and shrunk.plan.devices < 7
@@ -89,7 +89,7 @@ def test_verify_adds_replicas_where_the_simulation_misses_and_drops_spare_ones()
     # headroom holds in the simulation too: prefill replicas busier than the limit gain one,
     # and none is dropped below it
     roomy = verify(LLAMA8B, shrunk.plan, inventory, reqs, slo, max_utilization=0.3)
-    assert roomy.plan.role("prefill")[1] > shrunk.plan.role("prefill")[1]
+    assert roomy.plan.replicas("prefill") > shrunk.plan.replicas("prefill")
     assert any("over --max-utilization 30%" in note for note in roomy.notes), roomy.notes
 
 
@@ -145,15 +145,15 @@ def test_cli_json_and_deployment_yaml(tmp_path, capsys):
         assert key in result
     assert result["ttft_p90"] <= 0.125 and result["tpot_p90"] <= 0.2
     assert result["slo_attainment"] >= 0.9 and result["goodput"] >= 10
-    assert set(result["prefill"]) == {"pool", "device", "tp", "replicas"}
+    assert {"replicas", "groups"} <= set(result["prefill"])
     cfg = parse_config(yaml.safe_load(out.read_text()), str(out))
+    written = lambda role: [(g.tp, g.replicas) for g in cfg.groups(role)]  # noqa: E731
+    listed = lambda key: [(g["tp"], g["replicas"]) for g in result[key]["groups"]]  # noqa: E731
     if result["colocated"]:
-        assert cfg.mode == "colocated"
-        assert cfg.prefill.replicas == result["prefill"]["replicas"]
+        assert cfg.mode == "colocated" and written("colocated") == listed("prefill")
     else:
-        assert cfg.prefill.replicas == result["prefill"]["replicas"]
-        assert cfg.decode.replicas == result["decode"]["replicas"]
-        assert cfg.decode.tp == result["decode"]["tp"]
+        assert written("prefill") == listed("prefill") and written("decode") == listed("decode")
+        assert cfg.replicas("decode") == result["decode"]["replicas"]
         assert cfg.serving.transport == result["kv_transport"]  # the transport it priced
     assert cfg.model.checkpoint == "MODEL_CHECKPOINT_DIR"  # a preset: the user names the folder
 

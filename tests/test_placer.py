@@ -38,7 +38,7 @@ def _random_constraints(rng: random.Random, opts):
 @pytest.mark.parametrize("objective", ["cost", "goodput-per-dollar"])
 def test_milp_matches_the_exhaustive_optimum_on_random_cases(objective):
     rng = random.Random(0 if objective == "cost" else 1)
-    checked = infeasible = 0
+    checked = infeasible = combined = 0
     for _ in range(150):
         pools, opts, rate = _random_case(rng)
         incompatible, budget = _random_constraints(rng, opts)
@@ -58,9 +58,12 @@ def test_milp_matches_the_exhaustive_optimum_on_random_cases(objective):
         assert budget is None or milp.cost_per_hour <= budget + 1e-9
         index = {id(o): i for i, o in enumerate(opts)}
         picked = [index[id(o)] for o, _ in milp.choices]
-        assert tuple(picked) not in incompatible
+        assert not any((i, j) in incompatible for i in picked for j in picked)
+        assert all(len(milp.roles(r)) <= 2 for r in ("prefill", "decode", "colocated"))
         checked += 1
+        combined += any(len(best.roles(r)) > 1 for r in ("prefill", "decode", "colocated"))
     assert checked > 60 and infeasible > 3  # both kinds of case occurred
+    assert combined > 5  # optima that run a role on two options at once occurred
 
 
 def test_ranked_plans_are_distinct_and_in_order():
@@ -125,12 +128,61 @@ def test_plans_become_configs_that_jaxpd_serve_accepts():
         cfg = parse_config(yaml.safe_load(text))
         assert text.startswith("# Written by `jaxpd place`")
         if plan.colocated:
-            assert cfg.mode == "colocated" and cfg.prefill.devices == list(range(8))
+            assert cfg.mode == "colocated" and cfg.prefill[0].devices == list(range(8))
             continue
-        assert cfg.prefill.replicas == plan.choices[0][1] and cfg.prefill.tp == 2
-        assert cfg.decode.replicas == plan.choices[1][1]
+        assert cfg.prefill[0].replicas == plan.choices[0][1] and cfg.prefill[0].tp == 2
+        assert cfg.decode[0].replicas == plan.choices[1][1]
         if plan.choices[1][0].pool == "h100":  # one pool: decode after prefill's devices
-            assert cfg.decode.devices == [4, 5, 6]
+            assert cfg.decode[0].devices == [4, 5, 6]
         else:
-            assert cfg.decode.devices == [0, 1, 2, 3] and cfg.decode.host == "0.0.0.0"
+            assert cfg.decode[0].devices == [0, 1, 2, 3] and cfg.decode[0].host == "0.0.0.0"
         assert "PREFILL_POOL_HOST" not in text and "DECODE_POOL_HOST" not in text
+
+
+def test_decode_runs_on_two_pools_when_neither_alone_suffices():
+    """At 11 req/s decode needs more than all 4 v6e chips (10 req/s) or all 8 v5e chips
+    (8 req/s) carry, so the plan runs decode on both, and the YAML writes two weighted decode
+    groups the router shares requests by."""
+    import yaml
+
+    from jaxpd.config import parse_config
+    from jaxpd.deploy import kubernetes
+    from jaxpd.placement.deploy_yaml import plan_yaml
+
+    pools = [PoolSpec("v5e", "tpu-v5e", "google", 8, 1.2, H100, 8),
+             PoolSpec("v6e", "tpu-v6e", "google", 4, 2.7, H100, 8),
+             PoolSpec("l4", "l4", "nvidia", 8, 0.8, L4, 1)]
+    opts = [Option("prefill", "l4", 1, 4.0, 0.8, ""),
+            Option("decode", "v5e", 1, 1.0, 1.2, "", 64, 200_000),
+            Option("decode", "v6e", 1, 2.5, 2.7, "", 128, 400_000)]
+    plan = solve(opts, pools, 11.0)
+    assert [(o.pool, n) for o, n in plan.roles("decode")] == [("v5e", 1), ("v6e", 4)]
+    assert plan.cost_per_hour == pytest.approx(3 * 0.8 + 1.2 + 4 * 2.7)
+    assert solve_exhaustive(opts, pools, 11.0).cost_per_hour == pytest.approx(plan.cost_per_hour)
+    assert solve(opts, pools, 11.0, max_per_role=1) is None  # one option per role: no plan
+    by_name = {p.name: p for p in pools}
+    cfg = parse_config(yaml.safe_load(plan_yaml(plan, checkpoint="/models/m", pools=by_name,
+                                                model_volume={"claim": "weights"})))
+    first, second = cfg.decode
+    assert (first.accelerator, first.replicas, first.weight) == ("tpu-v5e", 1, 1.0)
+    assert (second.accelerator, second.replicas, second.weight) == ("tpu-v6e", 4, 2.5)
+    # the scheduler takes the largest batch and pool; the other group writes its own
+    assert cfg.scheduler.max_decode_batch == 128 and second.max_decode_batch is None
+    assert first.max_decode_batch == 64 and first.num_pages == 200_000 // 16
+    assert second.port >= first.port + first.replicas  # groups never share a port
+    objects = kubernetes.render(cfg, image="img")
+    sets = {o["metadata"]["name"]: o for o in objects if o["kind"] == "StatefulSet"}
+    assert sorted(sets) == ["jaxpd-decode-g0", "jaxpd-decode-g1", "jaxpd-prefill"]
+    selectors = [tuple(sorted(s["spec"]["selector"]["matchLabels"].items())) for s in sets.values()]
+    assert len(set(selectors)) == 3  # no workload adopts another's pods
+    args = sets["jaxpd-decode-g1"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--group") + 1] == "1"
+    router = next(o for o in objects if o["kind"] == "Deployment")
+    rargs = router["spec"]["template"]["spec"]["containers"][0]["args"]
+    decode = rargs[rargs.index("--decode-addresses") + 1].split(",")
+    assert len(decode) == 5 and decode[-1].startswith("jaxpd-decode-g1-3.jaxpd-decode-g1:")
+    pods = parse_config(yaml.safe_load(next(o for o in objects if o["kind"] == "ConfigMap")[
+        "data"]["deploy.yaml"]))  # what the pods read: both groups, listening on 0.0.0.0
+    assert [g.host for g in pods.decode] == ["0.0.0.0", "0.0.0.0"] and pods.replicas("decode") == 5
+    from jaxpd.serving.serve_cli import _replica_in_group
+    assert _replica_in_group(pods, "decode", 1, 3) == 4  # pod 3 of the second group: decode-4

@@ -111,8 +111,11 @@ class Context:
         raise grpc.aio.AbortError(f"{code.name}: {details}")
 
 
-def make_router(fakes: list[FakeDecode], **serving) -> Router:
-    workers = [WorkerHandle("colocated", i, f"fake-{i}", f) for i, f in enumerate(fakes)]
+def make_router(fakes: list[FakeDecode], weights: list[float] | None = None,
+                **serving) -> Router:
+    weights = weights or [1.0] * len(fakes)
+    workers = [WorkerHandle("colocated", i, f"fake-{i}", f, weight=w)
+               for i, (f, w) in enumerate(zip(fakes, weights))]
     pool = WorkerPool([], workers, liveness_timeout_s=serving.pop("liveness_timeout_s", 5.0),
                       poll_s=0.05)
     deployment = parse_config({"serving": serving})
@@ -161,6 +164,29 @@ def test_a_burst_spreads_over_equally_free_workers():
     counts, results = run(main())
     assert sorted(counts) == [4, 4]
     assert [r[0] for r in results] == [expected([10 + i, 11], 6) for i in range(8)]
+
+
+def test_a_burst_over_groups_of_unequal_weight_follows_their_weights():
+    """Two groups (weight 3: a faster accelerator; weight 1), one worker each: a burst of 8
+    goes 6 to 2, although the lighter worker reports more free pages."""
+    async def main():
+        fakes = [FakeDecode(free=60), FakeDecode(free=100)]
+        for f in fakes:
+            f.gate.clear()
+        router = make_router(fakes, weights=[3.0, 1.0])
+        await router.pool.connect(5)
+        tasks = [asyncio.create_task(generate(router, [20 + i, 11])) for i in range(8)]
+        while sum(len(f.reserved) for f in fakes) < 8:
+            await asyncio.sleep(0.01)
+        counts = [len(f.reserved) for f in fakes]
+        for f in fakes:
+            f.gate.set()
+        results = await asyncio.gather(*tasks)
+        await router.close()
+        return counts, results
+    counts, results = run(main())
+    assert counts == [6, 2]
+    assert [r[0] for r in results] == [expected([20 + i, 11], 6) for i in range(8)]
 
 
 def test_bookkeeping_counts_what_was_sent_since_the_report_was_asked_for():

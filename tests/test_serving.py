@@ -1,5 +1,6 @@
 """The gRPC service end to end: `jaxpd serve` starts a router, two prefill workers (TP=2) and two
-decode workers (TP=1) as separate processes on loopback; clients talk to the router only. The
+decode groups (as on two accelerator kinds: decode-0 at TP=1, weight 1; decode-1 at TP=2 with a
+larger KV pool, weight 2) as separate processes on loopback; clients talk to the router only. The
 module shares one deployment: the happy path and bad input first, then hostile input, then
 faults (a worker SIGKILLed, SIGSTOPped or drained mid-stream: every stream still equals an
 uninterrupted run, no page stays used, the restarted worker serves again), then the drain of
@@ -28,6 +29,8 @@ from jaxpd.v1 import generation_pb2 as pb, worker_pb2, worker_pb2_grpc
 pytestmark = pytest.mark.slow  # one deployment for the file: `make test` runs a file on one worker
 
 CHUNK = 32  # prefill chunk: longer prompts stream their KV in several pieces
+DECODE_1_PAGES = 320  # the second decode group's own pool (kv.num_pages is 256)
+PAGES = {"decode-1": DECODE_1_PAGES - 1}  # usable pages (one is the null page); others: 255
 LIVENESS_S = 2.0
 
 
@@ -35,7 +38,9 @@ LIVENESS_S = 2.0
 def served(tmp_path_factory):
     config = sh.write_config(tmp_path_factory.mktemp("serve") / "deploy.yaml",
                              prefill={"devices": [0, 1, 2, 3], "tp": 2, "replicas": 2},
-                             decode={"devices": [4, 5], "tp": 1, "replicas": 2},
+                             decode=[{"devices": [4], "tp": 1, "weight": 1},
+                                     {"devices": [5, 6], "tp": 2, "weight": 2,
+                                      "num_pages": DECODE_1_PAGES}],
                              scheduler={"chunk_size": CHUNK, "max_prefill_tokens": 256},
                              kv={"page_size": 16, "num_pages": 256},
                              serving={"router": {"host": "127.0.0.1", "port": 0},
@@ -105,7 +110,8 @@ def test_health_and_server_info(served, stub, router_metrics_at_start):
     assert info.mode == "disaggregated" and info.kv_transport == "tcp"
     workers = sh.workers(stub)
     assert sorted(workers) == ["decode-0", "decode-1", "prefill-0", "prefill-1"]
-    assert workers["prefill-1"].tp == 2 and workers["decode-1"].tp == 1
+    assert workers["prefill-1"].tp == 2 and workers["decode-0"].tp == 1
+    assert workers["decode-1"].tp == 2 and workers["decode-1"].kv_pages == DECODE_1_PAGES - 1
     assert all(w.state == "serving" for w in workers.values())
     assert len({w.pid for w in workers.values()}) == 4
     model = stub.GetModelInfo(pb.GetModelInfoRequest())
@@ -136,12 +142,15 @@ def test_concurrent_streams_equal_the_offline_engine_and_kv_bytes_match(served, 
         assert 0 <= t.queue_s < t.ttft_s and 0 < t.prefill_s < t.ttft_s <= t.total_s, t
         assert t.transfer_s >= 0
     # The KV bytes a decode worker holds equal the bytes a prefill worker computed.
-    digests = {"prefill": {}, "decode": {}}
+    digests, held = {"prefill": {}, "decode": {}}, {}
     for name, w in sh.workers(stub).items():
         worker = worker_pb2_grpc.PrefillWorkerStub if w.role == "prefill" else worker_pb2_grpc.DecodeWorkerStub
         got = worker(grpc.insecure_channel(w.address)).GetKVDigests(
             worker_pb2.KVDigestsRequest(request_ids=ids), metadata=sh.INTERNAL).digests
         digests[w.role].update(got)
+        held[name] = len(got)
+    # both decode groups took requests (TP=1 and TP=2: the KV was resharded for each)
+    assert held["decode-0"] >= 1 and held["decode-1"] >= 1, held
     transferred = [rid for rid, m in zip(ids, max_tokens) if m > 1 and len(results[ids.index(rid)][0]) > 1]
     assert len(transferred) >= 6
     for rid in transferred:
@@ -300,7 +309,9 @@ def test_stock_reflection_client_matches_offline_generate(served, capsys):
 def test_loads_report_every_worker(stub):
     loads = stub.GetLoads(pb.GetLoadsRequest()).workers
     assert sorted(f"{w.role}-{w.replica}" for w in loads) == ["decode-0", "decode-1", "prefill-0", "prefill-1"]
-    assert all(w.kv_pages_total == 255 and w.kv_pages_free + w.kv_pages_used == 255 for w in loads)
+    for w in loads:
+        total = PAGES.get(f"{w.role}-{w.replica}", 255)
+        assert w.kv_pages_total == total and w.kv_pages_free + w.kv_pages_used == total
     assert all(w.state == "serving" for w in loads)
 
 
@@ -443,7 +454,7 @@ def _after_fault(stub, victim: str, old_pid: int):
     assert info[victim].pid != old_pid and sh.pid_alive(info[victim].pid)
 
 
-@pytest.mark.parametrize("victim", ["decode-0", "prefill-1"])
+@pytest.mark.parametrize("victim", ["decode-1", "prefill-1"])  # decode-1: the weightier
 def test_a_worker_killed_mid_stream_loses_nothing(stub, reference, victim):
     """SIGKILL: the decode worker's requests continue on the other decode worker, the prefill
     worker's are prefilled again elsewhere; greedy and seeded streams equal an uninterrupted
@@ -552,7 +563,8 @@ def test_metrics_of_every_process_move(served, stub, router_metrics_at_start):
                       "jaxpd:kv_pages_used", "jaxpd:kv_pages_free", "jaxpd:compiled_programs",
                       "jaxpd:num_preemptions_total", "jaxpd:request_path_compilations_total"):
             assert gauge in after[name], (name, gauge)
-        assert after[name]["jaxpd:kv_pages_free"] + after[name]["jaxpd:kv_pages_used"] == 255
+        assert after[name]["jaxpd:kv_pages_free"] + after[name]["jaxpd:kv_pages_used"] == \
+            PAGES.get(name, 255)
         assert after[name]["jaxpd:compiled_programs"] >= 1
 
 

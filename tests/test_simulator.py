@@ -10,7 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from jaxpd.placement.simulator import LatencyModel, SimDeployment, goodput, simulate
+from jaxpd.placement.simulator import (LatencyModel, SimDeployment, SimGroup, goodput,
+                                      simulate)
 from jaxpd.placement.workload import (DISTRIBUTIONS, SimRequest, TraceError, dump_trace,
                                       generate, load_trace)
 
@@ -181,6 +182,37 @@ def test_requests_wait_for_kv_room_and_oversized_ones_are_dropped():
     assert res.dropped == 1 and np.isinf(res.ttft_s[3])
     assert res.percentile("ttft", 100) == np.inf
     assert res.attainment(10, 10) == 0.75
+
+
+def test_groups_share_requests_by_weight_and_step_at_their_own_speed():
+    """Decode on two kinds: the first group (one replica, weight 1) and a group twice as fast
+    (one replica, weight 3). A burst of 8 goes 2 to 6, as jaxpd's router shares it (fewest
+    requests per unit of weight, ties to the first), and each runs at its group's step time."""
+    slow, fast = Toy(transfer=0.0), Toy(a=0.004, transfer=0.0)
+    dep = SimDeployment.disaggregated(slow, slow, max_prefill_tokens=1000, decode_steps_per_dispatch=1,
+                                      decode_groups=(SimGroup(fast, 1, weight=3.0),))
+    res = simulate(dep, [SimRequest(0.0, 10, 21)] * 8)
+    assert list(res.replica) == [1, 1, 0, 1, 1, 1, 0, 1]
+    on_fast, on_slow = res.tpot_s[res.replica == 1], res.tpot_s[res.replica == 0]
+    assert on_fast.max() < on_slow.min()
+    assert on_slow == pytest.approx(slow.decode_step_seconds(2, 0), rel=0.05)
+
+
+def test_a_request_only_a_larger_group_holds_runs_there():
+    small = SimDeployment.disaggregated(Toy(), Toy(), kv_capacity_tokens=300)
+    reqs = [SimRequest(0.0, 500, 10), SimRequest(0.0, 100, 10)]
+    assert simulate(small, reqs).dropped == 1  # one group: it never fits
+    both = dataclasses.replace(small, decode_groups=(SimGroup(Toy(), 1, kv_capacity_tokens=1000),))
+    res = simulate(both, reqs)
+    assert res.dropped == 0 and res.replica[0] == 1
+
+
+def test_prefill_groups_take_prompts_by_weight():
+    dep = SimDeployment.disaggregated(Toy(), Toy(), max_prefill_tokens=100,
+                                      prefill_groups=(SimGroup(Toy(per_token=1e-4), 1, weight=2.0),))
+    res = simulate(dep, [SimRequest(0.0, 100, 1)] * 3)
+    # the second group's queue counts half: it takes two prompts to the first group's one
+    assert sorted(res.first_token_s) == pytest.approx([0.01, 0.02, 0.02])
 
 
 def test_decode_batch_limit_queues_sequences():

@@ -23,6 +23,7 @@ kubelet's gRPC probe has no TLS); `terminationGracePeriodSeconds` leaves room fo
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import secrets as secrets_lib
 from pathlib import PurePosixPath
@@ -71,22 +72,53 @@ def to_yaml(objects: list[dict]) -> str:
     return "".join("---\n" + yaml.dump(o, Dumper=_Dumper, sort_keys=False) for o in objects)
 
 
-def groups(deployment: DeploymentConfig) -> list[tuple[str, MeshSection, str]]:
-    """(role, group, config key) of each worker group."""
-    if deployment.mode == "colocated":
-        return [("colocated", deployment.prefill, "prefill")]
-    return [("prefill", deployment.prefill, "prefill"), ("decode", deployment.decode, "decode")]
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """One worker group as Kubernetes runs it: a StatefulSet (or LeaderWorkerSet) of its own,
+    `NAME-ROLE` (or `NAME-ROLE-gI` when the role has several groups), whose pod i is the
+    role's replica `first + i`."""
+
+    role: str
+    section: MeshSection
+    key: str  # its YAML key, for errors: decode, or decode[1]
+    index: int  # within its role
+    first: int  # the role's replica number of its pod 0
+    several: bool  # its role has other groups
+
+    @property
+    def component(self) -> str:
+        """Its workload's suffix and component label (distinct per group: no two workloads'
+        selectors overlap)."""
+        return f"{self.role}-g{self.index}" if self.several else self.role
+
+
+def groups(deployment: DeploymentConfig) -> list[Group]:
+    """Every worker group, roles in order, each role's groups in order."""
+    out = []
+    for role in deployment.roles:
+        first, sections = 0, deployment.groups(role)
+        for index, section in enumerate(sections):
+            out.append(Group(role, section, deployment.group_key(role, index), index, first,
+                             len(sections) > 1))
+            first += section.replicas
+    return out
 
 
 def group_port(role: str, group: MeshSection) -> int:
     return group.port or (PREFILL_PORT if role in ("prefill", "colocated") else DECODE_PORT)
 
 
-def replica_addresses(name: str, role: str, group: MeshSection) -> list[str]:
-    """The replicas' gRPC addresses by pod DNS (the headless Service's subdomain; the short
-    form resolves inside the namespace)."""
-    workload = f"{name}-{role}"
-    return [f"{workload}-{i}.{workload}:{group_port(role, group)}" for i in range(group.replicas)]
+def replica_addresses(name: str, group: Group) -> list[str]:
+    """The group's replicas' gRPC addresses by pod DNS (the headless Service's subdomain; the
+    short form resolves inside the namespace)."""
+    workload = f"{name}-{group.component}"
+    port = group_port(group.role, group.section)
+    return [f"{workload}-{i}.{workload}:{port}" for i in range(group.section.replicas)]
+
+
+def role_addresses(name: str, deployment: DeploymentConfig, role: str) -> list[str]:
+    """Every replica address of `role`, in replica order (the router's address list)."""
+    return [a for g in groups(deployment) if g.role == role for a in replica_addresses(name, g)]
 
 
 def _check(deployment: DeploymentConfig, name: str) -> None:
@@ -104,7 +136,8 @@ def _check(deployment: DeploymentConfig, name: str) -> None:
             raise ConfigError(f"model.checkpoint: {checkpoint} is not under "
                               f"kubernetes.model_volume.mount ({volume.mount}); write the path "
                               f"pods see, e.g. {volume.mount}/{PurePosixPath(checkpoint).name}")
-    for role, group, key in groups(deployment):
+    for g in groups(deployment):
+        group, key = g.section, g.key
         if group.accelerator is None:
             raise ConfigError(f"{key}.accelerator: say what the group runs on for Kubernetes "
                               f"(h100-sxm, h200, a100-80gb, l4, l40s, tpu-v5e, tpu-v5p, tpu-v6e "
@@ -137,9 +170,9 @@ class _Renderer:
                 "type": "Opaque", "stringData": {SECRET_KEY: secrets_lib.token_hex(24)}}))
         out.append(self._object("v1", "ConfigMap", f"{self.name}-config", "config", {
             "data": {CONFIG_FILE: yaml.safe_dump(self.cluster_config(), sort_keys=False)}}))
-        for role, group, _ in groups(self.d):
-            out.append(self._headless_service(role, group))
-            out.append(self._lws(role, group) if group.hosts > 1 else self._statefulset(role, group))
+        for g in groups(self.d):
+            out.append(self._headless_service(g))
+            out.append(self._lws(g) if g.section.hosts > 1 else self._statefulset(g))
         out += self._router()
         return out
 
@@ -168,8 +201,13 @@ class _Renderer:
             serving.setdefault("metrics", {}).update(host="0.0.0.0", port=self._metrics_port())
         if self.d.serving.http is not None:
             serving.setdefault("http", {}).update(host="0.0.0.0", port=self._http_port())
-        for role, group, key in groups(self.d):
-            data.setdefault(key, {}).update(host="0.0.0.0", port=group_port(role, group))
+        for g in groups(self.d):
+            section = "decode" if g.role == "decode" else "prefill"
+            listed = data.setdefault(section, [{}])
+            listed[g.index].update(host="0.0.0.0", port=group_port(g.role, g.section))
+        for section in ("prefill", "decode"):  # one group: written as a mapping, as usual
+            if isinstance(data.get(section), list) and len(data[section]) == 1:
+                data[section] = data[section][0]
         return data
 
     def _metrics_port(self) -> int:
@@ -178,11 +216,12 @@ class _Renderer:
     def _http_port(self) -> int:
         return self.d.serving.http.port or HTTP_PORT
 
-    def _headless_service(self, role: str, group: MeshSection) -> dict:
+    def _headless_service(self, g: Group) -> dict:
         """Pod DNS for the group (`NAME-ROLE-I.NAME-ROLE`); published before the pods are ready,
         since a multi-host replica's hosts meet through it while they start."""
+        group, role = g.section, g.component
         workload = f"{self.name}-{role}"
-        ports = [{"name": "grpc", "port": group_port(role, group)}]
+        ports = [{"name": "grpc", "port": group_port(g.role, group)}]
         if group.hosts > 1:
             ports += [{"name": "coordinator", "port": group.coordinator_port},
                       {"name": "steps", "port": group.coordinator_port + 1}]
@@ -192,15 +231,16 @@ class _Renderer:
             "clusterIP": "None", "publishNotReadyAddresses": True, "selector": selector,
             "ports": ports}})
 
-    def _statefulset(self, role: str, group: MeshSection) -> dict:
-        workload = f"{self.name}-{role}"
+    def _statefulset(self, g: Group) -> dict:
+        workload, role = f"{self.name}-{g.component}", g.component
         return self._object("apps/v1", "StatefulSet", workload, role, {"spec": {
-            "replicas": group.replicas, "serviceName": workload,
+            "replicas": g.section.replicas, "serviceName": workload,
             "podManagementPolicy": "Parallel",  # replicas are independent: start them together
             "selector": {"matchLabels": self._labels(role)},
-            "template": self._pod_template(role, group, POD_INDEX_LABEL, leader=True)}})
+            "template": self._pod_template(g, POD_INDEX_LABEL, leader=True)}})
 
-    def _lws(self, role: str, group: MeshSection) -> dict:
+    def _lws(self, g: Group) -> dict:
+        group, role = g.section, g.component
         workload = f"{self.name}-{role}"
         return self._object(LWS_API, "LeaderWorkerSet", workload, role, {"spec": {
             "replicas": group.replicas,
@@ -211,15 +251,17 @@ class _Renderer:
             "leaderWorkerTemplate": {
                 "size": group.hosts,
                 "restartPolicy": "RecreateGroupOnPodRestart",  # one mesh: one life
-                "leaderTemplate": self._pod_template(role, group, LWS_GROUP_LABEL, leader=True),
-                "workerTemplate": self._pod_template(role, group, LWS_GROUP_LABEL, leader=False),
+                "leaderTemplate": self._pod_template(g, LWS_GROUP_LABEL, leader=True),
+                "workerTemplate": self._pod_template(g, LWS_GROUP_LABEL, leader=False),
             }}})
 
-    def _pod_template(self, role: str, group: MeshSection, index_label: str,
-                      leader: bool) -> dict:
+    def _pod_template(self, g: Group, index_label: str, leader: bool) -> dict:
+        group, role = g.section, g.role
         port = group_port(role, group)
         args = ["serve", role, "--config", f"{CONFIG_DIR}/{CONFIG_FILE}", "--replica",
                 "$(JAXPD_REPLICA)", "--all-visible-devices"]
+        if g.several:  # the pod index counts within its group
+            args += ["--group", str(g.index)]
         ports = []
         if leader:
             args += ["--port", str(port)]
@@ -250,7 +292,7 @@ class _Renderer:
         selector = {**_accelerator_nodes(group), **group.node_selector}
         if selector:
             spec["nodeSelector"] = selector
-        metadata: dict[str, Any] = {"labels": self._labels(role)}
+        metadata: dict[str, Any] = {"labels": self._labels(g.component)}
         if leader and self.d.serving.metrics.enabled:
             metadata["annotations"] = self._scrape()
         return {"metadata": metadata, "spec": spec}
@@ -261,12 +303,12 @@ class _Renderer:
         args = ["serve", "router", "--config", f"{CONFIG_DIR}/{CONFIG_FILE}", "--port", str(port)]
         if self.d.mode == "disaggregated":
             args += ["--prefill-addresses",
-                     ",".join(replica_addresses(self.name, "prefill", self.d.prefill)),
+                     ",".join(role_addresses(self.name, self.d, "prefill")),
                      "--decode-addresses",
-                     ",".join(replica_addresses(self.name, "decode", self.d.decode))]
+                     ",".join(role_addresses(self.name, self.d, "decode"))]
         else:
             args += ["--decode-addresses",
-                     ",".join(replica_addresses(self.name, "colocated", self.d.prefill))]
+                     ",".join(role_addresses(self.name, self.d, "colocated"))]
         ports = [{"name": "grpc", "containerPort": port}]
         service_ports = [{"name": "grpc", "port": port, "targetPort": "grpc",
                           "appProtocol": "kubernetes.io/h2c"}]

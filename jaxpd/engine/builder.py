@@ -1,8 +1,8 @@
 """Assemble an Engine from a model and a deployment config (colocated or disaggregated).
 
-An in-process engine uses replica 0 of each worker group: `prefill.replica_devices(0)` with
-`prefill.tp`, and in disaggregated mode `decode.replica_devices(0)` with `decode.tp`. Further
-replicas are for `jaxpd serve`, which starts one engine per replica.
+An in-process engine uses replica 0 of each role's first group: its `replica_devices(0)` with
+its `tp` (and its own `num_pages` and `max_decode_batch` when it sets them). Further replicas
+and groups are for `jaxpd serve`, which starts one engine per replica.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def _runner(config: ModelConfig, params, group: MeshSection, what: str,
     mesh = _mesh(group, what)
     layout = KVLayout.for_model(config, tp=group.tp, page_size=deployment.kv.page_size,
                                 dtype=kv_dtype_name(deployment.kv.dtype, config.dtype))
-    manager = KVCacheManager(layout, deployment.kv.num_pages, mesh,
+    manager = KVCacheManager(layout, group.num_pages or deployment.kv.num_pages, mesh,
                              prefix_caching=deployment.scheduler.prefix_caching)
     params = shard_params(layers_for(params, config), config, mesh)
     return ModelRunner(config, params, mesh, manager, deployment.attention)
@@ -50,10 +50,10 @@ def _runner(config: ModelConfig, params, group: MeshSection, what: str,
 
 def _decode_group(deployment: DeploymentConfig) -> MeshSection:
     """The decode group, re-checked: `model_copy(update=...)` skips the config's validators."""
-    decode = deployment.decode
-    if decode is None:
+    if not deployment.decode:
         raise ConfigError("mode 'disaggregated' needs a 'decode' mesh")
-    shared = set(deployment.prefill.replica_devices(0)) & set(decode.replica_devices(0))
+    decode = deployment.decode[0]
+    shared = set(deployment.prefill[0].replica_devices(0)) & set(decode.replica_devices(0))
     if shared:
         raise ConfigError(f"prefill and decode meshes share devices {sorted(shared)}")
     return decode
@@ -64,13 +64,15 @@ def build_engine(config: ModelConfig, params,
     """`params` may live anywhere, in either layer form; they are placed on each mesh with the
     TP layout, in the form `config.scan_layers` reads."""
     sched = deployment.scheduler
-    prefill_runner = _runner(config, params, deployment.prefill, "prefill", deployment)
+    prefill_group = deployment.prefill[0]
+    prefill_runner = _runner(config, params, prefill_group, "prefill", deployment)
     prefill = PrefillEngine(prefill_runner, chunk_size=sched.chunk_size,
                             max_batch_tokens=sched.max_prefill_tokens,
                             batch_sizes=sched.prefill_batch_sizes,
                             chunk_sizes=sched.prefill_chunk_sizes)
     if deployment.mode == "colocated":
-        decode = DecodeEngine(prefill_runner, max_batch=sched.max_decode_batch,
+        decode = DecodeEngine(prefill_runner,
+                              max_batch=prefill_group.max_decode_batch or sched.max_decode_batch,
                               steps_per_dispatch=sched.decode_steps_per_dispatch,
                               overlap=sched.overlap, batch_sizes=sched.decode_batch_sizes)
         return Engine(prefill, decode, seed=deployment.seed)
@@ -78,7 +80,8 @@ def build_engine(config: ModelConfig, params,
         raise ConfigError(f"mode {deployment.mode!r} is not 'colocated' or 'disaggregated'")
     decode_group = _decode_group(deployment)
     decode_runner = _runner(config, params, decode_group, "decode", deployment)
-    decode = DecodeEngine(decode_runner, max_batch=sched.max_decode_batch,
+    decode = DecodeEngine(decode_runner,
+                          max_batch=decode_group.max_decode_batch or sched.max_decode_batch,
                           steps_per_dispatch=sched.decode_steps_per_dispatch,
                           overlap=sched.overlap, batch_sizes=sched.decode_batch_sizes)
     return Engine(prefill, decode, DeviceTransport(), seed=deployment.seed)

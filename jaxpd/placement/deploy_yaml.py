@@ -28,7 +28,9 @@ DISAGGREGATED_CHUNK = 2048  # = the scheduler's default max_prefill_tokens
 
 
 def _kv_holder(plan: Plan) -> Option:
-    return plan.choices[0][0] if plan.colocated else plan.role("decode")[0]
+    """The KV-holding option with the largest decode batch (the scheduler's limit; smaller
+    ones are written on their groups)."""
+    return max((o for o, _ in plan.kv_holders), key=lambda o: o.batch)
 
 
 def plan_scheduler(plan: Plan) -> dict:
@@ -40,6 +42,13 @@ def plan_scheduler(plan: Plan) -> dict:
     return section
 
 
+def _pages(option: Option, page_size: int) -> int:
+    """KV pages of what one replica holds after its weights."""
+    if not option.kv_tokens:
+        return 4096
+    return min(MAX_PAGES, max(option.kv_tokens // page_size, 64))
+
+
 def plan_config(plan: Plan, *, checkpoint: str | None, pools: Mapping[str, PoolSpec],
                 dtype: str = "bfloat16", page_size: int = 16, router_port: int = 50051,
                 model_volume: dict | None = None) -> DeploymentConfig:
@@ -47,30 +56,60 @@ def plan_config(plan: Plan, *, checkpoint: str | None, pools: Mapping[str, PoolS
     KV pages sized to what the decode devices hold after their weights, and the decode batch
     limited to the largest whose step the cost model fits in the TPOT SLO. `pools` (by name)
     give each group its accelerator, hosts, topology and node labels; `model_volume` becomes
-    `kubernetes.model_volume`."""
+    `kubernetes.model_volume`. A role on several options becomes a list of groups, each
+    weighted by what one of its replicas carries (the router shares requests accordingly),
+    with its own KV pages and decode batch where they differ from the first's."""
     holder = _kv_holder(plan)
-    num_pages = min(MAX_PAGES, max(holder.kv_tokens // page_size, 64)) if holder.kv_tokens \
-        else 4096
     data: dict = {"model": {"checkpoint": checkpoint or CHECKPOINT, "dtype": dtype},
-                  "kv": {"page_size": page_size, "num_pages": num_pages},
+                  "kv": {"page_size": page_size, "num_pages": _pages(holder, page_size)},
                   "serving": {"router": {"host": "0.0.0.0", "port": router_port}}}
     data["scheduler"] = plan_scheduler(plan)
     if model_volume is not None:
         data["kubernetes"] = {"model_volume": model_volume}
+    used: dict[str, int] = {}  # devices taken on each pool (one machine can run several groups)
+    port = [50061]  # the next free worker port: groups never share one
+
+    def groups(role: str) -> list[dict]:
+        chosen = plan.roles(role)
+        out = []
+        for option, replicas in chosen:
+            pool = pools[option.pool]
+            start = used.get(option.pool, 0) if pool.hosts(option.tp) == 1 else 0
+            group = _group(option, replicas, pool, start=start, port=port[0])
+            port[0] += replicas
+            used[option.pool] = start + option.tp * replicas
+            if len(chosen) > 1:
+                group["weight"] = round(option.capacity, 4)
+            if option.role != "prefill":
+                pages, batch = _pages(option, page_size), max(option.batch, 1)
+                if pages != data["kv"]["num_pages"]:
+                    group["num_pages"] = pages
+                if batch != data["scheduler"]["max_decode_batch"]:
+                    group["max_decode_batch"] = batch
+            out.append(group)
+        return out
+
     if plan.colocated:
-        option, replicas = plan.choices[0]
         data["mode"] = "colocated"
-        data["prefill"] = _group(option, replicas, pools[option.pool], start=0, port=50061)
+        data["prefill"] = groups("colocated")
     else:
-        (pre, n_pre), (dec, n_dec) = plan.role("prefill"), plan.role("decode")
-        # one pool: decode takes the devices after prefill's (one machine can run both)
-        same_pool = pre.pool == dec.pool and _hosts(pre, pools) == _hosts(dec, pools) == 1
         data["mode"] = "disaggregated"
-        data["prefill"] = _group(pre, n_pre, pools[pre.pool], start=0, port=50061)
-        data["decode"] = _group(dec, n_dec, pools[dec.pool],
-                                start=pre.tp * n_pre if same_pool else 0, port=50081)
-        data["serving"]["transport"] = kv_link(pre, dec, pools)[1]  # what the placer priced
+        data["prefill"] = groups("prefill")
+        port[0] = max(port[0], 50081)
+        data["decode"] = groups("decode")
+        data["serving"]["transport"] = plan_transport(plan, pools)  # what the placer priced
+    for section in ("prefill", "decode"):  # one group: a mapping, as people write it
+        if len(data.get(section) or ()) == 1:
+            data[section] = data[section][0]
     return parse_config(data, "<placement plan>")
+
+
+def plan_transport(plan: Plan, pools: Mapping[str, PoolSpec]) -> str:
+    """The one `serving.transport` of a disaggregated plan: shared memory only when every
+    prefill group reaches every decode group on one host, else the tcp data plane."""
+    chosen = {kv_link(p, d, pools)[1] for p, _ in plan.roles("prefill")
+              for d, _ in plan.roles("decode")}
+    return chosen.pop() if len(chosen) == 1 else "tcp"
 
 
 def _hosts(option: Option, pools: Mapping[str, PoolSpec]) -> int:
@@ -105,5 +144,8 @@ def plan_yaml(plan: Plan, **kwargs) -> str:
     if cfg.kubernetes.model_volume is None:
         header += ("# (first add kubernetes: {model_volume: {claim: PVC}} with the weights, or "
                    "pass --model-volume to jaxpd place)\n")
-    return header + yaml.safe_dump(cfg.model_dump(mode="json", exclude_defaults=True),
-                                   sort_keys=False)
+    data = cfg.model_dump(mode="json", exclude_defaults=True)
+    for section in ("prefill", "decode"):  # one group: a mapping, as people write it
+        if isinstance(data.get(section), list) and len(data[section]) == 1:
+            data[section] = data[section][0]
+    return header + yaml.safe_dump(data, sort_keys=False)

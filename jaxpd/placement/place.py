@@ -22,13 +22,13 @@ from jaxpd.config import SchedulerSection
 from jaxpd.engine.buckets import DEFAULT_PREFILL_BATCH, MIN_CHUNK, pow2_sizes
 from jaxpd.model.config import ModelConfig
 from jaxpd.placement.cost_model import PhaseModel
-from jaxpd.placement.deploy_yaml import plan_scheduler
+from jaxpd.placement.deploy_yaml import plan_scheduler, plan_transport
 from jaxpd.placement.placer import (REQUEST_PATH_S, Demand, Objective, Option, Plan, PoolSpec,
                                     fits,
                                     incompatible_pairs,
                                     kv_link, kv_seconds, max_rate, options, ranked, solve,
                                     tp_degrees)
-from jaxpd.placement.simulator import SimDeployment, goodput, simulate
+from jaxpd.placement.simulator import SimDeployment, SimGroup, goodput, simulate
 from jaxpd.placement.steady import SteadyState, horizon, longest_lifetime, measure
 from jaxpd.placement.workload import SimRequest, generate, load_trace
 
@@ -185,33 +185,69 @@ def _engine_shapes(plan: Plan) -> dict:
 def sim_deployment(model: ModelConfig, plan: Plan, pools: dict[str, PoolSpec],
                    transport: str | None = None) -> SimDeployment:
     """The simulator's view of a plan: replica counts, latencies, batch and KV limits; the KV
-    hand-off priced at `transport` (default: the one the placer writes, `kv_link`)."""
+    hand-off priced at `transport` (default: the one the placer writes, `plan_transport`). A
+    role on several options becomes several groups, weighted by each option's capacity as
+    the YAML's `weight` is; a prefill option's hand-off is priced to its slowest decode
+    option (the router may send its requests to any)."""
+    def holder(option: Option, replicas: int, weight: float, latency: _PhaseLatency) -> SimGroup:
+        return SimGroup(latency, replicas, max(option.kv_tokens, 1), max(option.batch, 1),
+                        weight)
+
+    def weight(options: list) -> list[float]:
+        return [o.capacity for o, _ in options] if len(options) > 1 else [1.0] * len(options)
+
+    kv_side = plan.kv_holders
     if plan.colocated:
-        option, n = plan.choices[0]
+        groups = [holder(o, n, w, _PhaseLatency(model, o, pools[o.pool]))
+                  for (o, n), w in zip(kv_side, weight(kv_side))]
+        first = groups[0]
         return SimDeployment.colocated(
-            _PhaseLatency(model, option, pools[option.pool]), n,
-            max_prefill_tokens=MAX_PREFILL_TOKENS, max_decode_batch=max(option.batch, 1),
-            kv_capacity_tokens=max(option.kv_tokens, 1), request_path_s=REQUEST_PATH_S,
-            **_engine_shapes(plan))
-    (pre, n_pre), (dec, n_dec) = plan.role("prefill"), plan.role("decode")
+            first.model, first.replicas, max_prefill_tokens=MAX_PREFILL_TOKENS,
+            max_decode_batch=first.max_decode_batch, kv_capacity_tokens=first.kv_capacity_tokens,
+            request_path_s=REQUEST_PATH_S, decode_weight=first.weight,
+            decode_groups=tuple(groups[1:]), **_engine_shapes(plan))
+    transport = transport or plan_transport(plan, pools)
+    decodes = [holder(o, n, w, _PhaseLatency(model, o, pools[o.pool]))
+               for (o, n), w in zip(kv_side, weight(kv_side))]
+    prefill_side = plan.roles("prefill")
+    prefills = []
+    for (o, n), w in zip(prefill_side, weight(prefill_side)):
+        slowest = min((d for d, _ in kv_side),
+                      key=lambda d: kv_link(o, d, pools, transport)[0])
+        prefills.append(SimGroup(_PhaseLatency(model, o, pools[o.pool], (slowest, pools,
+                                                                         transport)), n, weight=w))
+    first_p, first_d = prefills[0], decodes[0]
     return SimDeployment.disaggregated(
-        _PhaseLatency(model, pre, pools[pre.pool], (dec, pools, transport)),
-        _PhaseLatency(model, dec, pools[dec.pool]), prefill_replicas=n_pre,
-        decode_replicas=n_dec, max_prefill_tokens=MAX_PREFILL_TOKENS,
-        max_decode_batch=max(dec.batch, 1), kv_capacity_tokens=max(dec.kv_tokens, 1),
-        request_path_s=REQUEST_PATH_S, **_engine_shapes(plan))
+        first_p.model, first_d.model, prefill_replicas=first_p.replicas,
+        decode_replicas=first_d.replicas, max_prefill_tokens=MAX_PREFILL_TOKENS,
+        max_decode_batch=first_d.max_decode_batch, kv_capacity_tokens=first_d.kv_capacity_tokens,
+        request_path_s=REQUEST_PATH_S, prefill_weight=first_p.weight,
+        decode_weight=first_d.weight, prefill_groups=tuple(prefills[1:]),
+        decode_groups=tuple(decodes[1:]), **_engine_shapes(plan))
 
 
-def _grow(plan: Plan, role: str) -> Plan:
-    return Plan(tuple((o, n + (o.role in (role, "colocated"))) for o, n in plan.choices))
+def _grow(plan: Plan, role: str, pools: dict[str, PoolSpec],
+          budget: float | None) -> Plan | None:
+    """One replica more of `role` (colocated: of the plan's role), on its option with the
+    most capacity per dollar that the pools and the budget still allow; None when none."""
+    role = "colocated" if plan.colocated else role
+    chosen = sorted((o for o, _ in plan.roles(role)), key=lambda o: o.price_per_hour / o.capacity)
+    for option in chosen:
+        bigger = Plan(tuple((o, n + (o is option)) for o, n in plan.choices))
+        if fits(bigger, pools) and (budget is None or bigger.cost_per_hour <= budget):
+            return bigger
+    return None
 
 
 def _shrink(plan: Plan, role: str, rate: float) -> Plan | None:
-    """One replica of `role` fewer, unless that leaves it under its throughput ceiling."""
-    if not any(o.role == role and n > 1 and (n - 1) * o.throughput >= rate
-               for o, n in plan.choices):
-        return None
-    return Plan(tuple((o, n - (o.role == role)) for o, n in plan.choices))
+    """One replica of `role` fewer (on its option with the least throughput per dollar),
+    unless that leaves the role under its throughput ceiling."""
+    chosen = plan.roles(role)
+    for option, n in sorted(chosen, key=lambda c: c[0].throughput / c[0].price_per_hour):
+        ceiling = sum(o.throughput * (m - (o is option)) for o, m in chosen)
+        if n > 1 and ceiling >= rate:
+            return Plan(tuple((o, m - (o is option)) for o, m in plan.choices))
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,8 +280,8 @@ def _run(model: ModelConfig, plan: Plan, pools: dict[str, PoolSpec], reqs: list[
          slo: Slo, lifetime: float = 0.0) -> _Run:
     res = simulate(sim_deployment(model, plan, pools), reqs)
     state = measure(res, slo.ttft, slo.tpot, slo.percentile, lifetime=lifetime)
-    prefill = plan.role("prefill")  # None when colocated: held to its analytic load only
-    busy = res.utilization(res.prefill_busy_s, prefill[1]) if prefill else 0.0
+    prefill = plan.replicas("prefill")  # 0 when colocated: held to its analytic load only
+    busy = res.utilization(res.prefill_busy_s, prefill) if prefill else 0.0
     return _Run(state, state.meets(slo.ttft, slo.tpot, slo.target), busy)
 
 
@@ -265,7 +301,9 @@ def verify(model: ModelConfig, plan: Plan, pools: dict[str, PoolSpec], reqs: lis
     if plan.colocated:
         transport, link = None, 0.0
     else:
-        link, transport = kv_link(plan.role("prefill")[0], plan.role("decode")[0], pools)
+        transport = plan_transport(plan, pools)
+        link = min(kv_link(p, d, pools, transport)[0] for p, _ in plan.roles("prefill")
+                   for d, _ in plan.roles("decode"))
     short = reqs[:max(len(reqs) // 4, min(len(reqs), 4000))]
 
     def check(candidate: Plan) -> _Run:
@@ -280,8 +318,8 @@ def verify(model: ModelConfig, plan: Plan, pools: dict[str, PoolSpec], reqs: lis
         if run.ok and busiest is None:
             break
         role = run.state.binding_role(slo.ttft, slo.tpot) if not run.ok else busiest
-        bigger = _grow(plan, role)
-        if not fits(bigger, pools) or (budget is not None and bigger.cost_per_hour > budget):
+        bigger = _grow(plan, role, pools, budget)
+        if bigger is None:
             break
         if run.ok:
             why = (f"busy {run.prefill_busy:.0%} of the time in simulation, over "
@@ -291,7 +329,10 @@ def verify(model: ModelConfig, plan: Plan, pools: dict[str, PoolSpec], reqs: lis
                    run.state.prefill_wait_s and run.ttft > slo.ttft else
                    f"{'TPOT' if role == 'decode' else 'TTFT'} missed")
             why += f" ({run.attainment:.0%} met the SLOs)"
-        notes.append(f"+1 {role} replica: {why}" if not plan.colocated else f"+1 replica: {why}")
+        added = next(o for (o, n), (_, m) in zip(plan.choices, bigger.choices) if m > n)
+        where = f" on {added.pool} TP{added.tp}" if len(plan.roles(added.role)) > 1 else ""
+        notes.append(f"+1 {role} replica{where}: {why}" if not plan.colocated
+                     else f"+1 replica{where}: {why}")
         plan, run = bigger, check(bigger)
     shrinking, confirmed = run.ok, (plan, run)
     while shrinking:  # screened on the short run; the result is confirmed once at the end
@@ -308,7 +349,7 @@ def verify(model: ModelConfig, plan: Plan, pools: dict[str, PoolSpec], reqs: lis
         if not run.ok or run.over(max_utilization):  # fine for a quarter of the run only
             plan, run = confirmed
     for o, n in plan.choices:
-        before = dict((x.role, m) for x, m in original.choices)[o.role]
+        before = dict((id(x), m) for x, m in original.choices)[id(o)]
         if n < before:
             notes.append(f"-{before - n} {o.role} replica(s): the queueing bound over-provisioned"
                          f" ({n} meet the SLOs in simulation)")

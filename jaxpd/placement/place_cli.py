@@ -200,12 +200,17 @@ def _calibrated(pools, profiles_dir: str):
 
 # -- output ---------------------------------------------------------------------------------------
 def _role(plan, role: str, pools) -> dict | None:
-    found = plan.role(role)
-    if found is None:
+    """A role's replicas in all and its groups (pool, device, TP, replicas, requests/s one
+    replica carries: the YAML's weight); with one group, its pool, device and TP too."""
+    found = plan.roles(role)
+    if not found:
         return None
-    option, replicas = found
-    return {"pool": option.pool, "device": pools[option.pool].device, "tp": option.tp,
-            "replicas": replicas}
+    groups = [{"pool": o.pool, "device": pools[o.pool].device, "tp": o.tp, "replicas": n,
+               "capacity": round(o.capacity, 4)} for o, n in found]
+    out = {"replicas": sum(n for _, n in found), "groups": groups}
+    if len(groups) == 1:
+        out.update({k: groups[0][k] for k in ("pool", "device", "tp")})
+    return out
 
 
 def summary(placement, pools, objective: str) -> dict:

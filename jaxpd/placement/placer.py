@@ -6,10 +6,11 @@ Two steps:
    wait plus service must fit the TTFT SLO; a decode replica runs the largest batch whose step
    fits the TPOT SLO and whose KV fits in memory (Little's law turns that batch into requests/s);
    a colocated replica shares its time between the two.
-2. `solve`: a mixed-integer program (HiGHS through `scipy.optimize.milp`) picks one prefill and
-   one decode option (or one colocated option) and replica counts that carry the request rate
-   within every pool's device count, at the lowest $/hour. `solve_exhaustive` enumerates the
-   same space and is the test oracle.
+2. `solve`: a mixed-integer program (HiGHS through `scipy.optimize.milp`) picks prefill and
+   decode options (or colocated ones), up to `max_per_role` of each (decode on v5e and v6e
+   together, when one pool runs out or mixing rounds better), and replica counts per option
+   that carry the request rate within every pool's device count, at the lowest $/hour.
+   `solve_exhaustive` enumerates the same space and is the test oracle.
 The simulator then checks the chosen plan against the whole length distribution.
 """
 
@@ -102,7 +103,10 @@ class Option:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    choices: tuple[tuple[Option, int], ...]  # (option, replicas): prefill + decode, or colocated
+    """(option, replicas) pairs: prefill options then decode options, or colocated ones; a
+    role with several options runs on several pools (or TP degrees) at once."""
+
+    choices: tuple[tuple[Option, int], ...]
 
     @property
     def cost_per_hour(self) -> float:
@@ -112,13 +116,24 @@ class Plan:
     def colocated(self) -> bool:
         return self.choices[0][0].role == "colocated"
 
-    def role(self, role: Role) -> tuple[Option, int] | None:
-        return next(((o, n) for o, n in self.choices if o.role == role), None)
+    def roles(self, role: Role) -> list[tuple[Option, int]]:
+        """The (option, replicas) of `role`, in plan order."""
+        return [(o, n) for o, n in self.choices if o.role == role]
+
+    def replicas(self, role: Role) -> int:
+        return sum(n for _, n in self.roles(role))
+
+    @property
+    def kv_holders(self) -> list[tuple[Option, int]]:
+        """The options holding KV: decode, or colocated."""
+        return self.roles("colocated" if self.colocated else "decode")
 
     @property
     def capacity(self) -> float:
-        """Requests/s the plan carries within the SLOs (its slowest role)."""
-        return min(o.capacity * n for o, n in self.choices)
+        """Requests/s the plan carries within the SLOs (its slower side)."""
+        sides = [["colocated"]] if self.colocated else [["prefill"], ["decode"]]
+        return min(sum(o.capacity * n for o, n in self.choices if o.role in side)
+                   for side in sides)
 
     @property
     def devices(self) -> int:
@@ -328,11 +343,21 @@ def _ordered(choices) -> Plan:
     return Plan(tuple(sorted(choices, key=lambda c: order[c[0].role])))
 
 
-def _structures(opts: Sequence[Option], bad: set[tuple[int, int]]) -> list[tuple[int, ...]]:
-    """Every colocated option alone and every compatible prefill x decode pair (indices)."""
-    out: list[tuple[int, ...]] = [(i,) for i, o in enumerate(opts) if o.role == "colocated"]
-    out += [(i, j) for i, p in enumerate(opts) if p.role == "prefill"
-            for j, d in enumerate(opts) if d.role == "decode" and (i, j) not in bad]
+MAX_PER_ROLE = 2  # options one role may combine (decode on v5e and v6e together)
+
+
+def _structures(opts: Sequence[Option], bad: set[tuple[int, int]],
+                max_per_role: int = MAX_PER_ROLE) -> list[tuple[int, ...]]:
+    """Every set of up to `max_per_role` colocated options, and every set of up to
+    `max_per_role` prefill options with up to as many decode options, no pair of them
+    incompatible (indices)."""
+    def subsets(role: str) -> list[tuple[int, ...]]:
+        idx = [i for i, o in enumerate(opts) if o.role == role]
+        return [c for k in range(1, max_per_role + 1) for c in itertools.combinations(idx, k)]
+
+    out: list[tuple[int, ...]] = subsets("colocated")
+    out += [p + d for p in subsets("prefill") for d in subsets("decode")
+            if not any((i, j) in bad for i in p for j in d)]
     return out
 
 
@@ -344,17 +369,18 @@ def _key(plan: Plan, objective: Objective) -> tuple:
 
 def solve_exhaustive(opts: Sequence[Option], pools: Sequence[PoolSpec], rate: float, *,
                      objective: Objective = "cost", budget: float | None = None,
-                     incompatible: set[tuple[int, int]] = frozenset()) -> Plan | None:
-    """Enumerate every structure and replica count: the test oracle for `solve`."""
+                     incompatible: set[tuple[int, int]] = frozenset(),
+                     max_per_role: int = MAX_PER_ROLE) -> Plan | None:
+    """Enumerate every structure and replica count: the test oracle for `solve` (small cases:
+    the count ranges multiply)."""
     by_name = {p.name: p for p in pools}
     best: Plan | None = None
-    for structure in _structures(opts, set(incompatible)):
+    for structure in _structures(opts, set(incompatible), max_per_role):
         chosen = [opts[i] for i in structure]
-        if objective == "cost":
-            counts = [[_replicas(o, rate)] for o in chosen]
-        else:
-            counts = [range(1, by_name[o.pool].count // o.tp + 1) for o in chosen]
-        for ns in itertools.product(*counts):
+        most = [by_name[o.pool].count // o.tp for o in chosen]
+        if objective == "cost":  # an option never needs more than it would need alone
+            most = [min(m, _replicas(o, rate)) for m, o in zip(most, chosen)]
+        for ns in itertools.product(*(range(1, m + 1) for m in most)):
             plan = _ordered(zip(chosen, ns))
             if (not fits(plan, by_name) or plan.capacity < rate - 1e-9
                     or (budget is not None and plan.cost_per_hour > budget + 1e-9)):
@@ -367,29 +393,30 @@ def solve_exhaustive(opts: Sequence[Option], pools: Sequence[PoolSpec], rate: fl
 def solve(opts: Sequence[Option], pools: Sequence[PoolSpec], rate: float, *,
           objective: Objective = "cost", budget: float | None = None,
           incompatible: set[tuple[int, int]] = frozenset(),
-          exclude: Sequence[frozenset[int]] = ()) -> Plan | None:
+          exclude: Sequence[frozenset[int]] = (), max_per_role: int = MAX_PER_ROLE) -> Plan | None:
     """The best plan as a mixed-integer program solved by HiGHS.
 
-    Variables per option i: a binary `pick_i` and an integer `n_i` (replicas, `n_i <= M pick_i`),
-    and the carried rate `r >= rate`. Exactly one prefill and one decode option are picked, or
-    one colocated option; the prefill-side and decode-side capacity of the picks each carry `r`;
+    Variables per option i: a binary `pick_i` and an integer `n_i` (replicas, `pick_i <= n_i <=
+    M pick_i`); the carried rate `r >= rate`; a binary `c` (colocated). With c = 0, one to
+    `max_per_role` prefill options and as many decode options are picked, with c = 1 as many
+    colocated ones; the prefill-side and decode-side capacity of the picks each carry `r`;
     incompatible (prefill, decode) pairs are never picked together; each pool's devices
     suffice; the $/hour stays within `budget`. `exclude` lists pick sets already found, so the
     caller can ask for the next best (no-good cuts).
 
-    objective "cost": minimise $/hour at `rate` (ties toward fewer devices).
+    objective "cost": minimise $/hour at `rate` (ties toward fewer devices, then fewer options).
     objective "goodput-per-dollar": maximise r / ($/hour) by Dinkelbach's method: maximise
     r - lambda * cost, set lambda to the ratio found, repeat until it stops rising.
     """
     opts = list(opts)
     if not opts:
         return None
+    common = (budget, incompatible, exclude, max_per_role)
     if objective == "cost":
-        return _solve_milp(opts, pools, rate, 0.0, budget, incompatible, exclude, minimise_cost=True)
+        return _solve_milp(opts, pools, rate, 0.0, *common, minimise_cost=True)
     plan, ratio = None, 0.0
     for _ in range(30):
-        found = _solve_milp(opts, pools, rate, ratio, budget, incompatible, exclude,
-                            minimise_cost=False)
+        found = _solve_milp(opts, pools, rate, ratio, *common, minimise_cost=False)
         if found is None:
             return plan
         new_ratio = found.capacity / found.cost_per_hour
@@ -400,7 +427,8 @@ def solve(opts: Sequence[Option], pools: Sequence[PoolSpec], rate: float, *,
 
 
 def _solve_milp(opts: list[Option], pools: Sequence[PoolSpec], rate: float, ratio: float,
-                budget: float | None, incompatible, exclude, *, minimise_cost: bool) -> Plan | None:
+                budget: float | None, incompatible, exclude, max_per_role: int = MAX_PER_ROLE, *,
+                minimise_cost: bool) -> Plan | None:
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     k = len(opts)
@@ -415,14 +443,18 @@ def _solve_milp(opts: list[Option], pools: Sequence[PoolSpec], rate: float, rati
     price = np.array([o.price_per_hour for o in opts])
     zeros = np.zeros(k)
     rows, lo, hi = [], [], []
+    most = float(max_per_role)
 
-    def add(pick, n, r, low, high):
-        rows.append(np.concatenate([pick, n, [r]]))
+    def add(pick, n, r, low, high, c=0.0):  # variables: pick (k), n (k), r, c
+        rows.append(np.concatenate([pick, n, [r, c]]))
         lo.append(low)
         hi.append(high)
 
-    add(pre + col, zeros, 0, 1, 1)  # one prefill option, or a colocated one
-    add(dec + col, zeros, 0, 1, 1)  # one decode option, or a colocated one
+    for side in (pre, dec):  # c = 0: 1..most options of each role; c = 1: none
+        add(side, zeros, 0, 1, np.inf, c=1.0)  # sum >= 1 - c
+        add(side, zeros, 0, -np.inf, most, c=most)  # sum <= most (1 - c)
+    add(col, zeros, 0, 0, np.inf, c=-1.0)  # c = 1: 1..most colocated options; c = 0: none
+    add(col, zeros, 0, -np.inf, 0, c=-most)
     add(zeros, cap * (pre + col), -1, 0, np.inf)  # the prefill side carries r
     add(zeros, cap * (dec + col), -1, 0, np.inf)  # the decode side carries r
     for i in range(k):  # pick_i <= n_i <= big_i * pick_i
@@ -446,12 +478,13 @@ def _solve_milp(opts: list[Option], pools: Sequence[PoolSpec], rate: float, rati
     devices = np.array([o.tp for o in opts], float)
     if minimise_cost:
         tiebreak = 1e-6 * price.min() / max(devices.max() * big.max(), 1)
-        cost = np.concatenate([zeros, price + tiebreak * devices, [0.0]])
+        cost = np.concatenate([np.full(k, tiebreak * 0.5), price + tiebreak * devices,
+                               [0.0, 0.0]])
     else:
-        cost = np.concatenate([zeros, ratio * price, [-1.0]])
-    integrality = np.concatenate([np.ones(2 * k), [0]])
-    bounds = Bounds(np.concatenate([zeros, zeros, [rate]]),
-                    np.concatenate([np.ones(k), big, [np.inf]]))
+        cost = np.concatenate([np.full(k, 1e-9), ratio * price, [-1.0, 0.0]])
+    integrality = np.concatenate([np.ones(2 * k), [0, 1]])
+    bounds = Bounds(np.concatenate([zeros, zeros, [rate, 0]]),
+                    np.concatenate([np.ones(k), big, [np.inf, 1]]))
     res = milp(cost, constraints=LinearConstraint(np.array(rows), lo, hi),
                integrality=integrality, bounds=bounds, options={"mip_rel_gap": 0.0})
     if not res.success:
@@ -462,14 +495,16 @@ def _solve_milp(opts: list[Option], pools: Sequence[PoolSpec], rate: float, rati
 
 def ranked(opts: Sequence[Option], pools: Sequence[PoolSpec], rate: float, count: int, *,
            objective: Objective = "cost", budget: float | None = None,
-           incompatible: set[tuple[int, int]] = frozenset()) -> list[Plan]:
-    """The best `count` plans of different structure (pool, role, TP choices), best first."""
+           incompatible: set[tuple[int, int]] = frozenset(),
+           max_per_role: int = MAX_PER_ROLE) -> list[Plan]:
+    """The best `count` plans of different structure (pool, role, TP choices), best first
+    (a plan's cut also excludes the structures that add options to it)."""
     index = {id(o): i for i, o in enumerate(opts)}
     plans: list[Plan] = []
     exclude: list[frozenset[int]] = []
     while len(plans) < count:
         plan = solve(opts, pools, rate, objective=objective, budget=budget,
-                     incompatible=incompatible, exclude=exclude)
+                     incompatible=incompatible, exclude=exclude, max_per_role=max_per_role)
         if plan is None:
             break
         plans.append(plan)
@@ -482,4 +517,5 @@ def max_rate(opts: Sequence[Option], pools: Sequence[PoolSpec],
     """The plan carrying the highest rate within the SLOs that the pools allow (analytic)."""
     if not opts:
         return None
-    return _solve_milp(list(opts), pools, 0.0, 0.0, None, incompatible, (), minimise_cost=False)
+    return _solve_milp(list(opts), pools, 0.0, 0.0, None, incompatible, (), MAX_PER_ROLE,
+                       minimise_cost=False)

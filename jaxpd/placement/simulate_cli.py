@@ -125,20 +125,20 @@ def sim_of_config(deployment, model, *, profiles: str, profile: str | list[str],
                 measured.setdefault(loaded.tp, (loaded.roof, calibrate(loaded),
                                                 loaded.neighbour_slowdown))
         return measured.get(tp) or next(iter(measured.values()))
-    groups = [("prefill", deployment.prefill)] if deployment.mode == "colocated" else \
-        [("prefill", deployment.prefill), ("decode", deployment.decode)]
+    groups = [(role, deployment.group_key(role, i), group) for role in deployment.roles
+              for i, group in enumerate(deployment.groups(role))]
     pools: dict[str, PoolSpec] = {}
     placed = []
-    for role, group in groups:
+    for role, key, group in groups:
         kind = group.accelerator
         devices = group.tp * group.replicas
         if kind is not None:
             if kind not in catalog:
-                raise UsageError(f"{role}.accelerator: {kind!r} is not in the catalog "
+                raise UsageError(f"{key}.accelerator: {kind!r} is not in the catalog "
                                  f"({', '.join(sorted(catalog))})")
             spec = catalog[kind]
             one_host = group.hosts == 1
-            name = f"{kind}@{group.host}" if one_host else f"{role}:{kind}"
+            name = f"{kind}@{group.host}" if one_host else f"{key}:{kind}"
             pool = PoolSpec(name=name, device=kind, vendor=spec.vendor, count=devices,
                             price_per_device_hour=spec.price_per_hour, roof=spec.roof(),
                             max_tp=spec.max_tp, network_bandwidth=spec.network_bandwidth,
@@ -147,34 +147,39 @@ def sim_of_config(deployment, model, *, profiles: str, profile: str | list[str],
         else:
             roof, efficiency, _ = measured_at(group.tp)
             name = (f"profile-tp{group.tp}@{group.host}" if group.hosts == 1
-                    else f"{role}:profile")
+                    else f"{key}:profile")
             pool = PoolSpec(name=name, device="profile", vendor="cpu", count=devices,
                             price_per_device_hour=0.0, roof=roof, max_tp=64,  # host devices
                             network_bandwidth=kv_link / max(group.tp, 1),
                             efficiency=efficiency)
-        if name in pools:  # prefill and decode on one host of one kind: one pool
+        if name in pools:  # groups on one host of one kind: one pool
             pool = dataclasses.replace(pool, count=pools[name].count + devices)
         pools[name] = pool
         placed.append((role, group, name))
     calibrated, _ = _calibrated([p for p in pools.values() if p.device != "profile"], profiles)
     pools.update({p.name: p for p in calibrated})
-    batch = deployment.scheduler.max_decode_batch
-    kv_tokens = deployment.kv.num_pages * deployment.kv.page_size
-    role_of = {"prefill": "colocated" if deployment.mode == "colocated" else "prefill",
-               "decode": "decode"}
-    plan = Plan(tuple((Option(role_of[role], name, group.tp, math.inf, 0.0, "", batch,
-                              kv_tokens), group.replicas) for role, group, name in placed))
+    sched, page = deployment.scheduler, deployment.kv.page_size
+
+    def option(role: str, group, name: str) -> Option:
+        """The group as a plan option; its capacity is its routing weight, which is what
+        sim_deployment shares requests by (the placer writes capacities as weights)."""
+        pages = group.num_pages or deployment.kv.num_pages
+        return Option(role, name, group.tp, group.weight, 0.0, "",
+                      group.max_decode_batch or sched.max_decode_batch, pages * page)
+    plan = Plan(tuple((option(role, group, name), group.replicas)
+                      for role, group, name in placed))
     dep = sim_deployment(model, plan, pools, deployment.serving.transport)
     serving = deployment.serving
-    sched = deployment.scheduler
     # prefill and decode on host devices of one machine share its cores: the prefill
     # profile's slowdown beside a decoding process applies
+    every = [g for _, _, g in groups]
     shared = (deployment.mode == "disaggregated" and all(
-        g.accelerator is None and g.hosts == 1 and g.host == deployment.prefill.host
-        for g in (deployment.prefill, deployment.decode)))
-    slowdown = measured_at(deployment.prefill.tp)[2] if shared else 1.0
+        g.accelerator is None and g.hosts == 1 and g.host == every[0].host for g in every))
+    slowdown = measured_at(deployment.prefill[0].tp)[2] if shared else 1.0
+    widest = sched.model_copy(update={"max_decode_batch": max(  # buckets reach every group's
+        o.batch for o, _ in plan.kv_holders)})
     return dataclasses.replace(dep, max_prefill_tokens=sched.max_prefill_tokens,
-                               chunk_size=sched.chunk_size, **engine_buckets(sched),
+                               chunk_size=sched.chunk_size, **engine_buckets(widest),
                                decode_steps_per_dispatch=sched.decode_steps_per_dispatch,
                                shared_host_slowdown=slowdown, max_queued=serving.max_queued,
                                queue_timeout_s=serving.queue_timeout_s)

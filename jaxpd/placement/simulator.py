@@ -5,13 +5,18 @@ What it models, mirroring jaxpd's router and engines:
 - The request path (`request_path_s`: router check and tokenization, gRPC hops, streaming the
   first token back) delays each request before the router places it, so it counts in TTFT.
 - Router: at arrival a request reserves KV for its whole sequence (prompt + output tokens) on the
-  decode (or colocated) replica with the most free KV tokens; when none has room it waits in one
+  decode (or colocated) replica with the most free KV tokens (when the role's groups differ in
+  `weight`: of the replicas with room, the one holding the fewest requests per unit of weight,
+  as jaxpd's router does); when none has room it waits in one
   FCFS queue (no overtaking) until a finishing request frees enough, as jaxpd's router does: a
   request that finds `max_queued` already waiting, or waits past `queue_timeout_s`, is refused
   (RESOURCE_EXHAUSTED there; here it never runs: an SLO miss, counted in `rejected`). A request
   larger than one replica's whole KV capacity can never run: it is dropped (an SLO miss).
   Disaggregated: the prompt goes to the prefill replica with the shortest queue (waiting plus
-  in-flight prompts; ties to the lowest index).
+  in-flight prompts, per unit of its group's weight; ties to the lowest index).
+- Groups: a role may have several groups of replicas (`prefill_groups`, `decode_groups`: other
+  pools or TP degrees beside the first), each with its own latency model, KV capacity, decode
+  batch limit and routing weight.
 - Prefill replica, with `chunk_size` (what jaxpd's engine does): each step takes, in arrival
   order, up to `max_prefill_seqs` prompts and from each its next chunk of at most `chunk_size`
   tokens, until `max_prefill_tokens` are taken; a prompt's first token is emitted at the end
@@ -62,7 +67,7 @@ import numpy as np
 
 from jaxpd.placement.workload import SimRequest
 
-__all__ = ["LatencyModel", "SimDeployment", "SimResult", "simulate", "goodput"]
+__all__ = ["LatencyModel", "SimDeployment", "SimGroup", "SimResult", "simulate", "goodput"]
 
 Mode = Literal["disaggregated", "colocated"]
 UNLIMITED_KV = 2**62
@@ -87,6 +92,24 @@ class LatencyModel(Protocol):
     def kv_transfer_seconds(self, prompt_tokens: int) -> float:
         """Prefill -> decode hand-off of one request's KV (0 when colocated)."""
         ...
+
+
+@dataclasses.dataclass(frozen=True)
+class SimGroup:
+    """Replicas of one kind (a pool and TP degree) beside a role's first group."""
+
+    model: LatencyModel
+    replicas: int
+    kv_capacity_tokens: int = UNLIMITED_KV  # decode or colocated: per replica
+    max_decode_batch: int = 256  # decode or colocated
+    weight: float = 1.0  # its share of the role's requests per replica (the YAML's `weight`)
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1 or self.kv_capacity_tokens < 1 or self.max_decode_batch < 1:
+            raise ValueError(f"a group needs replicas, kv_capacity_tokens and max_decode_batch "
+                             f">= 1, got {self}")
+        if not self.weight > 0:
+            raise ValueError(f"weight must be > 0, got {self.weight}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +139,12 @@ class SimDeployment:
     # engine reserving off its step thread would, and as a request arriving straight at decode)
     reserve_between_calls: bool = True
     shared_host_slowdown: float = 1.0  # a prefill step beside a busy decode replica: x this
+    # further groups of a role beside the first (described by the fields above); colocated
+    # deployments list theirs in decode_groups. Weights: the first groups' routing weights
+    prefill_groups: tuple[SimGroup, ...] = ()
+    decode_groups: tuple[SimGroup, ...] = ()
+    prefill_weight: float = 1.0
+    decode_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.mode not in ("disaggregated", "colocated"):
@@ -132,9 +161,13 @@ class SimDeployment:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.mode == "colocated" and (self.prefill_replicas != self.decode_replicas
-                                         or self.prefill is not self.decode):
+                                         or self.prefill is not self.decode
+                                         or self.prefill_groups):
             raise ValueError("colocated: prefill_replicas must equal decode_replicas and "
-                             "prefill must be decode (use SimDeployment.colocated)")
+                             "prefill must be decode (use SimDeployment.colocated; further "
+                             "colocated groups go in decode_groups)")
+        if not (self.prefill_weight > 0 and self.decode_weight > 0):
+            raise ValueError("prefill_weight and decode_weight must be > 0")
 
     @classmethod
     def disaggregated(cls, prefill: LatencyModel, decode: LatencyModel, *,
@@ -149,7 +182,18 @@ class SimDeployment:
     @property
     def replicas(self) -> int:
         """Replicas holding KV: decode replicas, or the colocated replicas."""
-        return self.decode_replicas
+        return self.decode_replicas + sum(g.replicas for g in self.decode_groups)
+
+    def decode_side(self) -> tuple[SimGroup, ...]:
+        """Every group holding KV (decode, or colocated), the first from the main fields."""
+        first = SimGroup(self.decode, self.decode_replicas, self.kv_capacity_tokens,
+                         self.max_decode_batch, self.decode_weight)
+        return (first, *self.decode_groups)
+
+    def prefill_side(self) -> tuple[SimGroup, ...]:
+        """Every disaggregated prefill group, the first from the main fields."""
+        return (SimGroup(self.prefill, self.prefill_replicas, weight=self.prefill_weight),
+                *self.prefill_groups)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +209,8 @@ class SimResult:
     placed_s: np.ndarray | None = None
     rejected: int = 0  # refused by the router: its queue was full, or the wait timed out
     prefill_busy_s: float = 0.0  # seconds in prefill steps, summed over replicas
+    replica: np.ndarray | None = None  # the decode (or colocated) replica each request ran on
+    # (numbered across the groups, the first group's first; -1: it never ran)
 
     def utilization(self, busy_s: float, replicas: int) -> float:
         """`busy_s` over `replicas` replicas' time from the first arrival to the last finish."""
@@ -232,19 +278,23 @@ ARRIVE, PREFILL_END, KV_ARRIVE, DECODE_END, ENQUEUE = range(5)
 class _Replica:
     """State of one replica: a prefill queue, a decode batch, or both (colocated)."""
 
-    __slots__ = ("index", "prefill_only", "queue", "load", "busy", "in_decode", "last_prefill", "free_kv",
+    __slots__ = ("index", "prefill_only", "model", "max_batch", "weight", "decode_step",
+                 "queue", "load", "busy", "in_decode", "last_prefill", "free_kv", "holding",
                  "pending", "active", "context", "step", "finishes", "version",
                  "seg_t0", "seg_k", "seg_f0", "seg_batch", "seg_ctx")
 
-    def __init__(self, index: int, kv_capacity: int, prefill_only: bool = False) -> None:
+    def __init__(self, index: int, group: SimGroup, prefill_only: bool = False) -> None:
         self.index = index
         self.prefill_only = prefill_only  # a disaggregated prefill replica
+        self.model, self.max_batch, self.weight = group.model, group.max_decode_batch, group.weight
+        self.decode_step = group.model.decode_step_seconds  # priced at the padded batch (below)
+        self.holding = 0  # requests whose KV it holds (reserved, running or arriving)
         self.queue: deque[int] = deque()  # prompts waiting for prefill
         self.load = 0  # waiting + in-flight prompts (the router's queue length)
         self.busy = False  # a step is in flight
         self.in_decode = False  # ... and it is a decode stretch (can be cut short)
         self.last_prefill = False  # colocated: the last step was a prefill
-        self.free_kv = kv_capacity
+        self.free_kv = 0 if prefill_only else group.kv_capacity_tokens
         self.pending: deque[int] = deque()  # arrived for decode, joining at the next boundary
         self.active = 0
         self.context = 0  # KV tokens of the active sequences
@@ -269,20 +319,26 @@ class _Simulation:
         self.first_token = [math.inf] * n
         self.finish = [math.inf] * n
         self.home = [-1] * n  # decode (or colocated) replica
-        self.decoders = [_Replica(i, dep.kv_capacity_tokens) for i in range(dep.decode_replicas)]
-        self.prefillers = (self.decoders if self.colocated else
-                           [_Replica(i, 0, True) for i in range(dep.prefill_replicas)])
+        self.decoders = [_Replica(i, g) for i, g in enumerate(
+            g for g in dep.decode_side() for _ in range(g.replicas))]
+        self.prefillers = (self.decoders if self.colocated else [_Replica(i, g, True) for i, g in
+                           enumerate(g for g in dep.prefill_side() for _ in range(g.replicas))])
+        self.largest_kv = max(g.kv_capacity_tokens for g in dep.decode_side())
+        self.weighted = len({g.weight for g in dep.decode_side()}) > 1
         self.waiting: deque[int] = deque()  # requests waiting for KV room
         self.rejected = 0
         self.prefill_busy = 0.0
         self.events: list[tuple] = []  # (time, seq, kind, a, b); seq is unique, so b is never compared
         self.seq = 0
-        self.decode_step = dep.decode.decode_step_seconds
         if dep.decode_batch_buckets:  # priced at the padded batch the engine's program runs
-            buckets, step = dep.decode_batch_buckets, dep.decode.decode_step_seconds
-            rows = [next((b for b in buckets if b >= n), n)
-                    for n in range(dep.max_decode_batch + 1)]  # a batch never exceeds it
-            self.decode_step = lambda batch, context: step(rows[batch], context)
+            for r in self.decoders:
+                r.decode_step = self.padded_step(r)
+
+    def padded_step(self, r: _Replica) -> Callable[[int, int], float]:
+        buckets, step = self.dep.decode_batch_buckets, r.model.decode_step_seconds
+        rows = [next((b for b in buckets if b >= n), n)
+                for n in range(r.max_batch + 1)]  # a batch never exceeds it
+        return lambda batch, context: step(rows[batch], context)
 
     def push(self, t: float, kind: int, a: int, b: object = 0) -> None:
         self.seq += 1
@@ -303,7 +359,7 @@ class _Simulation:
     # -- router ------------------------------------------------------------------------------
     def on_arrive(self, t: float, rid: int, _: int) -> None:
         need = self.prompt[rid] + self.output[rid]
-        if need > self.dep.kv_capacity_tokens:
+        if need > self.largest_kv:
             return  # never fits: dropped
         if self.waiting or not self.place(t, rid):
             if len(self.waiting) >= self.dep.max_queued:
@@ -312,12 +368,18 @@ class _Simulation:
             self.waiting.append(rid)
 
     def place(self, t: float, rid: int) -> bool:
-        """Reserve KV on the replica with the most free tokens and queue the prompt."""
-        home = max(self.decoders, key=lambda r: r.free_kv)
+        """Reserve KV on the replica with the most free tokens (groups of unequal weight: of
+        those with room, the fewest requests held per unit of weight) and queue the prompt."""
         need = self.prompt[rid] + self.output[rid]
-        if home.free_kv < need:
+        if self.weighted:
+            home = min((r for r in self.decoders if r.free_kv >= need), default=None,
+                       key=lambda r: ((r.holding + 1) / r.weight, -r.free_kv))
+        else:
+            home = max(self.decoders, key=lambda r: r.free_kv)
+        if home is None or home.free_kv < need:
             return False
         home.free_kv -= need
+        home.holding += 1
         self.home[rid] = home.index
         self.placed[rid] = t
         answered = (self.call_boundary(t, home)
@@ -331,7 +393,7 @@ class _Simulation:
     def on_enqueue(self, t: float, rid: int, _: int) -> None:
         """The prompt joins its prefill replica's queue (the least loaded one)."""
         pre = (self.decoders[self.home[rid]] if self.colocated
-               else min(self.prefillers, key=lambda r: r.load))
+               else min(self.prefillers, key=lambda r: r.load / r.weight))
         pre.queue.append(rid)
         pre.load += 1
         self.wake(t, pre)
@@ -360,7 +422,9 @@ class _Simulation:
     def release(self, t: float, rid: int) -> None:
         """A request finished: free its KV and let waiting requests in, in order."""
         self.finish[rid] = t
-        self.decoders[self.home[rid]].free_kv += self.prompt[rid] + self.output[rid]
+        home = self.decoders[self.home[rid]]
+        home.free_kv += self.prompt[rid] + self.output[rid]
+        home.holding -= 1
         while self.waiting:
             head = self.waiting[0]
             if t - self.arrival[head] - self.dep.request_path_s > self.dep.queue_timeout_s:
@@ -395,14 +459,14 @@ class _Simulation:
                 batch.append((rid, length))
                 chunks.append((done, length))
                 budget -= length
-            seconds = self.dep.prefill.prefill_step_seconds(self.padded(chunks))
+            seconds = r.model.prefill_step_seconds(self.padded(chunks))
         else:
             while r.queue and (not batch or budget >= self.prompt[r.queue[0]]):
                 rid = r.queue.popleft()
                 batch.append((rid, self.prompt[rid]))
                 budget -= self.prompt[rid]
                 self.prefill_start[rid] = t
-            seconds = self.dep.prefill.prefill_seconds([length for _, length in batch])
+            seconds = r.model.prefill_seconds([length for _, length in batch])
         if self.dep.shared_host_slowdown > 1 and r.prefill_only and any(
                 d.busy and d.in_decode for d in self.decoders):
             seconds *= self.dep.shared_host_slowdown
@@ -439,7 +503,7 @@ class _Simulation:
             elif self.colocated:
                 r.pending.append(rid)
             else:
-                delay = self.dep.prefill.kv_transfer_seconds(self.prompt[rid])
+                delay = r.model.kv_transfer_seconds(self.prompt[rid])
                 self.push(t + delay, KV_ARRIVE, rid, self.home[rid])
         r.busy = False
         self.boundary(t, r)
@@ -452,7 +516,7 @@ class _Simulation:
 
     def admit(self, r: _Replica) -> None:
         """Pending sequences join the batch (FCFS, up to the batch limit)."""
-        while r.pending and r.active < self.dep.max_decode_batch:
+        while r.pending and r.active < r.max_batch:
             rid = r.pending.popleft()
             heapq.heappush(r.finishes, (r.step + self.output[rid] - 1, rid))
             r.active += 1
@@ -462,7 +526,7 @@ class _Simulation:
         """k steps at a fixed batch, context growing by the batch each step (trapezoid)."""
         if k == 1:
             return r.seg_f0
-        last = self.decode_step(r.seg_batch, r.seg_ctx + r.seg_batch * (k - 1))
+        last = r.decode_step(r.seg_batch, r.seg_ctx + r.seg_batch * (k - 1))
         return k * (r.seg_f0 + last) / 2
 
     def start_decode(self, t: float, r: _Replica, single: bool) -> None:
@@ -471,7 +535,7 @@ class _Simulation:
         if single:
             k = min(k, self.dep.decode_steps_per_dispatch)
         r.seg_t0, r.seg_k, r.seg_batch, r.seg_ctx = t, k, r.active, r.context
-        r.seg_f0 = self.decode_step(r.active, r.context)
+        r.seg_f0 = r.decode_step(r.active, r.context)
         r.busy, r.in_decode, r.last_prefill = True, True, False
         r.version += 1
         self.push(t + self.stretch_seconds(r, k), DECODE_END, r.index, r.version)
@@ -522,7 +586,8 @@ def simulate(deployment: SimDeployment, requests: Sequence[SimRequest]) -> SimRe
     sim.run()
     return SimResult(tuple(requests), np.array(sim.prefill_start, dtype=float),
                      np.array(sim.first_token, dtype=float), np.array(sim.finish, dtype=float),
-                     np.array(sim.placed, dtype=float), sim.rejected, sim.prefill_busy)
+                     np.array(sim.placed, dtype=float), sim.rejected, sim.prefill_busy,
+                     np.array(sim.home, dtype=int))
 
 
 DeploymentLike = SimDeployment | Callable[[float], SimDeployment]

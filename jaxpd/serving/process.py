@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -30,18 +31,47 @@ READY_PREFIX = "JAXPD_READY "
 PROGRESS_PREFIX = "JAXPD_PROGRESS "  # compile progress, shown by the launcher
 
 
-def worker_group(deployment: DeploymentConfig, role: str) -> tuple[MeshSection, str]:
-    if role == "decode":
-        if deployment.mode != "disaggregated":
-            raise ConfigError("role 'decode' needs mode: disaggregated (colocated deployments run "
-                              "'colocated' workers)")
-        return deployment.decode, "decode"
+@dataclasses.dataclass(frozen=True)
+class WorkerPlace:
+    """Where replica `replica` of a role sits: its group, the group's YAML key, its index
+    within the group, and the deployment as that group sees it (`DeploymentConfig.for_group`:
+    the group's own KV pages and decode batch), which its engine is built from."""
+
+    group: MeshSection
+    key: str
+    local: int
+    view: DeploymentConfig
+
+    @property
+    def port(self) -> int:
+        """Its configured port (group port + index within the group), 0 = any free port."""
+        return self.group.port + self.local if self.group.port else 0
+
+
+def check_role(deployment: DeploymentConfig, role: str) -> None:
+    if role == "decode" and deployment.mode != "disaggregated":
+        raise ConfigError("role 'decode' needs mode: disaggregated (colocated deployments run "
+                          "'colocated' workers)")
     if role == "prefill" and deployment.mode != "disaggregated":
         raise ConfigError("role 'prefill' needs mode: disaggregated (colocated deployments run "
                           "'colocated' workers)")
     if role == "colocated" and deployment.mode != "colocated":
         raise ConfigError("role 'colocated' needs mode: colocated")
-    return deployment.prefill, "prefill"
+
+
+def worker_group(deployment: DeploymentConfig, role: str, replica: int = 0) -> WorkerPlace:
+    """The group replica `replica` of `role` belongs to (replicas are numbered across a role's
+    groups); ConfigError when the mode has no such role or the role no such replica."""
+    check_role(deployment, role)
+    try:
+        group, index, local = deployment.locate(role, replica)
+    except IndexError:
+        total = deployment.replicas(role)
+        section = "decode" if role == "decode" else "prefill"
+        raise ConfigError(f"--replica {replica}: {section} has {total} replica(s) "
+                          f"(0 to {total - 1}, numbered across its groups)") from None
+    return WorkerPlace(group, deployment.group_key(role, index), local,
+                       deployment.for_group(role, index))
 
 
 def announce(role: str, replica: int, address: str, **extra) -> None:
@@ -183,8 +213,8 @@ def _follow_worker(role: str, replica: int, deployment: DeploymentConfig,
     then replay its device ops until it stops (0) or dies (EXIT_BROKEN)."""
     from jaxpd.serving.grpc_server import internal_secret
 
-    group, _ = worker_group(deployment, role)
-    engine, *_ = _load_worker(deployment, group.tp)
+    place = worker_group(deployment, role, replica)
+    engine, *_ = _load_worker(place.view, place.group.tp)
     runner = _role_shapes(role, engine)[0]
     _, start_background = _warm_up(role, replica, engine)
     start_background()
@@ -213,7 +243,8 @@ async def _serve_worker(role: str, replica: int, deployment: DeploymentConfig, w
 
     from jaxpd.serving import metrics as prom
 
-    group, key = worker_group(deployment, role)
+    place = worker_group(deployment, role, replica)
+    group, key, deployment = place.group, place.key, place.view
     serving = deployment.serving
     loop = asyncio.get_running_loop()
     steps = None
@@ -287,7 +318,7 @@ async def _serve_worker(role: str, replica: int, deployment: DeploymentConfig, w
     services = (["jaxpd.v1.PrefillWorker"] if role == "prefill"
                 else ["jaxpd.v1.DecodeWorker", "jaxpd.v1.KVTransfer"])
     if port is None:
-        port = group.port + replica if group.port else 0
+        port = place.port
     server = await start_server(group.host, port, key=f"{key}.port", where=where,
                                 services=services, register=register, internal=True,
                                 max_message_bytes=serving.kv_message_bytes + (1 << 20))
@@ -347,15 +378,23 @@ async def _serve_worker(role: str, replica: int, deployment: DeploymentConfig, w
 
 
 # -- the router -------------------------------------------------------------------------------------
-def _addresses(group: MeshSection | None, key: str, given: list[str] | None) -> list[str]:
+def _addresses(deployment: DeploymentConfig, role: str, given: list[str] | None) -> list[str]:
+    """The role's worker addresses in replica order: as given (`--prefill-addresses`), else
+    from each group's host and port."""
     if given is not None:
+        if len(given) != deployment.replicas(role):
+            section = "decode" if role == "decode" else "prefill"
+            raise ConfigError(f"{len(given)} {role} address(es) given but {section} has "
+                              f"{deployment.replicas(role)} replica(s)")
         return given
-    if group is None:
-        return []
-    if not group.port:
-        raise ConfigError(f"{key}.port: set the workers' port so the router can find them (port 0 "
-                          f"only works when `jaxpd serve --config` starts every process)")
-    return [group.address(i) for i in range(group.replicas)]
+    out = []
+    for index, group in enumerate(deployment.groups(role)):
+        if not group.port:
+            raise ConfigError(f"{deployment.group_key(role, index)}.port: set the workers' port "
+                              f"so the router can find them (port 0 only works when `jaxpd "
+                              f"serve --config` starts every process)")
+        out += [group.address(i) for i in range(group.replicas)]
+    return out
 
 
 def served_model_name(deployment: DeploymentConfig) -> str:
@@ -419,12 +458,15 @@ async def _serve_router(deployment: DeploymentConfig, where: str, prefill: list[
     tokenizer = tokenizer_for_checkpoint(folder)
     config = merge_tokenizer_eos(load_config(folder), tokenizer)
     if deployment.mode == "disaggregated":
-        prefill_addrs = _addresses(deployment.prefill, "prefill", prefill)
-        decode_addrs = _addresses(deployment.decode, "decode", decode)
+        prefill_addrs = _addresses(deployment, "prefill", prefill)
+        decode_addrs = _addresses(deployment, "decode", decode)
+        decode_role = "decode"
     else:
-        prefill_addrs, decode_addrs = [], _addresses(deployment.prefill, "prefill", decode)
-    pool = WorkerPool(make_workers("prefill", prefill_addrs),
-                      make_workers("decode" if prefill_addrs else "colocated", decode_addrs),
+        prefill_addrs, decode_addrs = [], _addresses(deployment, "colocated", decode)
+        decode_role = "colocated"
+    pool = WorkerPool(make_workers("prefill", prefill_addrs,
+                                   deployment.weights("prefill") if prefill_addrs else []),
+                      make_workers(decode_role, decode_addrs, deployment.weights(decode_role)),
                       liveness_timeout_s=serving.liveness_timeout_s)
     try:
         await pool.connect(serving.startup_timeout_s)
@@ -502,9 +544,7 @@ def run_role(role: str, deployment: DeploymentConfig, where: str, *, replica: in
     if role == "router":
         return asyncio.run(_serve_router(deployment, where, prefill_addresses, decode_addresses,
                                          port, metrics_port, http_port, chat_template))
-    group, key = worker_group(deployment, role)
-    if not 0 <= replica < group.replicas:
-        raise ConfigError(f"--replica {replica}: {key}.replicas is {group.replicas}")
+    worker_group(deployment, role, replica)  # a replica the deployment has, or ConfigError
     if member is None:
         return asyncio.run(_serve_worker(role, replica, deployment, where, port, metrics_port))
     # Every process of a multi-host replica ends through os._exit, skipping jax.distributed's

@@ -17,7 +17,8 @@ import sys
 import time
 
 from jaxpd.config import DeploymentConfig, load_config
-from jaxpd.serving.process import ROLES, run_role, worker_group
+from jaxpd.errors import ConfigError
+from jaxpd.serving.process import ROLES, check_role, run_role, worker_group
 
 EPILOG = """\
 examples:
@@ -50,7 +51,11 @@ def add_parser(subparsers) -> None:
                    help="run only this role; default: start every process the config describes")
     p.add_argument("--config", required=True, metavar="YAML", help="deployment config")
     p.add_argument("--replica", type=int, default=0, metavar="I",
-                   help="which replica of the role's worker group (default 0)")
+                   help="which replica of the role (default 0), numbered across the role's "
+                        "groups in order; with --group, within that group")
+    p.add_argument("--group", type=int, metavar="G",
+                   help="a role with several groups: --replica counts within group G (0 = the "
+                        "first listed), as a Kubernetes pod's index does")
     p.add_argument("--port", type=int, metavar="P",
                    help="one role: listen on this port instead of the config's (`jaxpd serve` "
                         "fixes each worker's port, so a restarted worker comes back there)")
@@ -100,6 +105,8 @@ def run(args) -> int:
     from jaxpd import compile_cache
 
     deployment = load_config(args.config)
+    if args.group is not None:
+        args.replica = _replica_in_group(deployment, args.role, args.group, args.replica)
     if args.compile_cache is not None:  # the roles read it from the environment
         os.environ[compile_cache.ENV] = args.compile_cache
     if args.precompile is not None:
@@ -116,11 +123,12 @@ def run(args) -> int:
     if args.role == "router":
         os.environ.update(router_env(os.environ))
     else:
-        group, key = worker_group(deployment, args.role)
-        member = resolve(group.hosts, key, args.host_index, args.coordinator,
+        place = worker_group(deployment, args.role, args.replica)
+        group = place.group
+        member = resolve(group.hosts, place.key, args.host_index, args.coordinator,
                          group.coordinator_port)
         devices = (list(range(group.devices_per_host)) if args.all_visible_devices
-                   else group.replica_devices(args.replica))
+                   else group.replica_devices(place.local))
         os.environ.update(visible_devices_env(devices, os.environ, whole_host=(
             member is not None or args.all_visible_devices)))
     compile_cache.enable()
@@ -131,15 +139,24 @@ def run(args) -> int:
                     chat_template=args.chat_template)
 
 
-def _hosts(deployment: DeploymentConfig, role: str) -> int:
-    return worker_group(deployment, role)[0].hosts
+def _replica_in_group(deployment: DeploymentConfig, role: str | None, group: int,
+                      local: int) -> int:
+    """The role-wide replica number of replica `local` of the role's group `group`."""
+    if role in (None, "router"):
+        raise ConfigError("--group: only for a worker role (prefill, decode, colocated)")
+    check_role(deployment, role)
+    sections = deployment.groups(role)
+    if not 0 <= group < len(sections):
+        raise ConfigError(f"--group {group}: {role} has {len(sections)} group(s)")
+    if not 0 <= local < sections[group].replicas:
+        raise ConfigError(f"--replica {local}: {deployment.group_key(role, group)}.replicas is "
+                          f"{sections[group].replicas}")
+    return sum(g.replicas for g in sections[:group]) + local
 
 
 def _worker_roles(deployment: DeploymentConfig) -> list[tuple[str, int]]:
-    if deployment.mode == "colocated":
-        return [("colocated", i) for i in range(deployment.prefill.replicas)]
-    return ([("prefill", i) for i in range(deployment.prefill.replicas)]
-            + [("decode", i) for i in range(deployment.decode.replicas)])
+    """(role, replica) of every worker, replicas numbered across each role's groups."""
+    return [(role, i) for role in deployment.roles for i in range(deployment.replicas(role))]
 
 
 def _check_ports(deployment: DeploymentConfig, where: str, roles) -> None:
@@ -150,10 +167,17 @@ def _check_ports(deployment: DeploymentConfig, where: str, roles) -> None:
     if deployment.serving.http is not None:
         h = deployment.serving.http
         check_port_free(h.host, h.port, "serving.http.port", where)
+    taken: dict[tuple[str, int], str] = {}  # one machine starts every worker: no port twice
     for role, replica in roles:
-        group, key = worker_group(deployment, role)
-        if group.port:
-            check_port_free(group.host, group.port + replica, f"{key}.port", where)
+        place = worker_group(deployment, role, replica)
+        if place.port:
+            key = f"{place.key}.port"
+            other = taken.setdefault((place.group.host, place.port), key)
+            if other != key:
+                raise ConfigError(f"{where}: {key}: {role}-{replica} would listen on port "
+                                  f"{place.port}, which {other} gives another worker (replica i "
+                                  f"of a group uses port + i)")
+            check_port_free(place.group.host, place.port, key, where)
 
 
 def launch(deployment: DeploymentConfig, where: str, *, verbose: bool = False,
@@ -189,8 +213,9 @@ def launch(deployment: DeploymentConfig, where: str, *, verbose: bool = False,
         with launcher, handle_stop_signals(launcher):
             specs, followers = [], []
             for n, (role, i) in enumerate(roles):  # fixed ports: a restart comes back there
-                group, _ = worker_group(deployment, role)
-                port = group.port + i if group.port else free_port(group.host)
+                place = worker_group(deployment, role, i)
+                group = place.group
+                port = place.port or free_port(group.host)
                 extra = ["--port", str(port), "--metrics-port", str(metrics_port(1 + n))]
                 if group.hosts == 1:
                     specs.append(role_spec(role, i, where, env, extra=extra))

@@ -89,7 +89,8 @@ def local_deployment(deployment: DeploymentConfig, tp: int) -> DeploymentConfig:
     """The deployment as one worker process sees it: one colocated mesh on its local devices
     0..tp-1 (the launcher made exactly its own devices visible)."""
     return deployment.model_copy(update={
-        "mode": "colocated", "prefill": MeshSection(devices=list(range(tp)), tp=tp), "decode": None})
+        "mode": "colocated", "prefill": (MeshSection(devices=list(range(tp)), tp=tp),),
+        "decode": None})
 
 
 class WorkerServicer:

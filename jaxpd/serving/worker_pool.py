@@ -60,6 +60,7 @@ class WorkerHandle:
     failed_probes: int = 0  # load reports in a row that did not come
     watchers: set = dataclasses.field(default_factory=set)  # callbacks(reason) when it goes down
     recent_blocks: collections.OrderedDict = dataclasses.field(default_factory=collections.OrderedDict)
+    weight: float = 1.0  # its group's `weight`: requests are shared in proportion to it
 
     @property
     def name(self) -> str:
@@ -126,9 +127,13 @@ class WorkerHandle:
         return load
 
 
-def make_workers(role: str, addresses: list[str]) -> list[WorkerHandle]:
+def make_workers(role: str, addresses: list[str],
+                 weights: list[float] | None = None) -> list[WorkerHandle]:
+    """Handles of `role`'s workers in replica order, with their groups' routing weights."""
     stub = worker_pb2_grpc.PrefillWorkerStub if role == "prefill" else worker_pb2_grpc.DecodeWorkerStub
-    return [WorkerHandle(role, i, a, stub(new_channel(a))) for i, a in enumerate(addresses)]
+    weights = weights or [1.0] * len(addresses)
+    return [WorkerHandle(role, i, a, stub(new_channel(a)), weight=w)
+            for i, (a, w) in enumerate(zip(addresses, weights, strict=True))]
 
 
 class WorkerPool:
@@ -258,14 +263,22 @@ class WorkerPool:
 
     def decode_order(self, pages: int, exclude: set[WorkerHandle] = frozenset(),
                      prefix: list[bytes] | None = None) -> list[WorkerHandle]:
-        """Serving decode workers whose pool could ever hold `pages`, the most free first
-        (counting this router's reservations since their last report), then the least busy.
-        With `prefix` (block hashes of a prompt the worker will prefill itself), a worker that
-        has room now and likely holds those blocks (an earlier turn of the conversation ended
-        there) comes first."""
+        """Serving decode workers whose pool could ever hold `pages`, best first: with equal
+        weights the most free pages first (counting this router's reservations since their
+        last report), then the least busy. When the role's groups differ in weight (a faster
+        accelerator beside a slower one), workers with room now come first, the fewest requests
+        per unit of weight first, so each group takes its share of the load. With `prefix`
+        (block hashes of a prompt the worker will prefill itself), a worker that has room now
+        and likely holds those blocks (an earlier turn of the conversation ended there) comes
+        first."""
         fitting = [w for w in self.decode if w.serving and w not in exclude
                    and (w.info is None or w.info.kv_pages >= pages)]
-        order = sorted(fitting, key=lambda w: (-w.free_pages(), w.busy(), w.replica))
+        if len({w.weight for w in self.decode}) > 1:
+            order = sorted(fitting, key=lambda w: (w.free_pages() < pages,
+                                                   (w.busy() + 1) / w.weight, -w.free_pages(),
+                                                   w.replica))
+        else:
+            order = sorted(fitting, key=lambda w: (-w.free_pages(), w.busy(), w.replica))
         if prefix:
             held = {w: w.cached_blocks(prefix) for w in order if w.free_pages() >= pages}
             best = max(held, key=held.get, default=None)
@@ -279,14 +292,16 @@ class WorkerPool:
 
     def choose_prefill(self, prompt: tuple[int, ...], page_size: int,
                        exclude: set[WorkerHandle] = frozenset()) -> WorkerHandle | None:
-        """The least busy serving prefill worker, or one nearly as idle that likely holds the
-        prompt's first blocks in its prefix cache; None when none serves."""
+        """The least busy serving prefill worker (requests in flight per unit of its group's
+        weight), or one nearly as idle that likely holds the prompt's first blocks in its prefix
+        cache; None when none serves."""
         live = [w for w in self.prefill if w.serving and w not in exclude]
         if not live:
             return None
         hashes = prefix_hashes(prompt, page_size)
-        least = min(w.in_flight for w in live)
-        near = [w for w in live if w.in_flight <= least + 2]
-        chosen = max(near, key=lambda w: (w.cached_blocks(hashes), -w.in_flight, -w.replica))
+        share = lambda w: w.in_flight / w.weight  # noqa: E731 - in flight per unit of weight
+        least = min(share(w) for w in live)
+        near = [w for w in live if share(w) <= least + 2 / w.weight]
+        chosen = max(near, key=lambda w: (w.cached_blocks(hashes), -share(w), -w.replica))
         chosen.remember_blocks(hashes)
         return chosen
