@@ -216,22 +216,3 @@ def test_record_stop_token_ids_add_to_the_tokenizers_eos(eos_checkpoint, tmp_pat
     assert records["ignore"]["token_ids"] == greedy and records["ignore"]["finish_reason"] == "length"
 
 
-@pytest.mark.slow
-def test_cli_batch_with_pallas_attention_equals_reference(tmp_path, capsys):
-    """`--attention pallas` (the TPU kernel, interpreted on CPU) gives the reference's greedy
-    tokens for a batch of mixed lengths with a shared prefix, disaggregated TP 4 -> 2."""
-    src = tmp_path / "in.jsonl"
-    write_jsonl(src, [{"id": "b1", "prompt": "It is a truth universally acknowledged"},
-                      {"id": "b2", "prompt": "It is a truth universally acknowledged, that a"},
-                      {"id": "b3", "prompt_token_ids": [5]},
-                      {"id": "b4", "prompt": "Emma Woodhouse, handsome, clever, and rich, with a "
-                                             "comfortable home and happy disposition"}])
-    tokens = {}
-    for attention in ("reference", "pallas"):
-        out = tmp_path / f"{attention}.jsonl"
-        assert main(["generate", "--config", str(REPO / "configs" / "cpu-disaggregated.yaml"),
-                     "--attention", attention, "--input", str(src), "--output", str(out),
-                     "--max-tokens", "6", "--no-progress", "--precompile", "first"]) == 0
-        tokens[attention] = {r["id"]: r["token_ids"] for r in read_jsonl(out)}
-    capsys.readouterr()
-    assert tokens["pallas"] == tokens["reference"] and len(tokens["pallas"]) == 4

@@ -31,7 +31,7 @@ def _generate(cache: str, env_dir: Path):
 
 
 @pytest.mark.slow
-def test_a_run_fills_the_cache_and_off_leaves_none(tmp_path):
+def test_a_run_fills_the_cache_and_a_second_run_loads_it(tmp_path):
     cache = tmp_path / "xla"
     first = _generate(str(cache), tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]
@@ -41,5 +41,14 @@ def test_a_run_fills_the_cache_and_off_leaves_none(tmp_path):
     tokens = lambda run: json.loads(run.stdout)["token_ids"]  # noqa: E731
     assert second.returncode == 0 and tokens(second) == tokens(first)
     assert len(list(cache.iterdir())) == len(entries)  # same programs: loaded, not added
-    off = _generate("off", tmp_path)
-    assert off.returncode == 0 and not (tmp_path / ".cache").exists()
+
+
+def test_off_points_jax_nowhere_and_tells_child_processes(monkeypatch, tmp_path):
+    import jax
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv(compile_cache.ENV, os.environ.get(compile_cache.ENV, ""))  # restored after
+    before = jax.config.jax_compilation_cache_dir
+    assert compile_cache.enable("off") is None
+    assert os.environ[compile_cache.ENV] == "off"  # what `jaxpd serve` workers inherit
+    assert jax.config.jax_compilation_cache_dir == before and not (tmp_path / ".cache").exists()

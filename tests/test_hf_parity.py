@@ -46,13 +46,13 @@ def test_fixtures_cover_what_they_claim():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, layout", [("llama", "disaggregated"), ("qwen2", "colocated"),
-                                          ("mistral", "disaggregated")])
+@pytest.mark.parametrize("name, layout", [("qwen2", "colocated"), ("mistral", "disaggregated")])
 def test_paged_engine_with_pallas_matches_transformers(name, layout):
     """The serving engine with `attention: pallas` (the TPU kernel, interpreted on CPU) gives
     transformers' greedy tokens for all prompts batched: colocated TP 2, and disaggregated TP
-    4 -> 2 (each layout on a fixture of its own, to keep the suite short; the window fixture
-    has its own test in test_engine.py)."""
+    4 -> 2 (each layout on a fixture of its own, to keep the suite short: the llama fixture's
+    disaggregated pallas engine is test_engine_attention.py's, the window fixture's
+    test_engine.py's)."""
     from conftest import ONE_SHAPE, deployment
     from jaxpd.engine.builder import build_engine
     from jaxpd.engine.request import Request

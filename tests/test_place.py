@@ -40,7 +40,7 @@ CHAT_SLO = Slo(0.25, 0.03)
 def mixed_placement():
     # a 32k-request steady-state horizon (the CLI's is 64k), and no goodput search (the
     # replay below measures the written plan's): this fixture takes about 10 s
-    return place(LLAMA8B, pools(**MIXED), Workload("chatbot"), 100.0, CHAT_SLO, candidates=3,
+    return place(LLAMA8B, pools(**MIXED), Workload("chatbot"), 100.0, CHAT_SLO, candidates=2,
                  max_sim_requests=32_000, find_goodput=False)
 
 

@@ -158,6 +158,25 @@ def test_a_step_pads_up_to_the_smallest_ready_program_that_covers_it(llama, prom
     assert [n for n in compiles if "step" in n] == [] and out == reference
 
 
+def test_a_short_chunk_waits_rather_than_pad_a_long_one_past_the_budget(llama):
+    """A 60-token prompt and a 10-token one, budget 64: together they would run as 2 x 64
+    rows (the long chunk's bucket), twice the budget; the short one takes the next step. Two
+    short ones (2 x 16) share a step."""
+    from jaxpd.engine.request import Sequence
+
+    engine = build_engine(llama.config, llama.params,
+                          deployment(page_size=4, num_pages=64, chunk_size=64,
+                                     max_prefill_tokens=64, devices=(0,)))
+    prefill = engine.prefill
+    assert prefill.padded_tokens(2, 60) == 128 and prefill.padded_tokens(2, 10) == 32
+    seqs = [Sequence(Request(f"s{i}", tuple(range(3, 3 + n))), seed=0)
+            for i, n in enumerate((60, 10, 12))]
+    assert all(prefill.admit(seq) for seq in seqs)
+    assert [s.id for s in prefill.step(seqs)] == ["s0"]
+    assert [s.num_computed for s in seqs] == [60, 0, 0]
+    assert [s.id for s in prefill.step(seqs[1:])] == ["s1", "s2"]
+
+
 @pytest.mark.slow
 def test_trimmed_decode_rows_take_turns(llama, prompts):
     """With only a one-row decode program, three running sequences share it in turns rather than

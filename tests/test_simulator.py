@@ -436,6 +436,17 @@ def test_chunked_prefill_is_priced_at_the_padded_step_shape():
     assert model.steps == [[(0, 128)], [(0, 64)] * 4]
 
 
+def test_a_chunk_that_would_pad_the_step_past_the_budget_waits():
+    """As the engine: 1,800 and 248 tokens would run as 2 x 2,048 (the long chunk's bucket),
+    twice the 2,048-token budget, so the 248-token prompt takes the next step."""
+    model = Stepped()
+    dep = SimDeployment.disaggregated(model, model, chunk_size=2048, max_prefill_tokens=2048,
+                                      prefill_batch_buckets=(1, 2, 4),
+                                      prefill_chunk_buckets=(256, 512, 1024, 2048))
+    simulate(dep, [SimRequest(0.0, 1800, 2), SimRequest(0.0, 248, 2), SimRequest(0.0, 200, 2)])
+    assert model.steps == [[(0, 2048)], [(0, 256), (0, 256)]]
+
+
 def _busy_decoder(**limits):
     """Request 0 decodes 49 steps from t=0.022 (prefill 0.02 s, hand-off 0.002 s) in calls of
     4 steps of 8.1 ms; request 1 arrives at t=0.03, in the middle of the first call."""

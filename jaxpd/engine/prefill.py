@@ -1,7 +1,9 @@
 """Prefill engine: admits prompts into its mesh's pages and runs them in chunks.
 
 Each call to `step` runs one batch of chunks (at most `chunk_size` tokens per sequence and
-`max_batch_tokens` in all); a sequence whose last chunk ran gets its first token and is returned.
+`max_batch_tokens` in all, counted as the step computes them: every row padded to the longest
+chunk's bucket, and the rows to the batch bucket); a sequence whose last chunk ran gets its first
+token and is returned.
 Blocks already in the prefix cache are skipped; full blocks are entered into it as they complete.
 """
 
@@ -53,16 +55,30 @@ class PrefillEngine:
         return runner.step_shapes(runner.prefill_batch_sizes,
                                   [c for c in runner.chunk_sizes if c <= longest])
 
+    def padded_tokens(self, rows: int, longest: int) -> int:
+        """Tokens a step of `rows` chunks, the longest `longest`, computes: its program's
+        shape (batch bucket x chunk bucket)."""
+        runner = self.runner
+        return (bucket_for(rows, runner.prefill_batch_sizes)
+                * bucket_for(min(longest, runner.chunk_sizes[-1]), runner.chunk_sizes))
+
     def step(self, seqs: list[Sequence]) -> list[Sequence]:
-        """Run one chunk batch over admitted sequences; return those whose prefill completed."""
-        slices, budget = [], self.max_batch_tokens
+        """Run one chunk batch over admitted sequences (in order); return those whose prefill
+        completed. A sequence joins the step only while the padded step stays within the
+        token budget: a short chunk beside a long one would be computed at the long one's
+        length (1,800 tokens and 248 run as 2 x 2,048), so it waits for the next step."""
+        slices, budget, longest = [], self.max_batch_tokens, 0
         for seq in seqs[:self.max_seqs]:
             remaining = len(seq.tokens) - seq.num_computed
             length = min(remaining, self.chunk_size, budget)
             if length <= 0:
                 break
+            if slices and self.padded_tokens(len(slices) + 1, max(longest, length)) > \
+                    self.max_batch_tokens:
+                break
             slices.append(Slice(seq, seq.num_computed, length))
             budget -= length
+            longest = max(longest, length)
         slices = self.runner.fit(slices)
         if not slices:
             return []

@@ -23,7 +23,8 @@ from jaxpd.engine.buckets import DEFAULT_PREFILL_BATCH, MIN_CHUNK, pow2_sizes
 from jaxpd.model.config import ModelConfig
 from jaxpd.placement.cost_model import PhaseModel
 from jaxpd.placement.deploy_yaml import plan_scheduler, plan_transport
-from jaxpd.placement.placer import (REQUEST_PATH_S, Demand, Objective, Option, Plan, PoolSpec,
+from jaxpd.placement.placer import (MAX_PER_ROLE, REQUEST_PATH_S, Demand, Objective, Option,
+                                    Plan, PoolSpec,
                                     fits,
                                     incompatible_pairs,
                                     kv_link, kv_seconds, max_rate, options, ranked, solve,
@@ -367,10 +368,12 @@ def place(model: ModelConfig, pools: Sequence[PoolSpec], workload: Workload, rat
           slo: Slo, *, objective: Objective = "cost", budget: float | None = None,
           candidates: int = 5, sim_requests: int = 2000, seed: int = 0,
           compare_single_kinds: bool = True, max_utilization: float = 0.8,
-          max_sim_requests: int = 64_000, find_goodput: bool = True) -> Placement:
+          max_sim_requests: int = 64_000, find_goodput: bool = True,
+          max_per_role: int = MAX_PER_ROLE) -> Placement:
     """Rank plans analytically (every replica loaded to at most `max_utilization` of what it
-    sustains), verify the leading `candidates` in the simulator's steady state (ten lifetimes
-    of the longest request, at least `sim_requests`, at most `max_sim_requests`)."""
+    sustains; a role on up to `max_per_role` options at once), verify the leading
+    `candidates` in the simulator's steady state (ten lifetimes of the longest request, at
+    least `sim_requests`, at most `max_sim_requests`)."""
     by_name = {p.name: p for p in pools}
     demand = workload.demand(rate, slo, max_utilization=max_utilization)
     lifetime = workload.lifetime(slo)
@@ -382,7 +385,7 @@ def place(model: ModelConfig, pools: Sequence[PoolSpec], workload: Workload, rat
     opts = options(model, pools, demand)
     bad = incompatible_pairs(model, opts, pools, demand)
     plans = ranked(opts, pools, rate, candidates, objective=objective, budget=budget,
-                   incompatible=bad)
+                   incompatible=bad, max_per_role=max_per_role)
     reqs = steady_requests(rate)
     checked = sorted((verify(model, p, by_name, reqs, slo, budget, lifetime, max_utilization)
                       for p in plans),
@@ -395,7 +398,8 @@ def place(model: ModelConfig, pools: Sequence[PoolSpec], workload: Workload, rat
             sub = place(model, kind, workload, rate, slo, objective="cost", budget=None,
                         candidates=min(candidates, 3), sim_requests=sim_requests, seed=seed,
                         compare_single_kinds=False, max_utilization=max_utilization,
-                        max_sim_requests=max_sim_requests, find_goodput=False)
+                        max_sim_requests=max_sim_requests, find_goodput=False,
+                        max_per_role=max_per_role)
             costs = [c.cost_per_hour for c in (*sub.candidates, *checked) if c.verified
                      and {by_name[o.pool].device for o, _ in c.plan.choices} == {device}]
             if costs:

@@ -111,6 +111,10 @@ def add_parser(subparsers) -> None:
                    help="most $/hour the plan may cost")
     p.add_argument("--candidates", type=positive_int, default=5, metavar="N",
                    help="leading plans to verify in the simulator (default 5)")
+    p.add_argument("--options-per-role", type=positive_int, default=2, metavar="N",
+                   help="pools (or TP degrees) one role may run on at once, e.g. decode on "
+                        "v5e and v6e together, each group weighted by its capacity (default "
+                        "2; 1 = one kind per role)")
     p.add_argument("--profiles", default=str(DEFAULT_PROFILES), metavar="DIR",
                    help="tools/bench_engine.py profiles; a device with one gets calibrated "
                         "efficiencies (default configs/profiles)")
@@ -341,7 +345,8 @@ def run(args) -> int:
         return EXIT_USAGE
     placement = place(model, pools, workload, args.rate, slo, objective=args.objective,
                       budget=args.budget, candidates=args.candidates, seed=args.seed,
-                      max_utilization=args.max_utilization)
+                      max_utilization=args.max_utilization,
+                      max_per_role=args.options_per_role)
     by_name = {p.name: p for p in pools}
     if args.json:
         print(json.dumps(summary(placement, by_name, args.objective)))

@@ -19,7 +19,8 @@ What it models, mirroring jaxpd's router and engines:
   batch limit and routing weight.
 - Prefill replica, with `chunk_size` (what jaxpd's engine does): each step takes, in arrival
   order, up to `max_prefill_seqs` prompts and from each its next chunk of at most `chunk_size`
-  tokens, until `max_prefill_tokens` are taken; a prompt's first token is emitted at the end
+  tokens, until `max_prefill_tokens` are taken, or until the next chunk would make the padded
+  step (below) exceed `max_prefill_tokens`; a prompt's first token is emitted at the end
   of the step that ran its last chunk. The step is priced at the shape the engine pads it to:
   the batch up to the next of `prefill_batch_buckets`, every chunk up to the next of
   `prefill_chunk_buckets` (padding rows are priced as chunks of that length; no buckets: no
@@ -324,6 +325,7 @@ class _Simulation:
         self.prefillers = (self.decoders if self.colocated else [_Replica(i, g, True) for i, g in
                            enumerate(g for g in dep.prefill_side() for _ in range(g.replicas))])
         self.largest_kv = max(g.kv_capacity_tokens for g in dep.decode_side())
+        self.pads = bool(dep.prefill_batch_buckets or dep.prefill_chunk_buckets)
         self.weighted = len({g.weight for g in dep.decode_side()}) > 1
         self.waiting: deque[int] = deque()  # requests waiting for KV room
         self.rejected = 0
@@ -448,12 +450,16 @@ class _Simulation:
         the token budget (at least one)."""
         budget, batch = self.dep.max_prefill_tokens, []
         if self.dep.chunk_size:
-            chunks = []
+            chunks, longest = [], 0
             for rid in itertools.islice(r.queue, self.dep.max_prefill_seqs):
                 done = self.computed[rid]
                 length = min(self.prompt[rid] - done, self.dep.chunk_size, budget)
                 if length <= 0:
                     break
+                if chunks and self.pads and self.padded_tokens(
+                        len(chunks) + 1, max(longest, length)) > self.dep.max_prefill_tokens:
+                    break  # as the engine: a chunk joins while the padded step fits the budget
+                longest = max(longest, length)
                 if done == 0:
                     self.prefill_start[rid] = t
                 batch.append((rid, length))
@@ -473,6 +479,12 @@ class _Simulation:
         r.busy, r.in_decode, r.last_prefill = True, False, True
         self.prefill_busy += seconds
         self.push(t + seconds, PREFILL_END, r.index, batch)
+
+    def padded_tokens(self, rows: int, longest: int) -> int:
+        """Tokens the engine's step of `rows` chunks computes (its bucketed shape)."""
+        batches, sizes = self.dep.prefill_batch_buckets, self.dep.prefill_chunk_buckets
+        width = next((s for s in sizes if s >= longest), longest)
+        return next((b for b in batches if b >= rows), rows) * width
 
     def padded(self, chunks: list[tuple[int, int]]) -> list[tuple[int, int]]:
         """The step's chunks as the engine runs them: each as long as the longest's bucket,
