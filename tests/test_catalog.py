@@ -56,11 +56,32 @@ def test_every_catalog_figure_names_its_source():
                 assert "#" in line, f"{path.name}: no source comment on {line!r}"
 
 
+def test_every_figure_has_a_source_url_and_date(catalog, tmp_path):
+    """The loader refuses a device file whose figure has no `sources` entry with a URL and a
+    date; every shipped file passes, FP8 peaks and collective latency included where set."""
+    for spec in catalog.values():
+        for name in ("bf16_flops", "hbm_bandwidth", "price_per_hour"):
+            assert "http" in spec.sources[name]
+    assert catalog["h100-sxm"].fp8_flops == 2 * catalog["h100-sxm"].bf16_flops + 1e12
+    assert catalog["a100-80gb"].fp8_flops is None and catalog["tpu-v6e"].fp8_flops is None
+    assert catalog["h100-sxm"].roof().collective_latency == pytest.approx(12.5e-6)
+    text = (CATALOG_DIR / "l4.yaml").read_text()
+    _write(tmp_path / "l4.yaml", text.replace(
+        '  price_per_hour: "https://cloud.google.com/compute/gpus-pricing (g2-standard-4, '
+        'us-central1, 2026-12-01)"\n', '  price_per_hour: "the GCP pricing page"\n'))
+    with pytest.raises(CatalogError, match=r"sources\.price_per_hour: 'the GCP pricing page' "
+                                            r"needs a URL and a date"):
+        load_catalog(tmp_path)
+    _write(tmp_path / "l4.yaml", re.sub(r'  fp8_flops: ".*"\n', "", text))
+    with pytest.raises(CatalogError, match=r"sources\.fp8_flops: missing"):
+        load_catalog(tmp_path)
+
+
 def test_roof_maps_the_fields(catalog):
     l4 = catalog["l4"]
     assert l4.roof() == Roofline(flops=l4.bf16_flops, bandwidth=l4.hbm_bandwidth,
                                  memory=l4.hbm_bytes, link_bandwidth=l4.link_bandwidth)
-    assert catalog["h100-sxm"].roof() == Roofline(989e12, 3.35e12, 80e9, 450e9)
+    assert catalog["h100-sxm"].roof() == Roofline(989e12, 3.35e12, 80e9, 450e9, 12.5e-6)
 
 
 @pytest.mark.parametrize("path", INVENTORIES, ids=lambda p: p.stem)
@@ -187,10 +208,10 @@ def test_a_negative_price_in_a_catalog_file(tmp_path):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda t: re.sub(r"hbm_bandwidth:.*\n", "", t),
+    (lambda t: re.sub(r"^hbm_bandwidth:.*\n", "", t, flags=re.M),
      r"h100-sxm\.yaml: hbm_bandwidth: Field required"),
-    (lambda t: t + "fp8_flops: 1979.0e+12\n",
-     r"h100-sxm\.yaml: fp8_flops: Extra inputs are not permitted"),
+    (lambda t: t + "fp16_flops: 1979.0e+12\n",
+     r"h100-sxm\.yaml: fp16_flops: Extra inputs are not permitted"),
     (lambda t: t.replace("max_tp: 8", "max_tp: : 8"), r"h100-sxm\.yaml: invalid YAML at line \d+"),
     (lambda t: t + "key: h100\n", r"h100-sxm\.yaml: key: 'h100' differs from the file name"),
 ], ids=["missing-field", "unknown-key", "malformed-yaml", "key-disagrees"])

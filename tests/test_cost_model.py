@@ -36,6 +36,18 @@ def test_tensor_parallelism_splits_weights_and_adds_all_reduces():
         PhaseModel(LLAMA8B, H100, 8).kv_bytes_per_token_per_device()
 
 
+def test_each_tp_step_pays_the_links_per_call_latency_twice_a_layer():
+    """A TP all-reduce costs at least the link's latency however few bytes it carries: 2 x 32
+    layers x 12.5 us is 0.8 ms per Llama-3-8B step at TP > 1, nothing at TP 1."""
+    slow = dataclasses.replace(H100, collective_latency=12.5e-6)
+    for tp, extra in ((1, 0.0), (2, 0.8e-3), (4, 0.8e-3)):
+        a, b = PhaseModel(LLAMA8B, H100, tp), PhaseModel(LLAMA8B, slow, tp)
+        assert b.decode_step_seconds(8, 8192) - a.decode_step_seconds(8, 8192) == \
+            pytest.approx(extra)
+        assert b.prefill_step_seconds([(0, 512)]) - a.prefill_step_seconds([(0, 512)]) == \
+            pytest.approx(extra)
+
+
 def test_memory_feasibility():
     m = PhaseModel(LLAMA8B, H100, 1)
     per_token = LLAMA8B.kv_bytes_per_token()

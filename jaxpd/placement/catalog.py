@@ -10,12 +10,13 @@ an inventory is the likeliest failure and the placer's output is only as good as
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import pydantic
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from jaxpd.placement.cost_model import Roofline
 from jaxpd.placement.placer import PoolSpec
@@ -46,10 +47,36 @@ class DeviceSpec(BaseModel):
     # same fast link (a TPU slice's ICI); None: the link stops at the host (max_tp)
     power_watts: float | None = Field(default=None, gt=0)  # None where the vendor publishes none
     price_per_hour: float = Field(gt=0)  # USD per device-hour, on demand
+    fp8_flops: float | None = Field(default=None, gt=0)  # dense FP8 peak; None: the device has
+    # no FP8 matmul (A100) or its vendor lists none (TPUs). jaxpd's FP8 weights dequantize to
+    # bf16 before the matmul, so they are priced at bf16_flops; this peak is for the record
+    collective_latency_us: float | None = Field(default=None, ge=0)  # one small all-reduce over
+    # the TP link (nccl-tests' latency floor); None: no published figure (priced as 0)
+    sources: dict[str, str]  # every figure above: "URL (what, YYYY-MM-DD)"
+
+    @model_validator(mode="after")
+    def _every_figure_has_a_source(self) -> DeviceSpec:
+        for name in SOURCED:
+            if getattr(self, name) is None:
+                continue
+            where = self.sources.get(name)
+            if where is None:
+                raise ValueError(f"sources.{name}: missing (a URL and the date it was read)")
+            if not _URL.search(where) or not _DATE.search(where):
+                raise ValueError(f"sources.{name}: {where!r} needs a URL and a date (YYYY-MM-DD)")
+        return self
 
     def roof(self) -> Roofline:
         return Roofline(flops=self.bf16_flops, bandwidth=self.hbm_bandwidth,
-                        memory=self.hbm_bytes, link_bandwidth=self.link_bandwidth)
+                        memory=self.hbm_bytes, link_bandwidth=self.link_bandwidth,
+                        collective_latency=(self.collective_latency_us or 0.0) / 1e6)
+
+
+# the figures a device file must source (those it sets)
+SOURCED = ("bf16_flops", "fp8_flops", "hbm_bytes", "hbm_bandwidth", "link_bandwidth",
+           "network_bandwidth", "collective_latency_us", "power_watts", "price_per_hour")
+_URL = re.compile(r"https?://\S+")
+_DATE = re.compile(r"\b20\d\d-\d\d(-\d\d)?\b")
 
 
 class PoolEntry(BaseModel):

@@ -39,6 +39,7 @@ class Roofline:
     bandwidth: float  # HBM bytes/s
     memory: float  # HBM bytes
     link_bandwidth: float = 0.0  # intra-node bytes/s per device (NVLink, ICI); 0 = none
+    collective_latency: float = 0.0  # seconds of one small all-reduce over that link
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,8 +100,15 @@ class PhaseModel:
         cfg = self.model
         return 4.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * query_tokens * key_tokens
 
+    def _collective_step_seconds(self) -> float:
+        """The fixed part of a step's all-reduces: two per layer, each at least the link's
+        per-call latency however few bytes it carries (what makes TP > 1 decode steps slower
+        than bandwidth alone says)."""
+        return 0.0 if self.tp == 1 else 2 * self.model.num_layers * self.roof.collective_latency
+
     def _allreduce_seconds(self, tokens: int) -> float:
-        """Two ring all-reduces of the hidden states per layer (attention out, MLP out)."""
+        """Two ring all-reduces of the hidden states per layer (attention out, MLP out): the
+        bytes over the link (their per-call latency: `_collective_step_seconds`)."""
         if self.tp == 1:
             return 0.0
         link = self.roof.link_bandwidth * self.efficiency.link
@@ -145,7 +153,7 @@ class PhaseModel:
         compute = dense_token * tokens + dense_sequence * sequences + causal * pairs
         memory = weights + kv * tokens + kv_read * earlier
         return (self._roofs(compute, memory) + allreduce * tokens + eff.prefill_overhead_s
-                + eff.per_sequence_s * sequences)
+                + eff.per_sequence_s * sequences + self._collective_step_seconds())
 
     def _roofs(self, compute: float, memory: float) -> float:
         """max() when the device overlaps compute with memory traffic, up to the sum when not."""
@@ -158,7 +166,7 @@ class PhaseModel:
         memory = weights + kv_read * context_tokens
         compute = (dense_token + dense_sequence) * batch + causal * context_tokens
         return (self._roofs(compute, memory) + allreduce * batch + eff.step_overhead_s
-                + eff.per_sequence_s * batch)
+                + eff.per_sequence_s * batch + self._collective_step_seconds())
 
 
 def kv_transfer_seconds(model: ModelConfig, prompt_tokens: int, link_bandwidth: float,
