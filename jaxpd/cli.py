@@ -223,7 +223,8 @@ def _load_engine(cfg):
     _check_devices(max(prefill + decode) + 1)
     devices = jax.devices()
     load_mesh = make_mesh([devices[i] for i in prefill], cfg.prefill[0].tp)
-    model = load_model(cfg.model.checkpoint, load_mesh, cfg.model.dtype, cfg.model.scan_layers)
+    model = load_model(cfg.model.checkpoint, load_mesh, cfg.model.dtype, cfg.model.scan_layers,
+                       cfg.model.weight_dtype)
     tokenizer = tokenizer_for_checkpoint(model.folder)
     config = merge_tokenizer_eos(model.config, tokenizer)
     return build_engine(config, model.params, cfg), tokenizer, model.folder

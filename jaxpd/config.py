@@ -49,6 +49,11 @@ class ModelSection(_Strict):
                                                              "the checkpoint folder's name")
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None, description="compute dtype; null = the checkpoint's (float32 on CPU)")
+    weight_dtype: Literal["float8_e4m3fn"] | None = Field(
+        None, description="float8_e4m3fn stores the decoder layers' linear weights in FP8 with "
+                          "a scale per output row, widened to `dtype` in each matmul: half of "
+                          "bf16's weight bytes (what a decode step streams), at a small "
+                          "accuracy cost; null = weights in `dtype`")
     scan_layers: bool = Field(
         False, description="true compiles one decoder layer and scans it over stacked layer "
                            "weights (compile time independent of depth, for deep models and "

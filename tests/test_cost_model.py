@@ -48,6 +48,19 @@ def test_each_tp_step_pays_the_links_per_call_latency_twice_a_layer():
             pytest.approx(extra)
 
 
+def test_fp8_weights_halve_what_a_decode_step_streams():
+    """jaxpd's FP8 weights (`--dtype fp8`): the layers' linear weights at one byte, the rest
+    (embeddings, LM head) at bf16; compute stays at bf16's peak, so prefill barely moves."""
+    fp8 = LLAMA8B.replace(weight_dtype="float8_e4m3fn")
+    a, b = PhaseModel(LLAMA8B, H100, 1), PhaseModel(fp8, H100, 1)
+    linear = LLAMA8B.linear_params()
+    assert a.weight_bytes_per_device() - b.weight_bytes_per_device() == pytest.approx(
+        linear - LLAMA8B.num_layers * (4096 + 2 * 1024 + 4096 + 2 * 14336 + 4096) * 4)
+    assert b.decode_step_seconds(1, 1024) < 0.6 * a.decode_step_seconds(1, 1024)
+    assert b.kv_capacity_tokens() > a.kv_capacity_tokens()
+    assert b.prefill_seconds([2048]) == pytest.approx(a.prefill_seconds([2048]), rel=0.05)
+
+
 def test_memory_feasibility():
     m = PhaseModel(LLAMA8B, H100, 1)
     per_token = LLAMA8B.kv_bytes_per_token()

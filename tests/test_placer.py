@@ -137,6 +137,9 @@ def test_plans_become_configs_that_jaxpd_serve_accepts():
         else:
             assert cfg.decode[0].devices == [0, 1, 2, 3] and cfg.decode[0].host == "0.0.0.0"
         assert "PREFILL_POOL_HOST" not in text and "DECODE_POOL_HOST" not in text
+    fp8 = parse_config(yaml.safe_load(plan_yaml(plan, checkpoint="/m", pools=pools,
+                                                weight_dtype="float8_e4m3fn")))
+    assert (fp8.model.dtype, fp8.model.weight_dtype) == ("bfloat16", "float8_e4m3fn")
 
 
 def test_decode_runs_on_two_pools_when_neither_alone_suffices():

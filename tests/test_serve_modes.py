@@ -26,8 +26,9 @@ from jaxpd.v1 import generation_pb2 as pb, generation_pb2_grpc
 
 @pytest.mark.slow
 def test_colocated_deployment_with_tls_mtls_and_a_token_serves_the_same_tokens(tmp_path):
-    """The colocated mode behind TLS on the public port, mutual TLS between router and worker,
-    and a bearer token: a client with the CA and the token gets the offline tokens; without the
+    """The colocated mode (TP 2, FP8 weights) behind TLS on the public port, mutual TLS between
+    router and worker, and a bearer token: a client with the CA and the token gets the offline
+    FP8 engine's tokens; without the
     token it gets UNAUTHENTICATED; without TLS, or with a certificate of another CA on the
     worker's port, it gets nothing at all."""
     from certs import CA
@@ -48,6 +49,7 @@ def test_colocated_deployment_with_tls_mtls_and_a_token_serves_the_same_tokens(t
     cfg["serving"].update(tls=ca.write(tmp_path, "router"), internal_tls=ca.write(tmp_path, "node"),
                           auth_token_file=str(tmp_path / "token"))
     cfg["scheduler"]["chunk_size"] = 32
+    cfg["model"]["weight_dtype"] = "float8_e4m3fn"
     config.write_text(yaml.safe_dump(cfg))
     prompts = [[5 + i] * n for i, n in enumerate((3, 40, 90))]
     d = sh.start(config, precompile="background", verbose=True)  # the default mode
@@ -83,7 +85,7 @@ def test_colocated_deployment_with_tls_mtls_and_a_token_serves_the_same_tokens(t
         assert sh.step_compiles_on_request_path(d.lines) == []
     finally:
         assert d.stop() == 0, "\n".join(d.lines[-30:])
-    model = load_model()
+    model = load_model(weight_dtype="float8_e4m3fn")
     engine = first_programs_only(build_engine(
         merge_tokenizer_eos(model.config, tokenizer_for_checkpoint(model.folder)), model.params,
         parse_config({"kv": {"num_pages": 256}})))

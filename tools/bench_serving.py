@@ -133,7 +133,8 @@ def run_in_process(deployment, runs) -> dict:
     from jaxpd.engine.sampling import SamplingParams
     from jaxpd.model.checkpoint import load_model
 
-    model = load_model(deployment.model.checkpoint, None, deployment.model.dtype)
+    model = load_model(deployment.model.checkpoint, None, deployment.model.dtype,
+                       weight_dtype=deployment.model.weight_dtype)
     engine = build_engine(model.config, model.params, deployment)
 
     def once(tag: str, requests) -> dict:

@@ -48,12 +48,15 @@ def load_config(folder: str | Path | None) -> ModelConfig:
 
 
 def load_model(folder: str | Path | None = None, mesh: Mesh | None = None,
-               dtype: str | None = None, scan_layers: bool = False) -> LoadedModel:
+               dtype: str | None = None, scan_layers: bool = False,
+               weight_dtype: str | None = None) -> LoadedModel:
     """Config and sharded parameters from `folder` (default: the embedded model).
 
     `dtype` overrides the checkpoint's dtype; by default CPU runs in float32, since XLA on CPU
     emulates bfloat16 arithmetic slowly. `scan_layers=True` scans one compiled layer over stacked
     weights (see `jaxpd.model.llama`); the parameters come in the form it reads.
+    `weight_dtype="float8_e4m3fn"` stores the layers' linear weights in FP8 with a scale per
+    row (`jaxpd.model.quantize`), quantized here as they load.
     """
     folder = Path(folder) if folder is not None else default_checkpoint()
     config = load_config(folder).replace(scan_layers=scan_layers)
@@ -66,4 +69,12 @@ def load_model(folder: str | Path | None = None, mesh: Mesh | None = None,
         params = restore_orbax(folder, config, mesh)
     else:
         params = load_hf_params(folder, config, mesh)
+    if weight_dtype is not None:
+        from jaxpd.model.quantize import quantize_params
+        from jaxpd.model.sharding import shard_params
+
+        config = config.replace(weight_dtype=weight_dtype)
+        params = quantize_params(params, weight_dtype)
+        if mesh is not None:  # the scales take their rows' layout (model/sharding.py)
+            params = shard_params(params, config, mesh)
     return LoadedModel(config, params, folder)

@@ -55,6 +55,10 @@ class ModelConfig:
     # stacked parameters (compile time independent of depth); False unrolls them over one
     # parameter subtree per layer (faster steps; see jaxpd/model/llama.py).
     scan_layers: bool = False
+    # How the decoder layers' linear weights are stored: None = in `dtype`; "float8_e4m3fn" =
+    # one byte each with a scale per output row (jaxpd/model/quantize.py), widened to `dtype`
+    # in the matmul, so decode streams half of bf16's weight bytes.
+    weight_dtype: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -67,6 +71,9 @@ class ModelConfig:
                 f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.weight_dtype not in (None, "float8_e4m3fn"):
+            raise ConfigError(f"weight_dtype={self.weight_dtype!r}: expected float8_e4m3fn or "
+                              f"None (weights in dtype)")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype={self.dtype!r} is not one of {sorted(DTYPES)}")
 
@@ -87,6 +94,22 @@ class ModelConfig:
         per_layer = attn + mlp + 2 * d
         embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * per_layer + embed + d
+
+    def linear_params(self) -> int:
+        """Weights of the decoder layers' linear maps (what `weight_dtype` stores), no biases."""
+        d, h, kv, hd = self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
+        return self.num_layers * (d * h * hd * 2 + d * kv * hd * 2 + 3 * d * self.intermediate_size)
+
+    def weight_bytes(self) -> float:
+        """Bytes of every parameter as stored: `weight_dtype` for the layers' linear weights
+        (plus a float32 scale per output row), `dtype` for the rest."""
+        itemsize = jnp.dtype(self.jnp_dtype).itemsize
+        if self.weight_dtype is None:
+            return self.num_params() * itemsize
+        d, h, kv, hd = self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
+        rows = self.num_layers * (h * hd + 2 * kv * hd + d + 2 * self.intermediate_size + d)
+        linear = self.linear_params()
+        return linear * 1 + rows * 4 + (self.num_params() - linear) * itemsize
 
     def kv_bytes_per_token(self) -> int:
         """K and V bytes one token occupies across all layers (before any TP replication)."""

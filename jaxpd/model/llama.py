@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxpd.model.config import ModelConfig
+from jaxpd.model.quantize import quantize_params
 from jaxpd.model.rope import apply_rope, inverse_frequencies
 
 # attend(layer_index, q [b,t,h,d], k [b,t,kv,d], v [b,t,kv,d], cache) -> (out [b,t,h,d], cache).
@@ -122,7 +123,9 @@ def kv_head_repeat(config: ModelConfig, tp: int) -> int:
 
 
 class Linear(nn.Module):
-    """y = x @ W.T + b with W stored `[out, in]` as in Hugging Face checkpoints."""
+    """y = x @ W.T + b with W stored `[out, in]` as in Hugging Face checkpoints. A weight stored
+    in FP8 comes with `weight_scale` (one per output row, model/quantize.py): it is widened to
+    the activations' dtype in the matmul and the output rows are scaled."""
 
     features: int
     use_bias: bool = False
@@ -131,7 +134,11 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         w = self.param("weight", _INIT, (self.features, x.shape[-1]), self.dtype)
-        y = jnp.einsum("...i,oi->...o", x, w)
+        if self.has_variable("params", "weight_scale"):
+            scale = self.get_variable("params", "weight_scale")
+            y = jnp.einsum("...i,oi->...o", x, w.astype(x.dtype)) * scale.astype(x.dtype)
+        else:
+            y = jnp.einsum("...i,oi->...o", x, w)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
         return y
@@ -268,8 +275,9 @@ class LlamaModel(_Sharded):
         cfg = self.config
         x = jnp.zeros((1, 1, cfg.hidden_size), cfg.jnp_dtype)
         positions = jnp.zeros((1, 1), jnp.int32)
-        return DecoderLayer(None, cfg, parent=None).init(
+        params = DecoderLayer(None, cfg, parent=None).init(
             key, x, positions, no_attention, None, 0)["params"]
+        return quantize_params(params, cfg.weight_dtype)  # the stored form (FP8 weights)
 
     def _init_layers(self, key: jax.Array):
         """Every layer's parameters, stacked on a leading layer axis (the scanned form)."""

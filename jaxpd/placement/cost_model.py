@@ -73,7 +73,8 @@ class PhaseModel:
 
     # -- sizes ---------------------------------------------------------------------------------
     def weight_bytes_per_device(self) -> float:
-        return self.model.num_params() * self.dtype_bytes / self.tp
+        """The weights as stored (FP8 linear weights: one byte each), split over TP."""
+        return self.model.weight_bytes() / self.tp
 
     def kv_bytes_per_token_per_device(self) -> float:
         """KV heads split over TP; replicated when TP exceeds them (as kv/layout.py stores)."""

@@ -51,7 +51,8 @@ def _pages(option: Option, page_size: int) -> int:
 
 def plan_config(plan: Plan, *, checkpoint: str | None, pools: Mapping[str, PoolSpec],
                 dtype: str = "bfloat16", page_size: int = 16, router_port: int = 50051,
-                model_volume: dict | None = None) -> DeploymentConfig:
+                model_volume: dict | None = None,
+                weight_dtype: str | None = None) -> DeploymentConfig:
     """The DeploymentConfig for `plan` (raises ConfigError if the plan cannot be expressed):
     KV pages sized to what the decode devices hold after their weights, and the decode batch
     limited to the largest whose step the cost model fits in the TPOT SLO. `pools` (by name)
@@ -60,7 +61,8 @@ def plan_config(plan: Plan, *, checkpoint: str | None, pools: Mapping[str, PoolS
     weighted by what one of its replicas carries (the router shares requests accordingly),
     with its own KV pages and decode batch where they differ from the first's."""
     holder = _kv_holder(plan)
-    data: dict = {"model": {"checkpoint": checkpoint or CHECKPOINT, "dtype": dtype},
+    data: dict = {"model": {"checkpoint": checkpoint or CHECKPOINT, "dtype": dtype,
+                            **({"weight_dtype": weight_dtype} if weight_dtype else {})},
                   "kv": {"page_size": page_size, "num_pages": _pages(holder, page_size)},
                   "serving": {"router": {"host": "0.0.0.0", "port": router_port}}}
     data["scheduler"] = plan_scheduler(plan)

@@ -90,8 +90,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", required=True, metavar="PRESET|DIR",
                    help="a preset (llama3-8b, llama3-70b, qwen2.5-7b, mistral-7b, ...) or a "
                         "Hugging Face folder with config.json")
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
-                   help="serving dtype (default bfloat16)")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32", "fp8"],
+                   default="bfloat16",
+                   help="serving dtype (default bfloat16); fp8 = FP8 weights (one byte each, "
+                        "a scale per row) with bfloat16 compute, as jaxpd serves them "
+                        "(model.weight_dtype: float8_e4m3fn): half the weight bytes decode "
+                        "streams, at bf16's FLOP/s")
     p.add_argument("--workload", default="chatbot", metavar="KIND|FILE",
                    help="chatbot, code or summarization (DistServe's length distributions), or a "
                         "JSONL/CSV trace with arrival_s, prompt_tokens, output_tokens "
@@ -149,6 +153,8 @@ def _model(args):
     else:
         raise UsageError(f"--model: {args.model!r} is neither a preset ({', '.join(PRESETS)}) "
                          f"nor a folder with config.json")
+    if args.dtype == "fp8":
+        return cfg.replace(dtype="bfloat16", weight_dtype="float8_e4m3fn")
     return cfg.replace(dtype=args.dtype)
 
 
@@ -368,7 +374,8 @@ def run(args) -> int:
         if args.model_volume and not (checkpoint or "").startswith("/models/"):
             checkpoint = f"/models/{Path(checkpoint or args.model).name}"  # as pods see it
         Path(args.out).write_text(plan_yaml(placement.best.plan, checkpoint=checkpoint,
-                                            dtype=args.dtype, pools=by_name,
+                                            dtype=model.dtype, pools=by_name,
+                                            weight_dtype=model.weight_dtype,
                                             model_volume=args.model_volume))
         if not args.json:
             print(f"wrote {args.out}")

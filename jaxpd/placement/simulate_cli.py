@@ -87,7 +87,7 @@ def _model(args, deployment):
 
     if args.model:
         args.dtype = deployment.model.dtype or "bfloat16"
-        return preset_or_folder(args)
+        return preset_or_folder(args).replace(weight_dtype=deployment.model.weight_dtype)
     checkpoint = deployment.model.checkpoint
     if checkpoint == CHECKPOINT:
         raise UsageError(f"--model: the config's model.checkpoint is the placeholder "
@@ -96,7 +96,8 @@ def _model(args, deployment):
         config = load_config(checkpoint)
     except (OSError, ValueError) as e:
         raise UsageError(f"model.checkpoint: cannot read {checkpoint!r} ({e}); or pass --model")
-    return config.replace(dtype=deployment.model.dtype or config.dtype)
+    return config.replace(dtype=deployment.model.dtype or config.dtype,
+                          weight_dtype=deployment.model.weight_dtype)
 
 
 def sim_of_config(deployment, model, *, profiles: str, profile: str | list[str],

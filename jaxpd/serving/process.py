@@ -109,7 +109,7 @@ def _load_worker(deployment: DeploymentConfig, tp: int):
                          f"({devices[0].platform})")
     mesh = make_mesh(devices[:tp], tp)
     model = load_model(deployment.model.checkpoint, mesh, deployment.model.dtype,
-                       deployment.model.scan_layers)
+                       deployment.model.scan_layers, deployment.model.weight_dtype)
     tokenizer = tokenizer_for_checkpoint(model.folder)
     config = merge_tokenizer_eos(model.config, tokenizer)
     engine = build_engine(config, model.params, local_deployment(deployment, tp))
