@@ -215,6 +215,30 @@ def test_prefill_groups_take_prompts_by_weight():
     assert sorted(res.first_token_s) == pytest.approx([0.01, 0.02, 0.02])
 
 
+@pytest.mark.parametrize("chunk_size", [0, 256])
+def test_prefix_cache_hits_are_neither_computed_nor_sent_nor_given_pages(chunk_size):
+    """A conversation's next turn: 400 of its 500 prompt tokens are cached. Its prefill
+    computes 100 tokens (after the 400, attending to them), its hand-off sends 100 tokens' KV,
+    and it takes 100 + output tokens of KV room; the same prompt uncached costs 5x."""
+    seen = []
+
+    @dataclasses.dataclass(frozen=True)
+    class Tracked(Stepped):
+        def kv_transfer_seconds(self, prompt_tokens):
+            seen.append(prompt_tokens)
+            return 1e-5 * prompt_tokens
+
+    model = Tracked()
+    dep = SimDeployment.disaggregated(model, model, chunk_size=chunk_size, kv_capacity_tokens=150)
+    hit = simulate(dep, [SimRequest(0.0, 500, 10, cached_tokens=400)])
+    assert hit.dropped == 0 and seen == [100]  # 110 tokens of KV fit where 510 would not
+    assert model.steps == [[(400, 100)]]  # one step: the new tokens after the cached ones
+    assert hit.first_token_s[0] == pytest.approx(0.01 + 100 * model.per_token)
+    roomy = dataclasses.replace(dep, kv_capacity_tokens=10_000)
+    cold = simulate(roomy, [SimRequest(0.0, 500, 10)])
+    assert cold.first_token_s[0] > 4 * hit.first_token_s[0] - 0.05
+
+
 def test_decode_batch_limit_queues_sequences():
     model = Toy(transfer=0.0)
     dep = SimDeployment.disaggregated(model, model, max_prefill_tokens=1000, max_decode_batch=2)
@@ -333,6 +357,9 @@ def test_trace_round_trip_jsonl_and_csv(tmp_path):
     csv_path = tmp_path / "t.csv"
     csv_path.write_text("timestamp,prompt_tokens,output_tokens,user\n2.5,10,3,a\n0.5,7,1,b\n")
     assert load_trace(csv_path) == [SimRequest(0.5, 7, 1), SimRequest(2.5, 10, 3)]
+    hits = [SimRequest(0.0, 500, 10, 400), SimRequest(1.0, 50, 5)]  # prefix-cache hits kept
+    dump_trace(hits, tmp_path / "hits.jsonl")
+    assert load_trace(tmp_path / "hits.jsonl") == hits
 
 
 @pytest.mark.parametrize("text, message", [
@@ -348,6 +375,8 @@ def test_trace_round_trip_jsonl_and_csv(tmp_path):
     ('{"arrival_s": 0, "prompt_tokens": 5, "output_tokens": "x"}\n',
      "trace.jsonl:1: output_tokens must be a number, got 'x'"),
     ('[1, 2, 3]\n', "trace.jsonl:1: expected an object"),
+    ('{"arrival_s": 0, "prompt_tokens": 5, "output_tokens": 2, "cached_tokens": 5}\n',
+     "trace.jsonl:1: cached_tokens must be an integer in [0, prompt_tokens=5), got 5"),
     ('\n\n', "trace.jsonl: trace holds no requests"),
 ])
 def test_trace_errors_name_the_line(tmp_path, monkeypatch, text, message):

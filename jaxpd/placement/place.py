@@ -76,7 +76,7 @@ class Workload:
         while len(out) < count:  # loop the trace to the count, keeping its shape
             for r in trace:
                 out.append(SimRequest(offset + (r.arrival_s - trace[0].arrival_s) * scale,
-                                      r.prompt_tokens, r.output_tokens))
+                                      r.prompt_tokens, r.output_tokens, r.cached_tokens))
             offset = out[-1].arrival_s + 1 / rate
         return out[:count]
 

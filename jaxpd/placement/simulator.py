@@ -37,6 +37,10 @@ What it models, mirroring jaxpd's router and engines:
   --alongside-decode`). 1 (the default): each replica has devices of its own.
 - KV hand-off: the request reaches its decode replica `kv_transfer_seconds(prompt)` after its
   prefill ends (the prefill side's model prices it: the placer builds it knowing both ends).
+- Prefix-cache hits: a request's `cached_tokens` (from a trace) are never computed, sent or
+  given new pages: its prefill starts after them and its hand-off carries the rest, as when
+  jaxpd's router finds the replicas holding a conversation's earlier turns (prefix affinity;
+  a miss, which the simulator does not model, computes them).
 - Decode replica: continuous batching. All active sequences step together, one token each per
   step, priced at the next of `decode_batch_buckets` rows (as the engine pads). Arrivals join
   at the next call boundary (every `decode_steps_per_dispatch` steps), up to
@@ -312,10 +316,14 @@ class _Simulation:
         self.colocated = dep.mode == "colocated"
         self.arrival = [r.arrival_s for r in requests]
         self.prompt = [r.prompt_tokens for r in requests]
+        self.cached = [r.cached_tokens for r in requests]  # prefix-cache hits: never computed
+        # KV a request takes on its replica: its new prompt tokens and its output (cached
+        # blocks are shared pages already resident)
+        self.need = [r.prompt_tokens - r.cached_tokens + r.output_tokens for r in requests]
         self.output = [r.output_tokens for r in requests]
         n = len(requests)
         self.prefill_start = [math.inf] * n
-        self.computed = [0] * n  # prompt tokens prefilled so far (chunked prefill)
+        self.computed = list(self.cached)  # prompt tokens in KV so far (chunked prefill)
         self.placed = [math.inf] * n
         self.first_token = [math.inf] * n
         self.finish = [math.inf] * n
@@ -360,7 +368,7 @@ class _Simulation:
 
     # -- router ------------------------------------------------------------------------------
     def on_arrive(self, t: float, rid: int, _: int) -> None:
-        need = self.prompt[rid] + self.output[rid]
+        need = self.need[rid]
         if need > self.largest_kv:
             return  # never fits: dropped
         if self.waiting or not self.place(t, rid):
@@ -372,7 +380,7 @@ class _Simulation:
     def place(self, t: float, rid: int) -> bool:
         """Reserve KV on the replica with the most free tokens (groups of unequal weight: of
         those with room, the fewest requests held per unit of weight) and queue the prompt."""
-        need = self.prompt[rid] + self.output[rid]
+        need = self.need[rid]
         if self.weighted:
             home = min((r for r in self.decoders if r.free_kv >= need), default=None,
                        key=lambda r: ((r.holding + 1) / r.weight, -r.free_kv))
@@ -425,7 +433,7 @@ class _Simulation:
         """A request finished: free its KV and let waiting requests in, in order."""
         self.finish[rid] = t
         home = self.decoders[self.home[rid]]
-        home.free_kv += self.prompt[rid] + self.output[rid]
+        home.free_kv += self.need[rid]
         home.holding -= 1
         while self.waiting:
             head = self.waiting[0]
@@ -460,19 +468,24 @@ class _Simulation:
                         len(chunks) + 1, max(longest, length)) > self.dep.max_prefill_tokens:
                     break  # as the engine: a chunk joins while the padded step fits the budget
                 longest = max(longest, length)
-                if done == 0:
+                if math.isinf(self.prefill_start[rid]):
                     self.prefill_start[rid] = t
                 batch.append((rid, length))
                 chunks.append((done, length))
                 budget -= length
             seconds = r.model.prefill_step_seconds(self.padded(chunks))
         else:
-            while r.queue and (not batch or budget >= self.prompt[r.queue[0]]):
+            new = lambda rid: self.prompt[rid] - self.cached[rid]  # noqa: E731
+            while r.queue and (not batch or budget >= new(r.queue[0])):
                 rid = r.queue.popleft()
-                batch.append((rid, self.prompt[rid]))
-                budget -= self.prompt[rid]
+                batch.append((rid, new(rid)))
+                budget -= new(rid)
                 self.prefill_start[rid] = t
-            seconds = r.model.prefill_seconds([length for _, length in batch])
+            if any(self.cached[rid] for rid, _ in batch):
+                seconds = r.model.prefill_step_seconds([(self.cached[rid], length)
+                                                        for rid, length in batch])
+            else:
+                seconds = r.model.prefill_seconds([length for _, length in batch])
         if self.dep.shared_host_slowdown > 1 and r.prefill_only and any(
                 d.busy and d.in_decode for d in self.decoders):
             seconds *= self.dep.shared_host_slowdown
@@ -515,7 +528,7 @@ class _Simulation:
             elif self.colocated:
                 r.pending.append(rid)
             else:
-                delay = r.model.kv_transfer_seconds(self.prompt[rid])
+                delay = r.model.kv_transfer_seconds(self.prompt[rid] - self.cached[rid])
                 self.push(t + delay, KV_ARRIVE, rid, self.home[rid])
         r.busy = False
         self.boundary(t, r)

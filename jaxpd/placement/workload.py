@@ -44,11 +44,20 @@ __all__ = ["SimRequest", "LengthDistribution", "DISTRIBUTIONS", "TraceError", "p
 
 @dataclasses.dataclass(frozen=True)
 class SimRequest:
-    """One request: when it arrives (seconds from the start) and its token counts."""
+    """One request: when it arrives (seconds from the start) and its token counts.
+    `cached_tokens`: leading prompt tokens the serving replicas already hold in their prefix
+    caches (a conversation's earlier turns, a shared system prompt): prefill skips them, the
+    hand-off does not send them, and they take no new KV pages."""
 
     arrival_s: float
     prompt_tokens: int
     output_tokens: int
+    cached_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.cached_tokens < self.prompt_tokens:
+            raise ValueError(f"cached_tokens must be in [0, prompt_tokens), got "
+                             f"{self.cached_tokens} of {self.prompt_tokens}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,7 +186,12 @@ def _request(row: object, where: str) -> SimRequest:
     arrival = _number(_field(row, ("arrival_s", "timestamp"), where), "arrival_s", where, False)
     prompt = _number(_field(row, ("prompt_tokens",), where), "prompt_tokens", where, True)
     output = _number(_field(row, ("output_tokens",), where), "output_tokens", where, True)
-    return SimRequest(float(arrival), int(prompt), int(output))
+    cached = row.get("cached_tokens")
+    cached = 0 if cached in (None, "") else _number(cached, "cached_tokens", where, False)
+    if cached != int(cached) or not 0 <= cached < prompt:
+        raise TraceError(f"{where}: cached_tokens must be an integer in [0, prompt_tokens="
+                         f"{prompt}), got {row.get('cached_tokens')!r}")
+    return SimRequest(float(arrival), int(prompt), int(output), int(cached))
 
 
 def _jsonl_rows(path: Path, text: str) -> Iterator[tuple[object, str]]:
@@ -204,8 +218,9 @@ def _csv_rows(path: Path, text: str) -> Iterator[tuple[object, str]]:
 
 def load_trace(path: str | Path) -> list[SimRequest]:
     """Requests from a JSONL (one object a line) or CSV (header row) trace with `arrival_s` (or
-    `timestamp`) in seconds, `prompt_tokens` and `output_tokens`; sorted by arrival. A bad row is
-    a TraceError `FILE:LINE: what is wrong`."""
+    `timestamp`) in seconds, `prompt_tokens` and `output_tokens`, and optionally
+    `cached_tokens` (prefix-cache hits); sorted by arrival. A bad row is a TraceError
+    `FILE:LINE: what is wrong`."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
