@@ -304,6 +304,13 @@ class ServingSection(_Strict):
                              "cache (a conversation's new turn) is at most this many tokens; "
                              "longer ones go to a prefill worker, which sends only the KV the "
                              "decode worker lacks. 0: always disaggregate")
+    reserve_while_decoding: bool = Field(
+        True, description="a decode worker answers a KV reservation while its decode call runs "
+                          "on the device (host bookkeeping only), so a new request's prefill "
+                          "need not wait out a call of decode_steps_per_dispatch steps. false: "
+                          "only between calls. On one CPU host, where prefill and decode share "
+                          "the cores, starting prefill mid-call trades decode speed for TTFT "
+                          "(configs/local.yaml turns it off)")
     max_waiting: int = Field(256, ge=1, description="requests queued per worker before new ones "
                                                     "get RESOURCE_EXHAUSTED")
     kv_message_bytes: int = Field(4 << 20, ge=64 << 10, le=256 << 20,

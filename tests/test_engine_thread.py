@@ -51,3 +51,38 @@ def test_commands_run_on_the_thread_and_their_errors_reach_the_caller():
         thread.stop()
         return value, raised
     assert asyncio.run(main()) == (42, True)
+
+
+def test_host_commands_are_answered_while_a_step_waits_for_the_device():
+    """A step stands in for a long decode call: it hands `run_host_commands` (the engine's
+    `while_decoding` hook) the wait for its device call. A reservation sent
+    `while_device_runs` is answered during that wait; an ordinary command waits for the step."""
+    import threading
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        in_call, release = threading.Event(), threading.Event()
+        work = {"n": 1}
+        thread: EngineThread
+
+        def step():
+            in_call.set()
+            thread.run_host_commands(release.wait)  # the device computing until released
+            work["n"] = 0
+
+        thread = EngineThread("engine-test", lambda: work["n"] > 0, step, lambda e: None, loop)
+        thread.start()
+        await loop.run_in_executor(None, in_call.wait, 5)
+        order = []
+        plain = asyncio.ensure_future(thread.call(lambda: order.append("plain")))
+        reserved = await asyncio.wait_for(
+            thread.call(lambda: order.append("reserve") or "pages", while_device_runs=True), 5)
+        during = list(order)
+        release.set()
+        await asyncio.wait_for(plain, 5)
+        idle = await thread.call(lambda: "idle", while_device_runs=True)  # an idle thread wakes
+        thread.stop()
+        return reserved, during, order, idle
+    reserved, during, order, idle = asyncio.run(main())
+    assert reserved == "pages" and during == ["reserve"] and order == ["reserve", "plain"]
+    assert idle == "idle"

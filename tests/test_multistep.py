@@ -185,3 +185,28 @@ def test_a_request_finishing_in_its_first_dispatch_is_reported_once(llama):
         assert len({o.id for o in step}) == len(step)
         outputs += step
     assert [list(o.token_ids) for o in outputs if o.finished] == [naive_greedy(llama, p, 5)]
+
+
+def test_while_decoding_runs_with_the_decode_call_on_the_device(llama):
+    """The hook a decode worker answers reservations from runs once per decode call, after the
+    call was dispatched and before its tokens are fetched; a request reserved there (host
+    bookkeeping only) takes pages the call in flight does not use."""
+    from jaxpd.engine.request import Request as R
+
+    engine = make_engine(llama, 4, **DISAGG)
+    seen = []
+
+    def hook(wait):
+        seen.append(len(engine.decode.pending))
+        if len(seen) == 1:
+            seen.append(engine.reserve_remote(R("remote", tuple(range(3, 20))), 0) is not None)
+        wait()  # returns once the call's tokens are on the device
+
+    engine.while_decoding = hook
+    final = engine.run_to_completion([Request("r0", prompts(1)[0], SamplingParams(
+        max_tokens=9, ignore_eos=True))])
+    assert seen[:2] == [1, True] and all(n == 1 for n in seen[2:])
+    assert list(final["r0"].token_ids) == naive_greedy(llama, prompts(1)[0], 9)
+    assert "remote" in engine.receiving
+    engine.abort("remote")
+    assert all_free(engine)

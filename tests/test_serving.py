@@ -47,6 +47,9 @@ def served(tmp_path_factory):
                                       # KV over the tcp data plane here; the other
                                       # deployments (openai, multihost) use gRPC PushKV
                                       "transport": "tcp",
+                                      # reservations answered while a decode call runs
+                                      # (local.yaml turns it off for its shared cores)
+                                      "reserve_while_decoding": True,
                                       "record_kv_digests": True,
                                       "liveness_timeout_s": LIVENESS_S,
                                       "restart": {"attempts": 3, "backoff_s": 0.2},

@@ -484,21 +484,22 @@ def _busy_decoder(**limits):
     return simulate(dep, [SimRequest(0.0, 100, 50), SimRequest(0.03, 100, 50)])
 
 
-def test_a_reservation_waits_for_the_decode_call_in_flight():
+def test_a_reservation_is_answered_at_once_or_between_calls():
+    """jaxpd answers while the decode call runs (the default); an engine that answers only
+    between calls makes the prompt wait for the call in flight."""
     call_end = 0.022 + 4 * 0.0081
-    res = _busy_decoder()
+    res = _busy_decoder(reserve_between_calls=True)
     assert res.placed_s[1] == pytest.approx(0.03)  # its KV is held from arrival ...
     assert res.prefill_start_s[1] == pytest.approx(call_end)  # ... prefill starts after the call
     assert res.first_token_s[1] == pytest.approx(call_end + 0.02)
-    at_once = _busy_decoder(reserve_between_calls=False)
+    at_once = _busy_decoder()
     assert at_once.prefill_start_s[1] == pytest.approx(0.03)
 
 
 def test_a_shared_host_slows_prefill_beside_a_decoding_replica():
-    call_end = 0.022 + 4 * 0.0081
     res = _busy_decoder(shared_host_slowdown=1.5)
     assert res.first_token_s[0] == pytest.approx(0.02)  # nothing was decoding yet
-    assert res.first_token_s[1] == pytest.approx(call_end + 1.5 * 0.02)
+    assert res.first_token_s[1] == pytest.approx(0.03 + 1.5 * 0.02)  # prefilled mid-call
     with pytest.raises(ValueError, match="shared_host_slowdown"):
         SimDeployment.disaggregated(Toy(), Toy(), shared_host_slowdown=0.5)
 

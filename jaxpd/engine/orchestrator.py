@@ -15,6 +15,9 @@ import collections
 import dataclasses
 import itertools
 import random
+from typing import Callable
+
+import jax
 
 from jaxpd.engine.decode import CollectFirst, DecodeEngine
 from jaxpd.engine.prefill import PrefillEngine
@@ -47,6 +50,11 @@ class Engine:
         self.sending: dict[str, Sequence] = {}
         self._ids: set[str] = set()
         self.num_preemptions = 0
+        # called with a decode call on the device, before its tokens are fetched, with a
+        # function that blocks until the call is done: host work that touches no device state
+        # can run meanwhile (a serving worker answers KV reservations there, so a new request
+        # does not wait out the call in flight)
+        self.while_decoding: Callable[[Callable[[], None]], None] | None = None
 
     # -- requests ----------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -163,13 +171,23 @@ class Engine:
             started = self._dispatch_decode(changed)
             self._prefill(changed)
             self._hand_off()
+            self._device_busy(started)
             self._collect_decode(changed, keep=1 if started else 0)
         else:
             self._prefill(changed)
             self._hand_off()
-            self._dispatch_decode(changed)
+            self._device_busy(self._dispatch_decode(changed))
             self._collect_decode(changed, keep=0)
         return [_output(s) for s in changed.values()]
+
+    def _device_busy(self, started: bool) -> None:
+        if not started or self.while_decoding is None:
+            return
+        if not self.decode.pending:  # a single-step call: already done
+            self.while_decoding(lambda: None)
+            return
+        fetched_next = self.decode.pending[0]  # what `collect` waits for next
+        self.while_decoding(lambda: jax.block_until_ready(fetched_next.outputs))
 
     def _prefill(self, changed: dict[str, Sequence]) -> None:
         if not self.prefilling:

@@ -183,6 +183,7 @@ def sim_of_config(deployment, model, *, profiles: str, profile: str | list[str],
                                chunk_size=sched.chunk_size, **engine_buckets(widest),
                                decode_steps_per_dispatch=sched.decode_steps_per_dispatch,
                                shared_host_slowdown=slowdown, max_queued=serving.max_queued,
+                               reserve_between_calls=not serving.reserve_while_decoding,
                                queue_timeout_s=serving.queue_timeout_s)
 
 

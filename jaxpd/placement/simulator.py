@@ -27,10 +27,10 @@ What it models, mirroring jaxpd's router and engines:
   padding). Without `chunk_size` (0): FCFS batches of whole prompts up to
   `max_prefill_tokens` (at least one prompt, even a longer one). A new step starts as soon as
   the previous one ends.
-- Disaggregated, the reservation is made by the decode replica's engine between two of its
-  calls: a replica in the middle of a decode call (`decode_steps_per_dispatch` steps, as the
-  engine dispatches them) answers at the call's end, and only then does the prompt reach its
-  prefill replica's queue.
+- Disaggregated, the reservation is answered at once, as jaxpd's decode worker answers it
+  while its decode call runs; with `reserve_between_calls` it is made between two calls (a
+  replica in the middle of a call of `decode_steps_per_dispatch` steps answers at the call's
+  end), and only then does the prompt reach its prefill replica's queue.
 - Shared host (`shared_host_slowdown` > 1): the prefill and decode replicas share one host's
   cores (jaxpd's CPU deployment), so a prefill step that starts while a decode replica is in
   a decode call takes that many times as long (measured: `tools/bench_engine.py
@@ -140,9 +140,10 @@ class SimDeployment:
     prefill_chunk_buckets: tuple[int, ...] = ()
     decode_steps_per_dispatch: int = 1  # scheduler.decode_steps_per_dispatch: steps per call
     decode_batch_buckets: tuple[int, ...] = ()  # a decode step runs the next of these many rows
-    # jaxpd's decode engine answers a reservation between two calls; False: at once (as an
-    # engine reserving off its step thread would, and as a request arriving straight at decode)
-    reserve_between_calls: bool = True
+    # False (jaxpd): a decode worker answers a reservation at once, even while a decode call
+    # runs (the engine thread does that host work while it waits for the device); True: only
+    # between two calls, as jaxpd did before (and an engine doing all work between calls does)
+    reserve_between_calls: bool = False
     shared_host_slowdown: float = 1.0  # a prefill step beside a busy decode replica: x this
     # further groups of a role beside the first (described by the fields above); colocated
     # deployments list theirs in decode_groups. Weights: the first groups' routing weights

@@ -239,8 +239,9 @@ class DecodeServicer(WorkerServicer, worker_pb2_grpc.DecodeWorkerServicer):
                     await self.thread.call(lambda: self.scheduler.add_local(req, seed, emit))
                     reserved = (0, 0)
                 else:
-                    reserved = await self.thread.call(
-                        lambda: self.scheduler.reserve(req, seed, emit, token))
+                    reserved = await self.thread.call(  # host bookkeeping: answered even
+                        lambda: self.scheduler.reserve(req, seed, emit, token),  # mid-call
+                        while_device_runs=True)
             except InvalidRequest as e:
                 finished = True
                 await context.abort(*status_of(e))

@@ -7,6 +7,11 @@ what the engine produces through `deliver`, which hops back onto their loop, and
 the thread runs engine steps while there is work; with none, it sleeps on its inbox, waking every
 `tick_s` to run `tick` (reservations and leases expire there, not in a handler).
 
+A command that touches no device state (a decode worker's KV reservation: host bookkeeping
+only) may be sent `while_device_runs`: besides between steps, the thread also runs those while
+a step waits for its device call (`run_host_commands`, the engine's `while_decoding` hook), so
+a new request's reservation does not wait out a multi-step decode call.
+
 A step that raises fails the requests it held (`on_error`) and leaves the thread `broken`: the
 pool may have been donated to the failed call, so the worker must not step it again. The worker
 then reports NOT_SERVING and exits, to be restarted (`on_broken`, on the loop).
@@ -36,6 +41,8 @@ class EngineThread:
         self._tick, self._snapshot, self.tick_s, self._on_broken = tick, snapshot, tick_s, on_broken
         self._on_step = on_step  # (seconds, snapshot before the step): metrics
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._host: queue.SimpleQueue = queue.SimpleQueue()  # commands safe while the device runs
+        self._waiter: queue.SimpleQueue | None = None  # device waits (`run_host_commands`)
         self._live = True
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.broken: Exception | None = None
@@ -49,12 +56,57 @@ class EngineThread:
         self._live = False
         self._inbox.put(None)  # wake it
         self._thread.join(timeout)
+        if self._waiter is not None:
+            self._waiter.put(None)
 
-    def call(self, fn: Callable[[], Any]) -> asyncio.Future:
-        """Run `fn` on the engine thread; an awaitable for its result (or its exception)."""
+    def call(self, fn: Callable[[], Any], *, while_device_runs: bool = False) -> asyncio.Future:
+        """Run `fn` on the engine thread; an awaitable for its result (or its exception).
+        `while_device_runs`: `fn` does host bookkeeping only, so it may also run while a step
+        waits for the device (see the module docstring)."""
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._inbox.put((fn, future))
+        if while_device_runs:
+            self._host.put((fn, future))
+            self._inbox.put(None)  # wakes an idle thread
+        else:
+            self._inbox.put((fn, future))
         return asyncio.wrap_future(future, loop=self.loop)
+
+    def run_host_commands(self, wait: Callable[[], None] | None = None) -> None:
+        """On the engine thread: run the commands sent `while_device_runs`; with `wait` (a
+        function blocking until the step's device call is done; the engine's
+        `while_decoding` hook passes it), keep running them as they come until it returns."""
+        if wait is not None:
+            done = object()
+            self._waits().put((wait, done))
+        else:
+            done = None
+        while True:
+            try:
+                item = self._host.get() if done is not None else self._host.get_nowait()
+            except queue.Empty:
+                return
+            if item is done:
+                return
+            self._run_command(item)
+
+    def _waits(self) -> queue.SimpleQueue:
+        """The queue of a helper thread that runs device waits and then posts their marker on
+        the host queue (so the engine thread sleeps on one queue, woken by either)."""
+        if self._waiter is None:
+            self._waiter = queue.SimpleQueue()
+
+            def serve(jobs: queue.SimpleQueue) -> None:
+                while (job := jobs.get()) is not None:
+                    wait, marker = job
+                    try:
+                        wait()
+                    except BaseException:  # noqa: BLE001 - the step's fetch reports it
+                        pass
+                    self._host.put(marker)
+
+            threading.Thread(target=serve, args=(self._waiter,), daemon=True,
+                             name=f"{self._thread.name}-device-wait").start()
+        return self._waiter
 
     def post(self, fn: Callable[[], Any]) -> None:
         """Run `fn` on the engine thread, not waiting for it (errors are logged)."""
@@ -100,6 +152,7 @@ class EngineThread:
                     item = self._inbox.get_nowait()
                 except queue.Empty:
                     item = False
+            self.run_host_commands()
             if time.monotonic() >= next_tick:
                 next_tick = time.monotonic() + self.tick_s
                 self._guarded(self._tick, "tick")
