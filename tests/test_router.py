@@ -144,15 +144,15 @@ def run(coro):
     return asyncio.run(coro)
 
 
-def test_a_burst_spreads_over_equally_free_workers():
-    """The reports do not change during a burst: the router's own bookkeeping spreads it."""
+def _burst(fakes: list[FakeDecode], first: int, weights: list[float] | None = None):
+    """8 requests while every stream is held open: how many each worker reserved, and the
+    streams once released."""
     async def main():
-        fakes = [FakeDecode(), FakeDecode()]
         for f in fakes:
             f.gate.clear()  # hold every stream open
-        router = make_router(fakes)
+        router = make_router(fakes, weights)
         await router.pool.connect(5)
-        tasks = [asyncio.create_task(generate(router, [10 + i, 11])) for i in range(8)]
+        tasks = [asyncio.create_task(generate(router, [first + i, 11])) for i in range(8)]
         while sum(len(f.reserved) for f in fakes) < 8:
             await asyncio.sleep(0.01)
         counts = [len(f.reserved) for f in fakes]
@@ -162,31 +162,19 @@ def test_a_burst_spreads_over_equally_free_workers():
         await router.close()
         return counts, results
     counts, results = run(main())
-    assert sorted(counts) == [4, 4]
-    assert [r[0] for r in results] == [expected([10 + i, 11], 6) for i in range(8)]
+    assert [r[0] for r in results] == [expected([first + i, 11], 6) for i in range(8)]
+    return counts
+
+
+def test_a_burst_spreads_over_equally_free_workers():
+    """The reports do not change during a burst: the router's own bookkeeping spreads it."""
+    assert sorted(_burst([FakeDecode(), FakeDecode()], 10)) == [4, 4]
 
 
 def test_a_burst_over_groups_of_unequal_weight_follows_their_weights():
     """Two groups (weight 3: a faster accelerator; weight 1), one worker each: a burst of 8
     goes 6 to 2, although the lighter worker reports more free pages."""
-    async def main():
-        fakes = [FakeDecode(free=60), FakeDecode(free=100)]
-        for f in fakes:
-            f.gate.clear()
-        router = make_router(fakes, weights=[3.0, 1.0])
-        await router.pool.connect(5)
-        tasks = [asyncio.create_task(generate(router, [20 + i, 11])) for i in range(8)]
-        while sum(len(f.reserved) for f in fakes) < 8:
-            await asyncio.sleep(0.01)
-        counts = [len(f.reserved) for f in fakes]
-        for f in fakes:
-            f.gate.set()
-        results = await asyncio.gather(*tasks)
-        await router.close()
-        return counts, results
-    counts, results = run(main())
-    assert counts == [6, 2]
-    assert [r[0] for r in results] == [expected([20 + i, 11], 6) for i in range(8)]
+    assert _burst([FakeDecode(free=60), FakeDecode(free=100)], 20, weights=[3.0, 1.0]) == [6, 2]
 
 
 def test_bookkeeping_counts_what_was_sent_since_the_report_was_asked_for():
