@@ -334,23 +334,27 @@ def run_served(config_path: Path, runs) -> dict:
 
 
 def served_runs(config_path: Path, runs, measured: int = 1):
-    """Each of the last `measured` of `runs` on one `jaxpd serve --config`, as measured; the
-    runs before warm it up while its workers compile. The server stops when the caller stops
-    iterating."""
+    """Each of the last `measured` of `runs` on one `jaxpd serve --config`, as measured. The
+    runs before warm it up: the first while its workers compile, the others once they have
+    (the first requests through a newly compiled program run slower). The server stops when
+    the caller stops iterating."""
     import yaml
 
     from jaxpd.serving.client import Client
 
     cfg = yaml.safe_load(config_path.read_text())
     cfg.setdefault("serving", {}).setdefault("router", {})["port"] = 0
+    warm_ups = runs[:-measured]
 
     def warm(address: str) -> None:
         with Client(address, timeout=600) as client:
-            for requests in runs[:-measured]:
+            for requests in warm_ups[:1]:
                 _served_once(client, requests)
 
     with steady_server(cfg, warm=warm) as (_, address):
         with Client(address, timeout=600) as client:
+            for requests in warm_ups[1:]:
+                _served_once(client, requests)
             for requests in runs[-measured:]:
                 yield _served_once(client, requests)
 
