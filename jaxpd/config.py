@@ -404,9 +404,6 @@ class KubernetesSection(_Strict):
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
 
 
-Role = Literal["prefill", "decode", "colocated"]
-
-
 def _as_groups(v):
     """A role's section is one group (a mapping) or a list of groups."""
     if v is None or isinstance(v, (list, tuple)):
@@ -518,6 +515,15 @@ class DeploymentConfig(_Strict):
             update["scheduler"] = self.scheduler.model_copy(
                 update={"max_decode_batch": group.max_decode_batch})
         return self.model_copy(update=update)
+
+
+def groups_as_written(data: dict) -> dict:
+    """Config data (`model_dump`) with a role of one group written as a mapping, as people
+    write it, rather than a list of one."""
+    for section in ("prefill", "decode"):
+        if isinstance(data.get(section), list) and len(data[section]) == 1:
+            data[section] = data[section][0]
+    return data
 
 
 def _format(e: ValidationError, where: str, data: dict | None = None) -> str:

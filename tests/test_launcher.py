@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -511,3 +512,22 @@ def test_the_hosts_of_a_multi_host_replica_stop_and_restart_as_a_unit(child_scri
         launcher.request_stop(signal.SIGTERM)
         thread.join(15)
         assert result == {"signal": signal.SIGTERM}
+
+
+def test_group_and_replica_flags_are_checked_against_the_groups():
+    """`jaxpd serve decode --group G --replica I` (how a Kubernetes pod names itself): the
+    role-wide replica number, or an error naming what to fix."""
+    from jaxpd.config import parse_config
+    from jaxpd.serving.serve_cli import _replica_in_group
+
+    cfg = parse_config({"mode": "disaggregated", "prefill": {"devices": [0]},
+                        "decode": [{"devices": [1, 2], "replicas": 2}, {"devices": [3]}]})
+    assert [_replica_in_group(cfg, "decode", g, i) for g, i in ((0, 0), (0, 1), (1, 0))] == \
+        [0, 1, 2]
+    for role, group, replica, message in [
+            ("router", 0, 0, "--group: only for a worker role"),
+            ("decode", 2, 0, "--group 2: decode has 2 group(s)"),
+            ("decode", 1, 1, "--replica 1: decode[1].replicas is 1"),
+            ("colocated", 0, 0, "role 'colocated' needs mode: colocated")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            _replica_in_group(cfg, role, group, replica)

@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from jaxpd.config import DeploymentConfig, MeshSection
+from jaxpd.config import DeploymentConfig, MeshSection, groups_as_written
 from jaxpd.errors import ConfigError
 
 LWS_API = "leaderworkerset.x-k8s.io/v1"
@@ -205,10 +205,7 @@ class _Renderer:
             section = "decode" if g.role == "decode" else "prefill"
             listed = data.setdefault(section, [{}])
             listed[g.index].update(host="0.0.0.0", port=group_port(g.role, g.section))
-        for section in ("prefill", "decode"):  # one group: written as a mapping, as usual
-            if isinstance(data.get(section), list) and len(data[section]) == 1:
-                data[section] = data[section][0]
-        return data
+        return groups_as_written(data)
 
     def _metrics_port(self) -> int:
         return self.d.serving.metrics.port or METRICS_PORT

@@ -181,10 +181,8 @@ class Engine:
         return [_output(s) for s in changed.values()]
 
     def _device_busy(self, started: bool) -> None:
-        if not started or self.while_decoding is None:
-            return
-        if not self.decode.pending:  # a single-step call: already done
-            self.while_decoding(lambda: None)
+        # nothing pending: a single-step call, already fetched (nothing to wait for)
+        if not started or self.while_decoding is None or not self.decode.pending:
             return
         fetched_next = self.decode.pending[0]  # what `collect` waits for next
         self.while_decoding(lambda: jax.block_until_ready(fetched_next.outputs))

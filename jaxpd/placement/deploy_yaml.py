@@ -16,7 +16,7 @@ import yaml
 
 from typing import Mapping
 
-from jaxpd.config import DeploymentConfig, parse_config
+from jaxpd.config import DeploymentConfig, groups_as_written, parse_config
 from jaxpd.placement.placer import Option, Plan, PoolSpec, kv_link
 
 CHECKPOINT = "MODEL_CHECKPOINT_DIR"  # written when the plan was made for a preset, not a folder
@@ -100,10 +100,7 @@ def plan_config(plan: Plan, *, checkpoint: str | None, pools: Mapping[str, PoolS
         port[0] = max(port[0], 50081)
         data["decode"] = groups("decode")
         data["serving"]["transport"] = plan_transport(plan, pools)  # what the placer priced
-    for section in ("prefill", "decode"):  # one group: a mapping, as people write it
-        if len(data.get(section) or ()) == 1:
-            data[section] = data[section][0]
-    return parse_config(data, "<placement plan>")
+    return parse_config(groups_as_written(data), "<placement plan>")
 
 
 def plan_transport(plan: Plan, pools: Mapping[str, PoolSpec]) -> str:
@@ -146,8 +143,5 @@ def plan_yaml(plan: Plan, **kwargs) -> str:
     if cfg.kubernetes.model_volume is None:
         header += ("# (first add kubernetes: {model_volume: {claim: PVC}} with the weights, or "
                    "pass --model-volume to jaxpd place)\n")
-    data = cfg.model_dump(mode="json", exclude_defaults=True)
-    for section in ("prefill", "decode"):  # one group: a mapping, as people write it
-        if isinstance(data.get(section), list) and len(data[section]) == 1:
-            data[section] = data[section][0]
+    data = groups_as_written(cfg.model_dump(mode="json", exclude_defaults=True))
     return header + yaml.safe_dump(data, sort_keys=False)

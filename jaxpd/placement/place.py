@@ -198,18 +198,16 @@ def sim_deployment(model: ModelConfig, plan: Plan, pools: dict[str, PoolSpec],
         return [o.capacity for o, _ in options] if len(options) > 1 else [1.0] * len(options)
 
     kv_side = plan.kv_holders
+    decodes = [holder(o, n, w, _PhaseLatency(model, o, pools[o.pool]))
+               for (o, n), w in zip(kv_side, weight(kv_side))]
     if plan.colocated:
-        groups = [holder(o, n, w, _PhaseLatency(model, o, pools[o.pool]))
-                  for (o, n), w in zip(kv_side, weight(kv_side))]
-        first = groups[0]
+        first = decodes[0]
         return SimDeployment.colocated(
             first.model, first.replicas, max_prefill_tokens=MAX_PREFILL_TOKENS,
             max_decode_batch=first.max_decode_batch, kv_capacity_tokens=first.kv_capacity_tokens,
             request_path_s=REQUEST_PATH_S, decode_weight=first.weight,
-            decode_groups=tuple(groups[1:]), **_engine_shapes(plan))
+            decode_groups=tuple(decodes[1:]), **_engine_shapes(plan))
     transport = transport or plan_transport(plan, pools)
-    decodes = [holder(o, n, w, _PhaseLatency(model, o, pools[o.pool]))
-               for (o, n), w in zip(kv_side, weight(kv_side))]
     prefill_side = plan.roles("prefill")
     prefills = []
     for (o, n), w in zip(prefill_side, weight(prefill_side)):

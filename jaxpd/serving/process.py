@@ -299,7 +299,7 @@ async def _serve_worker(role: str, replica: int, deployment: DeploymentConfig, w
     thread = EngineThread(f"engine-{role}-{replica}", scheduler.has_work, scheduler.step,
                           scheduler.fail_all, loop, tick=scheduler.tick, snapshot=scheduler.load,
                           on_broken=on_broken, on_step=on_step)
-    if role != "prefill" and serving.reserve_while_decoding:  # answered while a call runs
+    if role == "decode" and serving.reserve_while_decoding:  # answered while a call runs
         engine.while_decoding = thread.run_host_commands
     if state.metrics is not None:
         state.metrics_url = prom.serve(state.metrics.registry, serving.metrics.host,
